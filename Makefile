@@ -1,0 +1,31 @@
+# Every target installs into .venv first when needed (idempotent: a stamp file records the install).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines pin the CPU torch wheel; on a GPU machine run `make install CONSTRAINTS=/dev/null`.
+CONSTRAINTS ?= constraints.txt
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+
+.PHONY: install fit test test-slow clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m pip install --quiet uv
+	$(PYTHON) -m uv venv --allow-existing $(VENV) --python $(PYTHON)
+	$(PYTHON) -m uv pip install --python $(BIN)/python --compile-bytecode $(FIND_LINKS) \
+		-c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+fit: $(STAMP)
+	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) lightning_logs runs

@@ -1,0 +1,5 @@
+"""Lightning callbacks (YAML presets that use them live in the top-level callbacks/ folder)."""
+
+from lit_internvl.callbacks.metrics_report import MetricsReport
+
+__all__ = ["MetricsReport"]

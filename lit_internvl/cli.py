@@ -1,0 +1,30 @@
+"""Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``.
+
+LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
+every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
+classes plug in without touching this package. Configs are read with omegaconf interpolation
+(``${model.init_args.embed_dim}``) resolved on the final config, so command-line overrides reach
+the values interpolated from them.
+"""
+
+from __future__ import annotations
+
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from lit_internvl.stages.base import Stage
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return LightningCLI(
+        Stage,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

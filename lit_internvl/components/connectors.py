@@ -1,0 +1,79 @@
+"""Connectors: vision features in, language-model tokens out.
+
+Contract (every connector, built-in or a user's own): built as ``Connector(vision_dim, text_dim,
+**options)``; ``forward(features (N, 1 + P, vision_dim)) → tokens (N, T, text_dim)`` where the
+features are an image encoder's output (cls token first, then a square grid of P patches,
+row-major); ``tokens_per_tile(P) → T`` says how many tokens a tile becomes before any image is seen,
+so that prompts can reserve ``<IMG_CONTEXT>`` slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pixel_shuffle(grid: torch.Tensor, factor: int) -> torch.Tensor:
+    """Fold ``factor × factor`` neighbourhoods into channels: ``(N, H, W, C) → (N, H/f, W/f, f²·C)``.
+
+    Output cell (i, j) concatenates input cells (f·i + a, f·j + b) for a, b in row-major order; with
+    f = 2 that is (2i,2j), (2i,2j+1), (2i+1,2j), (2i+1,2j+1): InternVL's "v2" pixel shuffle.
+    """
+    n, height, width, channels = grid.shape
+    if height % factor or width % factor:
+        raise ValueError(f"A {height}×{width} patch grid cannot be pixel-shuffled by {factor}")
+    grid = grid.view(n, height // factor, factor, width // factor, factor, channels)
+    grid = grid.permute(0, 1, 3, 2, 4, 5)
+    return grid.reshape(n, height // factor, width // factor, factor * factor * channels)
+
+
+def _patch_grid(features: torch.Tensor) -> torch.Tensor:
+    """Drop the cls token and lay the patches out as a square grid ``(N, side, side, C)``."""
+    patches = features[:, 1:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"Expected a square patch grid after the cls token, got {patches.shape[1]} patches")
+    return patches.reshape(patches.shape[0], side, side, patches.shape[2])
+
+
+class PixelShuffleMLP(nn.Module):
+    """InternVL 1.5–3's projector ("mlp1"): pixel shuffle → LayerNorm → Linear → GELU → Linear.
+
+    With ``downsample_ratio`` 0.5 a 448 px tile (32×32 patches) becomes 256 tokens.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, downsample_ratio: float = 0.5, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        factor = round(1 / downsample_ratio)
+        if abs(factor * downsample_ratio - 1) > 1e-6:
+            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
+        self.factor = factor
+        in_dim = vision_dim * factor * factor
+        self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
+        self.fc1 = nn.Linear(in_dim, text_dim)
+        self.fc2 = nn.Linear(text_dim, text_dim)
+
+    def tokens_per_tile(self, num_patches: int) -> int:
+        return num_patches // (self.factor * self.factor)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        grid = pixel_shuffle(_patch_grid(features), self.factor)
+        tokens = grid.flatten(1, 2)
+        return self.fc2(F.gelu(self.fc1(self.norm(tokens))))
+
+
+class LinearProjector(nn.Module):
+    """One linear map per patch (LLaVA-1 style): a token for every patch, no downsampling."""
+
+    def __init__(self, vision_dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(vision_dim, text_dim)
+
+    def tokens_per_tile(self, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(_patch_grid(features).flatten(1, 2))

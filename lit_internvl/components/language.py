@@ -1,0 +1,209 @@
+"""LLaMA-family transformers in one file: the causal language decoder and the text encoder.
+
+One block serves both: RMSNorm → attention (GQA, RoPE, optional qkv bias as in Qwen2) → RMSNorm →
+SwiGLU. The :class:`Decoder` runs it causally with an LM head (tied or untied); the
+:class:`TextEncoder` runs it bidirectionally and pools a sentence embedding (the text tower of the
+contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers' LLaMA/Qwen2
+(``embed_tokens``, ``layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ...), so their weights load by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_internvl.components.attention import attention
+from lit_internvl.components.layers import RMSNorm
+from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class LanguageConfig:
+    vocab_size: int = 151674
+    hidden_size: int = 896
+    num_layers: int = 24
+    num_heads: int = 14
+    num_kv_heads: int = 2
+    intermediate_size: int = 4864
+    head_dim: int | None = None  # hidden_size // num_heads when None
+    norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    qkv_bias: bool = True
+    tie_embeddings: bool = False
+    attn_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "LanguageConfig":
+        if name not in LANGUAGE_PRESETS:
+            raise ValueError(f"Unknown language-model preset {name!r}; known: {sorted(LANGUAGE_PRESETS)}")
+        return replace(LANGUAGE_PRESETS[name], **overrides)
+
+
+LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
+    # The language model of InternVL3-1B (Qwen2.5-0.5B with InternVL's extra special tokens).
+    "InternVL3-1B": LanguageConfig(),
+    # The embedded default: byte-level vocabulary (256 bytes + specials), CPU-sized.
+    "tiny": LanguageConfig(
+        vocab_size=272, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+        rope_theta=10_000.0, tie_embeddings=True,
+    ),
+}
+
+
+def _as_config(config: LanguageConfig | str) -> LanguageConfig:
+    return LanguageConfig.from_name(config) if isinstance(config, str) else config
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.backend = config.attn_backend
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attention(q, k, v, mask, is_causal=is_causal, backend=self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def key_mask(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean ``(B, 1, T|1, T)`` mask from a ``(B, T)`` padding mask (1 = real token) and/or
+    ``(B, T)`` document ids of a packed sequence (tokens attend within their own document)."""
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+        mask = same_document if mask is None else mask & same_document
+    return mask
+
+
+class Transformer(nn.Module):
+    """Token embeddings + blocks + final norm, shared by :class:`Decoder` and :class:`TextEncoder`."""
+
+    def __init__(self, config: LanguageConfig, causal: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids ``(B, T)`` or embeddings ``(B, T, D)`` → final hidden states ``(B, T, D)``.
+
+        ``positions`` (float ``(B, T)``) default to 0..T-1; packed sequences pass positions that
+        restart per document together with ``document_ids``.
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+        rope = self.rotary(positions)
+        mask = key_mask(attention_mask, document_ids)
+        for layer in self.layers:
+            x = layer(x, rope, mask, self.causal)
+        return self.norm(x)
+
+
+class Decoder(Transformer):
+    """Causal language model.
+
+    Contract (every decoder): ``forward(input_ids | inputs_embeds, attention_mask, positions,
+    document_ids) → hidden (B, T, hidden_size)``; ``head(hidden) → logits (B, T, vocab_size)``;
+    ``embed_tokens`` maps ids to ``(B, T, hidden_size)``.
+    """
+
+    def __init__(self, config: LanguageConfig | str = "tiny") -> None:
+        config = _as_config(config)
+        super().__init__(config, causal=True)
+        self.hidden_size = config.hidden_size
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+
+class TextEncoder(Transformer):
+    """Bidirectional text tower: the decoder's blocks without the causal mask, pooled to one vector.
+
+    Contract (every text encoder): ``forward(input_ids (B, T), attention_mask (B, T)) → (B, hidden_size)``.
+    ``pooling``: ``"mean"`` over real tokens, or ``"last"`` (the last real token, e.g. an end token).
+    """
+
+    def __init__(self, config: LanguageConfig | str = "tiny", pooling: str = "mean") -> None:
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"Unknown pooling {pooling!r}; choose 'mean' or 'last'")
+        config = _as_config(config)
+        super().__init__(config, causal=False)
+        self.hidden_size = config.hidden_size
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = super().forward(input_ids, attention_mask=attention_mask)
+        if self.pooling == "last":
+            last = attention_mask.long().sum(dim=1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = attention_mask.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -1,0 +1,51 @@
+"""Small layers shared by the encoders and decoders: RMSNorm and stochastic depth."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as LLaMA, Qwen2 and InternViT-6B do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """``"layer_norm"`` or ``"rms_norm"``: the two norms of the InternViT family."""
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rms_norm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"Unknown norm_type {kind!r}; choose 'layer_norm' or 'rms_norm'")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for a whole sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

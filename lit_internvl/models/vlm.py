@@ -1,0 +1,111 @@
+"""VisionLanguageModel: image encoder → connector → language decoder (InternVL 1.5–3, "ViT-MLP-LLM").
+
+::
+
+    pixel_values ─► vision ─► connector ─┐  tokens (tiles·T, D)
+                                         ▼  spliced at the <IMG_CONTEXT> positions
+    input_ids ───► decoder.embed_tokens ─► inputs_embeds ─► decoder ─► head ─► logits
+
+This is the one place where image features enter the text sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+
+class ImageTokenMismatchError(ValueError):
+    """The number of ``<IMG_CONTEXT>`` tokens in a sample disagrees with its images' features."""
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vision: nn.Module, connector: nn.Module, decoder: nn.Module, image_context_id: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.connector = connector
+        self.decoder = decoder
+        self.image_context_id = image_context_id
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """``<IMG_CONTEXT>`` tokens a prompt reserves per image tile."""
+        grid = self.vision.config.image_size // self.vision.patch_size
+        return self.connector.tokens_per_tile(grid * grid)
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(tiles, 3, H, W)`` → ``(tiles, tokens_per_tile, D)`` in the decoder's embedding space."""
+        return self.connector(self.vision(pixel_values))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        tiles_per_sample: Sequence[int] | None = None,
+        sample_names: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings ``(B, T, D)`` with image features written over the ``<IMG_CONTEXT>`` slots.
+
+        ``tiles_per_sample`` (tiles of each row, in the order of ``pixel_values``) lets a mismatch
+        name the sample (``sample_names[b]`` when given, else its row index).
+        """
+        embeds = self.decoder.embed_tokens(input_ids)
+        slots = input_ids == self.image_context_id
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if slots.any():
+                rows = slots.any(dim=1).nonzero().flatten().tolist()
+                raise ImageTokenMismatchError(
+                    f"{_names(rows, sample_names)} hold <IMG_CONTEXT> tokens but the batch has no images"
+                )
+            return embeds
+        features = self.embed_images(pixel_values)
+        self._check_counts(slots, features, tiles_per_sample, sample_names)
+        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(slots[..., None], features)
+
+    def _check_counts(self, slots, features, tiles_per_sample, sample_names) -> None:
+        tokens_per_tile = features.shape[1]
+        slot_counts = slots.sum(dim=1).tolist()
+        if tiles_per_sample is not None:
+            if len(tiles_per_sample) != len(slot_counts) or sum(tiles_per_sample) != features.shape[0]:
+                raise ImageTokenMismatchError(
+                    f"tiles_per_sample {list(tiles_per_sample)} does not describe {len(slot_counts)} samples "
+                    f"and {features.shape[0]} tiles"
+                )
+            for row, (count, tiles) in enumerate(zip(slot_counts, tiles_per_sample)):
+                if count != tiles * tokens_per_tile:
+                    raise ImageTokenMismatchError(
+                        f"{_names([row], sample_names)} has {count} <IMG_CONTEXT> tokens but its {tiles} "
+                        f"tile(s) give {tiles * tokens_per_tile} image features ({tokens_per_tile} per tile)"
+                    )
+        elif sum(slot_counts) != features.shape[0] * tokens_per_tile:
+            raise ImageTokenMismatchError(
+                f"The batch has {sum(slot_counts)} <IMG_CONTEXT> tokens (per sample: {slot_counts}) but its "
+                f"{features.shape[0]} tile(s) give {features.shape[0] * tokens_per_tile} image features"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        tiles_per_sample: Sequence[int] | None = None,
+        sample_names: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``."""
+        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names)
+        hidden = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
+        )
+        return self.decoder.head(hidden)
+
+
+def _names(rows: list[int], sample_names: Sequence[str] | None) -> str:
+    if sample_names is None:
+        return "Sample(s) at batch row(s) " + ", ".join(map(str, rows))
+    return "Sample(s) " + ", ".join(repr(sample_names[row]) for row in rows)
