@@ -1,5 +1,5 @@
 # Every target installs into .venv first when needed (idempotent: a stamp file records the install).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -11,7 +11,8 @@ def recall_chance(relevant: torch.Tensor, k: int) -> float:
     """Expected recall@k of a random ranking: mean over queries of 1 − C(N−r, k) / C(N, k),
     where each query has ``relevant[i] = r`` relevant items among ``N = len(relevant)``."""
     n = relevant.shape[0]
-    miss = torch.ones_like(relevant, dtype=torch.float64)
+    relevant = relevant.double()
+    miss = torch.ones_like(relevant)
     for j in range(min(k, n)):
         miss = miss * ((n - relevant - j).clamp(min=0) / (n - j))
     return float((1 - miss).mean())

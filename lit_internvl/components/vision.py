@@ -191,7 +191,7 @@ class InternViT(nn.Module):
         self.hidden_size = config.hidden_size
         self.patch_size = config.patch_size
         self.embeddings = VisionEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_layers).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_layers, device="cpu").tolist()  # also under torch.device("meta")
         self.layers = nn.ModuleList(VisionBlock(config, rate) for rate in rates)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

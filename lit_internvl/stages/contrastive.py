@@ -123,3 +123,14 @@ class ContrastiveStage(Stage):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def on_predict_epoch_start(self) -> None:
+        self._prepare_zero_shot()
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Embeddings of each pair, and the zero-shot class of each image when classes are known."""
+        image_emb = self.model.encode_image(batch["pixel_values"])
+        out = {"image_emb": image_emb, "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
+        if self.zero_shot is not None:
+            out["zero_shot_class"] = (image_emb @ self.class_embeddings.T).argmax(dim=-1)
+        return out

@@ -1,0 +1,58 @@
+"""ContrastiveStage: the temperature rule of InternVL/CLIP, instances from a notebook, and learning."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_internvl.components import InternViT, TextEncoder
+from lit_internvl.data import ShapesDataModule
+from lit_internvl.losses import contrastive_loss
+from lit_internvl.stages import ContrastiveStage
+
+
+def _trainer(tmp_path, steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_to_ln_100(tmp_path):
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    stage.configure_model()
+    assert stage.model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_logit_scale=6.0)
+    _trainer(tmp_path, steps=1).fit(stage, ShapesDataModule(train_size=16, val_size=16, batch_size=8))
+    assert stage.model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_weight_decay_spares_norms_biases_and_scales():
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    stage.configure_model()
+    stage.trainer = type("T", (), {"estimated_stepping_batches": 10})()
+    groups = stage.configure_optimizers()["optimizer"].param_groups
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
+    assert id(stage.model.logit_scale) not in decayed
+    assert id(stage.model.image_encoder.layers[0].ls1) not in decayed
+    assert id(stage.model.image_encoder.layers[0].attn.qkv.weight) in decayed
+    assert sum(map(len, (g["params"] for g in groups))) == len(list(stage.parameters()))
+
+
+def test_training_lowers_the_loss(tmp_path):
+    torch.manual_seed(0)
+    datamodule = ShapesDataModule(train_size=32, val_size=16, batch_size=32)
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=32, warmup_steps=5, learning_rate=3e-4)
+    stage.configure_model()
+    batch = next(iter(datamodule.train_dataloader()))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return contrastive_loss(*stage.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+
+    before = loss()
+    _trainer(tmp_path, steps=30).fit(stage, datamodule)
+    assert loss() < 0.6 * before

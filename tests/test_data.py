@@ -1,0 +1,60 @@
+"""The embedded default's data: a byte tokenizer that round-trips, a deterministic shapes world."""
+
+import numpy as np
+import pytest
+
+from lit_internvl.data import ByteTokenizer, ShapesDataModule
+from lit_internvl.data.shapes import COLOURS, REGIONS, SHAPES, ShapesWorld, class_names
+
+
+def test_byte_tokenizer_round_trips_text_and_special_tokens():
+    tok = ByteTokenizer()
+    text = "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nwhat colour? é<|im_end|>"
+    ids = tok.encode(text)
+    assert ids.count(tok.token_to_id("<IMG_CONTEXT>")) == 2
+    assert ids[0] == tok.token_to_id("<|im_start|>") and ids[-1] == tok.eos_id
+    assert all(i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == "user\n\nwhat colour? é"
+    with pytest.raises(KeyError, match="<nope>"):
+        tok.token_to_id("<nope>")
+
+
+def test_scenes_are_deterministic_and_splits_differ():
+    a, b = ShapesWorld(seed=3, split="train"), ShapesWorld(seed=3, split="train")
+    first, again = a.pair(5), b.pair(5)
+    assert first["text"] == again["text"]
+    assert np.array_equal(np.asarray(first["image"]), np.asarray(again["image"]))
+    val = ShapesWorld(seed=3, split="val")
+    assert not np.array_equal(np.asarray(val.pair(5)["image"]), np.asarray(first["image"]))
+
+
+def test_captions_and_labels_agree():
+    world = ShapesWorld(split="val")
+    names = class_names()
+    assert len(names) == len(COLOURS) * len(SHAPES) >= 24
+    for i in range(50):
+        pair = world.pair(i)
+        assert pair["text"].startswith(f"a {names[pair['label']]} at the ")
+        region = pair["text"].split(" at the ")[1]
+        assert pair["caption_key"] == pair["label"] * len(REGIONS) + REGIONS.index(region)
+
+
+def test_object_is_drawn_in_its_colour_at_its_place():
+    world = ShapesWorld(image_size=56, split="test")
+    for i in range(20):
+        rng = world.rng(i)
+        obj = world.random_object(rng)
+        pixels = np.asarray(world.render([obj], rng)).astype(int)
+        x, y = (int(c) for c in obj.centre)
+        assert np.abs(pixels[y, x] - np.array(COLOURS[obj.colour])).max() < 60
+
+
+def test_datamodule_batches():
+    dm = ShapesDataModule(train_size=8, val_size=4, batch_size=4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 56, 56)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_id).all()
+    with pytest.raises(ValueError, match="Unknown shapes task 'vqa'"):
+        ShapesDataModule(task="vqa")
