@@ -1,4 +1,5 @@
-"""Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``.
+"""Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
+tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout) and ``chat``.
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -17,7 +18,19 @@ from lightning.pytorch.cli import LightningCLI
 from lit_internvl.stages.base import Stage
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+# Subcommands that are not a Trainer run: name → "module:function", imported only when used.
+TOOLS = {
+    "prepare": "lit_internvl.data.prepare:main",
+    "export": "lit_internvl.hf:export_main",
+    "chat": "lit_internvl.inference:chat_main",
+}
+
+
+def main(args: list[str] | None = None) -> LightningCLI | None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        module, function = TOOLS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return LightningCLI(
         Stage,

@@ -56,3 +56,31 @@ def test_training_lowers_the_loss(tmp_path):
     before = loss()
     _trainer(tmp_path, steps=30).fit(stage, datamodule)
     assert loss() < 0.6 * before
+
+
+def test_init_from_a_lightning_checkpoint_loads_by_name_and_reports_partial_loads(tmp_path, caplog):
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(stage, ShapesDataModule(train_size=8, val_size=8, batch_size=8))
+    path = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(path)
+
+    resumed = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_from=str(path))
+    resumed.configure_model()
+    for (name, a), b in zip(stage.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # Only the image tower, renamed into a differently named home: the rest is reported missing.
+    partial = ContrastiveStage(
+        InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_from=str(path),
+        init_from_rename={"text_encoder.": "", "image_projection.": "", "text_projection.": "", "logit_scale": ""},
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        partial.configure_model()
+    assert torch.equal(partial.model.image_encoder.layers[0].attn.qkv.weight, stage.model.image_encoder.layers[0].attn.qkv.weight)
+    assert not torch.equal(partial.model.text_encoder.embed_tokens.weight, stage.model.text_encoder.embed_tokens.weight)
+    assert "missing" in caplog.text and "text_encoder.embed_tokens.weight" in caplog.text
+
+    wrong = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=32, init_from=str(path))
+    with pytest.raises(ValueError, match="image_projection.weight has shape"):
+        wrong.configure_model()

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from lit_internvl.checkpoints import load_into
+
 ModuleFactory = Callable[[], nn.Module]
 
 
@@ -21,9 +23,12 @@ def build(factory: ModuleFactory | nn.Module) -> nn.Module:
 class Stage(L.LightningModule):
     """Base LightningModule of every stage.
 
-    Subclasses build their networks in :meth:`configure_model` (so that FSDP can shard them from the
-    meta device) and report validation metrics under ``val/``; ``chance_levels`` holds the
-    chance level of each such metric where one exists, for the end-of-fit report.
+    Subclasses implement :meth:`build_model`; :meth:`configure_model` calls it once (so that FSDP can
+    shard the network from the meta device), then loads ``init_from`` (a Lightning ``.ckpt`` of an
+    earlier stage, a ``.safetensors`` file, or ``hf:/path``) by name after the prefix renames of
+    ``init_from_rename``, reporting missing and unexpected keys. Subclasses report validation
+    metrics under ``val/``; ``chance_levels`` holds the chance level of each such metric where one
+    exists, for the end-of-fit report.
 
     Optimiser: AdamW with weight decay on matrices only (not on norms, biases, scales), a linear
     warm-up of ``warmup_steps`` and a cosine decay to ``min_lr_ratio × learning_rate``.
@@ -36,14 +41,29 @@ class Stage(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
+        init_from: str | None = None,
+        init_from_rename: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
+        self.model: nn.Module | None = None
+        self.init_from = init_from
+        self.init_from_rename = init_from_rename
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = betas
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.chance_levels: dict[str, float] = {}
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement build_model()")
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.build_model()
+        if self.init_from:
+            load_into(self.model, self.init_from, self.init_from_rename)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -40,20 +40,19 @@ class ContrastiveStage(Stage):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
+        init_from: str | None = None,
+        init_from_rename: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
+        super().__init__(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename)
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         self.image_encoder_factory = image_encoder
         self.text_encoder_factory = text_encoder
-        self.model: DualEncoder | None = None
         self.recall = CrossModalRecall(ks=(1, 5))
         self.zero_shot: MulticlassAccuracy | None = None
         self.class_embeddings: torch.Tensor | None = None
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        self.model = DualEncoder(
+    def build_model(self) -> DualEncoder:
+        return DualEncoder(
             build(self.image_encoder_factory),
             build(self.text_encoder_factory),
             embed_dim=self.hparams.embed_dim,
