@@ -10,6 +10,8 @@ the values interpolated from them.
 
 from __future__ import annotations
 
+import importlib
+import sys
 
 import lightning as L
 from jsonargparse import set_parsing_settings

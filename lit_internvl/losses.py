@@ -35,3 +35,68 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     logits_per_text = logit_scale * text_emb @ all_image.T
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("token", "sample", "square")
+
+
+def next_token_targets(labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for the logits at each position: the next position's label; ignored at a row's end
+    and where the next token starts another document of a packed row."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if document_ids is not None:
+        crosses = document_ids[:, 1:] != document_ids[:, :-1]
+        targets[:, :-1] = targets[:, :-1].masked_fill(crosses, IGNORE_INDEX)
+    return targets
+
+
+def language_model_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
+    reduction: str = "square",
+    all_reduce: bool = False,
+) -> torch.Tensor:
+    """Next-token cross-entropy with InternVL's per-sample weighting of packed batches.
+
+    Each supervised token of a sample (a document of a packed row, or a whole row) with ``x``
+    supervised tokens weighs ``1`` (``token``), ``1/x`` (``sample``) or ``1/√x`` (``square``, the
+    InternVL 2.5/3 default); the loss is the weighted sum over the normalising sum of weights.
+    With ``all_reduce`` the sum of weights is taken over all ranks (and the result multiplied by
+    the world size, which data-parallel gradient averaging divides out), so every token of the
+    global batch counts alike whatever rank it landed on.
+
+    Args:
+        logits: ``(B, T, V)``; labels: ``(B, T)`` with -100 where not trained;
+        document_ids: ``(B, T)`` for packed rows, else each row is one sample.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown loss reduction {reduction!r}; choose one of {REDUCTIONS}")
+    targets = next_token_targets(labels, document_ids)
+    supervised = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    if reduction == "token":
+        weights = supervised.float()
+    else:
+        # Documents are keyed by (row, id) so that ids may repeat across rows.
+        ids = document_ids if document_ids is not None else torch.zeros_like(labels)
+        keys = torch.arange(labels.shape[0], device=labels.device)[:, None] * (ids.max() + 2) + ids + 1
+        _, inverse = torch.unique(keys, return_inverse=True)
+        counts = torch.zeros(int(inverse.max()) + 1, device=labels.device).index_add_(
+            0, inverse.flatten(), supervised.flatten().float()
+        )
+        per_token = counts[inverse].clamp(min=1)
+        weights = supervised.float() / (per_token if reduction == "sample" else per_token.sqrt())
+    total_weight = weights.sum()
+    scale = 1.0
+    if all_reduce:
+        rank, world_size = _world()
+        if world_size > 1:
+            total_weight = total_weight.detach().clone()
+            dist.all_reduce(total_weight)
+            scale = world_size
+    if total_weight.item() == 0:
+        raise ValueError("The batch has no supervised token (every label is -100): nothing to learn from")
+    return (losses * weights).sum() / total_weight * scale

@@ -6,6 +6,13 @@ Every module that attends (vision encoder, decoder, text encoder, cross-attentio
 - ``sdpa``  (default): ``torch.nn.functional.scaled_dot_product_attention``; picks flash or
   memory-efficient kernels where the device has them.
 - ``eager``: the textbook softmax(q·kᵀ/√d)·v in float32, the reference the others are tested against.
+- ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (documents of a packed row
+  skip each other's blocks entirely); compiled on GPU. No backward on CPU.
+- ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalMask`` (GPU only; the
+  ``gpu`` extra).
+
+Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
+boolean tensor, a flex ``BlockMask``, an xformers bias) and shared by every layer.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "eager")
+BACKENDS = ("sdpa", "eager", "flex", "xformers")
 
 
 def attention(
@@ -32,8 +39,9 @@ def attention(
     Args:
         q: ``(B, H, Tq, D)`` queries.
         k, v: ``(B, Hkv, Tk, D)`` keys and values; ``H`` must be a multiple of ``Hkv`` (GQA).
-        mask: boolean, broadcastable to ``(B, H, Tq, Tk)``; True where a query may attend.
-            Combined with ``is_causal`` when both are given.
+        mask: for ``sdpa``/``eager`` a boolean tensor broadcastable to ``(B, H, Tq, Tk)``, True
+            where a query may attend, combined with ``is_causal``; for ``flex``/``xformers`` the
+            object :func:`make_mask` built (causality included).
         is_causal: hide keys that come after the query (for ``Tq == Tk``; with a KV cache the
             queries are the last ``Tq`` positions of ``Tk``).
         backend: one of :data:`BACKENDS`.
@@ -46,6 +54,8 @@ def attention(
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads")
+    if backend == "flex":
+        return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=num_heads != num_kv_heads)
     if num_heads != num_kv_heads:
         repeat = num_heads // num_kv_heads
         k = k.repeat_interleave(repeat, dim=1)
@@ -61,6 +71,8 @@ def attention(
         # that every kernel stays finite in both directions, then zero its output.
         row_has_keys = mask.any(dim=-1, keepdim=True)
         mask = mask | ~row_has_keys
+    if backend == "xformers":
+        return _xformers(q, k, v, mask)
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
@@ -78,12 +90,93 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return (weights @ v.float()).to(q.dtype)
 
 
+def _flex_attention(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled, flex attention is a fused kernel; eager (CPU tests) it is a slow reference path.
+    if device.type == "cuda":
+        global _compiled_flex
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex
+    return flex_attention
+
+
+_compiled_flex = None
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias) -> torch.Tensor:
+    import xformers.ops as xops
+
+    batch, heads, length, dim = q.shape
+    # xformers wants (1, B·T, H, D) with the documents of every row laid end to end.
+    q, k, v = (t.transpose(1, 2).reshape(1, batch * length, heads, dim) for t in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    return out.reshape(batch, length, heads, dim).transpose(1, 2)
+
+
+def make_mask(
+    backend: str,
+    *,
+    causal: bool,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    length: int | None = None,
+):
+    """The mask :func:`attention` expects for ``backend``, from a ``(B, T)`` padding mask (1 = real
+    token) and/or ``(B, T)`` document ids of packed rows (tokens attend within their document).
+
+    - ``sdpa``/``eager``: boolean ``(B, 1, T|1, T)`` or None; causality stays with ``is_causal``.
+    - ``flex``: a ``BlockMask`` (causality included).
+    - ``xformers``: a block-diagonal bias over the rows laid end to end (causality included);
+      padding must be marked by its own document id (the packing collator uses -1).
+    """
+    if backend in ("sdpa", "eager"):
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]
+        if document_ids is not None:
+            same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
+            mask = same_document if mask is None else mask & same_document
+        return mask
+    reference = document_ids if document_ids is not None else attention_mask
+    if reference is None:
+        if length is None:
+            raise ValueError(f"make_mask for {backend!r} needs attention_mask, document_ids or length")
+        batch, device = 1, None
+    else:
+        (batch, length), device = reference.shape, reference.device
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        keep = attention_mask.bool() if attention_mask is not None else None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = q_idx >= kv_idx if causal else q_idx == q_idx
+            if document_ids is not None:
+                allowed = allowed & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+            if keep is not None:
+                allowed = allowed & keep[b, kv_idx]
+            return allowed
+
+        return create_block_mask(mask_mod, batch, None, length, length, device=device or "cpu")
+    if backend == "xformers":
+        from xformers.ops import fmha
+
+        ids = document_ids if document_ids is not None else torch.zeros(batch, length, dtype=torch.long)
+        seqlens = []
+        for row in ids.tolist():
+            start = 0
+            for t in range(1, length + 1):
+                if t == length or row[t] != row[t - 1]:
+                    seqlens.append(t - start)
+                    start = t
+        kind = fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
+        return kind.from_seqlens(seqlens)
+    raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
 def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> torch.Tensor:
     """``(Tq, Tk)`` boolean mask; query i (the ``Tk - Tq + i``-th position) sees keys up to itself."""
     offset = num_keys - num_queries
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
-
-
-def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` 1/0 key-validity mask → ``(B, 1, 1, T)`` boolean mask for :func:`attention`."""
-    return attention_mask.bool()[:, None, None, :]

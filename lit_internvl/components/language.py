@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import attention
+from lit_internvl.components.attention import attention, make_mask
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
 
@@ -53,6 +53,14 @@ class LanguageConfig:
 LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
     # The language model of InternVL3-1B (Qwen2.5-0.5B with InternVL's extra special tokens).
     "InternVL3-1B": LanguageConfig(),
+    # InternVL3-2B / -8B: Qwen2.5-1.5B / -7B, vocabulary 151674, untied head.
+    "InternVL3-2B": LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960),
+    "InternVL3-8B": LanguageConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944),
+    # InternVL2.5-8B: InternLM2.5-7B-chat (no qkv bias, RMSNorm eps 1e-5), vocabulary 92553.
+    "InternVL2.5-8B": LanguageConfig(
+        vocab_size=92553, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+        norm_eps=1e-5, qkv_bias=False,
+    ),
     # The embedded default: byte-level vocabulary (256 bytes + specials), CPU-sized.
     "tiny": LanguageConfig(
         vocab_size=272, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
@@ -115,18 +123,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def key_mask(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None) -> torch.Tensor | None:
-    """Boolean ``(B, 1, T|1, T)`` mask from a ``(B, T)`` padding mask (1 = real token) and/or
-    ``(B, T)`` document ids of a packed sequence (tokens attend within their own document)."""
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.bool()[:, None, None, :]
-    if document_ids is not None:
-        same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
-        mask = same_document if mask is None else mask & same_document
-    return mask
-
-
 class Transformer(nn.Module):
     """Token embeddings + blocks + final norm, shared by :class:`Decoder` and :class:`TextEncoder`."""
 
@@ -158,7 +154,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
         rope = self.rotary(positions)
-        mask = key_mask(attention_mask, document_ids)
+        mask = make_mask(
+            self.config.attn_backend, causal=self.causal, attention_mask=attention_mask, document_ids=document_ids,
+            length=x.shape[1],
+        )  # fmt: skip
         for layer in self.layers:
             x = layer(x, rope, mask, self.causal)
         return self.norm(x)

@@ -1,12 +1,16 @@
-"""DataModules of the embedded default, built on the generated shapes world."""
+"""DataModules: the generated shapes world of the embedded default, and records from files or shards."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
+from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, is_shards
 from lit_internvl.data.images import to_tensor
+from lit_internvl.data.packing import Collator
+from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.shapes import ShapesWorld, class_names
 from lit_internvl.data.tokenizer import ByteTokenizer
 
@@ -110,3 +114,89 @@ class ShapesDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class RecordsDataModule(L.LightningDataModule):
+    """Vision-language training data from records: a jsonl file, an InternVL meta file, or litdata
+    shards written by ``python -m lit_internvl prepare`` (a folder or an ``s3://`` URL).
+
+    Shards stream through ``StreamingDataLoader``, whose state is saved in Lightning checkpoints:
+    a resumed run reads exactly the samples an uninterrupted run would have read next. Bad
+    records are skipped and counted (``data/skipped`` each epoch) unless ``strict``.
+
+    Args:
+        train, val: data sources (``val`` optional).
+        tokenizer: ``"byte"`` (the embedded default) or a local Hugging Face tokenizer folder.
+        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile; must equal the model's.
+        pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles.
+        storage_options: passed to the object-storage client (e.g. ``{"endpoint_url": ...}``).
+        Tiling and template options: see :class:`~lit_internvl.data.samples.SampleBuilder`.
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        image_root: str | None = None,
+        tokenizer: str = "byte",
+        template: str = "internvl2_5",
+        tokens_per_tile: int = 256,
+        tile_size: int = 448,
+        min_tiles: int = 1,
+        max_tiles: int = 12,
+        use_thumbnail: bool = True,
+        max_length: int = 4096,
+        pack: bool = False,
+        max_tokens: int = 8192,
+        max_tiles_per_row: int = 64,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        strict: bool = False,
+        jpeg_quality: tuple[int, int] | None = None,
+        storage_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if pack and max_length > max_tokens:
+            raise ValueError(f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+
+    def builder(self, train: bool) -> SampleBuilder:
+        h = self.hparams
+        return SampleBuilder(
+            self.tokenizer, h.tokens_per_tile, h.template, h.tile_size, h.min_tiles, h.max_tiles, h.use_thumbnail,
+            h.max_length, pair_prompt="", jpeg_quality=h.jpeg_quality if train else None, strict=h.strict, seed=h.seed,
+        )  # fmt: skip
+
+    def collator(self) -> Collator:
+        h = self.hparams
+        return Collator(self.tokenizer.pad_id, h.pack, h.max_tokens, h.max_tiles_per_row)
+
+    def _loader(self, source: str, train: bool):
+        h = self.hparams
+        shuffle = h.shuffle and train
+        if is_shards(source):
+            dataset = StreamingSamples(source, self.builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
+            return StreamingDataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())
+        dataset = JsonlSamples(source, self.builder(train), h.image_root)
+        return DataLoader(
+            dataset, batch_size=h.batch_size, shuffle=shuffle, num_workers=h.num_workers, collate_fn=self.collator(),
+            persistent_workers=h.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self):
+        return self._loader(self.hparams.train, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.hparams.val, train=False) if self.hparams.val else []
+
+
+def load_tokenizer(name: str):
+    """``"byte"`` → :class:`ByteTokenizer`; a folder → its Hugging Face tokenizer (no remote code)."""
+    if name == "byte":
+        return ByteTokenizer()
+    from lit_internvl.data.tokenizer import HFTokenizer
+
+    return HFTokenizer(name)

@@ -3,14 +3,19 @@
 Each scene is a small image with coloured geometric objects on a dark, noisy background. Everything
 about a scene is a pure function of ``(seed, split, index)``, so any sample can be regenerated
 anywhere (a data-loader worker, another rank) and train/validation splits never share a scene.
-Stage 1 uses :meth:`ShapesWorld.pair` (one object and a caption); later stages draw questions and
-answers, interleaved documents and preference pairs from the same scenes.
+Stage 1 uses :meth:`ShapesWorld.pair` (one object and a caption); the other stages draw questions
+and answers (:meth:`~ShapesWorld.vqa`), interleaved documents (:meth:`~ShapesWorld.interleaved`),
+text-only sentences (:meth:`~ShapesWorld.sentence`) and preference pairs
+(:meth:`~ShapesWorld.preference`) from the same kind of scenes. :func:`write_records` writes any of
+them as a jsonl file of records with PNG images, the format real data comes in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -27,6 +32,8 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Where an object's centre lies, in thirds of the image (row-major).
 REGIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 SPLITS = ("train", "val", "test")
+QUESTION_TYPES = ("colour", "shape", "count", "position")
+CORNERS = {"circle": "no", "square": "four", "triangle": "three", "diamond": "four", "cross": "twelve"}
 
 
 @dataclass(frozen=True)
@@ -133,3 +140,111 @@ class ShapesWorld:
             "label": obj.class_id,
             "caption_key": obj.class_id * len(REGIONS) + REGIONS.index(region),
         }
+
+    def scene(self, index: int, max_objects: int = 3) -> tuple[list[ShapeObject], np.random.Generator]:
+        """1..max_objects objects, no two alike in colour or in shape (so every question has one
+        answer), placed in distinct regions."""
+        rng = self.rng(index, "scene")
+        count = int(rng.integers(1, max_objects + 1))
+        colours = rng.permutation(list(COLOURS))[:count]
+        shapes = rng.permutation(SHAPES)[:count]
+        objects: list[ShapeObject] = []
+        regions: set[str] = set()
+        while len(objects) < count:
+            candidate = self.random_object(rng)
+            candidate = ShapeObject(str(colours[len(objects)]), str(shapes[len(objects)]), candidate.centre, candidate.radius * 0.8)
+            region = candidate.region(self.image_size)
+            if region not in regions:
+                objects.append(candidate)
+                regions.add(region)
+        return objects, rng
+
+    def vqa(self, index: int, max_objects: int = 3) -> dict:
+        """A scene, a question of one of :data:`QUESTION_TYPES`, and its one-word (or two-word) answer."""
+        objects, rng = self.scene(index, max_objects)
+        target = objects[int(rng.integers(len(objects)))]
+        kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+        if kind == "colour":
+            question, answer = f"What colour is the {target.shape}?", target.colour
+        elif kind == "shape":
+            question, answer = f"What shape is the {target.colour} object?", target.shape
+        elif kind == "count":
+            question, answer = "How many objects are there?", str(len(objects))
+        else:
+            question, answer = f"Where is the {target.name}?", target.region(self.image_size)
+        return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
+
+    def answer_options(self, kind: str, max_objects: int = 3) -> list[str]:
+        """Every answer a question type can have: the chance level of a guess is one over their number."""
+        return {
+            "colour": list(COLOURS), "shape": list(SHAPES), "count": [str(n) for n in range(1, max_objects + 1)],
+            "position": list(REGIONS),
+        }[kind]  # fmt: skip
+
+    def preference(self, index: int) -> dict:
+        """A question with the right answer (chosen) and a wrong one of the same type (rejected)."""
+        sample = self.vqa(index)
+        rng = self.rng(index, "preference")
+        wrong = [a for a in self.answer_options(sample["type"]) if a != sample["answer"]]
+        return {
+            "image": sample["image"], "question": sample["question"], "chosen": sample["answer"],
+            "rejected": str(rng.choice(wrong)), "type": sample["type"],
+        }  # fmt: skip
+
+    def interleaved(self, index: int, num_images: int = 2) -> dict:
+        """A short document: sentences about objects, each followed by its picture (``<image>``)."""
+        rng = self.rng(index, "interleaved")
+        images, texts = [], []
+        for _ in range(num_images):
+            obj = self.random_object(rng)
+            images.append(self.render([obj], rng))
+            texts.append(f"Next, a {obj.name} at the {obj.region(self.image_size)}: <image>")
+        texts.append(f"That makes {num_images} pictures.")
+        return {"images": images, "texts": texts}
+
+    def sentence(self, index: int) -> str:
+        """A true sentence about the shapes world, for the text-only corpus."""
+        rng = self.rng(index, "sentence")
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        return str(rng.choice((
+            f"A {shape} has {CORNERS[shape]} corners.",
+            f"The {colour} {shape} is one of {len(COLOURS) * len(SHAPES)} kinds of object.",
+            f"Every {shape} can be {', '.join(list(COLOURS)[:-1])} or {list(COLOURS)[-1]}.",
+        )))  # fmt: skip
+
+
+def write_records(folder: str | Path, kind: str, count: int, seed: int = 0, split: str = "train", image_size: int = 56) -> Path:
+    """Write ``count`` records of ``kind`` (pair, conversation, interleaved, text, preference) as
+    ``folder/{kind}.jsonl`` with PNG images under ``folder/images/``; returns the jsonl path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(image_size, seed, split)
+
+    def save(image: Image.Image, name: str) -> str:
+        image.save(folder / "images" / name)
+        return f"images/{name}"
+
+    path = folder / f"{kind}.jsonl"
+    with open(path, "w") as f:
+        for i in range(count):
+            if kind == "pair":
+                pair = world.pair(i)
+                record = {"image": save(pair["image"], f"pair_{i}.png"), "text": pair["text"]}
+            elif kind == "conversation":
+                qa = world.vqa(i)
+                record = {
+                    "image": save(qa["image"], f"vqa_{i}.png"),
+                    "conversations": [{"from": "human", "value": f"<image>\n{qa['question']}"}, {"from": "gpt", "value": qa["answer"]}],
+                }
+            elif kind == "interleaved":
+                doc = world.interleaved(i)
+                record = {"images": [save(im, f"doc_{i}_{j}.png") for j, im in enumerate(doc["images"])], "texts": doc["texts"]}
+            elif kind == "text":
+                record = {"text": world.sentence(i)}
+            elif kind == "preference":
+                pref = world.preference(i)
+                record = {"image": save(pref["image"], f"pref_{i}.png"), **{k: pref[k] for k in ("question", "chosen", "rejected")}}
+            else:
+                raise ValueError(f"Unknown record kind {kind!r}")
+            f.write(json.dumps(record) + "\n")
+    return path

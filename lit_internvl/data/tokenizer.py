@@ -1,12 +1,13 @@
 """The byte-level tokenizer of the embedded default: 256 byte ids, then InternVL's special tokens.
 
-Real recipes use a Hugging Face tokenizer from a checkpoint folder; both expose the same small
-interface: ``encode(text) → ids`` (special-token strings in the text become their ids),
-``decode(ids)``, ``token_to_id(token)``, ``vocab_size``, ``pad_id``, ``eos_id``.
+Real recipes use a Hugging Face tokenizer from a checkpoint folder (:class:`HFTokenizer`); both
+expose the same small interface: ``encode(text) → ids`` (special-token strings in the text become
+their ids), ``decode(ids)``, ``token_to_id(token)``, ``vocab_size``, ``pad_id``, ``eos_id``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 
@@ -56,3 +57,64 @@ class ByteTokenizer:
                 out.append(self.special_tokens.get(i, f"<unk:{i}>"))
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
+
+
+# InternVL's training scripts add these to the language model's tokenizer (``add_tokens(...,
+# special_tokens=True)``) when it lacks them; checkpoints of InternVL itself already have them.
+INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder, behind the same interface as :class:`ByteTokenizer`.
+
+    ``encode`` adds no BOS/EOS; special-token strings in the text become their ids. ``bos_id`` is the
+    BOS the tokenizer would add on its own (``None`` if it adds none): templates that InternVL trains
+    with a BOS put it in front of the sequence. InternVL tokens missing from the vocabulary are added
+    (listed in ``added_tokens``, so the model can resize its embeddings) unless
+    ``add_missing_tokens=False``, which raises instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, add_missing_tokens: bool = True, **kwargs) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False, **kwargs)
+        vocab = self.tokenizer.get_vocab()
+        missing = [token for token in INTERNVL_TOKENS if token not in vocab]
+        if missing and not add_missing_tokens:
+            raise ValueError(f"Tokenizer at {self.path} lacks InternVL tokens {missing}; pass add_missing_tokens=True")
+        self.added_tokens = missing
+        if missing:
+            self.tokenizer.add_tokens(missing, special_tokens=True)
+        self.vocab_size = len(self.tokenizer)
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            self.eos_id = self._find("<|im_end|>")
+        if self.eos_id is None:
+            raise ValueError(f"Tokenizer at {self.path} has no eos_token and no <|im_end|>; set one when saving it")
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self._find("<|endoftext|>")
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
+        bos = self.tokenizer.bos_token_id
+        with_specials = self.tokenizer("x")["input_ids"]
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        self.bos_id = bos if bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos] else None
+
+    def _find(self, token: str) -> int | None:
+        return self.tokenizer.get_vocab().get(token)
+
+    def token_to_id(self, token: str) -> int:
+        token_id = self._find(token)
+        if token_id is None:
+            raise KeyError(f"{token!r} is not in the vocabulary of the tokenizer at {self.path}")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(
+            [int(i) for i in ids], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )

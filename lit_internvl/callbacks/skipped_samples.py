@@ -1,0 +1,36 @@
+"""Counts the samples the data path skipped (bad records) and logs them every epoch."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import lightning as L
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class SkippedSamples(L.Callback):
+    """Sums each batch's ``skipped`` counts (by reason, from the collator) over an epoch; logs
+    ``data/skipped`` and ``data/skipped/<reason>`` and warns with the breakdown at the epoch's end."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict):
+            self.counts.update(batch.get("skipped") or {})
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        counts = Counter(self.counts)
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, counts)
+            counts = sum(gathered, Counter())
+        pl_module.log("data/skipped", float(sum(counts.values())), rank_zero_only=True)
+        for reason, count in counts.items():
+            pl_module.log(f"data/skipped/{reason.replace(' ', '_')}", float(count), rank_zero_only=True)
+        if counts and trainer.is_global_zero:
+            log.warning("epoch %d: skipped %d bad sample(s): %s", trainer.current_epoch, sum(counts.values()), dict(counts))
+        self.counts.clear()

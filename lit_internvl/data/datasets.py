@@ -1,0 +1,78 @@
+"""Datasets of samples, read from jsonl/meta files directly or streamed from litdata shards.
+
+Both wrap a :class:`~lit_internvl.data.samples.SampleBuilder`, which runs inside the loader
+workers (decode, tile, template, tokenize), so the main process only collates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litdata import StreamingDataset
+from torch.utils.data import Dataset
+
+from lit_internvl.data.records import (
+    BadRecord,
+    DatasetSpec,
+    SkipCounter,
+    decode_record,
+    index_records,
+    read_meta,
+    read_record,
+)
+from lit_internvl.data.samples import SampleBuilder
+
+REMOTE_PREFIXES = ("s3://", "gs://", "az://", "hf://")
+
+
+def is_shards(source: str) -> bool:
+    """An object-storage URL or a folder written by ``prepare`` (it holds ``index.json``)."""
+    return source.startswith(REMOTE_PREFIXES) or (Path(source) / "index.json").is_file()
+
+
+def dataset_specs(source: str, image_root: str | None = None) -> list[DatasetSpec]:
+    """A meta file's datasets, or one jsonl file (images under ``image_root``, else beside it)."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"No jsonl, meta file or prepared shards at {source!r}")
+    if path.suffix == ".json":
+        return read_meta(path)
+    return [DatasetSpec(path.stem, path, Path(image_root) if image_root else path.parent)]
+
+
+class JsonlSamples(Dataset):
+    """Samples of jsonl files (or a meta file's datasets, ``repeat_time`` applied), read by byte
+    offset: only the offsets live in memory. Malformed lines are skipped (counted in
+    :attr:`skips`) when indexed, or raise with ``strict``."""
+
+    def __init__(self, source: str, builder: SampleBuilder, image_root: str | None = None) -> None:
+        self.builder = builder
+        self.skips = SkipCounter()
+        self.items = [
+            item for spec in dataset_specs(source, image_root) for item in index_records(spec, builder.strict, self.skips)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            record = read_record(self.items[index])
+        except BadRecord as error:  # the file changed since it was indexed
+            record = error
+        return self.builder.safe(record)
+
+
+class StreamingSamples(StreamingDataset):
+    """Samples of litdata shards written by ``python -m lit_internvl prepare``, from a local folder
+    or object storage (``storage_options`` reach the storage client, e.g. an ``endpoint_url``).
+    Its loader's state (a ``StreamingDataLoader``) resumes the exact sample order."""
+
+    def __init__(
+        self, input_dir: str, builder: SampleBuilder, shuffle: bool = False, seed: int = 0, storage_options: dict | None = None
+    ) -> None:
+        super().__init__(input_dir, shuffle=shuffle, seed=seed, storage_options=storage_options or {})
+        self.builder = builder
+
+    def __getitem__(self, index) -> dict:
+        return self.builder.safe(decode_record(super().__getitem__(index)))

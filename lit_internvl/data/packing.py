@@ -1,0 +1,110 @@
+"""Batches of samples, padded or packed.
+
+Packing lays several samples end to end in one row (bounded by ``max_tokens`` and ``max_tiles``),
+first-fit in arrival order. Samples are never split, so an ``<img>…</img>`` span never is either.
+Each token carries its document id (attention stays inside a document) and a position that
+restarts at 0 with every document, so a packed row computes exactly what its samples would one
+by one.
+
+A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
+a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from lit_internvl.losses import IGNORE_INDEX
+
+
+def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles: int) -> list[list[int]]:
+    """Group sample indices into rows: each sample goes to the first row with room for its tokens
+    and its tiles, else opens a new row."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []
+    for index, (length, tile_count) in enumerate(zip(lengths, tiles)):
+        if length > max_tokens or tile_count > max_tiles:
+            raise ValueError(
+                f"Sample {index} ({length} tokens, {tile_count} tiles) exceeds max_tokens {max_tokens} / max_tiles {max_tiles}"
+            )
+        for row, (tokens_left, tiles_left) in enumerate(room):
+            if length <= tokens_left and tile_count <= tiles_left:
+                rows[row].append(index)
+                room[row] = (tokens_left - length, tiles_left - tile_count)
+                break
+        else:
+            rows.append([index])
+            room.append((max_tokens - length, max_tiles - tile_count))
+    return rows
+
+
+class Collator:
+    """Samples → a batch for :class:`~lit_internvl.models.VisionLanguageModel`.
+
+    Returns ``input_ids``, ``labels``, ``attention_mask``, ``positions`` (float32), ``document_ids``
+    (packed only; padding gets -1), all ``(R, T)``; ``pixel_values`` ``(tiles, 3, H, W)`` in row order
+    or None; ``tiles_per_sample`` and ``sample_names`` per row; ``skipped``, a count of dropped
+    samples by reason.
+
+    Args:
+        pad_id: token id of padding.
+        pack: lay samples end to end (first fit); else one sample per row.
+        max_tokens, max_tiles: bounds of a packed row.
+    """
+
+    def __init__(self, pad_id: int, pack: bool = False, max_tokens: int = 4096, max_tiles: int = 64) -> None:
+        self.pad_id, self.pack, self.max_tokens, self.max_tiles = pad_id, pack, max_tokens, max_tiles
+
+    def __call__(self, samples: list[dict]) -> dict:
+        skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
+        samples = [s for s in samples if "skipped" not in s]
+        if not samples:
+            return {"skipped": dict(skipped), "input_ids": None}
+        tiles = [0 if s.get("pixel_values") is None else s["pixel_values"].shape[0] for s in samples]
+        preference = "rejected" in samples[0]
+        if preference and self.pack:
+            raise ValueError("Preference samples (chosen/rejected) cannot be packed; set pack: false")
+        if self.pack:
+            rows = first_fit([len(s["input_ids"]) for s in samples], tiles, self.max_tokens, self.max_tiles)
+        else:
+            rows = [[i] for i in range(len(samples))]
+        width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        positions = torch.zeros(shape, dtype=torch.float32)
+        document_ids = torch.full(shape, -1, dtype=torch.long)
+        pixel_values, tiles_per_row, names = [], [], []
+        for r, row in enumerate(rows):
+            start = 0
+            for document, i in enumerate(row):
+                sample, length = samples[i], len(samples[i]["input_ids"])
+                span = slice(start, start + length)
+                input_ids[r, span] = sample["input_ids"]
+                labels[r, span] = sample["labels"]
+                attention_mask[r, span] = 1
+                positions[r, span] = torch.arange(length, dtype=torch.float32)
+                document_ids[r, span] = document
+                if tiles[i]:
+                    pixel_values.append(sample["pixel_values"])
+                start += length
+            tiles_per_row.append(sum(tiles[i] for i in row))
+            names.append("+".join(str(samples[i].get("name", i)) for i in row))
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "positions": positions,
+            "document_ids": document_ids if self.pack else None,
+            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+            "tiles_per_sample": tiles_per_row,
+            "sample_names": names,
+            "skipped": dict(skipped),
+        }
+        if preference:
+            rejected = Collator(self.pad_id)([{**s["rejected"], "pixel_values": None} for s in samples])
+            batch["rejected"] = {k: rejected[k] for k in ("input_ids", "labels", "attention_mask", "positions")}
+        return batch

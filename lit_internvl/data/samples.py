@@ -1,0 +1,164 @@
+"""Records → training samples: images tiled, text templated and tokenized, labels masked.
+
+:class:`SampleBuilder` is the one function from a :class:`~lit_internvl.data.records.Record` to a
+sample ``{"input_ids" (L,), "labels" (L,), "pixel_values" (tiles, 3, S, S) | None, "name"}``:
+
+- conversation: the chat template's masks (only the assistant's answers are trained);
+- pair: a conversation whose question is the image and whose answer is the caption;
+- interleaved: the document's text is trained, its image spans are not;
+- text: every token (plus the end token) is trained;
+- preference: the question answered with ``chosen`` is the sample; ``rejected`` holds the same
+  question answered with the rejected response (for preference optimisation).
+
+Every ``<image>`` reserves ``tokens_per_tile × tiles`` ``<IMG_CONTEXT>`` slots, the number the
+model's connector gives for those tiles. A record that cannot become a sample raises
+:class:`~lit_internvl.data.records.BadRecord`; :meth:`SampleBuilder.safe` turns that into a
+``{"skipped": reason}`` entry that the collator counts (or re-raises with ``strict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, open_images
+from lit_internvl.data.templates import (
+    IGNORE_INDEX,
+    PlaceholderMismatchError,
+    expand_video_placeholder,
+    image_tokens,
+    tokenize_conversation,
+)
+from lit_internvl.data.tiling import tile_sample
+
+log = logging.getLogger(__name__)
+
+
+class SampleBuilder:
+    """Turns records into samples for a vision-language model.
+
+    Args:
+        tokenizer: :class:`~lit_internvl.data.tokenizer.ByteTokenizer` or ``HFTokenizer``.
+        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile (the model's ``tokens_per_tile``).
+        template: chat template name (``internvl2_5``, ``Hermes-2``, ``internlm2-chat``, ``phi3-chat``).
+        tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset may lower
+            ``max_tiles`` (its ``max_dynamic_patch``).
+        max_length: longer samples are bad records ("over-long sample"), never truncated silently.
+        image_root: folder that records' relative image paths start from.
+        pair_prompt: the question of a pair record (empty: the image alone).
+        jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off.
+        system: system message instead of the template's default.
+        strict: raise on a bad record instead of skipping it.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        tokens_per_tile: int,
+        template: str = "internvl2_5",
+        tile_size: int = 448,
+        min_tiles: int = 1,
+        max_tiles: int = 12,
+        use_thumbnail: bool = True,
+        max_length: int = 4096,
+        image_root: str | None = None,
+        pair_prompt: str = "",
+        jpeg_quality: tuple[int, int] | None = None,
+        system: str | None = None,
+        strict: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.tokens_per_tile = tokens_per_tile
+        self.template = template
+        self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail = tile_size, min_tiles, max_tiles, use_thumbnail
+        self.max_length = max_length
+        self.image_root = image_root
+        self.pair_prompt = pair_prompt
+        self.jpeg_quality = jpeg_quality
+        self.system = system
+        self.strict = strict
+        self.seed = seed
+
+    def safe(self, record: Record | BadRecord) -> dict:
+        """:meth:`__call__`, with a bad record logged and returned as ``{"skipped": reason, "name"}``."""
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            return self(record)
+        except BadRecord as error:
+            if self.strict:
+                raise
+            log.warning("skipping %s", error)
+            return {"skipped": error.reason, "name": error.name}
+
+    def __call__(self, record: Record) -> dict:
+        images = open_images(record, self.image_root)
+        max_tiles = min(self.max_tiles, record.max_tiles or self.max_tiles)
+        pixel_values, tiles_per_image = tile_sample(
+            images, self.tile_size, max_tiles, is_video=record.is_video, min_tiles=self.min_tiles,
+            use_thumbnail=self.use_thumbnail, jpeg_quality=self.jpeg_quality,
+            # Seeded per record, so the augmentation does not depend on which worker builds it.
+            rng=random.Random(f"{self.seed}/{record.name}") if self.jpeg_quality else None,
+        )  # fmt: skip
+        counts = [tiles * self.tokens_per_tile for tiles in tiles_per_image]
+        fields = record.fields
+        extra: dict = {}
+        try:
+            if record.kind in ("conversation", "pair"):
+                if record.kind == "pair":
+                    question = IMAGE_PLACEHOLDER + (f"\n{self.pair_prompt}" if self.pair_prompt else "")
+                    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": fields["text"]}]
+                else:
+                    turns = fields["conversations"]
+                    if record.is_video:
+                        turns = expand_video_placeholder(turns, len(images))
+                ids, labels = tokenize_conversation(turns, self.tokenizer, self.template, counts, self.system)
+            elif record.kind == "interleaved":
+                ids, labels = self._interleaved(fields["texts"], counts)
+            elif record.kind == "text":
+                ids = self.tokenizer.encode(fields["text"]) + [self.tokenizer.eos_id]
+                labels = list(ids)
+            else:
+                ids, labels = self._answered(fields["question"], fields["chosen"], counts)
+                rejected_ids, rejected_labels = self._answered(fields["question"], fields["rejected"], counts)
+                extra = {"rejected": {"input_ids": torch.tensor(rejected_ids), "labels": torch.tensor(rejected_labels)}}
+        except PlaceholderMismatchError as error:
+            raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
+        longest = max(len(ids), len(extra["rejected"]["input_ids"]) if extra else 0)
+        if longest > self.max_length:
+            raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {self.max_length}")
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values if tiles_per_image else None,
+            "name": record.name,
+            **extra,
+        }
+
+    def _answered(self, question: str, answer: str, counts: list[int]) -> tuple[list[int], list[int]]:
+        if IMAGE_PLACEHOLDER not in question and counts:
+            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return tokenize_conversation(turns, self.tokenizer, self.template, counts, self.system)
+
+    def _interleaved(self, texts: list[str], counts: list[int]) -> tuple[list[int], list[int]]:
+        """Text pieces trained, image spans masked; ends with the (trained) end token."""
+        pieces = " ".join(texts).split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(counts):
+            raise PlaceholderMismatchError(len(pieces) - 1, len(counts))
+        ids: list[int] = []
+        labels: list[int] = []
+        for i, piece in enumerate(pieces):
+            piece_ids = self.tokenizer.encode(piece) if piece else []
+            ids += piece_ids
+            labels += piece_ids
+            if i < len(counts):
+                span = self.tokenizer.encode(image_tokens(counts[i]))
+                ids += span
+                labels += [IGNORE_INDEX] * len(span)
+        ids.append(self.tokenizer.eos_id)
+        labels.append(self.tokenizer.eos_id)
+        return ids, labels
