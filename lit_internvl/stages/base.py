@@ -89,5 +89,6 @@ class Stage(L.LightningModule):
 
     def configure_callbacks(self):
         from lit_internvl.callbacks.metrics_report import MetricsReport
+        from lit_internvl.callbacks.skipped_samples import SkippedSamples
 
-        return [MetricsReport()]
+        return [MetricsReport(), SkippedSamples()]
