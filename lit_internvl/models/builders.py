@@ -1,0 +1,63 @@
+"""Builders: one function that assembles a named InternVL size from component presets.
+
+``internvl("InternVL3-1B")`` = InternViT-300M + pixel-shuffle MLP + Qwen2.5-0.5B decoder, with
+InternVL's ``<IMG_CONTEXT>`` id. Build under ``torch.device("meta")`` to count or shard a real size
+without allocating it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lit_internvl.components.connectors import PixelShuffleMLP
+from lit_internvl.components.language import Decoder, LanguageConfig
+from lit_internvl.components.vision import InternViT, InternViTConfig
+from lit_internvl.models.vlm import VisionLanguageModel
+
+# <IMG_CONTEXT> in the Qwen2.5-based tokenizers of InternVL 2.5/3 (151667, published), in InternVL2.5-8B's
+# InternLM2.5 tokenizer (92546: the third token InternVL adds after its 92544 base tokens, as for Qwen2.5;
+# not checked against the release: lit_internvl.hf reads the id from a checkpoint's tokenizer files), and
+# in the byte tokenizer of the embedded default (256 bytes, then <IMG_CONTEXT> as the 6th special token;
+# lit_internvl.data.tokenizer, not imported here so that models stay free of the data pipeline).
+QWEN2_IMG_CONTEXT_ID = 151667
+INTERNLM2_IMG_CONTEXT_ID = 92546
+BYTE_IMG_CONTEXT_ID = 261
+
+
+@dataclass(frozen=True)
+class InternVLPreset:
+    vision: str  # a key of VISION_PRESETS
+    language: str  # a key of LANGUAGE_PRESETS
+    image_context_id: int
+    downsample_ratio: float = 0.5
+
+
+INTERNVL_PRESETS: dict[str, InternVLPreset] = {
+    "InternVL3-1B": InternVLPreset("InternViT-300M-448px", "InternVL3-1B", QWEN2_IMG_CONTEXT_ID),
+    "InternVL3-2B": InternVLPreset("InternViT-300M-448px", "InternVL3-2B", QWEN2_IMG_CONTEXT_ID),
+    "InternVL3-8B": InternVLPreset("InternViT-300M-448px", "InternVL3-8B", QWEN2_IMG_CONTEXT_ID),
+    "InternVL2.5-8B": InternVLPreset("InternViT-300M-448px", "InternVL2.5-8B", INTERNLM2_IMG_CONTEXT_ID),
+    # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
+    "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
+}
+
+
+def vlm_from_configs(
+    vision: InternViTConfig, language: LanguageConfig, image_context_id: int, downsample_ratio: float = 0.5,
+    connector_norm_eps: float = 1e-5,
+) -> VisionLanguageModel:
+    """InternViT → PixelShuffleMLP → Decoder from explicit configs (what :mod:`lit_internvl.hf` reads)."""
+    encoder, decoder = InternViT(vision), Decoder(language)
+    connector = PixelShuffleMLP(encoder.hidden_size, decoder.hidden_size, downsample_ratio, connector_norm_eps)
+    return VisionLanguageModel(encoder, connector, decoder, image_context_id)
+
+
+def internvl(name: str) -> VisionLanguageModel:
+    """The InternVL model of a published size (``"InternVL3-1B"``, ``"InternVL3-8B"``, …) or ``"tiny"``."""
+    if name not in INTERNVL_PRESETS:
+        raise ValueError(f"Unknown InternVL preset {name!r}; known: {sorted(INTERNVL_PRESETS)}")
+    preset = INTERNVL_PRESETS[name]
+    return vlm_from_configs(
+        InternViTConfig.from_name(preset.vision), LanguageConfig.from_name(preset.language), preset.image_context_id,
+        preset.downsample_ratio,
+    )
