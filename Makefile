@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 
-.PHONY: install fit test test-slow clean
+.PHONY: install fit pipeline test test-slow clean
 
 install: $(STAMP)
 
@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 fit: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
+
+# stage 1 → stage 2 → SFT on the embedded default, each starting from the last one's checkpoint.
+pipeline: $(STAMP)
+	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
+	$(BIN)/python -m lit_internvl fit --config recipes/stage2.yaml
+	$(BIN)/python -m lit_internvl fit --config recipes/sft.yaml
+	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

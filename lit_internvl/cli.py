@@ -1,5 +1,6 @@
 """Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
-tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout) and ``chat``.
+tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat`` and
+``report`` (the final metrics of several runs in one table).
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -25,10 +26,13 @@ TOOLS = {
     "prepare": "lit_internvl.data.prepare:main",
     "export": "lit_internvl.hf:export_main",
     "chat": "lit_internvl.inference:chat_main",
+    "report": "lit_internvl.callbacks.metrics_report:report_main",
 }
 
 
-def main(args: list[str] | None = None) -> LightningCLI | None:
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None:
+    """Run a subcommand; ``run=False`` (with ``args`` lacking the subcommand) only builds the
+    stage, datamodule and trainer from a config, for tools that reuse recipes."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] in TOOLS:
         module, function = TOOLS[argv[0]].split(":")
@@ -42,4 +46,5 @@ def main(args: list[str] | None = None) -> LightningCLI | None:
         parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )

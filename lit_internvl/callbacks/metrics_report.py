@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import lightning as L
 
@@ -39,3 +40,27 @@ class MetricsReport(L.Callback):
             lines.append(f"{name:<{width}}  {value:>8.4f}  {'-' if level is None else f'{level:.4f}':>8}")
         lines.append(f"written to {path}")
         print("\n".join(lines), flush=True)
+
+
+def latest_report(run_dir: str) -> dict | None:
+    """The newest ``metrics.json`` under a run folder (``runs/stage1`` → its last version)."""
+    reports = sorted(Path(run_dir).rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(reports[-1].read_text()) if reports else None
+
+
+def report_main(argv: list[str]) -> str:
+    """``python -m lit_internvl report RUN_DIR...``: one table of every run's final held-out metrics."""
+    lines = [f"{'run':<16} {'metric':<44} {'value':>8} {'chance':>8}"]
+    for run_dir in argv:
+        report = latest_report(run_dir)
+        if report is None:
+            lines.append(f"{run_dir:<16} (no metrics.json)")
+            continue
+        for name, entry in report["metrics"].items():
+            if name.endswith("loss"):
+                continue
+            chance = "-" if entry["chance"] is None else f"{entry['chance']:.4f}"
+            lines.append(f"{Path(run_dir).name:<16} {name:<44} {entry['value']:>8.4f} {chance:>8}")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table

@@ -73,6 +73,34 @@ def _as_config(config: LanguageConfig | str) -> LanguageConfig:
     return LanguageConfig.from_name(config) if isinstance(config, str) else config
 
 
+class KVCache:
+    """Keys and values of the positions already seen, one entry per layer, for incremental decoding.
+
+    Layer ``i`` appends its new ``(B, Hkv, T, D)`` keys and values with :meth:`update` and attends
+    over everything cached; :attr:`length` is the number of cached positions.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (e.g. after some sequences finished)."""
+        self.keys = [None if k is None else k[rows] for k in self.keys]
+        self.values = [None if v is None else v[rows] for v in self.values]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LanguageConfig) -> None:
         super().__init__()
@@ -84,13 +112,20 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache[0].update(cache[1], k, v)
         out = attention(q, k, v, mask, is_causal=is_causal, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -117,9 +152,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, is_causal: bool
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,22 +184,28 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Token ids ``(B, T)`` or embeddings ``(B, T, D)`` → final hidden states ``(B, T, D)``.
 
-        ``positions`` (float ``(B, T)``) default to 0..T-1; packed sequences pass positions that
-        restart per document together with ``document_ids``.
+        ``positions`` (float ``(B, T)``) default to ``past..past+T-1``; packed sequences pass
+        positions that restart per document together with ``document_ids``. With a ``cache`` the
+        inputs are the next ``T`` positions after the cached ones and ``attention_mask`` covers
+        all of them (cached + new).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        past = 0 if cache is None else cache.length
         if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            positions = torch.arange(past, past + x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
         rope = self.rotary(positions)
+        backend = self.config.attn_backend
+        if cache is not None and backend not in ("sdpa", "eager"):
+            raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
         mask = make_mask(
-            self.config.attn_backend, causal=self.causal, attention_mask=attention_mask, document_ids=document_ids,
-            length=x.shape[1],
-        )  # fmt: skip
-        for layer in self.layers:
-            x = layer(x, rope, mask, self.causal)
+            backend, causal=self.causal, attention_mask=attention_mask, document_ids=document_ids, length=past + x.shape[1]
+        )
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))
         return self.norm(x)
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset
 
 from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, is_shards
 from lit_internvl.data.images import to_tensor
 from lit_internvl.data.packing import Collator
 from lit_internvl.data.samples import SampleBuilder
-from lit_internvl.data.shapes import ShapesWorld, class_names
+from lit_internvl.data.records import Record
+from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
+from lit_internvl.data.shapes import QUESTION_TYPES, ShapesWorld, class_names
 from lit_internvl.data.tokenizer import ByteTokenizer
 
 
@@ -60,12 +61,36 @@ class PairCollator:
         }
 
 
+class ShapesVQA(Dataset):
+    """Questions about generated scenes, as conversation records built into samples by a
+    :class:`SampleBuilder` (the same path real data takes). ``meta`` holds the question type and answer."""
+
+    def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder, max_objects: int) -> None:
+        self.world, self.size, self.builder, self.max_objects = world, size, builder, max_objects
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        qa = self.world.vqa(index, self.max_objects)
+        turns = [{"from": "human", "value": f"<image>\n{qa['question']}"}, {"from": "gpt", "value": qa["answer"]}]
+        fields = {"conversations": turns, "meta": {"type": qa["type"], "answer": qa["answer"]}}
+        name = f"shapes-{self.world.split}:{index}"
+        return self.builder.safe(Record("conversation", name, fields, [qa["image"]]))
+
+
 class ShapesDataModule(L.LightningDataModule):
     """Generated shapes data for the embedded-default recipes.
 
-    ``task``: ``"pairs"`` (image + caption, stage 1). Train, validation and test splits are
-    different seeds of the same world, so held-out scenes are never seen in training.
-    Zero-shot classification uses :attr:`class_names` through :attr:`prompt_template`.
+    Tasks:
+
+    - ``"pairs"``: image + caption (stage 1, stage 2). Zero-shot classification uses
+      :attr:`class_names` through :attr:`prompt_template`.
+    - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
+      ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
+
+    Train, validation and test splits are different seeds of the same world, so held-out scenes
+    are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
     """
 
     def __init__(
@@ -78,30 +103,49 @@ class ShapesDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         prompt_template: str = "a {}",
+        tokens_per_tile: int = 4,
+        max_objects: int = 3,
+        system: str | None = None,
     ) -> None:
         super().__init__()
-        if task != "pairs":
-            raise ValueError(f"Unknown shapes task {task!r}; available: 'pairs'")
+        if task not in ("pairs", "vqa"):
+            raise ValueError(f"Unknown shapes task {task!r}; available: 'pairs', 'vqa'")
         self.save_hyperparameters()
         self.tokenizer = ByteTokenizer()
         self.class_names = class_names()
         self.prompt_template = prompt_template
+        world = ShapesWorld(image_size)
+        self.question_types = {kind: 1 / len(world.answer_options(kind, max_objects)) for kind in QUESTION_TYPES}
 
-    def _dataset(self, split: str, size: int) -> ShapesPairs:
-        world = ShapesWorld(self.hparams.image_size, self.hparams.seed, split)
-        return ShapesPairs(world, size, self.tokenizer)
+    def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
+        """How this datamodule turns records into samples (``generation``: prompts to answer)."""
+        h = self.hparams
+        return SampleBuilder(
+            self.tokenizer, h.tokens_per_tile, tile_size=h.image_size, max_tiles=1, use_thumbnail=False,
+            max_length=1024, system=h.system, strict=True, generation=generation,
+        )  # fmt: skip
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _dataset(self, split: str, size: int, generation: bool = False) -> Dataset:
+        h = self.hparams
+        world = ShapesWorld(h.image_size, h.seed, split)
+        if h.task == "pairs":
+            return ShapesPairs(world, size, self.tokenizer)
+        return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, generation: bool = False) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,  # every rank gathers equal-sized batches for the contrastive loss
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=PairCollator(self.tokenizer.pad_id),
+        if self.hparams.task == "pairs":
+            collate = PairCollator(self.tokenizer.pad_id)
+        else:
+            collate = Collator(self.tokenizer.pad_id, left_pad=generation)
+        options = dict(
+            batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate
         )
+        if shuffle:  # training: a seeded order that a resumed run continues mid-epoch
+            sampler = ResumableSampler(dataset, shuffle=True, seed=self.hparams.seed, **replicas(self.trainer))
+            # drop_last: every rank gathers equal-sized batches for the contrastive loss
+            return ResumableDataLoader(dataset, sampler, drop_last=True, **options)
+        return DataLoader(dataset, shuffle=False, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("train", self.hparams.train_size), shuffle=True)
@@ -113,14 +157,16 @@ class ShapesDataModule(L.LightningDataModule):
         return self._loader(self._dataset("test", self.hparams.val_size), shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        generation = self.hparams.task == "vqa"
+        return self._loader(self._dataset("test", self.hparams.val_size, generation), shuffle=False, generation=generation)
 
 
 class RecordsDataModule(L.LightningDataModule):
     """Vision-language training data from records: a jsonl file, an InternVL meta file, or litdata
     shards written by ``python -m lit_internvl prepare`` (a folder or an ``s3://`` URL).
 
-    Shards stream through ``StreamingDataLoader``, whose state is saved in Lightning checkpoints:
+    Shards stream through litdata's ``StreamingDataLoader`` and jsonl records through a seeded
+    sampler; both loaders' states are saved in Lightning checkpoints (:mod:`lit_internvl.data.resumable`):
     a resumed run reads exactly the samples an uninterrupted run would have read next. Bad
     records are skipped and counted (``data/skipped`` each epoch) unless ``strict``.
 
@@ -163,11 +209,13 @@ class RecordsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
 
-    def builder(self, train: bool) -> SampleBuilder:
+    def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
+        """How this datamodule turns records into samples (``generation``: prompts to answer)."""
         h = self.hparams
         return SampleBuilder(
             self.tokenizer, h.tokens_per_tile, h.template, h.tile_size, h.min_tiles, h.max_tiles, h.use_thumbnail,
             h.max_length, pair_prompt="", jpeg_quality=h.jpeg_quality if train else None, strict=h.strict, seed=h.seed,
+            generation=generation,
         )  # fmt: skip
 
     def collator(self) -> Collator:
@@ -178,13 +226,14 @@ class RecordsDataModule(L.LightningDataModule):
         h = self.hparams
         shuffle = h.shuffle and train
         if is_shards(source):
-            dataset = StreamingSamples(source, self.builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
-            return StreamingDataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())
-        dataset = JsonlSamples(source, self.builder(train), h.image_root)
-        return DataLoader(
-            dataset, batch_size=h.batch_size, shuffle=shuffle, num_workers=h.num_workers, collate_fn=self.collator(),
-            persistent_workers=h.num_workers > 0,
-        )  # fmt: skip
+            dataset = StreamingSamples(source, self.sample_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
+            return ResumableStreamingDataLoader(dataset, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())
+        dataset = JsonlSamples(source, self.sample_builder(train), h.image_root)
+        options = dict(batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator(), persistent_workers=h.num_workers > 0)
+        if train:  # a seeded order that a resumed run continues mid-epoch
+            sampler = ResumableSampler(dataset, shuffle=shuffle, seed=h.seed, **replicas(self.trainer))
+            return ResumableDataLoader(dataset, sampler, **options)
+        return DataLoader(dataset, shuffle=False, **options)
 
     def train_dataloader(self):
         return self._loader(self.hparams.train, train=True)

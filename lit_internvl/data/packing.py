@@ -52,10 +52,18 @@ class Collator:
         pad_id: token id of padding.
         pack: lay samples end to end (first fit); else one sample per row.
         max_tokens, max_tiles: bounds of a packed row.
+        left_pad: pad on the left (prompts to generate from), not packed.
+
+    Unpacked batches also carry each sample's ``meta`` and ``reference`` (lists, one per row).
     """
 
-    def __init__(self, pad_id: int, pack: bool = False, max_tokens: int = 4096, max_tiles: int = 64) -> None:
+    def __init__(
+        self, pad_id: int, pack: bool = False, max_tokens: int = 4096, max_tiles: int = 64, left_pad: bool = False
+    ) -> None:
+        if pack and left_pad:
+            raise ValueError("left_pad is for generation prompts, which are not packed")
         self.pad_id, self.pack, self.max_tokens, self.max_tiles = pad_id, pack, max_tokens, max_tiles
+        self.left_pad = left_pad
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
@@ -79,7 +87,7 @@ class Collator:
         document_ids = torch.full(shape, -1, dtype=torch.long)
         pixel_values, tiles_per_row, names = [], [], []
         for r, row in enumerate(rows):
-            start = 0
+            start = width - sum(len(samples[i]["input_ids"]) for i in row) if self.left_pad else 0
             for document, i in enumerate(row):
                 sample, length = samples[i], len(samples[i]["input_ids"])
                 span = slice(start, start + length)
@@ -104,6 +112,9 @@ class Collator:
             "sample_names": names,
             "skipped": dict(skipped),
         }
+        if not self.pack:
+            batch["meta"] = [s.get("meta") for s in samples]
+            batch["reference"] = [s.get("reference") for s in samples]
         if preference:
             rejected = Collator(self.pad_id)([{**s["rejected"], "pixel_values": None} for s in samples])
             batch["rejected"] = {k: rejected[k] for k in ("input_ids", "labels", "attention_mask", "positions")}

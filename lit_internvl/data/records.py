@@ -202,7 +202,7 @@ def unpack_images(blob: bytes) -> list[bytes]:
 
 
 def open_images(record: Record, root: str | Path | None = None) -> list:
-    """PIL images of a record, RGB, from its paths (under ``root``) or its encoded bytes.
+    """PIL images of a record, RGB, from its paths (under ``root``), its encoded bytes, or PIL images.
 
     A missing or undecodable image raises :class:`BadRecord` naming the record and the image.
     """
@@ -212,6 +212,9 @@ def open_images(record: Record, root: str | Path | None = None) -> list:
 
     images = []
     for item in record.images:
+        if isinstance(item, Image.Image):  # generated in memory (the shapes world)
+            images.append(item.convert("RGB"))
+            continue
         try:
             if isinstance(item, (bytes, bytearray, memoryview)):
                 image = Image.open(io.BytesIO(bytes(item)))

@@ -51,6 +51,8 @@ class SampleBuilder:
         jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off.
         system: system message instead of the template's default.
         strict: raise on a bad record instead of skipping it.
+        generation: build prompts to answer: a conversation's last answer is left out (kept as
+            ``reference``) and the assistant header ends the prompt.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class SampleBuilder:
         system: str | None = None,
         strict: bool = False,
         seed: int = 0,
+        generation: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.tokens_per_tile = tokens_per_tile
@@ -81,6 +84,7 @@ class SampleBuilder:
         self.system = system
         self.strict = strict
         self.seed = seed
+        self.generation = generation
 
     def safe(self, record: Record | BadRecord) -> dict:
         """:meth:`__call__`, with a bad record logged and returned as ``{"skipped": reason, "name"}``."""
@@ -115,7 +119,12 @@ class SampleBuilder:
                     turns = fields["conversations"]
                     if record.is_video:
                         turns = expand_video_placeholder(turns, len(images))
-                ids, labels = tokenize_conversation(turns, self.tokenizer, self.template, counts, self.system)
+                if self.generation:
+                    extra["reference"] = turns[-1]["value"] if turns[-1]["from"] == "gpt" else None
+                    turns = turns[:-1] if turns[-1]["from"] == "gpt" else turns
+                ids, labels = tokenize_conversation(
+                    turns, self.tokenizer, self.template, counts, self.system, add_generation_prompt=self.generation
+                )
             elif record.kind == "interleaved":
                 ids, labels = self._interleaved(fields["texts"], counts)
             elif record.kind == "text":
@@ -127,7 +136,7 @@ class SampleBuilder:
                 extra = {"rejected": {"input_ids": torch.tensor(rejected_ids), "labels": torch.tensor(rejected_labels)}}
         except PlaceholderMismatchError as error:
             raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
-        longest = max(len(ids), len(extra["rejected"]["input_ids"]) if extra else 0)
+        longest = max(len(ids), len(extra["rejected"]["input_ids"]) if "rejected" in extra else 0)
         if longest > self.max_length:
             raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {self.max_length}")
         return {
@@ -135,6 +144,7 @@ class SampleBuilder:
             "labels": torch.tensor(labels),
             "pixel_values": pixel_values if tiles_per_image else None,
             "name": record.name,
+            "meta": fields.get("meta"),
             **extra,
         }
 

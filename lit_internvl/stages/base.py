@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from lit_internvl.checkpoints import load_into
+from lit_internvl.distributed import data_parallel_mesh, parallelize
 
 ModuleFactory = Callable[[], nn.Module]
 
@@ -30,8 +31,16 @@ class Stage(L.LightningModule):
     metrics under ``val/``; ``chance_levels`` holds the chance level of each such metric where one
     exists, for the end-of-fit report.
 
-    Optimiser: AdamW with weight decay on matrices only (not on norms, biases, scales), a linear
-    warm-up of ``warmup_steps`` and a cosine decay to ``min_lr_ratio × learning_rate``.
+    Optimiser: AdamW over :meth:`parameter_groups` with weight decay on matrices only (not on
+    norms, biases, scales), a linear warm-up of ``warmup_steps`` and a cosine decay to
+    ``min_lr_ratio`` × each group's learning rate.
+
+    Scale: :meth:`configure_model` ends with :func:`lit_internvl.distributed.parallelize`: under
+    ``ModelParallelStrategy`` every transformer block and then the root become FSDP2 units on the
+    mesh's ``data_parallel`` dimension (gathered in bf16 when the trainer's precision is
+    ``bf16-mixed``); ``activation_checkpointing`` recomputes each block's activations in the
+    backward pass, with or without sharding. Subclasses freeze parts or add adapters in
+    :meth:`prepare_model`, which runs before that.
     """
 
     def __init__(
@@ -43,9 +52,11 @@ class Stage(L.LightningModule):
         min_lr_ratio: float = 0.0,
         init_from: str | None = None,
         init_from_rename: dict[str, str] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.model: nn.Module | None = None
+        self.activation_checkpointing = activation_checkpointing
         self.init_from = init_from
         self.init_from_rename = init_from_rename
         self.learning_rate = learning_rate
@@ -61,20 +72,34 @@ class Stage(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = self.build_model()
+        model = self.build_model()
         if self.init_from:
-            load_into(self.model, self.init_from, self.init_from_rename)
+            load_into(model, self.init_from, self.init_from_rename)
+        self.prepare_model(model)
+        mesh = data_parallel_mesh(self.device_mesh)
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        param_dtype = torch.bfloat16 if mesh is not None and precision == "bf16-mixed" else None
+        self.model = parallelize(model, mesh, self.activation_checkpointing, param_dtype)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Freeze parts or add adapters to the freshly built and loaded ``model`` (before sharding)."""
+
+    def parameter_groups(self) -> list[dict]:
+        """``[{"params": [...], "lr": ...}, ...]`` of the trainable parameters; stages with per-part
+        learning rates override this."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": self.learning_rate}]
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-            betas=self.betas,
-        )
+        groups = []
+        for group in self.parameter_groups():
+            decay = [p for p in group["params"] if p.ndim >= 2]
+            no_decay = [p for p in group["params"] if p.ndim < 2]
+            groups += [
+                {"params": params, "lr": group["lr"], "weight_decay": wd}
+                for params, wd in ((decay, self.weight_decay), (no_decay, 0.0))
+                if params
+            ]
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = self.warmup_steps, self.min_lr_ratio
 
@@ -91,4 +116,6 @@ class Stage(L.LightningModule):
         from lit_internvl.callbacks.metrics_report import MetricsReport
         from lit_internvl.callbacks.skipped_samples import SkippedSamples
 
-        return [MetricsReport(), SkippedSamples()]
+        from lit_internvl.callbacks.resume import ExactResume
+
+        return [MetricsReport(), SkippedSamples(), ExactResume()]

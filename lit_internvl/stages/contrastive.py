@@ -8,6 +8,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_internvl.data.datamodules import pad_ids
+from lit_internvl.distributed import unsharded
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.metrics import CrossModalRecall
 from lit_internvl.models.dual_encoder import DualEncoder
@@ -42,8 +43,12 @@ class ContrastiveStage(Stage):
         min_lr_ratio: float = 0.0,
         init_from: str | None = None,
         init_from_rename: dict[str, str] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename)
+        super().__init__(
+            learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename,
+            activation_checkpointing,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         self.image_encoder_factory = image_encoder
         self.text_encoder_factory = text_encoder
@@ -63,8 +68,9 @@ class ContrastiveStage(Stage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         loss = contrastive_loss(image_emb, text_emb, scale)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", scale.detach())
+        batch_size = len(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", scale.detach(), batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -81,7 +87,8 @@ class ContrastiveStage(Stage):
             return
         tokenizer, template = datamodule.tokenizer, datamodule.prompt_template
         ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
-        self.class_embeddings = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+        with unsharded(self.model):  # FSDP2 gathers parameters around forward only
+            self.class_embeddings = self.model.encode_text(ids.to(self.device), mask.to(self.device))
         if self.zero_shot is None or self.zero_shot.num_classes != len(names):
             self.zero_shot = MulticlassAccuracy(num_classes=len(names), average="micro").to(self.device)
         self.zero_shot.reset()
@@ -94,7 +101,7 @@ class ContrastiveStage(Stage):
 
     def _evaluate(self, batch: dict, split: str) -> None:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        self.log(f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True)
+        self.log(f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True, batch_size=len(image_emb))
         self.recall.update(image_emb, text_emb, batch["caption_key"])
         if self.zero_shot is not None:
             self.zero_shot.update(image_emb @ self.class_embeddings.T, batch["label"])
@@ -128,8 +135,9 @@ class ContrastiveStage(Stage):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Embeddings of each pair, and the zero-shot class of each image when classes are known."""
-        image_emb = self.model.encode_image(batch["pixel_values"])
-        out = {"image_emb": image_emb, "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
+        with unsharded(self.model):
+            image_emb = self.model.encode_image(batch["pixel_values"])
+            out = {"image_emb": image_emb, "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
         if self.zero_shot is not None:
             out["zero_shot_class"] = (image_emb @ self.class_embeddings.T).argmax(dim=-1)
         return out

@@ -1,0 +1,149 @@
+"""Data loaders that resume mid-epoch exactly: a killed run continues with the next unseen batch.
+
+Lightning saves a loader's ``state_dict()`` in its checkpoints and hands it back to ``load_state_dict``
+when a run resumes. Two loaders implement that here:
+
+- :class:`ResumableDataLoader` for map-style datasets (the shapes world, jsonl records): a
+  :class:`ResumableSampler` (a seeded permutation per epoch, split across ranks) and a count of batches;
+  resuming skips the indices already trained on without loading them.
+- :class:`ResumableStreamingDataLoader` for litdata shards: litdata's own state.
+
+Lightning fetches one batch ahead of the step it runs, so when a checkpoint is written a loader has already
+handed out one batch that was not trained on. Both loaders therefore keep their state after each batch they
+yielded, and :class:`~lit_internvl.callbacks.resume.ExactResume` (a callback every stage adds) marks each
+batch the loop finished with :meth:`~_ConsumedBatches.mark_consumed`; ``state_dict()`` is then the state after
+the last finished batch. Outside a Trainer (nothing marks) it is the state after the last yielded batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+from litdata import StreamingDataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """Indices of one rank for one epoch — a permutation seeded by ``seed + epoch`` (or the dataset order),
+    split across ``num_replicas`` as ``DistributedSampler`` does — that can start ``skip`` indices in.
+
+    Being a ``DistributedSampler``, Lightning keeps it (and calls :meth:`set_epoch`) instead of
+    replacing it with its own. ``len()`` is always a whole epoch's.
+    """
+
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0  # applies to one pass only
+        return iter(indices[skip:])
+
+
+def _own_generator(seed: int) -> torch.Generator:
+    """Each new epoch's iterator draws a seed for its workers; from the loader's own generator, that draw
+    leaves the global random state (drop-path, dropout) alone, so it is the same in a resumed run."""
+    return torch.Generator().manual_seed(seed)
+
+
+class _ConsumedBatches:
+    """Keeps the loader's state after each yielded batch until the training loop marks the batch done."""
+
+    # Lightning runs at most one batch ahead (its prefetch) plus the batch in flight; 16 leaves room.
+    _HISTORY = 16
+
+    def _position(self) -> dict:
+        raise NotImplementedError
+
+    def _track(self, batches: Iterator, start: dict | None = None) -> Iterator:
+        self._history = deque([self._position() if start is None else start], maxlen=self._HISTORY)
+        for batch in batches:
+            self._history.append(self._position())
+            yield batch
+
+    def mark_consumed(self) -> None:
+        """The training loop finished the oldest batch it had not yet finished."""
+        self._marked = True
+        history = getattr(self, "_history", None)
+        if history is not None and len(history) > 1:
+            history.popleft()
+
+    def state_dict(self) -> dict:
+        history = getattr(self, "_history", None)
+        if getattr(self, "_marked", False) and history:
+            return copy.deepcopy(history[0])
+        return self._position()
+
+
+class ResumableDataLoader(_ConsumedBatches, DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose state is ``{"epoch", "batches"}``: the epoch
+    and the number of its batches already trained on."""
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, batch_size: int = 1, **kwargs) -> None:
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"ResumableDataLoader needs a ResumableSampler, got {type(sampler).__name__}")
+        kwargs.setdefault("generator", _own_generator(sampler.seed))
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self._start = 0
+        self._batches = 0
+
+    def _position(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def __iter__(self) -> Iterator:
+        start, self._start = self._start, 0
+        self.sampler.skip = start * self.batch_size
+        self._batches = start
+        return self._track(self._count(super().__iter__()))
+
+    def _count(self, batches: Iterator) -> Iterator:
+        for batch in batches:
+            self._batches += 1
+            yield batch
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue epoch ``state["epoch"]`` after its first ``state["batches"]`` batches (the next epoch from
+        its start when that epoch was finished)."""
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        # Lightning creates the iterator before it sets the sampler's epoch on a resumed run: set it now.
+        self.sampler.set_epoch(epoch)
+        self._start = batches
+        self._batches = batches
+
+
+class ResumableStreamingDataLoader(_ConsumedBatches, StreamingDataLoader):
+    """litdata's ``StreamingDataLoader`` whose ``state_dict()`` leaves out batches fetched but not trained on."""
+
+    _loaded: dict | None = None
+
+    def __init__(self, dataset, *args, **kwargs) -> None:
+        kwargs.setdefault("generator", _own_generator(getattr(dataset, "seed", 0)))
+        super().__init__(dataset, *args, **kwargs)
+
+    def _position(self) -> dict:
+        # A copy: litdata returns (and later updates) the dataset's own state dict once one was loaded.
+        return copy.deepcopy(StreamingDataLoader.state_dict(self))
+
+    def load_state_dict(self, obj: dict) -> None:
+        super().load_state_dict(obj)
+        self._loaded = copy.deepcopy(obj)
+
+    def __iter__(self) -> Iterator:
+        # Before the pass starts, asking litdata for its state would overwrite the state just loaded
+        # (its epoch not yet restored): the position before the first batch is the loaded state itself.
+        start, self._loaded = self._loaded, None
+        return self._track(super().__iter__(), start)
+
+
+def replicas(trainer) -> dict:
+    """``{"num_replicas", "rank"}`` of the data-parallel group a Trainer runs (``{}`` outside one)."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]} if kwargs else {}
