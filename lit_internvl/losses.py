@@ -100,3 +100,33 @@ def language_model_loss(
     if total_weight.item() == 0:
         raise ValueError("The batch has no supervised token (every label is -100): nothing to learn from")
     return (losses * weights).sum() / total_weight * scale
+
+
+# -- preference optimisation (MPO: DPO-sigmoid + BCO-pair + SFT; TRL's formulas) ----------------
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: the sum over each row's supervised tokens (labels != -100, next-token shifted) of
+    the log-probability the logits ``(B, T, V)`` give them."""
+    targets = next_token_targets(labels)
+    token_logps = -F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    return token_logps.sum(dim=1)  # ignored positions contribute 0
+
+
+def dpo_sigmoid_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per pair: ``-logsigmoid(β·((π_c − r_c) − (π_r − r_r)))`` (DPO, label smoothing 0)."""
+    return -F.logsigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+
+
+def bco_pair_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    beta: float, delta: torch.Tensor | float,
+) -> torch.Tensor:
+    """Per pair: ``-logsigmoid(β(π_c − r_c) − δ) − logsigmoid(−(β(π_r − r_r) − δ))``, δ the running
+    mean of the rewards (TRL updates it with this batch's mean reward *before* using it)."""
+    chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))

@@ -56,5 +56,5 @@ def test_datamodule_batches():
     assert batch["pixel_values"].shape == (4, 3, 56, 56)
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_id).all()
-    with pytest.raises(ValueError, match="Unknown shapes task 'vqa'"):
-        ShapesDataModule(task="vqa")
+    with pytest.raises(ValueError, match="Unknown shapes task .captions."):
+        ShapesDataModule(task="captions")

@@ -185,3 +185,25 @@ def test_meta_file_repeats_and_caps_tiles(tmp_path):
     assert sum(n.startswith("conversation") for n in names) == 8
     assert sum(n.startswith("text") for n in names) == 2
     assert all(t == 1 for t in batch["tiles_per_sample"] if t), "max_dynamic_patch 1: one tile, no thumbnail"
+
+
+def test_training_logs_the_count_of_skipped_records_each_epoch(tmp_path):
+    import lightning as L
+
+    from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
+    from lit_internvl.stages import SFTStage
+
+    path = _bad_records(tmp_path, "missing image")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, "{broken json", lines[1].replace("nowhere.png", "broken.png")]) + "\n")
+    stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1)
+    data = RecordsDataModule(train=str(path), **{**TINY, "max_tiles": 1, "batch_size": 5})
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(stage, data)
+    metrics = trainer.callback_metrics
+    assert metrics["data/skipped"] == 3
+    assert metrics["data/skipped/missing_image"] == 1 and metrics["data/skipped/corrupt_image"] == 1
+    assert metrics["data/skipped/malformed_JSON"] == 1

@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 
 
 class SkippedSamples(L.Callback):
-    """Sums each batch's ``skipped`` counts (by reason, from the collator) over an epoch; logs
+    """Sums each batch's ``skipped`` counts (by reason, from the collator) over an epoch, plus in the
+    first epoch the lines dropped when the dataset was indexed; logs
     ``data/skipped`` and ``data/skipped/<reason>`` and warns with the breakdown at the epoch's end."""
 
     def __init__(self) -> None:
@@ -24,6 +25,10 @@ class SkippedSamples(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         counts = Counter(self.counts)
+        # Records dropped while a jsonl file was indexed (malformed lines) never reach a batch.
+        scan_skips = getattr(getattr(trainer.train_dataloader, "dataset", None), "skips", None)
+        if scan_skips is not None and trainer.current_epoch == 0:
+            counts.update(scan_skips.counts)
         if dist.is_available() and dist.is_initialized():
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, counts)

@@ -79,6 +79,23 @@ class ShapesVQA(Dataset):
         return self.builder.safe(Record("conversation", name, fields, [qa["image"]]))
 
 
+class ShapesPreference(Dataset):
+    """Preference pairs about generated scenes: the right one-word answer (chosen) and a wrong one
+    of the same question type (rejected), as preference records built by a :class:`SampleBuilder`."""
+
+    def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder) -> None:
+        self.world, self.size, self.builder = world, size, builder
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        pair = self.world.preference(index)
+        fields = {"question": f"<image>\n{pair['question']}", "chosen": pair["chosen"], "rejected": pair["rejected"],
+                  "meta": {"type": pair["type"], "answer": pair["chosen"]}}  # fmt: skip
+        return self.builder.safe(Record("preference", f"shapes-{self.world.split}:{index}", fields, [pair["image"]]))
+
+
 class ShapesDataModule(L.LightningDataModule):
     """Generated shapes data for the embedded-default recipes.
 
@@ -88,6 +105,7 @@ class ShapesDataModule(L.LightningDataModule):
       :attr:`class_names` through :attr:`prompt_template`.
     - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
       ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
+    - ``"preference"``: the same questions with a chosen (right) and a rejected (wrong) answer (MPO).
 
     Train, validation and test splits are different seeds of the same world, so held-out scenes
     are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
@@ -108,8 +126,8 @@ class ShapesDataModule(L.LightningDataModule):
         system: str | None = None,
     ) -> None:
         super().__init__()
-        if task not in ("pairs", "vqa"):
-            raise ValueError(f"Unknown shapes task {task!r}; available: 'pairs', 'vqa'")
+        if task not in ("pairs", "vqa", "preference"):
+            raise ValueError(f"Unknown shapes task {task!r}; available: 'pairs', 'vqa', 'preference'")
         self.save_hyperparameters()
         self.tokenizer = ByteTokenizer()
         self.class_names = class_names()
@@ -130,6 +148,8 @@ class ShapesDataModule(L.LightningDataModule):
         world = ShapesWorld(h.image_size, h.seed, split)
         if h.task == "pairs":
             return ShapesPairs(world, size, self.tokenizer)
+        if h.task == "preference":
+            return ShapesPreference(world, size, self.sample_builder(split == "train"))
         return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects)
 
     def _loader(self, dataset: Dataset, shuffle: bool, generation: bool = False) -> DataLoader:

@@ -69,8 +69,12 @@ class SFTStage(Stage):
         min_lr_ratio: float = 0.0,
         init_from: str | None = None,
         init_from_rename: dict[str, str] | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename)
+        super().__init__(
+            learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename,
+            activation_checkpointing,
+        )  # fmt: skip
         unknown = sorted(set(train) - set(PARTS))
         if unknown:
             raise ValueError(f"train names unknown parts {unknown}; choose from {PARTS}")
@@ -91,14 +95,8 @@ class SFTStage(Stage):
             image_context_id = tokenizer.token_to_id(IMG_CONTEXT)
         return VisionLanguageModel(vision, connector, decoder, image_context_id)
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        super().configure_model()
-        self.set_trainable(self.model)
-
-    def set_trainable(self, model: VisionLanguageModel) -> None:
-        """Apply ``train``, ``unfreeze_vision_layers``, ``train_lm_head`` and ``lora``."""
+    def prepare_model(self, model: VisionLanguageModel) -> None:
+        """Apply ``train``, ``unfreeze_vision_layers``, ``train_lm_head`` and ``lora`` (before sharding)."""
         h = self.hparams
         for part in PARTS:
             getattr(model, part).requires_grad_(part in h.train)
