@@ -56,12 +56,13 @@ def attention(
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads")
     if backend == "flex":
         return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=num_heads != num_kv_heads)
+    if is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
+        # flash kernels run here, and read the shared key/value heads without copying them
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=num_heads != num_kv_heads)
     if num_heads != num_kv_heads:
         repeat = num_heads // num_kv_heads
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # lets flash kernels run
     if is_causal:
         causal = causal_mask(q.shape[2], k.shape[2], q.device)
         mask = causal if mask is None else mask & causal
@@ -126,14 +127,16 @@ def make_mask(
     """The mask :func:`attention` expects for ``backend``, from a ``(B, T)`` padding mask (1 = real
     token) and/or ``(B, T)`` document ids of packed rows (tokens attend within their document).
 
-    - ``sdpa``/``eager``: boolean ``(B, 1, T|1, T)`` or None; causality stays with ``is_causal``.
+    - ``sdpa``/``eager``: boolean ``(B, 1, T|1, T)``, or None when nothing is masked (no padding, no
+      documents); causality stays with ``is_causal``.
     - ``flex``: a ``BlockMask`` (causality included).
     - ``xformers``: a block-diagonal bias over the rows laid end to end (causality included);
       padding must be marked by its own document id (the packing collator uses -1).
     """
     if backend in ("sdpa", "eager"):
         mask = None
-        if attention_mask is not None:
+        # No padding and one document per row: no mask at all, so that causal attention takes the fast path.
+        if attention_mask is not None and (document_ids is not None or not bool(attention_mask.all())):
             mask = attention_mask.bool()[:, None, None, :]
         if document_ids is not None:
             same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]

@@ -1,0 +1,403 @@
+"""One training step of lit_internvl's VisionLanguageModel against transformers' InternVLForConditionalGeneration.
+
+    .venv/bin/python benchmarks/train_step.py                    # CPU: the tiny config and InternVL3-1B
+    python benchmarks/train_step.py --device cuda                # GPU, bf16: the same, then MFU per attention backend
+
+Both sides get the same configuration and the same weights (a randomly initialised model of ours is exported with
+``lit_internvl.hf.export_vlm``; ours reads it back with ``load_vlm``, transformers with ``from_pretrained``), the same
+batch, and take the same step: forward, next-token cross-entropy averaged over the supervised tokens, backward,
+AdamW. Each measurement runs in its own process, so that peak memory is its own: the peak resident set of the
+process on a CPU, torch's peak allocation on a GPU. Warm-up steps come first; the table gives the median of the timed
+steps, real tokens per second, peak memory, the first step's loss (the two sides must agree) and the ratios
+lit_internvl / transformers.
+
+Configs: ``tiny`` (the embedded default: 4 rows of 128 tokens, one 56 px tile each) and ``InternVL3-1B`` (its
+architecture, random weights: one 448 px tile and 1024 tokens). On a GPU the second table trains InternVL3-1B on packed
+rows of ``--packed-tokens`` tokens (documents of one tile and some text, positions restarting per document, attention
+within documents) in bf16 autocast with each attention backend, and reports tokens/s and MFU: the analytic model FLOPs
+of :mod:`lit_internvl.flops` over the device's peak (989 TFLOP/s dense bf16 on an H100).
+
+Imports only torch, transformers and lit_internvl's components, models, hf, flops and losses (the GPU image has no
+litdata, omegaconf or jsonargparse). With ``OUT`` set in the environment, the tables and raw results are also written
+to ``$OUT/train_step.md`` and ``$OUT/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    # name: (preset, rows, tokens per row, tiles per row, text-token range)
+    "tiny": ("tiny", 4, 128, 1, (0, 256)),
+    "InternVL3-1B": ("InternVL3-1B", 1, 1024, 1, (1000, 100_000)),
+}
+BACKENDS = ("sdpa", "flex", "eager", "xformers")
+
+
+# -- the batch ---------------------------------------------------------------------------------------------------
+
+
+def comparison_batch(model, name: str, device: str) -> dict:
+    """Rows of ``tokens`` ids, each with its tiles' ``<IMG_CONTEXT>`` run after the first token; no padding."""
+    _, rows, tokens, tiles, (low, high) = CONFIGS[name]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(low, high, (rows, tokens), generator=g)
+    image_tokens = model.tokens_per_tile * tiles
+    ids[:, 1 : 1 + image_tokens] = model.image_context_id
+    labels = ids.masked_fill(ids == model.image_context_id, -100)
+    size = model.vision.config.image_size
+    pixels = torch.randn(rows * tiles, 3, size, size, generator=g)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def packed_batch(model, rows: int, tokens: int, device: str) -> tuple[dict, list[int], int]:
+    """Rows of exactly ``tokens`` tokens packed with documents of one tile and 256–1280 text tokens (the last document
+    of a row is text that fills it): ids, labels, positions restarting per document, document ids."""
+    g = torch.Generator().manual_seed(2)
+    image = model.tokens_per_tile
+    vocab = model.decoder.config.vocab_size
+    ids = torch.randint(1000 if vocab > 100_000 else 0, min(vocab, 100_000) if vocab > 100_000 else 256, (rows, tokens), generator=g)
+    positions = torch.zeros(rows, tokens)
+    documents = torch.zeros(rows, tokens, dtype=torch.long)
+    lengths, tiles = [], 0
+    for row in range(rows):
+        start, doc = 0, 0
+        while start < tokens:
+            length = image + 2 + int(torch.randint(256, 1281, (), generator=g))
+            if start + length > tokens - 64:  # too little room left for another one: text to the end
+                length = tokens - start
+            else:
+                ids[row, start + 1 : start + 1 + image] = model.image_context_id
+                tiles += 1
+            positions[row, start : start + length] = torch.arange(length, dtype=torch.float32)
+            documents[row, start : start + length] = doc
+            lengths.append(length)
+            start, doc = start + length, doc + 1
+    labels = ids.masked_fill(ids == model.image_context_id, -100)
+    size = model.vision.config.image_size
+    pixels = torch.randn(tiles, 3, size, size, generator=g)
+    batch = {"input_ids": ids, "labels": labels, "positions": positions, "document_ids": documents, "pixel_values": pixels}
+    return {k: v.to(device) for k, v in batch.items()}, lengths, tiles
+
+
+# -- one side of the comparison, in its own process -----------------------------------------------------------------
+
+
+def _optimizer(params, name: str) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=1e-5)
+
+
+def _timed(step, warmup: int, steps: int, device: str) -> tuple[list[float], float]:
+    losses, times = [], []
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(loss)
+    return times, losses[0]
+
+
+def _peak_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def worker(args) -> dict:
+    """Train one side for ``warmup + steps`` steps; returns its timings."""
+    from lit_internvl.flops import vlm_flops
+    from lit_internvl.hf import build_vlm, load_vlm, read_config
+    from lit_internvl.losses import language_model_loss
+
+    device = args.device
+    if args.mode == "mfu":
+        return mfu_worker(args, load_vlm(args.folder, device=device).train())
+    with torch.device("meta"):  # the architecture, for the batch and the FLOP count, without memory
+        architecture = build_vlm(read_config(args.folder))
+    batch = comparison_batch(architecture, args.config, device)
+    tokens = int(batch["attention_mask"].sum())
+    count = vlm_flops(architecture, batch["attention_mask"].sum(dim=1).tolist(), batch["pixel_values"].shape[0])
+    if args.mode == "transformers":
+        from transformers import InternVLForConditionalGeneration
+
+        model = InternVLForConditionalGeneration.from_pretrained(args.folder, dtype=torch.float32, attn_implementation="sdpa")
+        model = model.to(device).train()
+
+        def forward_loss():
+            return model(**batch).loss
+    else:
+        model = load_vlm(args.folder, device=device).train()
+
+        def forward_loss():
+            logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"])
+            return language_model_loss(logits, batch["labels"], reduction="token")
+
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args.optimizer)
+
+    def step() -> float:
+        with _autocast(device):
+            loss = forward_loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, first_loss = _timed(step, args.warmup, args.steps, device)
+    median = statistics.median(times)
+    return {
+        "config": args.config, "implementation": args.mode, "device": device, "optimizer": args.optimizer,
+        "step_s": median, "step_times": times, "tokens": tokens, "tokens_per_s": tokens / median,
+        "peak_bytes": _peak_memory(device), "loss": first_loss, "model_tflop": count.training / 1e12,
+    }  # fmt: skip
+
+
+def mfu_worker(args, model) -> dict:
+    """InternVL3-1B on packed rows in bf16 with one attention backend."""
+    from lit_internvl.distributed import transformer_blocks
+    from lit_internvl.flops import vlm_flops
+    from lit_internvl.losses import language_model_loss
+
+    device = args.device
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = args.backend
+    model.vision.config.attn_backend = args.backend
+    model.decoder.config.attn_backend = args.backend
+    if args.compile:
+        for _, block in transformer_blocks(model):
+            block.compile(dynamic=False)
+    batch, lengths, tiles = packed_batch(model, args.rows, args.packed_tokens, device)
+    count = vlm_flops(model, lengths, tiles)
+    optimizer = _optimizer(model.parameters(), args.optimizer)
+
+    def step() -> float:
+        with _autocast(device):
+            logits = model(batch["input_ids"], batch["pixel_values"], positions=batch["positions"], document_ids=batch["document_ids"])
+            loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction="token")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, first_loss = _timed(step, args.warmup, args.steps, device)
+    median = statistics.median(times)
+    peak = peak_flops(device)
+    tokens = sum(lengths)
+    return {
+        "backend": args.backend, "compiled": args.compile, "rows": args.rows, "packed_tokens": args.packed_tokens,
+        "documents": len(lengths), "tiles": tiles, "step_s": median, "step_times": times, "tokens_per_s": tokens / median,
+        "tflop_per_s": count.training / median / 1e12, "mfu": count.training / median / peak if peak else None,
+        "peak_bytes": _peak_memory(device), "loss": first_loss,
+    }  # fmt: skip
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(torch.device("cuda"), torch.bfloat16)
+
+
+# -- the driver ------------------------------------------------------------------------------------------------------
+
+
+def run_worker(argv: list[str], timeout: float) -> dict:
+    command = [sys.executable, __file__, "--worker", *argv]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": tail[0][:200]}
+
+
+def export_model(name: str, folder: Path) -> None:
+    from lit_internvl.hf import export_vlm
+    from lit_internvl.models import internvl
+
+    torch.manual_seed(0)
+    export_vlm(internvl(CONFIGS[name][0]), folder)
+
+
+def enough_memory_for_adamw(name: str) -> bool:
+    """AdamW in float32 needs weights + gradients + two moments: 16 bytes per parameter, plus activations."""
+    if name == "tiny" or not Path("/proc/meminfo").exists():
+        return True
+    from lit_internvl.models import internvl
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in internvl(CONFIGS[name][0]).parameters())
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    return 16 * params + 6 * 2**30 < available
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def comparison_table(results: list[dict]) -> str:
+    lines = [
+        "| config | implementation | optimizer | step time (s) | tokens/s | peak memory (GiB) | first loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["config"] for r in results):
+        ours, theirs = (next(r for r in results if r["config"] == name and r["implementation"] == side) for side in ("ours", "transformers"))
+        for label, r in (("lit_internvl", ours), ("transformers", theirs)):
+            if "error" in r:
+                lines.append(f"| {name} | {label} | | {r['error']} | | | |")
+            else:
+                lines.append(
+                    f"| {name} | {label} | {r['optimizer']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                    f"{gib(r['peak_bytes'])} | {r['loss']:.5f} |"
+                )
+        if "error" not in ours and "error" not in theirs:
+            lines.append(
+                f"| {name} | **ratio ours/theirs** | | **{ours['step_s'] / theirs['step_s']:.2f}** | "
+                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f} | {ours['peak_bytes'] / theirs['peak_bytes']:.2f} | |"
+            )
+    return "\n".join(lines)
+
+
+def mfu_table(results: list[dict]) -> str:
+    lines = [
+        "| backend | compiled | rows × tokens (documents, tiles) | step time (s) | tokens/s | model TFLOP/s | MFU | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['backend']} | {r.get('compiled', '')} | | {r.get('error') or r.get('skipped')} | | | | |")
+            continue
+        shape = f"{r['rows']} × {r['packed_tokens']} ({r['documents']}, {r['tiles']})"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        lines.append(
+            f"| {r['backend']} | {r['compiled']} | {shape} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['tflop_per_s']:.1f} | {mfu} | {gib(r['peak_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def eager_attention_bytes(rows: int, tokens: int) -> int:
+    """The float32 scores and weights eager attention keeps for backward in each of the decoder's 24 layers."""
+    return 24 * 2 * rows * 14 * tokens * tokens * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--warmup", type=int, default=None, help="default: 2 (1 for InternVL3-1B on a CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps; default 5 (3 for InternVL3-1B on a CPU)")
+    parser.add_argument("--optimizer", default="auto", choices=("auto", "adamw", "sgd"),
+                        help="auto: AdamW unless the machine lacks the memory for its float32 moments (then SGD)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each CPU worker")
+    parser.add_argument("--backends", nargs="*", default=list(BACKENDS), help="GPU MFU table: attention backends")
+    parser.add_argument("--packed-tokens", type=int, default=8192)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="GPU MFU table: also torch.compile each block")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("ours", "transformers", "mfu"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+
+    machine = f"torch {torch.__version__}, {os.cpu_count()} CPU cores"
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, " + machine
+    print(f"# benchmarks/train_step.py on {machine}\n", flush=True)
+    results, mfu_results = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            folder = Path(tmp) / name
+            export_model(name, folder)
+            big_on_cpu = name != "tiny" and args.device == "cpu"
+            optimizer = args.optimizer
+            if optimizer == "auto":
+                optimizer = "adamw" if args.device == "cuda" or enough_memory_for_adamw(name) else "sgd"
+            common = ["--device", args.device, "--folder", str(folder), "--config", name, "--optimizer", optimizer,
+                      "--warmup", str(args.warmup if args.warmup is not None else (1 if big_on_cpu else 2)),
+                      "--steps", str(args.steps if args.steps is not None else (3 if big_on_cpu else 5))]  # fmt: skip
+            if args.threads:
+                common += ["--threads", str(args.threads)]
+            for mode in ("ours", "transformers"):
+                result = run_worker(["--mode", mode, *common], args.timeout)
+                results.append({"config": name, "implementation": mode, **result})
+                print(f"{name} {mode}: {result}", file=sys.stderr, flush=True)
+        print(comparison_table(results), flush=True)
+        if args.device == "cuda" and args.backends:
+            folder = Path(tmp) / "InternVL3-1B"
+            if not folder.exists():
+                export_model("InternVL3-1B", folder)
+            total = torch.cuda.get_device_properties(0).total_memory
+            for backend in args.backends:
+                for compiled in ((False, True) if args.compile else (False,)):
+                    entry = {"backend": backend, "compiled": compiled}
+                    if backend == "xformers" and not _importable("xformers"):
+                        entry["skipped"] = "xformers is not installed"
+                    elif backend == "eager" and eager_attention_bytes(args.rows, args.packed_tokens) > total:
+                        need = eager_attention_bytes(args.rows, args.packed_tokens)
+                        entry["skipped"] = f"needs ~{gib(need)} GiB for the attention matrices at {args.packed_tokens} tokens"
+                    else:
+                        argv = ["--mode", "mfu", "--device", "cuda", "--folder", str(folder), "--config", "InternVL3-1B",
+                                "--backend", backend, "--optimizer", "adamw", "--rows", str(args.rows),
+                                "--packed-tokens", str(args.packed_tokens),
+                                "--warmup", str(args.warmup or 3), "--steps", str(args.steps or 5)]  # fmt: skip
+                        entry.update(run_worker(argv + (["--compile"] if compiled else []), args.timeout))
+                        entry["backend"], entry["compiled"] = backend, compiled
+                    mfu_results.append(entry)
+                    print(f"mfu {backend} compiled={compiled}: {entry}", file=sys.stderr, flush=True)
+            print("\nInternVL3-1B architecture, packed rows, bf16 autocast, AdamW\n", flush=True)
+            print(mfu_table(mfu_results), flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        text = f"# benchmarks/train_step.py on {machine}\n\n{comparison_table(results)}\n"
+        if mfu_results:
+            text += f"\n{mfu_table(mfu_results)}\n"
+        (Path(out) / "train_step.md").write_text(text)
+        (Path(out) / "train_step.json").write_text(json.dumps({"machine": machine, "comparison": results, "mfu": mfu_results}, indent=1))
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+if __name__ == "__main__":
+    main()

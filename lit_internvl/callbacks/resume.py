@@ -1,0 +1,80 @@
+"""What a Lightning checkpoint needs beyond weights, optimiser and schedule for a resumed run to
+repeat an uninterrupted one exactly: the random state of every rank and the data position."""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def rng_states() -> dict:
+    """The torch, CUDA, numpy and Python generator states, as plain tensors, lists and numbers (so that
+    ``torch.load(weights_only=True)`` reads them back)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _loaders(iterables) -> list:
+    if isinstance(iterables, dict):
+        return [x for value in iterables.values() for x in _loaders(value)]
+    if isinstance(iterables, (list, tuple)):
+        return [x for value in iterables for x in _loaders(value)]
+    return [] if iterables is None else [iterables]
+
+
+class ExactResume(L.Callback):
+    """Every stage adds this callback (``Stage.configure_callbacks``).
+
+    - Random state: the torch, CUDA, numpy and Python generators of every rank are saved with the
+      checkpoint and set again just before the first batch a resumed run trains on, so stochastic layers
+      (drop-path, dropout) draw what the uninterrupted run drew at that step.
+    - Data position: after each training batch it tells the train loaders that can take it
+      (:mod:`lit_internvl.data.resumable`) that the batch is done, so that the loader state Lightning
+      saves excludes the batch Lightning has already fetched for the next step.
+    """
+
+    def __init__(self) -> None:
+        self._rng_to_restore: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for loader in _loaders(trainer.train_dataloader):
+            if callable(getattr(loader, "mark_consumed", None)):
+                loader.mark_consumed()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def state_dict(self) -> dict:
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            return {"rng": gathered}
+        return {"rng": [states]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict.get("rng") or []
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if len(states) == (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
+            self._rng_to_restore = states[rank]

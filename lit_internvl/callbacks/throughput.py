@@ -1,0 +1,72 @@
+"""Training throughput of vision-language batches: samples/s, tokens/s, MFU and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
+
+from lit_internvl.flops import batch_flops
+
+
+def count_samples(batch: dict) -> int:
+    """Samples of a batch: the documents of packed rows (their names are joined by ``+``), else its rows."""
+    if batch.get("input_ids") is None:  # every sample of the batch was a skipped bad record
+        return 0
+    names = batch.get("sample_names")
+    if names is not None:
+        return sum(len(name.split("+")) for name in names)
+    return len(batch["input_ids"])
+
+
+def count_tokens(batch: dict) -> int:
+    """Real tokens of a batch (padding excluded): the attention mask's sum."""
+    if batch.get("input_ids") is None:
+        return 0
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated by torch on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class TrainingThroughput(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` for lit_internvl's batches.
+
+    Logs, every ``log_every_n_steps`` once ``window_size`` steps are in the window:
+    ``train/device/samples_per_sec`` (documents, packed or not), ``train/device/items_per_sec`` (real
+    tokens per second), ``train/device/flops_per_sec`` and ``train/device/mfu`` (the analytic model FLOPs
+    of each batch from :mod:`lit_internvl.flops` over the device's peak; Lightning knows the peaks of
+    common GPUs for the trainer's precision, ``available_flops`` sets one), the same without ``device/``
+    summed over ranks, and ``train/peak_memory_gib`` of rank 0.
+
+    Args:
+        window_size: steps the rates are averaged over.
+        available_flops: peak FLOP/s of one device, when Lightning has no entry for it (e.g. a CPU).
+    """
+
+    def __init__(self, window_size: int = 20, available_flops: float | None = None, **kwargs) -> None:
+        super().__init__(batch_size_fn=count_samples, length_fn=count_tokens, window_size=window_size, **kwargs)
+        self.peak_flops = available_flops
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        count = batch_flops(pl_module.model, batch) if isinstance(batch, dict) else None
+        # ThroughputMonitor reads the module's ``flops_per_batch``: this batch's (packed lengths differ).
+        pl_module.flops_per_batch = None if count is None else count.training
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        gib = peak_memory_bytes(trainer.strategy.root_device) / 2**30
+        pl_module.log("train/peak_memory_gib", gib, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)

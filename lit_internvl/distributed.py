@@ -1,0 +1,170 @@
+"""Scaling a stage's network: FSDP2 sharding per transformer block and activation checkpointing, in one place.
+
+:func:`parallelize` is what :meth:`Stage.configure_model <lit_internvl.stages.base.Stage.configure_model>`
+calls after the model is built, loaded and given its adapters::
+
+    model ─► every block of every ``nn.ModuleList`` named ``layers`` ─┬─► checkpoint(block)      (activation_checkpointing)
+             (vision.layers, decoder.layers, qllama.layers, …)        └─► fully_shard(block)     (a data-parallel mesh)
+          ─► fully_shard(model)   the rest: embeddings, connector, norms, head, in one unit
+
+Under Lightning's ``ModelParallelStrategy`` (:class:`FSDP2Strategy` puts every device on its data-parallel
+dimension) the stage gets a device mesh and the blocks become FSDP2 units on its ``data_parallel``
+dimension, on CPUs (gloo) as on GPUs (NCCL). Without a mesh (one device, DDP) only the checkpointing applies.
+FSDP2 gathers a unit's parameters around its ``forward``; other entry points (``encode_text`` for zero-shot
+classes, generation) run inside :func:`unsharded`.
+
+The block lists are found by name, so every model of lit_internvl (VisionLanguageModel, DualEncoder,
+InternVLG with QLLaMA) and a user's own encoder that keeps its blocks in ``layers`` are covered without a
+list of classes; :data:`BLOCK_CLASSES` / :class:`BlockWrapPolicy` is that list for ``FSDPStrategy``.
+
+Activation checkpointing is ``torch.distributed._composable.checkpoint``: a block keeps only its input
+and recomputes its activations in the backward pass. Unlike ``checkpoint_wrapper`` it leaves module and
+parameter names as they are, so checkpoints, LoRA targets and per-layer learning rates do not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.nn as nn
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from lit_internvl.components.language import Block
+from lit_internvl.components.vision import VisionBlock
+
+BLOCK_LIST_NAME = "layers"
+
+
+# The transformer blocks of lit_internvl's models, for FSDPStrategy's auto_wrap_policy and
+# activation_checkpointing_policy (matched with isinstance: QLLaMABlock is a Block).
+BLOCK_CLASSES: set[type[nn.Module]] = {VisionBlock, Block}
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` for every element of every ``nn.ModuleList`` called ``layers`` in ``model``, outermost
+    lists first; lists nested inside an already found block are left to that block."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == BLOCK_LIST_NAME):
+            continue
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        found += [(f"{name}.{index}", block) for index, block in enumerate(module)]
+    return found
+
+
+def parallelize(
+    model: nn.Module,
+    mesh=None,
+    activation_checkpointing: bool = False,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Checkpoint and/or shard ``model`` in place (see the module docstring) and return it.
+
+    Args:
+        model: the built network (weights loaded, adapters added, trainability set: sharding freezes
+            the module structure).
+        mesh: a 1-D ``DeviceMesh`` to shard over (the ``data_parallel`` dimension of
+            ``ModelParallelStrategy``'s mesh), or None for no sharding.
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        param_dtype: FSDP2 casts the gathered parameters to this dtype for compute (``torch.bfloat16``
+            under ``bf16-mixed``: half the all-gather traffic); None keeps their dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (float32: exact sums across ranks).
+    """
+    blocks = transformer_blocks(model)
+    if activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        if not blocks:
+            raise ValueError(f"activation_checkpointing: {type(model).__name__} has no nn.ModuleList named 'layers'")
+        for _, block in blocks:
+            checkpoint(block)
+    if mesh is None:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Block inputs keep their dtype: the RoPE angles stay float32 (V2PE positions are fractional).
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype if param_dtype else None, cast_forward_inputs=False
+    )
+    # FSDP2 cannot shard 0-d parameters (the contrastive logit scale): they stay whole on every rank
+    # and their gradients are averaged over the mesh as the sharded ones are.
+    scalars = {param for param in model.parameters() if param.ndim == 0}
+    for param in scalars:
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_average_over(mesh))
+    for _, block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    return model
+
+
+def _average_over(mesh):
+    def hook(param: torch.Tensor) -> None:
+        torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.AVG, group=mesh.get_group())
+
+    return hook
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Gather the root's parameters of a sharded ``model`` for calls other than ``forward`` (FSDP2 gathers
+    them around ``forward`` only; the blocks gather their own): ``with unsharded(model): model.encode_text(...)``.
+    No-op when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    # FSDP2 picks its root at the first forward; a block must not run first and claim that role.
+    model._get_fsdp_state()._lazy_init()
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
+def data_parallel_mesh(device_mesh):
+    """The mesh :func:`parallelize` shards over, from the mesh ``ModelParallelStrategy`` gives a module;
+    tensor parallelism is refused (lit_internvl's blocks have no tensor-parallel plan)."""
+    if device_mesh is None:
+        return None
+    names = device_mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"tensor_parallel_size {device_mesh['tensor_parallel'].size()}: lit_internvl shards with FSDP2 only; "
+            "set ModelParallelStrategy(tensor_parallel_size=1, data_parallel_size=<devices>)"
+        )
+    return device_mesh["data_parallel"] if "data_parallel" in names else device_mesh
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` with every device of every node on the data-parallel dimension
+    (pure FSDP2, no tensor parallelism; its ``"auto"`` would put a node's devices on the tensor-parallel
+    dimension). The stage shards itself in ``configure_model`` with :func:`parallelize`."""
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__("auto", 1, save_distributed_checkpoint, process_group_backend, timeout)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+class BlockWrapPolicy(ModuleWrapPolicy):
+    """``FSDPStrategy``'s wrap and activation-checkpointing policy: one unit per block of :data:`BLOCK_CLASSES`."""
+
+    def __init__(self) -> None:
+        super().__init__(BLOCK_CLASSES)

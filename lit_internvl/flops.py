@@ -1,0 +1,138 @@
+"""Model FLOPs of lit_internvl's networks, counted analytically from their configs and a batch's shapes.
+
+What MFU divides by the device's peak: the multiply-adds the model needs (2 FLOPs each), not what the
+kernels happen to execute. Counted:
+
+- every linear map and the patch-embedding convolution, on the tokens that exist: vision tokens of every
+  tile (cls + patches), connector tokens, and the decoder's *real* tokens (padding excluded);
+- attention scores and the weighted sum, ``4·n²·heads·head_dim`` per layer for a sequence of ``n``
+  tokens, with ``n`` the length of each *document* of a packed row (documents do not attend to each
+  other) and the full square also for causal attention (the PaLM convention, as
+  ``torch.utils.flop_counter`` counts it);
+- a training step is forward + backward = 3 × forward, less the patch embedding's input gradient (the
+  pixels need none). Recomputation (activation checkpointing, a kernel that recomputes attention in its
+  backward) is hardware work, not model work, and is not counted.
+
+Norms, activations, RoPE and the softmax are left out (they are memory-bound and small).
+``tests/test_throughput.py`` checks the count against ``FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lit_internvl.components.connectors import PixelShuffleMLP
+from lit_internvl.components.language import LanguageConfig
+from lit_internvl.components.vision import InternViTConfig
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs by kind; :attr:`training` is those of a forward + backward pass."""
+
+    linear: int = 0  # linear maps and the patch-embedding convolution
+    attention: int = 0  # q·kᵀ and attention·v
+    no_input_grad: int = 0  # part of ``linear`` whose input needs no gradient (the patch embedding)
+
+    def __add__(self, other: FlopCount) -> FlopCount:
+        return FlopCount(self.linear + other.linear, self.attention + other.attention, self.no_input_grad + other.no_input_grad)
+
+    @property
+    def forward(self) -> int:
+        return self.linear + self.attention
+
+    @property
+    def training(self) -> int:
+        """Backward costs two forwards (gradients of inputs and of weights), except one for the layers whose
+        input needs no gradient."""
+        return 3 * self.forward - self.no_input_grad
+
+
+def vision_flops(config: InternViTConfig, tiles: int, height: int | None = None, width: int | None = None) -> FlopCount:
+    """InternViT on ``tiles`` images of ``height × width`` pixels (default: the config's image size)."""
+    height, width = height or config.image_size, width or config.image_size
+    patches = (height // config.patch_size) * (width // config.patch_size)
+    length, dim = 1 + patches, config.hidden_size
+    patch_embedding = 2 * patches * 3 * config.patch_size**2 * dim
+    per_block_linear = 2 * length * (dim * 3 * dim + dim * dim + 2 * dim * config.intermediate_size)
+    per_block_attention = 4 * length * length * dim
+    blocks = config.num_layers_run
+    return FlopCount(
+        linear=tiles * (patch_embedding + blocks * per_block_linear),
+        attention=tiles * blocks * per_block_attention,
+        no_input_grad=tiles * patch_embedding,
+    )
+
+
+def connector_flops(connector: nn.Module, tiles: int, vision_dim: int, patches: int) -> FlopCount:
+    """The pixel-shuffle MLP exactly; another connector as 2 × its linear weights × its output tokens."""
+    tokens = connector.tokens_per_tile(patches)
+    if isinstance(connector, PixelShuffleMLP):
+        inner, text_dim = connector.fc1.in_features, connector.fc1.out_features
+        return FlopCount(linear=tiles * 2 * tokens * (inner * text_dim + text_dim * text_dim))
+    weights = sum(m.weight.numel() for m in connector.modules() if isinstance(m, nn.Linear))
+    return FlopCount(linear=tiles * 2 * tokens * weights)
+
+
+def transformer_flops(config: LanguageConfig, lengths: Sequence[int], head: bool = True) -> FlopCount:
+    """A LLaMA-family stack over documents of the given lengths (the output head on every token when ``head``)."""
+    dim, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_token = 2 * config.num_layers * (dim * q_dim + 2 * dim * kv_dim + q_dim * dim + 3 * dim * config.intermediate_size)
+    if head:
+        per_token += 2 * dim * config.vocab_size
+    attention = config.num_layers * sum(4 * n * n * q_dim for n in lengths)
+    return FlopCount(linear=per_token * sum(lengths), attention=attention)
+
+
+def document_lengths(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None, shape=None) -> list[int]:
+    """Token counts of every document of a batch: each packed document, or each row's real tokens."""
+    if document_ids is not None:
+        lengths = []
+        for row in document_ids:
+            ids = row[row >= 0]
+            lengths += torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+        return lengths
+    if attention_mask is not None:
+        return attention_mask.sum(dim=1).tolist()
+    batch, length = shape
+    return [length] * batch
+
+
+def vlm_flops(model: nn.Module, lengths: Sequence[int], tiles: int, image_size: int | None = None) -> FlopCount:
+    """A :class:`~lit_internvl.models.VisionLanguageModel` (InternViT vision, any connector, a Decoder)
+    on ``tiles`` image tiles and decoder documents of the given lengths."""
+    vision = model.vision.config
+    size = image_size or vision.image_size
+    patches = (size // vision.patch_size) ** 2
+    count = transformer_flops(model.decoder.config, lengths, head=True)
+    if tiles:
+        count = count + vision_flops(vision, tiles, size, size) + connector_flops(model.connector, tiles, vision.hidden_size, patches)
+    return count
+
+
+def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
+    """The FLOPs of ``model`` on a batch of lit_internvl's collators: a VisionLanguageModel on
+    conversation batches (packed or padded), or a DualEncoder on pair batches; None for other models."""
+    from lit_internvl.models.dual_encoder import DualEncoder
+    from lit_internvl.models.vlm import VisionLanguageModel
+
+    ids = batch.get("input_ids")
+    if ids is None:
+        return None
+    pixels = batch.get("pixel_values")
+    tiles = 0 if pixels is None else int(pixels.shape[0])
+    image_size = None if pixels is None else int(pixels.shape[-1])
+    lengths = document_lengths(batch.get("attention_mask"), batch.get("document_ids"), tuple(ids.shape))
+    if isinstance(model, VisionLanguageModel):
+        return vlm_flops(model, lengths, tiles, image_size)
+    if isinstance(model, DualEncoder) and hasattr(model.image_encoder, "config") and hasattr(model.text_encoder, "config"):
+        vision = model.image_encoder.config
+        count = transformer_flops(model.text_encoder.config, lengths, head=False)
+        count = count + vision_flops(vision, tiles, image_size, image_size)
+        projections = 2 * (model.image_projection.weight.numel() * tiles + model.text_projection.weight.numel() * len(lengths))
+        return count + FlopCount(linear=projections)
+    return None

@@ -1,0 +1,365 @@
+"""QLLaMA (InternVL 1) and the models built around it: learnable queries that read an image through
+cross-attention inside LLaMA blocks, the InternVL-G dual embedding, and QLLaMA as a connector.
+
+QLLaMA's trunk is the LLaMA trunk of :mod:`lit_internvl.components.language` under the same
+parameter names (``embed_tokens``, ``layers.N.self_attn.q_proj``, ``norm``, ...), so the stage-1 text
+tower (a :class:`~lit_internvl.components.TextEncoder`) loads into it by a prefix rename; the query
+tokens and the cross-attention layers (``layers.N.cross_attn.*``, every second block) are new.
+
+One sequence holds the queries first, then the text::
+
+    query_tokens (Q, D) ─┐
+                         ├─► [q₁ … q_Q t₁ … t_T] ─► blocks ─► norm ─┬─► query hidden (N, Q, D)
+    input_ids (N, T) ─► embed_tokens ─┘                              └─► text hidden  (N, T, D)
+
+    block:  x ─► x + self_attn(norm(x), mask) ─┬─ queries ─► + cross_attn(queries, vision) ─┐
+                                                └─ text ─────────────────────────────────────┴─► x + mlp(norm(x))
+
+Who attends to whom is set by the mode (:func:`qllama_mask`): ``itc`` keeps queries and text apart
+(each side is an encoder of its own modality), ``itm`` lets everything see everything, ``itg`` is a
+prefix LM (text generated from the queries).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_internvl.components.attention import attention, causal_mask
+from lit_internvl.components.language import Block, LanguageConfig
+from lit_internvl.components.layers import RMSNorm
+from lit_internvl.components.rotary import RotaryEmbedding
+
+MODES = ("itc", "itm", "itg")
+TEXT_ATTENTION = ("causal", "bidirectional")
+
+
+def qllama_mask(
+    mode: str,
+    num_queries: int,
+    attention_mask: torch.Tensor,
+    text_attention: str = "causal",
+) -> torch.Tensor:
+    """The self-attention mask of a QLLaMA pass, ``(N, 1, Q+T, Q+T)``, True where a row may attend.
+
+    ::
+
+                  keys:  queries   text            queries   text            queries   text
+        itc  queries  [   all   │  none   ]  itm [   all   │  all    ]  itg [   all   │  none   ]
+             text     [  none   │ causal* ]      [   all   │  all    ]      [   all   │ causal  ]
+
+    ``*`` ``text_attention="bidirectional"`` makes the ITC text block full: the text then reads as it
+    did in a bidirectional stage-1 text tower. Padding keys (``attention_mask == 0``) are hidden in
+    every mode.
+
+    Args:
+        mode: one of :data:`MODES`.
+        num_queries: Q.
+        attention_mask: ``(N, T)`` 1 for real text tokens, 0 for padding.
+        text_attention: one of :data:`TEXT_ATTENTION`; only the ITC text block depends on it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown QLLaMA mode {mode!r}; choose one of {MODES}")
+    if text_attention not in TEXT_ATTENTION:
+        raise ValueError(f"Unknown text_attention {text_attention!r}; choose one of {TEXT_ATTENTION}")
+    batch, num_text = attention_mask.shape
+    device = attention_mask.device
+    q, length = num_queries, num_queries + num_text
+    mask = torch.ones(length, length, dtype=torch.bool, device=device)
+    if mode in ("itc", "itg"):
+        mask[:q, q:] = False  # queries never read the text they are later compared with or generate
+        if mode == "itc":
+            mask[q:, :q] = False
+        if mode == "itg" or text_attention == "causal":
+            mask[q:, q:] = causal_mask(num_text, num_text, device)
+    keys = torch.cat((attention_mask.new_ones(batch, q), attention_mask), dim=1).bool()
+    return mask[None, None] & keys[:, None, None, :]
+
+
+class CrossAttention(nn.Module):
+    """Queries read the vision features: RMSNorm on both inputs, no RoPE, no mask (InternVL's
+    ``LlamaCrossAttention``; its parameter names ``norm1``/``norm2``/``q_proj``... are kept).
+
+    ``forward(queries (N, Q, D), vision (N, L, vision_dim)) → (N, Q, D)``, the residual branch.
+    """
+
+    def __init__(self, config: LanguageConfig, vision_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = config.num_heads, config.head_dim, config.attn_backend
+        width = config.num_heads * config.head_dim
+        self.norm1 = RMSNorm(config.hidden_size, config.norm_eps)
+        self.norm2 = RMSNorm(vision_dim, config.norm_eps)
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(vision_dim, width, bias=False)
+        self.v_proj = nn.Linear(vision_dim, width, bias=False)
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, queries: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        batch, num_queries, _ = queries.shape
+        vision = self.norm2(vision.to(queries.dtype))
+        q = self.q_proj(self.norm1(queries)).view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(vision).view(batch, vision.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(vision).view(batch, vision.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        out = attention(q, k, v, backend=self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, num_queries, -1))
+
+
+class QLLaMABlock(Block):
+    """A LLaMA :class:`~lit_internvl.components.language.Block` with, optionally, cross-attention
+    between self-attention and the MLP, applied to the first ``num_queries`` positions only."""
+
+    def __init__(self, config: LanguageConfig, vision_dim: int, cross_attention: bool) -> None:
+        super().__init__(config)
+        self.cross_attn = CrossAttention(config, vision_dim) if cross_attention else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        vision: torch.Tensor | None,
+        num_queries: int,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, False)
+        if self.cross_attn is not None and vision is not None:
+            queries, text = x[:, :num_queries], x[:, num_queries:]
+            x = torch.cat((queries + self.cross_attn(queries, vision), text), dim=1)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class QLLaMA(nn.Module):
+    """Learnable queries + a LLaMA trunk with cross-attention to vision features in every
+    ``cross_attention_every``-th block (blocks 0, k, 2k, ... as in InternVL), and an LM head for ITG.
+
+    Built as ``QLLaMA(vision_dim, **options)`` so that a stage can supply the vision width.
+
+    Args:
+        vision_dim: width of the vision features the queries read.
+        language: the trunk's :class:`LanguageConfig` or preset name — that of the text tower it is
+            initialised from.
+        num_queries: learnable query tokens (96 in InternVL).
+        cross_attention_every: a block with cross-attention every this many blocks.
+        text_attention: how text reads text in ITC mode (see :func:`qllama_mask`): ``"causal"`` as
+            in InternVL, whose text tower was a causal LLaMA; ``"bidirectional"`` keeps the text
+            embeddings of a bidirectional :class:`~lit_internvl.components.TextEncoder`.
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        language: LanguageConfig | str = "tiny",
+        num_queries: int = 96,
+        cross_attention_every: int = 2,
+        text_attention: str = "causal",
+    ) -> None:
+        super().__init__()
+        config = LanguageConfig.from_name(language) if isinstance(language, str) else language
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be at least 1, got {num_queries}")
+        if cross_attention_every < 1:
+            raise ValueError(f"cross_attention_every must be at least 1, got {cross_attention_every}")
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"Unknown text_attention {text_attention!r}; choose one of {TEXT_ATTENTION}")
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.num_queries = num_queries
+        self.text_attention = text_attention
+        self.query_tokens = nn.Parameter(torch.empty(num_queries, config.hidden_size))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            QLLaMABlock(config, vision_dim, cross_attention=index % cross_attention_every == 0)
+            for index in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+
+    def forward(
+        self,
+        vision: torch.Tensor | None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "itc",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass over ``[queries, text]``.
+
+        Args:
+            vision: ``(N, L, vision_dim)`` features the queries cross-attend to, or None (no
+                cross-attention: e.g. text-only embedding, where ITC hides the queries anyway).
+            input_ids: ``(N, T)`` text, or None for a queries-only pass (connector, image embedding).
+            attention_mask: ``(N, T)`` 1 for real tokens; all ones when None.
+            mode: ``"itc"``, ``"itm"`` or ``"itg"`` (see :func:`qllama_mask`); unused without text.
+
+        Returns:
+            query hidden states ``(N, Q, D)`` and text hidden states ``(N, T, D)`` (None without
+            text), after the final norm.
+        """
+        if vision is None and input_ids is None:
+            raise ValueError("QLLaMA needs vision features, input_ids, or both")
+        batch = (vision if input_ids is None else input_ids).shape[0]
+        x = self.query_tokens.expand(batch, -1, -1)
+        mask = None
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            x = torch.cat((x, self.embed_tokens(input_ids).to(x.dtype)), dim=1)
+            mask = qllama_mask(mode, self.num_queries, attention_mask, self.text_attention)
+        positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(batch, -1)
+        rope = self.rotary(positions)
+        for layer in self.layers:
+            x = layer(x, rope, mask, vision, self.num_queries)
+        x = self.norm(x)
+        queries, text = x[:, : self.num_queries], x[:, self.num_queries :]
+        return queries, (text if input_ids is not None else None)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` → logits ``(..., vocab_size)`` (tied to ``embed_tokens`` when the config says so)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def parameter_sets(self) -> dict[str, list[nn.Parameter]]:
+        """``trunk`` (what a text tower provides), ``queries``, ``cross_attention`` (and ``lm_head``
+        when untied): the sets a stage freezes or trains by name."""
+        sets: dict[str, list[nn.Parameter]] = {"trunk": [], "queries": [self.query_tokens], "cross_attention": []}
+        for name, param in self.named_parameters():
+            if name == "query_tokens":
+                continue
+            if ".cross_attn." in name:
+                sets["cross_attention"].append(param)
+            elif name.startswith("lm_head."):
+                sets.setdefault("lm_head", []).append(param)
+            else:
+                sets["trunk"].append(param)
+        return sets
+
+
+class QLLaMAConnector(nn.Module):
+    """QLLaMA as the glue between a vision encoder and a decoder (InternVL-Chat with QLLaMA): the
+    queries read the tile's features (queries-only pass) and a linear map takes them to the decoder.
+
+    Connector contract: ``QLLaMAConnector(vision_dim, text_dim, **options)``;
+    ``forward(features (N, 1+P, vision_dim)) → (N, num_queries, text_dim)``;
+    ``tokens_per_tile(P) → num_queries``. ``options`` are :class:`QLLaMA`'s.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, **options) -> None:
+        super().__init__()
+        self.qllama = QLLaMA(vision_dim, **options)
+        self.proj = nn.Linear(self.qllama.hidden_size, text_dim)
+
+    def tokens_per_tile(self, num_patches: int) -> int:
+        return self.qllama.num_queries
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries, _ = self.qllama(features)
+        return self.proj(queries)
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(N, T, D)`` → ``(N, D)``: ``"mean"`` over real tokens or the ``"last"`` real token, as
+    :class:`~lit_internvl.components.TextEncoder` pools."""
+    if pooling == "last":
+        last = attention_mask.long().sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class InternVLG(nn.Module):
+    """Stage-2 InternVL: the stage-1 dual encoder with QLLaMA as its text tower, plus a second image
+    embedding read by the queries, an ITM head and the LM head of QLLaMA.
+
+    ::
+
+        pixel_values ─► vision ─► features ─┬─► pool ─► image_projection ─► ‖·‖ ─► stage-1 image emb ─┐
+                                            │                                                        (+) ─► ‖·‖ ─► G emb
+                                            └─► QLLaMA queries ─► mean ─► query_projection ─► ‖·‖ ────┘
+        input_ids ─► QLLaMA text (ITC mask) ─► pool ─► text_projection ─► ‖·‖ ─► text emb
+
+    (G emb: the InternVL-G image embedding.)
+
+    Names that stage 1 also has (``image_projection``, ``text_projection``, ``logit_scale``) are kept,
+    so a stage-1 checkpoint loads with ``{"image_encoder.": "vision.", "text_encoder.": "qllama."}``.
+
+    Args:
+        vision: image encoder ``(N, 3, H, W) → (N, 1+P, C)`` with ``hidden_size``.
+        qllama: a :class:`QLLaMA` built for ``vision.hidden_size``.
+        embed_dim: width of the shared embedding space.
+        image_pooling: ``"cls"`` or ``"mean"`` — as in stage 1.
+        text_pooling: ``"mean"`` or ``"last"`` — as the stage-1 text tower pooled.
+    """
+
+    def __init__(
+        self,
+        vision: nn.Module,
+        qllama: QLLaMA,
+        embed_dim: int = 128,
+        image_pooling: str = "cls",
+        text_pooling: str = "mean",
+        init_logit_scale: float = math.log(1 / 0.07),
+    ) -> None:
+        super().__init__()
+        if image_pooling not in ("cls", "mean"):
+            raise ValueError(f"Unknown image_pooling {image_pooling!r}; choose 'cls' or 'mean'")
+        if text_pooling not in ("mean", "last"):
+            raise ValueError(f"Unknown text_pooling {text_pooling!r}; choose 'mean' or 'last'")
+        self.vision = vision
+        self.qllama = qllama
+        self.image_pooling, self.text_pooling = image_pooling, text_pooling
+        self.image_projection = nn.Linear(vision.hidden_size, embed_dim, bias=False)
+        self.text_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
+        self.query_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
+        self.itm_head = nn.Linear(qllama.hidden_size, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    def parameter_sets(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter sets for freezing: ``vision``, ``image_projection``, ``text_projection``,
+        ``query_projection``, ``itm_head``, ``logit_scale`` and QLLaMA's (``trunk``, ``queries``,
+        ``cross_attention``, ``lm_head`` when untied)."""
+        sets = {
+            name: list(getattr(self, name).parameters())
+            for name in ("vision", "image_projection", "text_projection", "query_projection", "itm_head")
+        }
+        sets["logit_scale"] = [self.logit_scale]
+        return sets | self.qllama.parameter_sets()
+
+    def backbone_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features ``(N, 1+P, C)`` → the stage-1 image embedding ``(N, E)``, unit length."""
+        pooled = features[:, 0] if self.image_pooling == "cls" else features[:, 1:].mean(dim=1)
+        return F.normalize(self.image_projection(pooled), dim=-1)
+
+    def query_embedding(self, queries: torch.Tensor) -> torch.Tensor:
+        """Query hidden states ``(N, Q, D)`` → their mean, projected, ``(N, E)``, unit length."""
+        return F.normalize(self.query_projection(queries.mean(dim=1)), dim=-1)
+
+    def text_embedding(self, text: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC text hidden states ``(N, T, D)`` → pooled and projected ``(N, E)``, unit length."""
+        return F.normalize(self.text_projection(pool_text(text, attention_mask, self.text_pooling)), dim=-1)
+
+    @staticmethod
+    def ensemble(backbone_emb: torch.Tensor, query_emb: torch.Tensor) -> torch.Tensor:
+        """InternVL-G's image embedding: the sum of the two unit embeddings, renormalised."""
+        return F.normalize(backbone_emb + query_emb, dim=-1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, 3, H, W)`` → (stage-1 embedding, InternVL-G embedding), each ``(N, E)``."""
+        features = self.vision(pixel_values)
+        backbone = self.backbone_embedding(features)
+        queries, _ = self.qllama(features)
+        return backbone, self.ensemble(backbone, self.query_embedding(queries))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, T)`` → ``(N, E)`` unit text embeddings. Under the ITC mask the text never reads the
+        queries, so no image is needed."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        _, text = self.qllama(None, input_ids, attention_mask, mode="itc")
+        return self.text_embedding(text, attention_mask)
