@@ -39,7 +39,9 @@ class FlopCount:
     no_input_grad: int = 0  # part of ``linear`` whose input needs no gradient (the patch embedding)
 
     def __add__(self, other: FlopCount) -> FlopCount:
-        return FlopCount(self.linear + other.linear, self.attention + other.attention, self.no_input_grad + other.no_input_grad)
+        return FlopCount(
+            self.linear + other.linear, self.attention + other.attention, self.no_input_grad + other.no_input_grad
+        )
 
     @property
     def forward(self) -> int:
@@ -68,7 +70,7 @@ def vision_flops(config: InternViTConfig, tiles: int, height: int | None = None,
     )
 
 
-def connector_flops(connector: nn.Module, tiles: int, vision_dim: int, patches: int) -> FlopCount:
+def connector_flops(connector: nn.Module, tiles: int, patches: int) -> FlopCount:
     """The pixel-shuffle MLP exactly; another connector as 2 × its linear weights × its output tokens."""
     tokens = connector.tokens_per_tile(patches)
     if isinstance(connector, PixelShuffleMLP):
@@ -81,7 +83,8 @@ def connector_flops(connector: nn.Module, tiles: int, vision_dim: int, patches: 
 def transformer_flops(config: LanguageConfig, lengths: Sequence[int], head: bool = True) -> FlopCount:
     """A LLaMA-family stack over documents of the given lengths (the output head on every token when ``head``)."""
     dim, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_token = 2 * config.num_layers * (dim * q_dim + 2 * dim * kv_dim + q_dim * dim + 3 * dim * config.intermediate_size)
+    per_layer = dim * q_dim + 2 * dim * kv_dim + q_dim * dim + 3 * dim * config.intermediate_size
+    per_token = 2 * config.num_layers * per_layer
     if head:
         per_token += 2 * dim * config.vocab_size
     attention = config.num_layers * sum(4 * n * n * q_dim for n in lengths)
@@ -110,7 +113,7 @@ def vlm_flops(model: nn.Module, lengths: Sequence[int], tiles: int, image_size: 
     patches = (size // vision.patch_size) ** 2
     count = transformer_flops(model.decoder.config, lengths, head=True)
     if tiles:
-        count = count + vision_flops(vision, tiles, size, size) + connector_flops(model.connector, tiles, vision.hidden_size, patches)
+        count = count + vision_flops(vision, tiles, size, size) + connector_flops(model.connector, tiles, patches)
     return count
 
 
@@ -129,10 +132,10 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
     lengths = document_lengths(batch.get("attention_mask"), batch.get("document_ids"), tuple(ids.shape))
     if isinstance(model, VisionLanguageModel):
         return vlm_flops(model, lengths, tiles, image_size)
-    if isinstance(model, DualEncoder) and hasattr(model.image_encoder, "config") and hasattr(model.text_encoder, "config"):
-        vision = model.image_encoder.config
+    towers = (getattr(model, "image_encoder", None), getattr(model, "text_encoder", None))
+    if isinstance(model, DualEncoder) and all(hasattr(tower, "config") for tower in towers):
         count = transformer_flops(model.text_encoder.config, lengths, head=False)
-        count = count + vision_flops(vision, tiles, image_size, image_size)
-        projections = 2 * (model.image_projection.weight.numel() * tiles + model.text_projection.weight.numel() * len(lengths))
-        return count + FlopCount(linear=projections)
+        count = count + vision_flops(model.image_encoder.config, tiles, image_size, image_size)
+        image, text = model.image_projection.weight.numel(), model.text_projection.weight.numel()
+        return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)))
     return None

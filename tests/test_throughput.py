@@ -92,3 +92,18 @@ def test_throughput_callback_logs_tokens_samples_mfu_and_peak_memory(tmp_path, o
         assert 50 < tokens_per_sample < 400  # chat template, a shapes question, its image tokens and its answer
     peaks = [float(r["train/peak_memory_gib"]) for r in rows if r.get("train/peak_memory_gib")]
     assert peaks and all(0.05 < p < 64 for p in peaks)
+
+
+def test_dual_encoder_flops_equal_flop_counter_mode():
+    from lit_internvl.components import TextEncoder
+    from lit_internvl.models import DualEncoder
+
+    torch.manual_seed(0)
+    model = DualEncoder(
+        InternViT(InternViTConfig.from_name("tiny", attn_backend="eager")),
+        TextEncoder(LanguageConfig.from_name("tiny", attn_backend="eager")),
+    )
+    batch = {"pixel_values": torch.randn(3, 3, 56, 56), "input_ids": torch.randint(0, 256, (3, 20))}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    counted = _counted(lambda: model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+    assert batch_flops(model, batch).forward == counted
