@@ -6,7 +6,8 @@
 Both sides get the same configuration and the same weights (a randomly initialised model of ours is exported with
 ``lit_internvl.hf.export_vlm``; ours reads it back with ``load_vlm``, transformers with ``from_pretrained``), the same
 batch, and take the same step: forward, next-token cross-entropy averaged over the supervised tokens, backward,
-AdamW. Each measurement runs in its own process, so that peak memory is its own: the peak resident set of the
+AdamW. lit_internvl runs its output head only at the supervised positions (``logits_at``, as ``SFTStage`` trains);
+transformers' model projects every position onto the vocabulary, image tokens included. Each measurement runs in its own process, so that peak memory is its own: the peak resident set of the
 process on a CPU, torch's peak allocation on a GPU. Warm-up steps come first; a measurement's time is the median of
 its timed steps, and the two sides run in alternation for ``--rounds`` rounds (the fastest median of each is kept), so
 that both see the same load on a shared machine. The table gives step time, real tokens per second, peak memory, the
@@ -16,7 +17,8 @@ Configs: ``tiny`` (the embedded default: 4 rows of 128 tokens, one 56 px tile ea
 architecture, random weights: one 448 px tile and 1024 tokens). On a GPU the second table trains InternVL3-1B on packed
 rows of ``--packed-tokens`` tokens (documents of one tile and some text, positions restarting per document, attention
 within documents) in bf16 autocast with each attention backend, and reports tokens/s and MFU: the analytic model FLOPs
-of :mod:`lit_internvl.flops` over the device's peak (989 TFLOP/s dense bf16 on an H100).
+of :mod:`lit_internvl.flops` (the head counted on every token, as MFU conventionally does) over the device's peak
+(989 TFLOP/s dense bf16 on an H100).
 
 The MFU table uses fused AdamW; ``--compile on`` (or ``both``) also ``torch.compile``s every transformer block.
 Imports only torch, transformers, lightning's table of peak FLOP/s and lit_internvl's components, models, hf, flops
@@ -72,8 +74,8 @@ def packed_batch(model, rows: int, tokens: int, device: str) -> tuple[dict, list
     of a row is text that fills it): ids, labels, positions restarting per document, document ids."""
     g = torch.Generator().manual_seed(2)
     image = model.tokens_per_tile
-    vocab = model.decoder.config.vocab_size
-    ids = torch.randint(1000 if vocab > 100_000 else 0, min(vocab, 100_000) if vocab > 100_000 else 256, (rows, tokens), generator=g)
+    low, high = (1000, 100_000) if model.decoder.config.vocab_size > 100_000 else (0, 256)  # ordinary text tokens
+    ids = torch.randint(low, high, (rows, tokens), generator=g)
     positions = torch.zeros(rows, tokens)
     documents = torch.zeros(rows, tokens, dtype=torch.long)
     lengths, tiles = [], 0
@@ -135,7 +137,7 @@ def worker(args) -> dict:
     """Train one side for ``warmup + steps`` steps; returns its timings."""
     from lit_internvl.flops import vlm_flops
     from lit_internvl.hf import build_vlm, load_vlm, read_config
-    from lit_internvl.losses import language_model_loss
+    from lit_internvl.losses import language_model_loss, supervised_positions
 
     device = args.device
     if args.mode == "mfu":
@@ -156,8 +158,10 @@ def worker(args) -> dict:
     else:
         model = load_vlm(args.folder, device=device).train()
 
-        def forward_loss():
-            logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"])
+        supervised = supervised_positions(batch["labels"])
+
+        def forward_loss():  # as SFTStage: logits only where the loss reads them
+            logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], logits_at=supervised)
             return language_model_loss(logits, batch["labels"], reduction="token")
 
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args.optimizer)
@@ -182,7 +186,7 @@ def worker(args) -> dict:
 def mfu_worker(args, model) -> dict:
     """InternVL3-1B on packed rows in bf16 with one attention backend."""
     from lit_internvl.flops import vlm_flops
-    from lit_internvl.losses import language_model_loss
+    from lit_internvl.losses import language_model_loss, supervised_positions
 
     device = args.device
     for module in model.modules():
@@ -198,10 +202,14 @@ def mfu_worker(args, model) -> dict:
     batch, lengths, tiles = packed_batch(model, args.rows, args.packed_tokens, device)
     count = vlm_flops(model, lengths, tiles)
     optimizer = _optimizer(model.parameters(), args.optimizer, fused=device == "cuda")
+    supervised = supervised_positions(batch["labels"], batch["document_ids"])
 
     def step() -> float:
         with _autocast(device):
-            logits = model(batch["input_ids"], batch["pixel_values"], positions=batch["positions"], document_ids=batch["document_ids"])
+            logits = model(
+                batch["input_ids"], batch["pixel_values"], positions=batch["positions"],
+                document_ids=batch["document_ids"], logits_at=supervised,
+            )  # fmt: skip
             loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction="token")
         loss.backward()
         optimizer.step()

@@ -52,6 +52,11 @@ def next_token_targets(labels: torch.Tensor, document_ids: torch.Tensor | None =
     return targets
 
 
+def supervised_positions(labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, T)`` bool: the positions whose next-token target is supervised (the logits a loss needs)."""
+    return next_token_targets(labels, document_ids) != IGNORE_INDEX
+
+
 def language_model_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -69,16 +74,19 @@ def language_model_loss(
     global batch counts alike whatever rank it landed on.
 
     Args:
-        logits: ``(B, T, V)``; labels: ``(B, T)`` with -100 where not trained;
+        logits: ``(B, T, V)`` at every position, or ``(N, V)`` at the N :func:`supervised_positions`
+            only (row-major, as ``model(..., logits_at=supervised_positions(labels, document_ids))``);
+        labels: ``(B, T)`` with -100 where not trained;
         document_ids: ``(B, T)`` for packed rows, else each row is one sample.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"Unknown loss reduction {reduction!r}; choose one of {REDUCTIONS}")
     targets = next_token_targets(labels, document_ids)
     supervised = targets != IGNORE_INDEX
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
+    logits = _supervised_logits(logits, supervised)
+    losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
     if reduction == "token":
-        weights = supervised.float()
+        weights = torch.ones_like(losses)
     else:
         # Documents are keyed by (row, id) so that ids may repeat across rows.
         ids = document_ids if document_ids is not None else torch.zeros_like(labels)
@@ -87,8 +95,8 @@ def language_model_loss(
         counts = torch.zeros(int(inverse.max()) + 1, device=labels.device).index_add_(
             0, inverse.flatten(), supervised.flatten().float()
         )
-        per_token = counts[inverse].clamp(min=1)
-        weights = supervised.float() / (per_token if reduction == "sample" else per_token.sqrt())
+        per_token = counts[inverse][supervised]
+        weights = 1.0 / (per_token if reduction == "sample" else per_token.sqrt())
     total_weight = weights.sum()
     scale = 1.0
     if all_reduce:
@@ -100,6 +108,18 @@ def language_model_loss(
     if total_weight.item() == 0:
         raise ValueError("The batch has no supervised token (every label is -100): nothing to learn from")
     return (losses * weights).sum() / total_weight * scale
+
+
+def _supervised_logits(logits: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """``(N, V)``: the logits at the supervised positions, from all ``(B, T, V)`` or already those."""
+    if logits.dim() == 3:
+        return logits[supervised]
+    if logits.shape[0] != int(supervised.sum()):
+        raise ValueError(
+            f"Got logits for {logits.shape[0]} positions but the labels supervise {int(supervised.sum())}: pass "
+            "logits (B, T, V) for every position or (N, V) for exactly the supervised ones"
+        )
+    return logits
 
 
 # -- preference optimisation (MPO: DPO-sigmoid + BCO-pair + SFT; TRL's formulas) ----------------

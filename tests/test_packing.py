@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.packing import Collator, first_fit
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss
+from lit_internvl.losses import IGNORE_INDEX, language_model_loss, supervised_positions
 from lit_internvl.models import VisionLanguageModel
 
 TOKENIZER = ByteTokenizer()
@@ -82,13 +82,17 @@ def test_packed_logits_equal_samples_one_by_one(backend):
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("reduction", ["token", "sample", "square"])
-def test_packed_loss_and_gradients_equal_samples_one_by_one(backend, reduction):
+@pytest.mark.parametrize("logits_at", ["every position", "supervised positions"])
+def test_packed_loss_and_gradients_equal_samples_one_by_one(backend, reduction, logits_at):
     model = _model(backend)
     batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles=4)(SAMPLES)
+    supervised = supervised_positions(batch["labels"], batch["document_ids"])
     logits = model(
         batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
         positions=batch["positions"], document_ids=batch["document_ids"], tiles_per_sample=batch["tiles_per_sample"],
+        logits_at=supervised if logits_at == "supervised positions" else None,
     )  # fmt: skip
+    assert logits.shape[0] == (int(supervised.sum()) if logits_at == "supervised positions" else batch["input_ids"].shape[0])
     packed_loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction)
     packed_grads = torch.autograd.grad(packed_loss, list(model.parameters()), allow_unused=True)
 
@@ -145,3 +149,9 @@ def test_a_batch_with_nothing_to_learn_is_an_error():
         language_model_loss(torch.zeros(1, 4, 3), labels)
     with pytest.raises(ValueError, match="Unknown loss reduction 'mean'"):
         language_model_loss(torch.zeros(1, 4, 3), labels, reduction="mean")
+
+
+def test_logits_of_the_wrong_positions_are_an_error():
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2, IGNORE_INDEX]])  # two supervised targets (positions 0 and 1)
+    with pytest.raises(ValueError, match="logits for 3 positions but the labels supervise 2"):
+        language_model_loss(torch.zeros(3, 5), labels)

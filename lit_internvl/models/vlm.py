@@ -96,13 +96,20 @@ class VisionLanguageModel(nn.Module):
         document_ids: torch.Tensor | None = None,
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``."""
+        """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``.
+
+        With ``logits_at`` (a ``(B, T)`` bool mask) only those positions go through the head, giving
+        logits ``(N, vocab)`` in row-major order: training needs them only where a target is
+        supervised (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens
+        are most of a multimodal sequence, so this skips most of the vocabulary projection.
+        """
         embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names)
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
         )
-        return self.decoder.head(hidden)
+        return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
 
 
 def _names(rows: list[int], sample_names: Sequence[str] | None) -> str:

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import add_lora
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets
+from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets, supervised_positions
 from lit_internvl.models.vlm import VisionLanguageModel
 from lit_internvl.stages.base import ModuleFactory, Stage, build
 
@@ -137,10 +137,12 @@ class SFTStage(Stage):
     # -- training -----------------------------------------------------------------------------
 
     def forward_batch(self, batch: dict) -> torch.Tensor:
+        """Logits ``(N, V)`` at the batch's N supervised positions (the only ones the loss reads)."""
         return self.model(
             batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
             positions=batch["positions"], document_ids=batch["document_ids"],
             tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],
+            logits_at=supervised_positions(batch["labels"], batch["document_ids"]),
         )  # fmt: skip
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -174,7 +176,8 @@ class SFTStage(Stage):
             return
         targets = next_token_targets(batch["labels"], batch["document_ids"])
         supervised = targets != IGNORE_INDEX
-        wrong = (logits.argmax(dim=-1) != targets) & supervised
+        wrong = torch.zeros_like(supervised)
+        wrong[supervised] = logits.argmax(dim=-1) != targets[supervised]
         exact = ~wrong.any(dim=1)
         for row, meta in enumerate(metas):
             if meta and meta.get("type") in self.answer_accuracy:
