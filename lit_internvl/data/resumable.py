@@ -59,7 +59,7 @@ class _ConsumedBatches:
     _HISTORY = 16
 
     def _position(self) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say where the loader stands (_position)")
 
     def _track(self, batches: Iterator, start: dict | None = None) -> Iterator:
         self._history = deque([self._position() if start is None else start], maxlen=self._HISTORY)

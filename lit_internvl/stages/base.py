@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from lit_internvl.checkpoints import load_into
-from lit_internvl.distributed import data_parallel_mesh, parallelize
+from lit_internvl.data.datamodules import pad_ids
+from lit_internvl.distributed import data_parallel_mesh, parallelize, unsharded
 
 ModuleFactory = Callable[[], nn.Module]
 
@@ -80,6 +81,18 @@ class Stage(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         param_dtype = torch.bfloat16 if mesh is not None and precision == "bf16-mixed" else None
         self.model = parallelize(model, mesh, self.activation_checkpointing, param_dtype)
+
+    def class_name_embeddings(self) -> torch.Tensor | None:
+        """Text embeddings ``(classes, E)`` of the datamodule's ``class_names`` in its ``prompt_template``, for
+        zero-shot classification by a model with ``encode_text``; None when the datamodule names no classes."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
+        if not names:
+            return None
+        tokenizer, template = datamodule.tokenizer, datamodule.prompt_template
+        ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
+        with unsharded(self.model):  # FSDP2 gathers parameters around forward only
+            return self.model.encode_text(ids.to(self.device), mask.to(self.device))
 
     def prepare_model(self, model: nn.Module) -> None:
         """Freeze parts or add adapters to the freshly built and loaded ``model`` (before sharding)."""

@@ -7,7 +7,6 @@ import math
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_internvl.data.datamodules import pad_ids
 from lit_internvl.distributed import unsharded
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.metrics import CrossModalRecall
@@ -80,17 +79,13 @@ class ContrastiveStage(Stage):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _prepare_zero_shot(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if not names:
+        self.class_embeddings = self.class_name_embeddings()
+        if self.class_embeddings is None:
             self.zero_shot = None
             return
-        tokenizer, template = datamodule.tokenizer, datamodule.prompt_template
-        ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
-        with unsharded(self.model):  # FSDP2 gathers parameters around forward only
-            self.class_embeddings = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-        if self.zero_shot is None or self.zero_shot.num_classes != len(names):
-            self.zero_shot = MulticlassAccuracy(num_classes=len(names), average="micro").to(self.device)
+        classes = self.class_embeddings.shape[0]
+        if self.zero_shot is None or self.zero_shot.num_classes != classes:
+            self.zero_shot = MulticlassAccuracy(num_classes=classes, average="micro").to(self.device)
         self.zero_shot.reset()
 
     def on_validation_epoch_start(self) -> None:

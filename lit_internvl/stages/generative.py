@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_internvl.data.datamodules import pad_ids
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.metrics import CrossModalRecall
 from lit_internvl.models.qllama import InternVLG, QLLaMA
@@ -224,17 +223,14 @@ class GenerativeStage(Stage):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _prepare_zero_shot(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if not names:
+        self.class_embeddings = self.class_name_embeddings()
+        if self.class_embeddings is None:
             self.zero_shot = None
             return
-        tokenizer, template = datamodule.tokenizer, datamodule.prompt_template
-        ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
-        self.class_embeddings = self.model.encode_text(ids.to(self.device), mask.to(self.device))
-        if self.zero_shot is None or self.zero_shot["stage1"].num_classes != len(names):
+        classes = self.class_embeddings.shape[0]
+        if self.zero_shot is None or self.zero_shot["stage1"].num_classes != classes:
             self.zero_shot = nn.ModuleDict(
-                {key: MulticlassAccuracy(num_classes=len(names), average="micro") for key in self.recall}
+                {key: MulticlassAccuracy(num_classes=classes, average="micro") for key in self.recall}
             ).to(self.device)
         for metric in self.zero_shot.values():
             metric.reset()
