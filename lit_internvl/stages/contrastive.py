@@ -23,6 +23,8 @@ class ContrastiveStage(Stage):
 
     Args:
         image_encoder, text_encoder: factories (YAML ``class_path``) or instances of the towers.
+        stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
+            ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
         embed_dim: width of the shared embedding space.
         image_pooling: ``"cls"`` or ``"mean"`` over the image encoder's patches.
     """
@@ -35,19 +37,9 @@ class ContrastiveStage(Stage):
         image_pooling: str = "cls",
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = math.log(100),
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_rename: dict[str, str] | None = None,
-        activation_checkpointing: bool = False,
+        **stage_options,
     ) -> None:
-        super().__init__(
-            learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename,
-            activation_checkpointing,
-        )  # fmt: skip
+        super().__init__(**stage_options)
         self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
         self.image_encoder_factory = image_encoder
         self.text_encoder_factory = text_encoder

@@ -96,6 +96,8 @@ class GenerativeStage(Stage):
 
     Args:
         image_encoder: factory (YAML ``class_path``) or instance of the vision encoder.
+        stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
+            ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
         qllama: a :class:`QLLaMA` or a factory called with the vision width (YAML ``class_path`` of
             ``QLLaMA`` without ``vision_dim``).
         embed_dim, image_pooling: as in stage 1 (they must match the checkpoint).
@@ -118,19 +120,9 @@ class GenerativeStage(Stage):
         itg_weight: float = 1.0,
         itm_negatives: str = "hard",
         frozen: Sequence[str] = INTERNVL_FROZEN,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_rename: dict[str, str] | None = None,
-        activation_checkpointing: bool = False,
+        **stage_options,
     ) -> None:
-        super().__init__(
-            learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename,
-            activation_checkpointing,
-        )  # fmt: skip
+        super().__init__(**stage_options)
         if itm_negatives not in NEGATIVE_STRATEGIES:
             raise ValueError(f"Unknown itm_negatives {itm_negatives!r}; choose one of {NEGATIVE_STRATEGIES}")
         if not any((itc_weight, itm_weight, itg_weight)):

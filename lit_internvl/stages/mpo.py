@@ -52,9 +52,10 @@ class MPOStage(SFTStage):
     (chosen reward > rejected reward; chance 0.5), ``val/reward_margin`` and ``val/loss`` (the MPO loss,
     with δ as it stands).
 
-    Args (beyond :class:`SFTStage`'s):
+    Args (beyond :class:`SFTStage`'s, which ``sft_options`` passes on):
         beta: β of the DPO and BCO terms.
         preference_weight, quality_weight, generation_weight: w_p (DPO), w_q (BCO), w_g (SFT).
+        learning_rate: MPO's smaller default (InternVL2.5-MPO's scripts: 5e-7).
     """
 
     def __init__(
@@ -66,32 +67,10 @@ class MPOStage(SFTStage):
         preference_weight: float = 0.8,
         quality_weight: float = 0.2,
         generation_weight: float = 1.0,
-        image_context_id: int | None = None,
-        train: list[str] = ["vision", "connector", "decoder"],  # noqa: B006 - jsonargparse needs a literal default
-        unfreeze_vision_layers: int = 0,
-        train_lm_head: bool | None = None,
-        lora: dict | None = None,
-        part_lr: dict[str, float] | None = None,
-        vision_layer_decay: float = 1.0,
-        loss_reduction: str = "square",
-        all_reduce_loss: bool = False,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
         learning_rate: float = 5e-7,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_rename: dict[str, str] | None = None,
-        activation_checkpointing: bool = False,
+        **sft_options,
     ) -> None:
-        super().__init__(
-            vision, connector, decoder, image_context_id, train, unfreeze_vision_layers, train_lm_head, lora, part_lr,
-            vision_layer_decay, loss_reduction, all_reduce_loss, max_new_tokens, temperature, top_p, learning_rate,
-            weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename, activation_checkpointing,
-        )  # fmt: skip
+        super().__init__(vision, connector, decoder, learning_rate=learning_rate, **sft_options)
         # TRL's RunningMoments starts at mean 0, count 1e-24.
         self.register_buffer("bco_delta", torch.zeros(()))
         self.register_buffer("bco_count", torch.full((), 1e-24))

@@ -24,6 +24,8 @@ class SFTStage(Stage):
 
     Args:
         vision, decoder: factories (YAML ``class_path``) or instances.
+        stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
+            ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
         connector: factory called as ``connector(vision.hidden_size, decoder.hidden_size)``, or an instance.
         image_context_id: id of ``<IMG_CONTEXT>``; default: the datamodule tokenizer's.
         train: parts whose weights train. InternVL's recipes: ``[connector]`` for the MLP warm-up,
@@ -62,19 +64,9 @@ class SFTStage(Stage):
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_rename: dict[str, str] | None = None,
-        activation_checkpointing: bool = False,
+        **stage_options,
     ) -> None:
-        super().__init__(
-            learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio, init_from, init_from_rename,
-            activation_checkpointing,
-        )  # fmt: skip
+        super().__init__(**stage_options)
         unknown = sorted(set(train) - set(PARTS))
         if unknown:
             raise ValueError(f"train names unknown parts {unknown}; choose from {PARTS}")
