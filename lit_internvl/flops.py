@@ -136,6 +136,10 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
     if isinstance(model, DualEncoder) and all(hasattr(tower, "config") for tower in towers):
         count = transformer_flops(model.text_encoder.config, lengths, head=False)
         count = count + vision_flops(model.image_encoder.config, tiles, image_size, image_size)
-        image, text = model.image_projection.weight.numel(), model.text_projection.weight.numel()
+        text = model.text_projection.weight.numel()
+        image = sum(p.numel() for p in model.image_projection.parameters() if p.dim() == 2)
+        if model.image_projection.pooling == "attention":  # keys and values over every token, the rest once
+            per_token = model.image_projection.k.weight.numel() + model.image_projection.v.weight.numel()
+            image += per_token * ((image_size // model.image_encoder.config.patch_size) ** 2 + 1)
         return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)))
     return None

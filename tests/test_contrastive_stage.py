@@ -9,6 +9,7 @@ import torch
 from lit_internvl.components import InternViT, TextEncoder
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.losses import contrastive_loss
+from lit_internvl.models.dual_encoder import ImageProjection
 from lit_internvl.stages import ContrastiveStage
 
 
@@ -27,6 +28,32 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_to_ln_100(tmp_path):
     stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_logit_scale=6.0)
     _trainer(tmp_path, steps=1).fit(stage, ShapesDataModule(train_size=16, val_size=16, batch_size=8))
     assert stage.model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_attention_pooling_is_internvl_c_clip_projector_by_hand():
+    """The mean token, LayerNormed, queries all LayerNormed tokens, head by head; the heads' outputs,
+    concatenated, go through the output projection."""
+    torch.manual_seed(0)
+    pool = ImageProjection(hidden_size=12, embed_dim=5, pooling="attention", num_heads=3)
+    for param in pool.parameters():  # LayerNorms away from the identity, so that a skipped norm shows
+        torch.nn.init.normal_(param, std=0.5)
+    features = torch.randn(2, 7, 12)
+    expected = []
+    for x in features:
+        ln = lambda norm, t: torch.nn.functional.layer_norm(t, (12,), norm.weight, norm.bias)  # noqa: E731
+        q = ln(pool.norm_q, x.mean(0)) @ pool.q.weight.T + pool.q.bias
+        k = ln(pool.norm_k, x) @ pool.k.weight.T
+        v = ln(pool.norm_v, x) @ pool.v.weight.T + pool.v.bias
+        heads = []
+        for h in range(3):
+            cols = slice(4 * h, 4 * h + 4)
+            weights = torch.softmax(k[:, cols] @ q[cols] / 2.0, dim=0)  # 1/sqrt(head_dim 4)
+            heads.append(weights @ v[:, cols])
+        expected.append(torch.cat(heads) @ pool.proj.weight.T + pool.proj.bias)
+    torch.testing.assert_close(pool(features), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="Unknown image_pooling 'max'"):
+        ImageProjection(12, 5, pooling="max")
 
 
 def test_weight_decay_spares_norms_biases_and_scales():
@@ -82,5 +109,5 @@ def test_init_from_a_lightning_checkpoint_loads_by_name_and_reports_partial_load
     assert "missing" in caplog.text and "text_encoder.embed_tokens.weight" in caplog.text
 
     wrong = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=32, init_from=str(path))
-    with pytest.raises(ValueError, match="image_projection.weight has shape"):
+    with pytest.raises(ValueError, match="image_projection.proj.weight has shape"):
         wrong.configure_model()

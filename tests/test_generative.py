@@ -217,7 +217,7 @@ def test_stage1_checkpoint_becomes_vision_trunk_and_projections_and_reports_the_
         assert torch.equal(loaded[f"qllama.{name}"], value), name
     for name, value in stage1.model.image_encoder.state_dict().items():
         assert torch.equal(loaded[f"vision.{name}"], value), name
-    for name in ("image_projection.weight", "text_projection.weight", "logit_scale"):
+    for name in ("image_projection.proj.weight", "text_projection.weight", "logit_scale"):
         assert torch.equal(loaded[name], stage1.model.state_dict()[name]), name
     new = [name for name in loaded if "cross_attn" in name or name.split(".")[0] in ("query_projection", "itm_head")]
     new.append("qllama.query_tokens")

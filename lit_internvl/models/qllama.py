@@ -32,6 +32,7 @@ from lit_internvl.components.attention import attention, causal_mask
 from lit_internvl.components.language import Block, LanguageConfig
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding
+from lit_internvl.models.dual_encoder import ImageProjection
 
 MODES = ("itc", "itm", "itg")
 TEXT_ATTENTION = ("causal", "bidirectional")
@@ -279,7 +280,7 @@ class InternVLG(nn.Module):
 
     ::
 
-        pixel_values ─► vision ─► features ─┬─► pool ─► image_projection ─► ‖·‖ ─► stage-1 image emb ─┐
+        pixel_values ─► vision ─► features ─┬─► image_projection (pools) ─► ‖·‖ ─► stage-1 image emb ─┐
                                             │                                                        (+) ─► ‖·‖ ─► G emb
                                             └─► QLLaMA queries ─► mean ─► query_projection ─► ‖·‖ ────┘
         input_ids ─► QLLaMA text (ITC mask) ─► pool ─► text_projection ─► ‖·‖ ─► text emb
@@ -293,7 +294,7 @@ class InternVLG(nn.Module):
         vision: image encoder ``(N, 3, H, W) → (N, 1+P, C)`` with ``hidden_size``.
         qllama: a :class:`QLLaMA` built for ``vision.hidden_size``.
         embed_dim: width of the shared embedding space.
-        image_pooling: ``"cls"`` or ``"mean"`` — as in stage 1.
+        image_pooling: ``"cls"``, ``"mean"`` or ``"attention"`` — as in stage 1.
         text_pooling: ``"mean"`` or ``"last"`` — as the stage-1 text tower pooled.
     """
 
@@ -307,14 +308,12 @@ class InternVLG(nn.Module):
         init_logit_scale: float = math.log(1 / 0.07),
     ) -> None:
         super().__init__()
-        if image_pooling not in ("cls", "mean"):
-            raise ValueError(f"Unknown image_pooling {image_pooling!r}; choose 'cls' or 'mean'")
         if text_pooling not in ("mean", "last"):
             raise ValueError(f"Unknown text_pooling {text_pooling!r}; choose 'mean' or 'last'")
         self.vision = vision
         self.qllama = qllama
-        self.image_pooling, self.text_pooling = image_pooling, text_pooling
-        self.image_projection = nn.Linear(vision.hidden_size, embed_dim, bias=False)
+        self.text_pooling = text_pooling
+        self.image_projection = ImageProjection(vision.hidden_size, embed_dim, image_pooling)
         self.text_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
         self.query_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
         self.itm_head = nn.Linear(qllama.hidden_size, 2)
@@ -333,8 +332,7 @@ class InternVLG(nn.Module):
 
     def backbone_embedding(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features ``(N, 1+P, C)`` → the stage-1 image embedding ``(N, E)``, unit length."""
-        pooled = features[:, 0] if self.image_pooling == "cls" else features[:, 1:].mean(dim=1)
-        return F.normalize(self.image_projection(pooled), dim=-1)
+        return F.normalize(self.image_projection(features), dim=-1)
 
     def query_embedding(self, queries: torch.Tensor) -> torch.Tensor:
         """Query hidden states ``(N, Q, D)`` → their mean, projected, ``(N, E)``, unit length."""

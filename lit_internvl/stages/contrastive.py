@@ -26,7 +26,7 @@ class ContrastiveStage(Stage):
         stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
             ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
         embed_dim: width of the shared embedding space.
-        image_pooling: ``"cls"`` or ``"mean"`` over the image encoder's patches.
+        image_pooling: ``"cls"``, ``"mean"`` (of the patches) or ``"attention"`` (InternVL-C); see :class:`ImageProjection`.
     """
 
     def __init__(
