@@ -58,3 +58,27 @@ def test_datamodule_batches():
     assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_id).all()
     with pytest.raises(ValueError, match="Unknown shapes task .captions."):
         ShapesDataModule(task="captions")
+
+
+def test_descriptions_name_every_object_in_reading_order_and_only_in_training():
+    world = ShapesWorld(split="train")
+    described = 0
+    for i in range(40):
+        sample, objects = world.vqa(i, describe_ratio=0.5), world.scene(i)[0]
+        if sample["type"] != "description":
+            assert sample == world.vqa(i)  # the draw of a description leaves the other questions as they were
+            continue
+        described += 1
+        regions = sorted(REGIONS.index(obj.region(56)) for obj in objects)
+        expected = [f"a {obj.name} at the {obj.region(56)}" for obj in objects]
+        parts = sample["answer"].split(", ")
+        assert sorted(parts) == sorted(expected)
+        assert [REGIONS.index(part.split(" at the ")[1]) for part in parts] == regions
+    assert 10 <= described <= 30
+
+    dm = ShapesDataModule(task="vqa", train_size=64, val_size=64, describe_ratio=1.0)
+    train, val = dm._dataset("train", 8), dm._dataset("val", 64)
+    assert {train[i]["meta"]["type"] for i in range(8)} == {"description"}
+    assert "description" not in {val[i]["meta"]["type"] for i in range(64)}
+    with pytest.raises(ValueError, match="describe_ratio"):
+        ShapesDataModule(task="vqa", describe_ratio=1.5)

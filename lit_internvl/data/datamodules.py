@@ -65,14 +65,17 @@ class ShapesVQA(Dataset):
     """Questions about generated scenes, as conversation records built into samples by a
     :class:`SampleBuilder` (the same path real data takes). ``meta`` holds the question type and answer."""
 
-    def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder, max_objects: int) -> None:
-        self.world, self.size, self.builder, self.max_objects = world, size, builder, max_objects
+    def __init__(
+        self, world: ShapesWorld, size: int, builder: SampleBuilder, max_objects: int, describe_ratio: float = 0.0
+    ) -> None:
+        self.world, self.size, self.builder = world, size, builder
+        self.max_objects, self.describe_ratio = max_objects, describe_ratio
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        qa = self.world.vqa(index, self.max_objects)
+        qa = self.world.vqa(index, self.max_objects, self.describe_ratio)
         turns = [{"from": "human", "value": f"<image>\n{qa['question']}"}, {"from": "gpt", "value": qa["answer"]}]
         fields = {"conversations": turns, "meta": {"type": qa["type"], "answer": qa["answer"]}}
         name = f"shapes-{self.world.split}:{index}"
@@ -109,6 +112,10 @@ class ShapesDataModule(L.LightningDataModule):
 
     Train, validation and test splits are different seeds of the same world, so held-out scenes
     are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
+
+    ``describe_ratio``: the fraction of *training* ``vqa`` samples that ask "Describe the image." and
+    are answered with every object and its region (as the captioning data in InternVL's SFT mixtures:
+    one answer supervises every object, not one); validation and test ask only the one-word questions.
     """
 
     def __init__(
@@ -124,10 +131,13 @@ class ShapesDataModule(L.LightningDataModule):
         tokens_per_tile: int = 4,
         max_objects: int = 3,
         system: str | None = None,
+        describe_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         if task not in ("pairs", "vqa", "preference"):
             raise ValueError(f"Unknown shapes task {task!r}; available: 'pairs', 'vqa', 'preference'")
+        if not 0.0 <= describe_ratio <= 1.0:
+            raise ValueError(f"describe_ratio must lie in [0, 1], got {describe_ratio}")
         self.save_hyperparameters()
         self.tokenizer = ByteTokenizer()
         self.class_names = class_names()
@@ -150,7 +160,8 @@ class ShapesDataModule(L.LightningDataModule):
             return ShapesPairs(world, size, self.tokenizer)
         if h.task == "preference":
             return ShapesPreference(world, size, self.sample_builder(split == "train"))
-        return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects)
+        describe = h.describe_ratio if split == "train" else 0.0
+        return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects, describe)
 
     def _loader(self, dataset: Dataset, shuffle: bool, generation: bool = False) -> DataLoader:
         workers = self.hparams.num_workers

@@ -159,9 +159,16 @@ class ShapesWorld:
                 regions.add(region)
         return objects, rng
 
-    def vqa(self, index: int, max_objects: int = 3) -> dict:
-        """A scene, a question of one of :data:`QUESTION_TYPES`, and its one-word (or two-word) answer."""
+    def vqa(self, index: int, max_objects: int = 3, describe_ratio: float = 0.0) -> dict:
+        """A scene, a question of one of :data:`QUESTION_TYPES`, and its one-word (or two-word) answer.
+
+        With probability ``describe_ratio`` the question is instead ``"Describe the image."`` (type
+        ``"description"``), answered by :meth:`description`.
+        """
         objects, rng = self.scene(index, max_objects)
+        if describe_ratio and self.rng(index, "describe").random() < describe_ratio:
+            question, answer, kind = "Describe the image.", self.description(objects), "description"
+            return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
         target = objects[int(rng.integers(len(objects)))]
         kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
         if kind == "colour":
@@ -173,6 +180,11 @@ class ShapesWorld:
         else:
             question, answer = f"Where is the {target.name}?", target.region(self.image_size)
         return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
+
+    def description(self, objects: list[ShapeObject]) -> str:
+        """Every object and its region, in reading order: ``"a red circle at the top, a blue square at the centre"``."""
+        ordered = sorted(objects, key=lambda obj: REGIONS.index(obj.region(self.image_size)))
+        return ", ".join(f"a {obj.name} at the {obj.region(self.image_size)}" for obj in ordered)
 
     def answer_options(self, kind: str, max_objects: int = 3) -> list[str]:
         """Every answer a question type can have: the chance level of a guess is one over their number."""
