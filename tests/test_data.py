@@ -78,7 +78,9 @@ def test_descriptions_name_every_object_in_reading_order_and_only_in_training():
 
     dm = ShapesDataModule(task="vqa", train_size=64, val_size=64, describe_ratio=1.0)
     train, val = dm._dataset("train", 8), dm._dataset("val", 64)
-    assert {train[i]["meta"]["type"] for i in range(8)} == {"description"}
-    assert "description" not in {val[i]["meta"]["type"] for i in range(64)}
+    assert {sample["meta"]["type"] for sample in train} == {"description"}  # iteration ends at len()
+    assert "description" not in {sample["meta"]["type"] for sample in val}
+    with pytest.raises(IndexError, match="index 8 is outside this train split of 8 samples"):
+        train[8]
     with pytest.raises(ValueError, match="describe_ratio"):
         ShapesDataModule(task="vqa", describe_ratio=1.5)

@@ -16,16 +16,33 @@ from lit_internvl.data.shapes import QUESTION_TYPES, ShapesWorld, class_names
 from lit_internvl.data.tokenizer import ByteTokenizer
 
 
-class ShapesPairs(Dataset):
-    """Image–caption pairs of one split: ``{pixel_values (3, H, W), input_ids, label, caption_key}``."""
+class ShapesSplit(Dataset):
+    """``size`` samples generated from one split of the world; :meth:`sample` builds sample ``index``.
+    Indices past the end raise IndexError, so that ``for sample in dataset`` ends."""
 
-    def __init__(self, world: ShapesWorld, size: int, tokenizer: ByteTokenizer) -> None:
-        self.world, self.size, self.tokenizer = world, size, tokenizer
+    def __init__(self, world: ShapesWorld, size: int) -> None:
+        self.world, self.size = world, size
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} is outside this {self.world.split} split of {self.size} samples")
+        return self.sample(index)
+
+    def sample(self, index: int) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must say how to build a sample")
+
+
+class ShapesPairs(ShapesSplit):
+    """Image–caption pairs of one split: ``{pixel_values (3, H, W), input_ids, label, caption_key}``."""
+
+    def __init__(self, world: ShapesWorld, size: int, tokenizer: ByteTokenizer) -> None:
+        super().__init__(world, size)
+        self.tokenizer = tokenizer
+
+    def sample(self, index: int) -> dict:
         pair = self.world.pair(index)
         return {
             "pixel_values": to_tensor(pair["image"]),
@@ -61,20 +78,17 @@ class PairCollator:
         }
 
 
-class ShapesVQA(Dataset):
+class ShapesVQA(ShapesSplit):
     """Questions about generated scenes, as conversation records built into samples by a
     :class:`SampleBuilder` (the same path real data takes). ``meta`` holds the question type and answer."""
 
     def __init__(
         self, world: ShapesWorld, size: int, builder: SampleBuilder, max_objects: int, describe_ratio: float = 0.0
     ) -> None:
-        self.world, self.size, self.builder = world, size, builder
-        self.max_objects, self.describe_ratio = max_objects, describe_ratio
+        super().__init__(world, size)
+        self.builder, self.max_objects, self.describe_ratio = builder, max_objects, describe_ratio
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
+    def sample(self, index: int) -> dict:
         qa = self.world.vqa(index, self.max_objects, self.describe_ratio)
         turns = [{"from": "human", "value": f"<image>\n{qa['question']}"}, {"from": "gpt", "value": qa["answer"]}]
         fields = {"conversations": turns, "meta": {"type": qa["type"], "answer": qa["answer"]}}
@@ -82,17 +96,15 @@ class ShapesVQA(Dataset):
         return self.builder.safe(Record("conversation", name, fields, [qa["image"]]))
 
 
-class ShapesPreference(Dataset):
+class ShapesPreference(ShapesSplit):
     """Preference pairs about generated scenes: the right one-word answer (chosen) and a wrong one
     of the same question type (rejected), as preference records built by a :class:`SampleBuilder`."""
 
     def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder) -> None:
-        self.world, self.size, self.builder = world, size, builder
+        super().__init__(world, size)
+        self.builder = builder
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
+    def sample(self, index: int) -> dict:
         pair = self.world.preference(index)
         fields = {"question": f"<image>\n{pair['question']}", "chosen": pair["chosen"], "rejected": pair["rejected"],
                   "meta": {"type": pair["type"], "answer": pair["chosen"]}}  # fmt: skip
