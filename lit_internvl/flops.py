@@ -137,9 +137,12 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
         count = transformer_flops(model.text_encoder.config, lengths, head=False)
         count = count + vision_flops(model.image_encoder.config, tiles, image_size, image_size)
         text = model.text_projection.weight.numel()
-        image = sum(p.numel() for p in model.image_projection.parameters() if p.dim() == 2)
-        if model.image_projection.pooling == "attention":  # keys and values over every token, the rest once
-            per_token = model.image_projection.k.weight.numel() + model.image_projection.v.weight.numel()
-            image += per_token * ((image_size // model.image_encoder.config.patch_size) ** 2 + 1)
-        return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)))
+        pool = model.image_projection
+        image = sum(p.numel() for p in pool.parameters() if p.dim() == 2)  # each matrix once a tile...
+        pooling_attention = 0
+        if pool.pooling == "attention":  # ...but keys and values once a token (cls and every patch)
+            tokens = (image_size // model.image_encoder.config.patch_size) ** 2 + 1
+            image += (pool.k.weight.numel() + pool.v.weight.numel()) * (tokens - 1)
+            pooling_attention = 2 * 2 * tokens * pool.q.out_features * tiles  # one query: scores, weighted sum
+        return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)), attention=pooling_attention)
     return None

@@ -94,7 +94,8 @@ def test_throughput_callback_logs_tokens_samples_mfu_and_peak_memory(tmp_path, o
     assert peaks and all(0.05 < p < 64 for p in peaks)
 
 
-def test_dual_encoder_flops_equal_flop_counter_mode():
+@pytest.mark.parametrize("image_pooling", ["cls", "attention"])
+def test_dual_encoder_flops_equal_flop_counter_mode(image_pooling):
     from lit_internvl.components import TextEncoder
     from lit_internvl.models import DualEncoder
 
@@ -102,8 +103,11 @@ def test_dual_encoder_flops_equal_flop_counter_mode():
     model = DualEncoder(
         InternViT(InternViTConfig.from_name("tiny", attn_backend="eager")),
         TextEncoder(LanguageConfig.from_name("tiny", attn_backend="eager")),
+        image_pooling=image_pooling,
     )
     batch = {"pixel_values": torch.randn(3, 3, 56, 56), "input_ids": torch.randint(0, 256, (3, 20))}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    counted = _counted(lambda: model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+    # The math kernel runs attention pooling's scaled_dot_product_attention as matmuls the counter sees.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        counted = _counted(lambda: model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
     assert batch_flops(model, batch).forward == counted

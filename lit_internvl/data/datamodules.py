@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -16,7 +18,7 @@ from lit_internvl.data.shapes import QUESTION_TYPES, ShapesWorld, class_names
 from lit_internvl.data.tokenizer import ByteTokenizer
 
 
-class ShapesSplit(Dataset):
+class ShapesSplit(Dataset, ABC):
     """``size`` samples generated from one split of the world; :meth:`sample` builds sample ``index``.
     Indices past the end raise IndexError, so that ``for sample in dataset`` ends."""
 
@@ -31,8 +33,9 @@ class ShapesSplit(Dataset):
             raise IndexError(f"index {index} is outside this {self.world.split} split of {self.size} samples")
         return self.sample(index)
 
+    @abstractmethod
     def sample(self, index: int) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} must say how to build a sample")
+        """Sample ``index`` of the split (``0 <= index < size``)."""
 
 
 class ShapesPairs(ShapesSplit):

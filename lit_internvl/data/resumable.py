@@ -18,6 +18,7 @@ the last finished batch. Outside a Trainer (nothing marks) it is the state after
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 
@@ -52,14 +53,15 @@ def _own_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _ConsumedBatches:
+class _ConsumedBatches(ABC):
     """Keeps the loader's state after each yielded batch until the training loop marks the batch done."""
 
     # Lightning runs at most one batch ahead (its prefetch) plus the batch in flight; 16 leaves room.
     _HISTORY = 16
 
+    @abstractmethod
     def _position(self) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} must say where the loader stands (_position)")
+        """The loader's state after the batches it has yielded so far."""
 
     def _track(self, batches: Iterator, start: dict | None = None) -> Iterator:
         self._history = deque([self._position() if start is None else start], maxlen=self._HISTORY)
