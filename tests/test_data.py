@@ -50,6 +50,29 @@ def test_object_is_drawn_in_its_colour_at_its_place():
         assert np.abs(pixels[y, x] - np.array(COLOURS[obj.colour])).max() < 60
 
 
+
+@pytest.mark.parametrize("image_size", [56, 84])
+def test_scene_objects_lie_whole_inside_their_regions(image_size):
+    """Every object's drawn pixels (found by rendering it alone over the same background) lie inside the
+    grid cell of its region, a pixel away from the cell's border: no object hides or touches another, and the
+    region a question names is the one the object is seen in."""
+    world = ShapesWorld(image_size=image_size, split="train")
+    cell = image_size / 3
+    several = 0
+    for i in range(60):
+        objects, _ = world.scene(i)
+        several += len(objects) > 1
+        assert len({obj.region(image_size) for obj in objects}) == len(objects)
+        background = np.asarray(world.render([], np.random.default_rng(0)))
+        for obj in objects:
+            mask = (np.asarray(world.render([obj], np.random.default_rng(0))) != background).any(-1)
+            assert mask.sum() > 20
+            row, col = divmod(REGIONS.index(obj.region(image_size)), 3)
+            ys, xs = np.nonzero(mask)
+            assert col * cell < xs.min() and xs.max() + 1 < (col + 1) * cell, f"scene {i}: {obj} leaves its cell"
+            assert row * cell < ys.min() and ys.max() + 1 < (row + 1) * cell, f"scene {i}: {obj} leaves its cell"
+    assert several >= 30
+
 def test_datamodule_batches():
     dm = ShapesDataModule(train_size=8, val_size=4, batch_size=4)
     batch = next(iter(dm.train_dataloader()))

@@ -168,7 +168,10 @@ def test_fsdp2_on_two_ranks_equals_one_process_on_the_whole_batch(fsdp_results, 
     weight_difference = _max_difference(got["weights"], one_process["weights"])
     print(f"checkpointing={checkpointing}: max |loss diff| {loss_difference:.2e}, max |weight diff| {weight_difference:.2e}")
     assert loss_difference <= 1e-5
-    assert weight_difference <= 1e-5
+    # The ranks' gradients are summed in another order than one process sums them; AdamW divides each by its
+    # own root mean square, so an element whose gradient is at rounding level can move by up to the learning
+    # rate (1e-3) either way: equal training allows differences of that order in a few elements, not beyond.
+    assert weight_difference <= 0.05 * _stage().learning_rate
     assert one_process["losses"][0] != one_process["losses"][1], "the first step changed the weights"
 
 

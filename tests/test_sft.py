@@ -162,7 +162,11 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
     cli = main(["fit", "--config", str(path)])
     assert "val/answer_accuracy/colour" in cli.trainer.callback_metrics
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["metrics"]["val/answer_accuracy/count"]["chance"] == pytest.approx(1 / 3)
+    chance = {"colour": 1 / 6, "shape": 1 / 5, "count": 1 / 3, "position": 1 / 9}
+    reported = {key.rsplit("/", 1)[1]: value for key, value in report["metrics"].items() if key.startswith("val/answer_accuracy/")}
+    assert reported, "the four validation questions are reported by type"
+    for kind, value in reported.items():
+        assert value["chance"] == pytest.approx(chance[kind])
 
     main(["predict", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

@@ -51,6 +51,11 @@ class ShapeObject:
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def extent(self) -> float:
+        """Distance from the centre to the farthest drawn pixel (a square's corners lie beyond ``radius``)."""
+        return self.radius * (0.8 * 2**0.5 if self.shape == "square" else 1.0)
+
     def region(self, image_size: int) -> str:
         col, row = (min(int(3 * c / image_size), 2) for c in self.centre)
         return REGIONS[3 * row + col]
@@ -143,20 +148,21 @@ class ShapesWorld:
 
     def scene(self, index: int, max_objects: int = 3) -> tuple[list[ShapeObject], np.random.Generator]:
         """1..max_objects objects, no two alike in colour or in shape (so every question has one
-        answer), placed in distinct regions."""
+        answer), each drawn whole inside its own region: the image's 3×3 grid of cells, one object a cell
+        at most, so no object hides or touches another and no centre lies on a border between regions."""
         rng = self.rng(index, "scene")
         count = int(rng.integers(1, max_objects + 1))
         colours = rng.permutation(list(COLOURS))[:count]
         shapes = rng.permutation(SHAPES)[:count]
+        cell = self.image_size / 3
         objects: list[ShapeObject] = []
-        regions: set[str] = set()
-        while len(objects) < count:
-            candidate = self.random_object(rng)
-            candidate = ShapeObject(str(colours[len(objects)]), str(shapes[len(objects)]), candidate.centre, candidate.radius * 0.8)
-            region = candidate.region(self.image_size)
-            if region not in regions:
-                objects.append(candidate)
-                regions.add(region)
+        for colour, shape, where in zip(colours, shapes, rng.permutation(len(REGIONS))[:count]):
+            row, col = divmod(int(where), 3)
+            obj = ShapeObject(str(colour), str(shape), (0.0, 0.0), float(rng.uniform(0.28, 0.38) * cell))
+            # Room to move while every drawn pixel stays a pixel inside the cell (rasterising may reach one further).
+            slack = cell / 2 - obj.extent - 1
+            centre = ((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack))
+            objects.append(ShapeObject(obj.colour, obj.shape, (float(centre[0]), float(centre[1])), obj.radius))
         return objects, rng
 
     def vqa(self, index: int, max_objects: int = 3, describe_ratio: float = 0.0) -> dict:
