@@ -50,7 +50,6 @@ def test_object_is_drawn_in_its_colour_at_its_place():
         assert np.abs(pixels[y, x] - np.array(COLOURS[obj.colour])).max() < 60
 
 
-
 @pytest.mark.parametrize("image_size", [56, 84])
 def test_scene_objects_lie_whole_inside_their_regions(image_size):
     """Every object's drawn pixels (found by rendering it alone over the same background) lie inside the
@@ -72,6 +71,7 @@ def test_scene_objects_lie_whole_inside_their_regions(image_size):
             assert col * cell < xs.min() and xs.max() + 1 < (col + 1) * cell, f"scene {i}: {obj} leaves its cell"
             assert row * cell < ys.min() and ys.max() + 1 < (row + 1) * cell, f"scene {i}: {obj} leaves its cell"
     assert several >= 30
+
 
 def test_datamodule_batches():
     dm = ShapesDataModule(train_size=8, val_size=4, batch_size=4)
