@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +161,8 @@ class ShapesWorld:
             obj = ShapeObject(str(colour), str(shape), (0.0, 0.0), float(rng.uniform(0.28, 0.38) * cell))
             # Room to move while every drawn pixel stays a pixel inside the cell (rasterising may reach one further).
             slack = cell / 2 - obj.extent - 1
-            centre = ((col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack))
-            objects.append(ShapeObject(obj.colour, obj.shape, (float(centre[0]), float(centre[1])), obj.radius))
+            x, y = (col + 0.5) * cell + rng.uniform(-slack, slack), (row + 0.5) * cell + rng.uniform(-slack, slack)
+            objects.append(replace(obj, centre=(float(x), float(y))))
         return objects, rng
 
     def vqa(self, index: int, max_objects: int = 3, describe_ratio: float = 0.0) -> dict:

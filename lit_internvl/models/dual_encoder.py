@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_internvl.components.attention import attention
+
 IMAGE_POOLING = ("cls", "mean", "attention")
 
 
@@ -46,7 +48,7 @@ class ImageProjection(nn.Module):
         heads = lambda x: x.view(n, -1, self.num_heads, width // self.num_heads).transpose(1, 2)  # noqa: E731
         q = heads(self.q(self.norm_q(features.mean(dim=1, keepdim=True))))
         k, v = heads(self.k(self.norm_k(features))), heads(self.v(self.norm_v(features)))
-        pooled = F.scaled_dot_product_attention(q, k, v)  # (N, H, 1, C/H)
+        pooled = attention(q, k, v)  # (N, H, 1, C/H)
         return self.proj(pooled.transpose(1, 2).reshape(n, width))
 
 
