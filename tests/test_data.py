@@ -1,10 +1,11 @@
-"""The embedded default's data: a byte tokenizer that round-trips, a deterministic shapes world."""
+"""The embedded default's data: byte and word tokenizers that round-trip, a deterministic shapes world."""
 
 import numpy as np
 import pytest
 
 from lit_internvl.data import ByteTokenizer, ShapesDataModule
-from lit_internvl.data.shapes import COLOURS, REGIONS, SHAPES, ShapesWorld, class_names
+from lit_internvl.data.datamodules import load_tokenizer
+from lit_internvl.data.shapes import COLOURS, REGIONS, SHAPES, ShapesWorld, class_names, vocabulary
 
 
 def test_byte_tokenizer_round_trips_text_and_special_tokens():
@@ -18,6 +19,45 @@ def test_byte_tokenizer_round_trips_text_and_special_tokens():
     assert tok.decode(ids, skip_special_tokens=True) == "user\n\nwhat colour? é"
     with pytest.raises(KeyError, match="<nope>"):
         tok.token_to_id("<nope>")
+
+
+def test_word_tokenizer_makes_each_known_word_one_token_and_round_trips_everything_else():
+    tok = ByteTokenizer(["red", "circle", "top", "left"])
+    plain = ByteTokenizer()
+    assert tok.vocab_size == plain.vocab_size + 8  # each word and each word after a space
+    ids = tok.encode("<|im_start|>a red circle at the top left<|im_end|>")
+    # "a", " at", " the" are not words here: bytes; " red", " circle", " top", " left" are one token each
+    assert len(ids) == 2 + len("a") + 2 + len(" at the") + 2
+    assert tok.decode(ids) == "<|im_start|>a red circle at the top left<|im_end|>"
+    for text in ("redd circles, red-circle; RED é 3 <IMG_CONTEXT>", " red  red\nred?", ""):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("redd") == list(b"redd")  # a longer run is not the word: bytes
+    assert tok.decode(tok.encode("a red<|im_end|>"), skip_special_tokens=True) == "a red"
+    assert tok.token_to_id("<IMG_CONTEXT>") == plain.token_to_id("<IMG_CONTEXT>")
+    with pytest.raises(ValueError, match="top left"):
+        ByteTokenizer(["top left"])
+
+
+def test_shapes_tokenizer_has_every_word_the_world_writes_and_fits_the_tiny_shapes_decoder():
+    import re
+
+    from lit_internvl.components.language import LanguageConfig
+
+    texts = ["Answer in one word.", "system", "user", "assistant"]  # and the internvl2_5 template's roles
+    texts += [f"a {name}" for name in class_names()]
+    for split in ("train", "val"):
+        world = ShapesWorld(84, split=split)
+        for i in range(200):
+            qa, pair, pref = world.vqa(i, describe_ratio=0.5), world.pair(i), world.preference(i)
+            texts += [qa["question"], qa["answer"], pair["text"], pref["rejected"], world.sentence(i)]
+            texts += world.interleaved(i)["texts"]
+    words = set(vocabulary())
+    missing = {run for text in texts for run in re.findall("[A-Za-z0-9]+", text)} - words
+    assert not missing, f"words the shapes world writes but its tokenizer spells in bytes: {sorted(missing)}"
+    tok = load_tokenizer("shapes")
+    assert tok.vocab_size == LanguageConfig.from_name("tiny-shapes").vocab_size
+    question = tok.encode("What colour is the square?")
+    assert len(question) == 6 and tok.decode(question) == "What colour is the square?"
 
 
 def test_scenes_are_deterministic_and_splits_differ():
@@ -83,21 +123,29 @@ def test_datamodule_batches():
         ShapesDataModule(task="captions")
 
 
-def test_descriptions_name_every_object_in_reading_order_and_only_in_training():
+def test_descriptions_name_every_object_in_the_order_asked_for_and_only_in_training():
     world = ShapesWorld(split="train")
-    described = 0
+    described, orders = 0, {"shape": 0, "colour": 0}
     for i in range(40):
         sample, objects = world.vqa(i, describe_ratio=0.5), world.scene(i)[0]
         if sample["type"] != "description":
             assert sample == world.vqa(i)  # the draw of a description leaves the other questions as they were
             continue
         described += 1
-        regions = sorted(REGIONS.index(obj.region(56)) for obj in objects)
         expected = [f"a {obj.name} at the {obj.region(56)}" for obj in objects]
         parts = sample["answer"].split(", ")
         assert sorted(parts) == sorted(expected)
-        assert [REGIONS.index(part.split(" at the ")[1]) for part in parts] == regions
-    assert 10 <= described <= 30
+        order = sample["question"].removeprefix("Describe the objects by ").removesuffix(".")
+        orders[order] += 1
+        names = [part.split(" at the ")[0].split()[1:] for part in parts]  # [colour, shape] of each, as listed
+        if order == "shape":
+            assert [SHAPES.index(s) for _, s in names] == sorted(SHAPES.index(obj.shape) for obj in objects)
+        else:
+            colours = list(COLOURS)
+            assert [colours.index(c) for c, _ in names] == sorted(colours.index(obj.colour) for obj in objects)
+    assert 10 <= described <= 30 and min(orders.values()) >= 3
+    with pytest.raises(ValueError, match="reading"):
+        world.description(world.scene(0)[0], "reading")
 
     dm = ShapesDataModule(task="vqa", train_size=64, val_size=64, describe_ratio=1.0)
     train, val = dm._dataset("train", 8), dm._dataset("val", 64)

@@ -390,10 +390,14 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_the_tiny_preset_uses_the_byte_tokenizers_image_context_id():
-    from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+@pytest.mark.parametrize("preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes")])
+def test_the_tiny_presets_fit_their_tokenizers(preset, tokenizer):
+    from lit_internvl.data.datamodules import load_tokenizer
+    from lit_internvl.data.tokenizer import IMG_CONTEXT
 
-    assert internvl("tiny").image_context_id == ByteTokenizer().token_to_id(IMG_CONTEXT)
+    tok, model = load_tokenizer(tokenizer), internvl(preset)
+    assert model.image_context_id == tok.token_to_id(IMG_CONTEXT)
+    assert model.decoder.embed_tokens.num_embeddings >= tok.vocab_size  # every id has an embedding
 
 
 def test_internvl3_1b_has_938_193_024_parameters():

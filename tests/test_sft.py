@@ -3,6 +3,7 @@ per-part learning rates, and the fit → predict → chat path."""
 
 import json
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -91,8 +92,10 @@ def _stage(**kwargs) -> SFTStage:
     )  # fmt: skip
 
 
-def _fit(stage, tmp_path, steps=2):
-    data = ShapesDataModule(task="vqa", train_size=16, val_size=8, batch_size=8, system="Answer in one word.")
+def _fit(stage, tmp_path, steps=2, **data_options):
+    data = ShapesDataModule(
+        task="vqa", train_size=16, val_size=8, batch_size=8, system="Answer in one word.", **data_options
+    )
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -125,6 +128,15 @@ def test_frozen_parameters_do_not_change(tmp_path, options, trained):
             assert not torch.equal(before[name], param), f"{name} should have trained"
         else:
             assert torch.equal(before[name], param), f"{name} is frozen but changed"
+
+
+def test_a_tokenizer_with_more_ids_than_the_decoder_vocabulary_is_refused(tmp_path):
+    stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"))
+    with pytest.raises(ValueError, match="tokenizer has 394 ids but the decoder's vocabulary holds 272"):
+        _fit(stage, tmp_path, tokenizer="shapes")
+    shapes = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"))
+    _fit(shapes, tmp_path, steps=1, tokenizer="shapes")
+    assert shapes.model.image_context_id == ShapesDataModule(tokenizer="shapes").tokenizer.token_to_id(IMG_CONTEXT)
 
 
 def test_part_learning_rates_and_vision_layer_decay():
@@ -168,9 +180,14 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
     for kind, value in reported.items():
         assert value["chance"] == pytest.approx(chance[kind])
 
-    main(["predict", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["predict", "--config", str(path), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
     lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(lines) == 4 and all({"name", "answer", "reference"} <= set(line) for line in lines)
+    assert len(lines) == 4 and all({"name", "answer", "reference", "finished"} <= set(line) for line in lines)
+    # An answer cut off at max_new_tokens (4 here, before the model has learnt to stop) is flagged and warned about.
+    cut_warned = any("before an end token" in str(w.message) for w in caught)
+    assert cut_warned == (not all(line["finished"] for line in lines))
 
     image = tmp_path / "scene.png"
     ShapesDataModule(task="vqa")._dataset("test", 1)  # the world renders scenes; save one

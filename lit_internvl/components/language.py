@@ -67,6 +67,11 @@ LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
         rope_theta=10_000.0, tie_embeddings=True,
     ),
 }
+# The SFT and MPO recipes' decoder: the "shapes" tokenizer's vocabulary (bytes, specials and the shapes world's
+# 63 words, each also with a leading space), and a key/value head per query head. Finding the object a question
+# names is a lookup by content; with tiny's 2 key/value heads the SFT recipe (2,000 steps) read 0.89 held-out
+# exact match, colour questions 0.61 (it never learnt to find an object by its shape), with 4 heads 0.97.
+LANGUAGE_PRESETS["tiny-shapes"] = replace(LANGUAGE_PRESETS["tiny"], vocab_size=394, num_kv_heads=4)
 
 
 def _as_config(config: LanguageConfig | str) -> LanguageConfig:

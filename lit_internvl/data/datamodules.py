@@ -14,7 +14,7 @@ from lit_internvl.data.packing import Collator
 from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.records import Record
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
-from lit_internvl.data.shapes import QUESTION_TYPES, ShapesWorld, class_names
+from lit_internvl.data.shapes import QUESTION_TYPES, ShapesWorld, class_names, vocabulary
 from lit_internvl.data.tokenizer import ByteTokenizer
 
 
@@ -128,9 +128,13 @@ class ShapesDataModule(L.LightningDataModule):
     Train, validation and test splits are different seeds of the same world, so held-out scenes
     are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
 
-    ``describe_ratio``: the fraction of *training* ``vqa`` samples that ask "Describe the image." and
-    are answered with every object and its region (as the captioning data in InternVL's SFT mixtures:
-    one answer supervises every object, not one); validation and test ask only the one-word questions.
+    ``describe_ratio``: the fraction of *training* ``vqa`` samples that ask "Describe the objects by
+    shape." (or "by colour.") and are answered with every object and its region in that order (as the
+    captioning data in InternVL's SFT mixtures: one answer supervises every object, not one);
+    validation and test ask only the one-word questions.
+
+    ``tokenizer``: ``"byte"`` or ``"shapes"``, which makes every word the world writes one token (a
+    question and its answer take a third of the tokens); the model's vocabulary must hold its ids.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class ShapesDataModule(L.LightningDataModule):
         max_objects: int = 3,
         system: str | None = None,
         describe_ratio: float = 0.0,
+        tokenizer: str = "byte",
     ) -> None:
         super().__init__()
         if task not in ("pairs", "vqa", "preference"):
@@ -154,7 +159,7 @@ class ShapesDataModule(L.LightningDataModule):
         if not 0.0 <= describe_ratio <= 1.0:
             raise ValueError(f"describe_ratio must lie in [0, 1], got {describe_ratio}")
         self.save_hyperparameters()
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = load_tokenizer(tokenizer)
         self.class_names = class_names()
         self.prompt_template = prompt_template
         world = ShapesWorld(image_size)
@@ -218,7 +223,8 @@ class RecordsDataModule(L.LightningDataModule):
 
     Args:
         train, val: data sources (``val`` optional).
-        tokenizer: ``"byte"`` (the embedded default) or a local Hugging Face tokenizer folder.
+        tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
+            tokenizer folder.
         tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile; must equal the model's.
         pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles.
         storage_options: passed to the object-storage client (e.g. ``{"endpoint_url": ...}``).
@@ -289,9 +295,12 @@ class RecordsDataModule(L.LightningDataModule):
 
 
 def load_tokenizer(name: str):
-    """``"byte"`` → :class:`ByteTokenizer`; a folder → its Hugging Face tokenizer (no remote code)."""
+    """``"byte"`` → :class:`ByteTokenizer`; ``"shapes"`` → bytes and the shapes world's words
+    (:func:`~lit_internvl.data.shapes.vocabulary`); a folder → its Hugging Face tokenizer (no remote code)."""
     if name == "byte":
         return ByteTokenizer()
+    if name == "shapes":
+        return ByteTokenizer(vocabulary())
     from lit_internvl.data.tokenizer import HFTokenizer
 
     return HFTokenizer(name)

@@ -61,6 +61,18 @@ class ShapeObject:
         return REGIONS[3 * row + col]
 
 
+def vocabulary() -> list[str]:
+    """Every word the shapes world writes (questions, answers, descriptions, captions, documents,
+    sentences) and the chat template's roles: the whole-word tokens of the ``"shapes"`` tokenizer."""
+    words = {*COLOURS, *SHAPES, *(w for region in REGIONS for w in region.split()), *CORNERS.values()}
+    words |= set(
+        "What colour is the shape object How many objects are there Where Describe by image a at 1 2 3 Answer in "
+        "one word photo of Next That makes pictures A has corners The kinds Every can be or 30".split()
+    )
+    words |= {"system", "user", "assistant"}  # the roles of the chat templates
+    return sorted(words)
+
+
 def class_names() -> list[str]:
     """``"red circle"``, ``"red square"``, ...: class id ``c·len(SHAPES) + s``."""
     return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
@@ -168,13 +180,16 @@ class ShapesWorld:
     def vqa(self, index: int, max_objects: int = 3, describe_ratio: float = 0.0) -> dict:
         """A scene, a question of one of :data:`QUESTION_TYPES`, and its one-word (or two-word) answer.
 
-        With probability ``describe_ratio`` the question is instead ``"Describe the image."`` (type
-        ``"description"``), answered by :meth:`description`.
+        With probability ``describe_ratio`` the question is instead ``"Describe the objects by shape."``
+        or ``"... by colour."`` (type ``"description"``, either order half the time), answered by
+        :meth:`description`.
         """
         objects, rng = self.scene(index, max_objects)
-        if describe_ratio and self.rng(index, "describe").random() < describe_ratio:
-            question, answer, kind = "Describe the image.", self.description(objects), "description"
-            return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
+        describe = self.rng(index, "describe")
+        if describe_ratio and describe.random() < describe_ratio:
+            order = ("shape", "colour")[int(describe.integers(2))]
+            question, answer = f"Describe the objects by {order}.", self.description(objects, order)
+            return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": "description"}
         target = objects[int(rng.integers(len(objects)))]
         kind = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
         if kind == "colour":
@@ -187,9 +202,23 @@ class ShapesWorld:
             question, answer = f"Where is the {target.name}?", target.region(self.image_size)
         return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
 
-    def description(self, objects: list[ShapeObject]) -> str:
-        """Every object and its region, in reading order: ``"a red circle at the top, a blue square at the centre"``."""
-        ordered = sorted(objects, key=lambda obj: REGIONS.index(obj.region(self.image_size)))
+    def description(self, objects: list[ShapeObject], order: str = "shape") -> str:
+        """Every object and its region, listed by ``order`` (``"shape"``: :data:`SHAPES` order; ``"colour"``:
+        :data:`COLOURS` order): ``"a red circle at the top, a blue square at the centre"``.
+
+        Why these orders and not reading order: listed in reading order, a model can name each region
+        from the order in which it scans the image tokens, and learns neither to find an object by what
+        it is nor to read a region off the object itself. Listed by shape, it must find each object by its
+        shape and read its colour and region (as "What colour is the square?" and "Where is the red
+        square?" ask); listed by colour, find it by colour and read its shape (as "What shape is the red
+        object?"). Held-out exact match of the SFT recipe's model after 3,000 steps: in reading order,
+        colour 0.60 and position 0.61 (shape 1.00); by shape only, colour and position 1.00 but shape 0.67;
+        by colour only, shape and position 1.00 but colour 0.66; by either (vqa's draw), all 1.00.
+        """
+        if order not in ("shape", "colour"):
+            raise ValueError(f"Unknown description order {order!r}; choose 'shape' or 'colour'")
+        rank = {"shape": lambda obj: SHAPES.index(obj.shape), "colour": lambda obj: list(COLOURS).index(obj.colour)}
+        ordered = sorted(objects, key=rank[order])
         return ", ".join(f"a {obj.name} at the {obj.region(self.image_size)}" for obj in ordered)
 
     def answer_options(self, kind: str, max_objects: int = 3) -> list[str]:

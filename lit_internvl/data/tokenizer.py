@@ -1,4 +1,5 @@
-"""The byte-level tokenizer of the embedded default: 256 byte ids, then InternVL's special tokens.
+"""The tokenizers of the embedded default: 256 byte ids, then InternVL's special tokens, then
+(optionally) whole words of a fixed vocabulary, as the "shapes" tokenizer has the shapes world's words.
 
 Real recipes use a Hugging Face tokenizer from a checkpoint folder (:class:`HFTokenizer`); both
 expose the same small interface: ``encode(text) → ids`` (special-token strings in the text become
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SPECIAL_TOKENS = (
@@ -20,13 +21,24 @@ SPECIAL_TOKENS = (
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0–255; special tokens from 256 on (``<|endoftext|>`` pads, ``<|im_end|>`` ends)."""
+    """UTF-8 bytes as ids 0–255; special tokens from 256 on (``<|endoftext|>`` pads, ``<|im_end|>`` ends);
+    then one id per word of ``words`` and one per word with a leading space (``" red"``), as GPT-2-style
+    vocabularies have. Text splits into runs of ASCII letters and digits (each with the space before it)
+    and single other characters; a run that is a word is one token, anything else falls back to bytes.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, words: Sequence[str] = ()) -> None:
         self.special_ids = {token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.special_tokens = {i: token for token, i in self.special_ids.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
-        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        not_words = [w for w in words if not re.fullmatch("[A-Za-z0-9]+", w)]
+        if not_words:
+            raise ValueError(f"Tokenizer words must be runs of ASCII letters and digits; got {not_words[:5]}")
+        pieces = list(dict.fromkeys([*words, *(" " + w for w in words)]))
+        self.word_ids = {piece: 256 + len(SPECIAL_TOKENS) + i for i, piece in enumerate(pieces)}
+        self.words = {i: piece for piece, i in self.word_ids.items()}
+        self._runs = re.compile(" ?[A-Za-z0-9]+|[^A-Za-z0-9]")
+        self.vocab_size = 256 + len(SPECIAL_TOKENS) + len(pieces)
         self.pad_id = self.special_ids["<|endoftext|>"]
         self.eos_id = self.special_ids["<|im_end|>"]
 
@@ -40,8 +52,12 @@ class ByteTokenizer:
         for piece in self._split.split(text):
             if piece in self.special_ids:
                 ids.append(self.special_ids[piece])
-            elif piece:
-                ids.extend(piece.encode("utf-8"))
+                continue
+            for run in self._runs.findall(piece):
+                if run in self.word_ids:
+                    ids.append(self.word_ids[run])
+                else:
+                    ids.extend(run.encode("utf-8"))
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -53,7 +69,9 @@ class ByteTokenizer:
                 continue
             out.append(pending.decode("utf-8", errors="replace"))
             pending = bytearray()
-            if not skip_special_tokens:
+            if i in self.words:
+                out.append(self.words[i])
+            elif not skip_special_tokens:
                 out.append(self.special_tokens.get(i, f"<unk:{i}>"))
         out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)

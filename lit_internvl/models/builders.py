@@ -39,6 +39,8 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     "InternVL2.5-8B": InternVLPreset("InternViT-300M-448px", "InternVL2.5-8B", INTERNLM2_IMG_CONTEXT_ID),
     # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
     "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
+    # recipes/sft.yaml's and mpo.yaml's model: the "shapes" tokenizer (the byte tokenizer's ids, then words).
+    "tiny-shapes": InternVLPreset("tiny", "tiny-shapes", BYTE_IMG_CONTEXT_ID),
 }
 
 

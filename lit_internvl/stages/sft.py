@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from lit_internvl.data.tokenizer import IMG_CONTEXT
@@ -79,9 +80,14 @@ class SFTStage(Stage):
         connector = self.factories["connector"]
         if not isinstance(connector, nn.Module):
             connector = connector(vision.hidden_size, decoder.hidden_size)
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        if tokenizer is not None and tokenizer.vocab_size > decoder.embed_tokens.num_embeddings:
+            raise ValueError(
+                f"The datamodule's tokenizer has {tokenizer.vocab_size} ids but the decoder's vocabulary holds "
+                f"{decoder.embed_tokens.num_embeddings}: choose a decoder config for this tokenizer"
+            )
         image_context_id = self.hparams.image_context_id
         if image_context_id is None:
-            tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
             if tokenizer is None:
                 raise ValueError("image_context_id is not set and no datamodule tokenizer is available to look it up")
             image_context_id = tokenizer.token_to_id(IMG_CONTEXT)
@@ -187,18 +193,27 @@ class SFTStage(Stage):
             self.log("val/answer_accuracy", torch.stack(values).mean())
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Generate answers for prompt batches (left-padded, e.g. the datamodule's predict split)."""
+        """Generate answers for prompt batches (left-padded, e.g. the datamodule's predict split); an answer that
+        reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
         tokenizer = self.trainer.datamodule.tokenizer
         h = self.hparams
         answers = generate(
             self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
             max_new_tokens=h.max_new_tokens, eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p,
         )  # fmt: skip
-        out = []
+        out, cut = [], []
         for row, tokens in enumerate(answers):
+            name, finished = batch["sample_names"][row], tokenizer.eos_id in tokens
             text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
             reference = (batch.get("reference") or [None] * len(answers))[row]
-            out.append({"name": batch["sample_names"][row], "answer": text, "reference": reference})
+            out.append({"name": name, "answer": text, "reference": reference, "finished": finished})
+            if not finished:
+                cut.append(name)
+        if cut:
+            rank_zero_warn(
+                f"{len(cut)} answers of batch {batch_idx} ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}) "
+                f"reached max_new_tokens={h.max_new_tokens} before an end token and are cut off (\"finished\": false)"
+            )
         return out
 
     def configure_callbacks(self):
