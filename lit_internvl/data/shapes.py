@@ -67,8 +67,9 @@ def vocabulary() -> list[str]:
     words = {*COLOURS, *SHAPES, *(w for region in REGIONS for w in region.split()), *CORNERS.values()}
     words |= set(
         "What colour is the shape object How many objects are there Where Describe by image a at 1 2 3 Answer in "
-        "one word photo of Next That makes pictures A has corners The kinds Every can be or 30".split()
+        "one word photo of Next That makes pictures A has corners The kinds Every can be or".split()
     )
+    words |= {str(len(COLOURS) * len(SHAPES))}  # "one of 30 kinds of object" (sentence)
     words |= {"system", "user", "assistant"}  # the roles of the chat templates
     return sorted(words)
 
@@ -217,8 +218,8 @@ class ShapesWorld:
         """
         if order not in ("shape", "colour"):
             raise ValueError(f"Unknown description order {order!r}; choose 'shape' or 'colour'")
-        rank = {"shape": lambda obj: SHAPES.index(obj.shape), "colour": lambda obj: list(COLOURS).index(obj.colour)}
-        ordered = sorted(objects, key=rank[order])
+        names = SHAPES if order == "shape" else list(COLOURS)
+        ordered = sorted(objects, key=lambda obj: names.index(getattr(obj, order)))
         return ", ".join(f"a {obj.name} at the {obj.region(self.image_size)}" for obj in ordered)
 
     def answer_options(self, kind: str, max_objects: int = 3) -> list[str]:
