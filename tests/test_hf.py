@@ -21,15 +21,15 @@ from transformers import (
     Qwen2Config,
 )
 
+from lit_internvl import checkpoints
 from lit_internvl.checkpoints import load_into
 from lit_internvl.components import InternViTConfig, LanguageConfig
+from lit_internvl.data.tokenizer import HFTokenizer
 from lit_internvl.hf import (
     UnsupportedCheckpointError,
     build_vlm,
-    export_main,
     export_vlm,
     load_state_exactly,
-    load_tokenizer,
     load_vlm,
     read_config,
     read_vlm_state_dict,
@@ -37,6 +37,7 @@ from lit_internvl.hf import (
     transformers_config,
 )
 from lit_internvl.models.builders import INTERNVL_PRESETS, internvl, vlm_from_configs
+from lit_internvl.tools.export import main as export_main
 
 IMAGE_TOKEN = 145  # <IMG_CONTEXT> of the test tokenizer below
 IMAGE_SIZE, TOKENS_PER_TILE = 112, 16  # 8×8 patches of 14 px, pixel-shuffled to 4×4
@@ -296,7 +297,7 @@ def test_opengvlab_checkpoint_gives_the_same_logits_as_transformers(tmp_path, te
     )  # fmt: skip
     ours = load_vlm(folder)
     _assert_same_as_transformers(reference, ours, f"OpenGVLab layout, {text} + {vision}")
-    assert load_tokenizer(folder).chat_template.startswith("{% for m in messages %}")
+    assert HFTokenizer(folder).tokenizer.chat_template.startswith("{% for m in messages %}")
 
 
 def test_internlm2_wqkv_is_split_by_kv_group(tmp_path):
@@ -334,10 +335,10 @@ def test_export_round_trip_loads_in_transformers_with_our_logits(tmp_path, kind)
     tokenizer = _tokenizer_folder(tmp_path / "tokenizer")
     out = export_vlm(model, tmp_path / "export", tokenizer_dir=tokenizer, max_shard_bytes=shard)
     assert (out / "model.safetensors.index.json").exists() == (shard < 1024**2)
-    assert (out / "tokenizer.json").exists() and load_tokenizer(out).chat_template is not None
+    assert (out / "tokenizer.json").exists() and HFTokenizer(out).tokenizer.chat_template is not None
 
     exported = InternVLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
-    tokens = model.tokens_per_tile
+    tokens = model.tokens_per_tile()
     input_ids = torch.tensor([[5, 6] + [model.image_context_id] * tokens + [7, 8, 9]])
     size = model.vision.config.image_size
     pixel_values = torch.randn(1, 3, size, size)
@@ -360,7 +361,7 @@ def test_export_command_from_a_lightning_checkpoint(tmp_path):
     torch.save({"state_dict": state, "epoch": 1}, tmp_path / "last.ckpt")
     main(["export", "--checkpoint", str(tmp_path / "last.ckpt"), "--arch", "tiny", "--output", str(tmp_path / "out")])
     exported = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
-    input_ids = torch.tensor([[1, 2] + [model.image_context_id] * model.tokens_per_tile + [3]])
+    input_ids = torch.tensor([[1, 2] + [model.image_context_id] * model.tokens_per_tile() + [3]])
     pixel_values = torch.randn(1, 3, 56, 56)
     assert _max_diff(exported, model.eval(), input_ids, pixel_values) <= TOLERANCE
 
@@ -370,6 +371,46 @@ def test_export_command_from_a_lightning_checkpoint(tmp_path):
         export_main(["--checkpoint", str(tmp_path / "lora.ckpt"), "--arch", "tiny", "--output", str(tmp_path / "x")])
     with pytest.raises(SystemExit):  # a .ckpt without --arch: argparse explains and exits
         export_main(["--checkpoint", str(tmp_path / "last.ckpt"), "--output", str(tmp_path / "y")])
+
+
+def test_export_at_the_trained_tile_size_computes_what_ours_computes(tmp_path):
+    """An encoder native at 56 px that trained on 84 px tiles exports at 84 px: image_size 84, 9 tokens a tile,
+    and the position table resized as our forward pass interpolates it, so transformers' logits at 84 px are ours."""
+    torch.manual_seed(0)
+    model = internvl("tiny")  # InternViT at 56 px: a 4×4 patch grid
+    _randomise(model)
+    model.tile_size = 84  # a 6×6 grid, pixel-shuffled to 3×3
+    model.eval()
+    out = export_vlm(model, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["image_size"] == [84, 84] and config["image_seq_length"] == 9
+
+    exported = InternVLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert exported.model.vision_tower.embeddings.position_embeddings.shape[1] == 1 + 6 * 6
+    input_ids = torch.tensor([[5, 6] + [model.image_context_id] * model.tokens_per_tile() + [7, 8, 9]])
+    pixel_values = torch.randn(1, 3, 84, 84)
+    diff = _max_diff(exported, model, input_ids, pixel_values)  # ours interpolates, theirs reads the resized table
+    print(f"\n[export at 84 px of a 56 px encoder] max |Δlogit| = {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_export_command_uses_the_tile_size_the_run_recorded(tmp_path):
+    """A .ckpt exports at the tile size its run recorded (checkpoints.read_model_facts), ``--tile-size``
+    overrides it, a run that recorded none exports at the encoder's size, and an hf folder keeps its own."""
+    torch.manual_seed(0)
+    state = {f"model.{k}": v for k, v in internvl("tiny").state_dict().items()}
+    torch.save({"state_dict": state, checkpoints.MODEL_FACTS: {"tile_size": 84}}, tmp_path / "last.ckpt")
+    torch.save({"state_dict": state}, tmp_path / "older.ckpt")  # written before the facts were kept
+
+    def exported(checkpoint: str, output: str, *options: str) -> tuple[int, int]:
+        export_main(["--checkpoint", str(tmp_path / checkpoint), "--output", str(tmp_path / output), *options])
+        config = json.loads((tmp_path / output / "config.json").read_text())
+        return config["vision_config"]["image_size"][0], config["image_seq_length"]
+
+    assert exported("last.ckpt", "recorded", "--arch", "tiny") == (84, 9)
+    assert exported("last.ckpt", "given", "--arch", "tiny", "--tile-size", "112") == (112, 16)
+    assert exported("older.ckpt", "native", "--arch", "tiny") == (56, 4)
+    assert exported("recorded", "from-folder") == (84, 9)
 
 
 def test_init_from_hf_loads_every_tensor(tmp_path):
@@ -392,8 +433,7 @@ def _count(module: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes")])
 def test_the_tiny_presets_fit_their_tokenizers(preset, tokenizer):
-    from lit_internvl.data.datamodules import load_tokenizer
-    from lit_internvl.data.tokenizer import IMG_CONTEXT
+    from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
 
     tok, model = load_tokenizer(tokenizer), internvl(preset)
     assert model.image_context_id == tok.token_to_id(IMG_CONTEXT)
@@ -438,9 +478,9 @@ def test_remote_code_in_the_folder_never_runs(tmp_path):
 
     load_vlm(folder)
     try:
-        load_tokenizer(folder)
+        HFTokenizer(folder)
     except ValueError as error:  # refusing is fine too, as long as it says why
-        assert "trust_remote_code=False" in str(error)
+        assert "trust_remote_code" in str(error)
     assert not marker.exists()
 
 
