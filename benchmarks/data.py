@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from lit_internvl.data.datamodules import RecordsDataModule
+from lit_internvl.data import RecordsDataModule
 from lit_internvl.data.images import to_tensor
-from lit_internvl.data.packing import Collator
+from lit_internvl.data.collate import Collator
 from lit_internvl.data.records import SkipCounter, index_records, open_images, read_meta, read_record
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.templates import tokenize_conversation

@@ -23,7 +23,7 @@ from lit_internvl.stages.base import Stage
 
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
 TOOLS = {
-    "prepare": "lit_internvl.data.prepare:main",
+    "prepare": "lit_internvl.tools.prepare:main",
     "export": "lit_internvl.tools.export:main",
     "chat": "lit_internvl.inference:chat_main",
     "report": "lit_internvl.callbacks.metrics_report:report_main",

@@ -1,11 +1,17 @@
-"""The embedded default's data: byte and word tokenizers that round-trip, a deterministic shapes world."""
+"""The embedded default's data: byte and word tokenizers that round-trip, a deterministic shapes world; both
+datamodules meet the stage contract, and a misspelt choice fails when the recipe is parsed."""
+
+import json
 
 import numpy as np
 import pytest
+from jsonargparse import ArgumentError, ArgumentParser
 
-from lit_internvl.data import ByteTokenizer, ShapesDataModule
-from lit_internvl.data.datamodules import load_tokenizer
-from lit_internvl.data.shapes import COLOURS, REGIONS, SHAPES, ShapesWorld, class_names, vocabulary
+from lit_internvl.data import ByteTokenizer, RecordsDataModule, ShapesDataModule, load_tokenizer
+from lit_internvl.data.contract import StageData
+from lit_internvl.data.records import Record
+from lit_internvl.data.shapes import COLOURS, QUESTION_TYPES, REGIONS, SHAPES, ShapesWorld, class_names, vocabulary
+from lit_internvl.data.templates import ChatTemplate
 
 
 def test_byte_tokenizer_round_trips_text_and_special_tokens():
@@ -155,3 +161,50 @@ def test_descriptions_name_every_object_in_the_order_asked_for_and_only_in_train
         train[8]
     with pytest.raises(ValueError, match="describe_ratio"):
         ShapesDataModule(task="vqa", describe_ratio=1.5)
+
+
+def test_both_datamodules_are_what_a_stage_reads():
+    """Both satisfy the StageData contract; their tile facts come from the one SampleOptions their samples are
+    built with."""
+    shapes, records = ShapesDataModule(tile_size=84, tokens_per_tile=9), RecordsDataModule(train="unread.jsonl")
+    for dm in (shapes, records):
+        assert isinstance(dm, StageData)
+        builder = dm.sample_builder(generation=True)
+        assert builder.options.tile_size == dm.tile_size and builder.options.tokens_per_tile == dm.tokens_per_tile
+        assert builder.generation and builder.tokenizer is dm.tokenizer
+    assert (shapes.tile_size, shapes.tokens_per_tile) == (84, 9)
+    assert (records.tile_size, records.tokens_per_tile) == (448, 256)
+    assert shapes.class_names == class_names() and shapes.prompt_template == "a {}"
+    assert set(shapes.question_types) == set(QUESTION_TYPES)
+    assert records.class_names is None and records.prompt_template is None and records.question_types is None
+
+
+def test_jpeg_augmentation_is_for_training_samples_only():
+    dm = RecordsDataModule(train="unread.jsonl", jpeg_quality=(75, 100))
+    assert dm.sample_builder(train=True).options.jpeg_quality == (75, 100)
+    assert dm.sample_builder(train=False).options.jpeg_quality is None
+
+
+@pytest.mark.parametrize(
+    "datamodule, argument, bad",
+    [(ShapesDataModule, "task", "captions"), (RecordsDataModule, "template", "internvl25")],
+)
+def test_a_misspelt_choice_fails_when_the_config_is_parsed(datamodule, argument, bad):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(datamodule, "data")
+    required = ["--data.train", "data.jsonl"] if datamodule is RecordsDataModule else []
+    with pytest.raises(ArgumentError, match=f"data.{argument}"):
+        parser.parse_args([*required, f"--data.{argument}", bad])
+
+
+def test_a_recipe_can_spell_out_its_own_chat_template():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(RecordsDataModule, "data")
+    template = {"name": "mine", "system_message": "S", "system_header": "<s>", "user_header": "<u>",
+                "assistant_header": "<a>", "end": "</e>"}  # fmt: skip
+    config = parser.parse_args(["--data.train", "data.jsonl", "--data.template", json.dumps(template)])
+    dm = parser.instantiate_classes(config).data
+    assert dm.sample_options.template == ChatTemplate(**template)
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    sample = dm.sample_builder()(Record("conversation", "data.jsonl:1", {"conversations": turns}))
+    assert dm.tokenizer.decode(sample["input_ids"]) == "<s>S</e><u>q</e><a>a</e>"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_internvl.data.datamodules import RecordsDataModule
-from lit_internvl.data.prepare import main as prepare_main
+from lit_internvl.data import RecordsDataModule
+from lit_internvl.tools.prepare import main as prepare_main
 from lit_internvl.data.records import KINDS, BadRecord
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer

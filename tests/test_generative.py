@@ -15,7 +15,7 @@ import yaml
 
 from lit_internvl.cli import main
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, TextEncoder
-from lit_internvl.data.datamodules import pad_ids
+from lit_internvl.data.collate import pad_ids
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.qllama import CrossAttention, QLLaMA, QLLaMAConnector, qllama_mask

@@ -20,8 +20,8 @@ import litdata.streaming.downloader as litdata_downloader  # noqa: E402
 import litdata.utilities.dataset_utilities as litdata_cache  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from lit_internvl.data.datamodules import RecordsDataModule  # noqa: E402
-from lit_internvl.data.prepare import main as prepare_main  # noqa: E402
+from lit_internvl.data import RecordsDataModule  # noqa: E402
+from lit_internvl.tools.prepare import main as prepare_main  # noqa: E402
 from lit_internvl.data.records import KINDS  # noqa: E402
 from lit_internvl.data.shapes import write_records  # noqa: E402
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer  # noqa: E402

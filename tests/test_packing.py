@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
-from lit_internvl.data.packing import Collator, first_fit
+from lit_internvl.data.collate import Collator, first_fit
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.losses import IGNORE_INDEX, language_model_loss, supervised_positions
 from lit_internvl.models import VisionLanguageModel
@@ -47,16 +47,16 @@ def _one_by_one(model, sample):
 
 
 def test_first_fit_respects_token_and_tile_bounds():
-    rows = first_fit([5, 4, 3, 6, 2], [1, 0, 2, 1, 0], max_tokens=9, max_tiles=2)
+    rows = first_fit([5, 4, 3, 6, 2], [1, 0, 2, 1, 0], max_tokens=9, max_tiles_per_row=2)
     assert rows == [[0, 1], [2, 4], [3]]
     with pytest.raises(ValueError, match="exceeds max_tokens 9"):
-        first_fit([10], [0], max_tokens=9, max_tiles=2)
+        first_fit([10], [0], max_tokens=9, max_tiles_per_row=2)
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
 def test_packed_logits_equal_samples_one_by_one(backend):
     model = _model(backend)
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles=4)(SAMPLES)
+    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles_per_row=4)(SAMPLES)
     assert batch["input_ids"].shape[0] < len(SAMPLES), "some samples share a row"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex on CPU warns that it runs unfused
@@ -85,7 +85,7 @@ def test_packed_logits_equal_samples_one_by_one(backend):
 @pytest.mark.parametrize("logits_at", ["every position", "supervised positions"])
 def test_packed_loss_and_gradients_equal_samples_one_by_one(backend, reduction, logits_at):
     model = _model(backend)
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles=4)(SAMPLES)
+    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles_per_row=4)(SAMPLES)
     supervised = supervised_positions(batch["labels"], batch["document_ids"])
     logits = model(
         batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],

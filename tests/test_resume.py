@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_internvl.components import Decoder, InternViT, InternViTConfig, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
-from lit_internvl.data.datamodules import RecordsDataModule
-from lit_internvl.data.prepare import main as prepare_main
+from lit_internvl.data import RecordsDataModule
+from lit_internvl.tools.prepare import main as prepare_main
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.stages import SFTStage

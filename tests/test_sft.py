@@ -12,7 +12,7 @@ import yaml
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
-from lit_internvl.data.packing import Collator
+from lit_internvl.data.collate import Collator
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.inference import generate, sample_next
 from lit_internvl.lora import add_lora, lora_disabled, merge_lora

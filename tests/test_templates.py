@@ -264,3 +264,11 @@ def test_video_frames_become_numbered_image_placeholders():
     assert ByteTokenizer().decode(ids).count("<img><IMG_CONTEXT></img>") == 3
     with pytest.raises(ValueError, match="one <video>"):
         expand_video_placeholder([{"from": "human", "value": "<video><video>"}], 2)
+
+
+def test_the_template_names_a_recipe_may_choose_are_the_registered_templates():
+    from typing import get_args
+
+    from lit_internvl.data.templates import TemplateName
+
+    assert set(get_args(TemplateName)) == set(TEMPLATES)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lit_internvl.callbacks.throughput import TrainingThroughput, count_samples, count_tokens
 from lit_internvl.components import Decoder, InternViT, InternViTConfig, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
-from lit_internvl.data.packing import Collator
+from lit_internvl.data.collate import Collator
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.flops import batch_flops, document_lengths, vlm_flops
 from lit_internvl.models import VisionLanguageModel

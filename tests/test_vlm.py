@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
-from lit_internvl.data.datamodules import pad_ids
+from lit_internvl.data.collate import pad_ids
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.models import ImageTokenMismatchError, VisionLanguageModel
 

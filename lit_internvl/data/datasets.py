@@ -48,9 +48,8 @@ class JsonlSamples(Dataset):
     def __init__(self, source: str, builder: SampleBuilder, image_root: str | None = None) -> None:
         self.builder = builder
         self.skips = SkipCounter()
-        self.items = [
-            item for spec in dataset_specs(source, image_root) for item in index_records(spec, builder.strict, self.skips)
-        ]
+        specs, strict = dataset_specs(source, image_root), builder.options.strict
+        self.items = [item for spec in specs for item in index_records(spec, strict, self.skips)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -69,7 +68,12 @@ class StreamingSamples(StreamingDataset):
     Its loader's state (a ``StreamingDataLoader``) resumes the exact sample order."""
 
     def __init__(
-        self, input_dir: str, builder: SampleBuilder, shuffle: bool = False, seed: int = 0, storage_options: dict | None = None
+        self,
+        input_dir: str,
+        builder: SampleBuilder,
+        shuffle: bool = False,
+        seed: int = 0,
+        storage_options: dict | None = None,
     ) -> None:
         super().__init__(input_dir, shuffle=shuffle, seed=seed, storage_options=storage_options or {})
         self.builder = builder

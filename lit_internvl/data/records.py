@@ -27,11 +27,17 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pair", "conversation", "interleaved", "text", "preference")
-IMAGE_PLACEHOLDER = "<image>"
+RecordKind = Literal["pair", "conversation", "interleaved", "text", "preference"]
+KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
+# Where an image (or a video's frames) goes in a record's text; the chat template expands it.
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+# Who speaks a conversation turn (its "from"): the system message, the user, the assistant.
+Role = Literal["system", "human", "gpt"]
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 class BadRecord(ValueError):
@@ -44,7 +50,7 @@ class BadRecord(ValueError):
 
 @dataclass
 class Record:
-    kind: str
+    kind: RecordKind
     name: str  # "annotation.jsonl:12": where the record came from, for messages
     fields: dict
     images: list = field(default_factory=list)  # paths (str) as read; encoded bytes once prepared
@@ -71,6 +77,11 @@ def _strings(value, what: str) -> list[str]:
     return values
 
 
+def _placeholder_mismatch(name: str, placeholders: int, images: int) -> BadRecord:
+    detail = f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {images} image(s)"
+    return BadRecord(name, "placeholder mismatch", detail)
+
+
 def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
     """Validate one decoded JSON value; raise :class:`BadRecord` naming ``name`` if it is not a record."""
     try:
@@ -84,8 +95,9 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
             if not isinstance(turns, list) or not turns:
                 raise ValueError("'conversations' must be a non-empty list")
             for i, turn in enumerate(turns):
-                if not isinstance(turn, dict) or turn.get("from") not in ("system", "human", "gpt") or not isinstance(turn.get("value"), str):
-                    raise ValueError(f"turn {i} must be {{'from': 'system'|'human'|'gpt', 'value': str}}, got {turn!r}")
+                if not (isinstance(turn, dict) and turn.get("from") in ROLES and isinstance(turn.get("value"), str)):
+                    roles = "|".join(map(repr, ROLES))
+                    raise ValueError(f"turn {i} must be {{'from': {roles}, 'value': str}}, got {turn!r}")
             if not any(t["from"] == "gpt" for t in turns):
                 raise ValueError("no 'gpt' turn to learn from")
             if "video" in obj:
@@ -96,7 +108,7 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
             # No placeholder with one image is InternVL's convention (the image goes first);
             # otherwise every image needs its placeholder.
             if placeholders != len(images) and not (placeholders == 0 and len(images) == 1):
-                raise BadRecord(name, "placeholder mismatch", f"{placeholders} <image> placeholder(s) for {len(images)} image(s)")
+                raise _placeholder_mismatch(name, placeholders, len(images))
         elif kind == "pair":
             images = _strings(obj["image"], "'image'")
             _strings(obj["text"], "'text'")
@@ -107,7 +119,7 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
                 raise ValueError("'texts' must be a list of strings")
             placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
             if placeholders != len(images):
-                raise BadRecord(name, "placeholder mismatch", f"{placeholders} <image> placeholder(s) for {len(images)} image(s)")
+                raise _placeholder_mismatch(name, placeholders, len(images))
         elif kind == "text":
             _strings(obj["text"], "'text'")
         else:
@@ -148,11 +160,8 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         repeat = float(entry.get("repeat_time", 1.0))
         if repeat <= 0:
             raise ValueError(f"{path}: dataset {name!r} has repeat_time {repeat}; it must be > 0")
-        specs.append(
-            DatasetSpec(
-                name, path.parent / entry["annotation"], path.parent / entry["root"], repeat, entry.get("max_dynamic_patch")
-            )
-        )
+        annotation, root = path.parent / entry["annotation"], path.parent / entry["root"]
+        specs.append(DatasetSpec(name, annotation, root, repeat, entry.get("max_dynamic_patch")))
     return specs
 
 
@@ -279,11 +288,15 @@ def encode_record(item: tuple, strict: bool):
             raise
         log.warning("skipping %s", error)
         return
-    meta = {"kind": record.kind, "name": record.name, "fields": record.fields, "is_video": record.is_video, "max_tiles": record.max_tiles}
+    meta = {
+        "kind": record.kind, "name": record.name, "fields": record.fields, "is_video": record.is_video,
+        "max_tiles": record.max_tiles,
+    }  # fmt: skip
     yield {"record": json.dumps(meta), "images": pack_images([Path(p).read_bytes() for p in record.images])}
 
 
 def decode_record(item: dict) -> Record:
     """A streamed shard item back to a :class:`Record` whose images are encoded bytes."""
     meta = json.loads(item["record"])
-    return Record(meta["kind"], meta["name"], meta["fields"], unpack_images(item["images"]), meta["is_video"], meta["max_tiles"])
+    images = unpack_images(item["images"])
+    return Record(meta["kind"], meta["name"], meta["fields"], images, meta["is_video"], meta["max_tiles"])

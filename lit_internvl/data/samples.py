@@ -1,7 +1,8 @@
 """Records → training samples: images tiled, text templated and tokenized, labels masked.
 
-:class:`SampleBuilder` is the one function from a :class:`~lit_internvl.data.records.Record` to a
-sample ``{"input_ids" (L,), "labels" (L,), "pixel_values" (tiles, 3, S, S) | None, "name"}``:
+:class:`SampleBuilder`, set by one :class:`SampleOptions`, is the one function from a
+:class:`~lit_internvl.data.records.Record` to a sample
+``{"input_ids" (L,), "labels" (L,), "pixel_values" (tiles, 3, S, S) | None, "name"}``:
 
 - conversation: the chat template's masks (only the assistant's answers are trained);
 - pair: a conversation whose question is the image and whose answer is the caption;
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 
+from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, open_images
 from lit_internvl.data.templates import (
     IGNORE_INDEX,
+    ChatTemplate,
     PlaceholderMismatchError,
+    TemplateName,
     expand_video_placeholder,
     image_tokens,
     tokenize_conversation,
@@ -36,55 +41,53 @@ from lit_internvl.data.tiling import tile_sample
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    """How records become samples: the tiling and template settings that both datamodules and
+    :class:`SampleBuilder` share.
+
+    Args:
+        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile (the model's ``tokens_per_tile`` at ``tile_size``).
+        template: a registered chat template's name, or a custom :class:`~lit_internvl.data.templates.ChatTemplate`.
+        tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset may lower
+            ``max_tiles`` (its ``max_dynamic_patch``).
+        max_length: longer samples are bad records ("over-long sample"), never truncated silently.
+        system: system message instead of the template's default.
+        pair_prompt: the question of a pair record (empty: the image alone).
+        jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off.
+        strict: raise on a bad record instead of skipping it.
+        seed: seeds the augmentation, per record.
+    """
+
+    tokens_per_tile: int
+    template: TemplateName | ChatTemplate = "internvl2_5"
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    max_length: int = 4096
+    system: str | None = None
+    pair_prompt: str = ""
+    jpeg_quality: tuple[int, int] | None = None
+    strict: bool = False
+    seed: int = 0
+
+
 class SampleBuilder:
     """Turns records into samples for a vision-language model.
 
     Args:
         tokenizer: :class:`~lit_internvl.data.tokenizer.ByteTokenizer` or ``HFTokenizer``.
-        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile (the model's ``tokens_per_tile``).
-        template: chat template name (``internvl2_5``, ``Hermes-2``, ``internlm2-chat``, ``phi3-chat``).
-        tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset may lower
-            ``max_tiles`` (its ``max_dynamic_patch``).
-        max_length: longer samples are bad records ("over-long sample"), never truncated silently.
-        image_root: folder that records' relative image paths start from.
-        pair_prompt: the question of a pair record (empty: the image alone).
-        jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off.
-        system: system message instead of the template's default.
-        strict: raise on a bad record instead of skipping it.
+        options: tiling, template and length settings.
         generation: build prompts to answer: a conversation's last answer is left out (kept as
             ``reference``) and the assistant header ends the prompt.
+        image_root: folder that records' relative image paths start from.
     """
 
     def __init__(
-        self,
-        tokenizer,
-        tokens_per_tile: int,
-        template: str = "internvl2_5",
-        tile_size: int = 448,
-        min_tiles: int = 1,
-        max_tiles: int = 12,
-        use_thumbnail: bool = True,
-        max_length: int = 4096,
-        image_root: str | None = None,
-        pair_prompt: str = "",
-        jpeg_quality: tuple[int, int] | None = None,
-        system: str | None = None,
-        strict: bool = False,
-        seed: int = 0,
-        generation: bool = False,
+        self, tokenizer: Tokenizer, options: SampleOptions, generation: bool = False, image_root: str | None = None
     ) -> None:
-        self.tokenizer = tokenizer
-        self.tokens_per_tile = tokens_per_tile
-        self.template = template
-        self.tile_size, self.min_tiles, self.max_tiles, self.use_thumbnail = tile_size, min_tiles, max_tiles, use_thumbnail
-        self.max_length = max_length
-        self.image_root = image_root
-        self.pair_prompt = pair_prompt
-        self.jpeg_quality = jpeg_quality
-        self.system = system
-        self.strict = strict
-        self.seed = seed
-        self.generation = generation
+        self.tokenizer, self.options, self.generation, self.image_root = tokenizer, options, generation, image_root
 
     def safe(self, record: Record | BadRecord) -> dict:
         """:meth:`__call__`, with a bad record logged and returned as ``{"skipped": reason, "name"}``."""
@@ -93,27 +96,28 @@ class SampleBuilder:
                 raise record
             return self(record)
         except BadRecord as error:
-            if self.strict:
+            if self.options.strict:
                 raise
             log.warning("skipping %s", error)
             return {"skipped": error.reason, "name": error.name}
 
     def __call__(self, record: Record) -> dict:
+        o = self.options
         images = open_images(record, self.image_root)
-        max_tiles = min(self.max_tiles, record.max_tiles or self.max_tiles)
+        max_tiles = min(o.max_tiles, record.max_tiles or o.max_tiles)
         pixel_values, tiles_per_image = tile_sample(
-            images, self.tile_size, max_tiles, is_video=record.is_video, min_tiles=self.min_tiles,
-            use_thumbnail=self.use_thumbnail, jpeg_quality=self.jpeg_quality,
+            images, o.tile_size, max_tiles, is_video=record.is_video, min_tiles=o.min_tiles,
+            use_thumbnail=o.use_thumbnail, jpeg_quality=o.jpeg_quality,
             # Seeded per record, so the augmentation does not depend on which worker builds it.
-            rng=random.Random(f"{self.seed}/{record.name}") if self.jpeg_quality else None,
+            rng=random.Random(f"{o.seed}/{record.name}") if o.jpeg_quality else None,
         )  # fmt: skip
-        counts = [tiles * self.tokens_per_tile for tiles in tiles_per_image]
+        counts = [tiles * o.tokens_per_tile for tiles in tiles_per_image]
         fields = record.fields
         extra: dict = {}
         try:
             if record.kind in ("conversation", "pair"):
                 if record.kind == "pair":
-                    question = IMAGE_PLACEHOLDER + (f"\n{self.pair_prompt}" if self.pair_prompt else "")
+                    question = IMAGE_PLACEHOLDER + (f"\n{o.pair_prompt}" if o.pair_prompt else "")
                     turns = [{"from": "human", "value": question}, {"from": "gpt", "value": fields["text"]}]
                 else:
                     turns = fields["conversations"]
@@ -123,7 +127,7 @@ class SampleBuilder:
                     extra["reference"] = turns[-1]["value"] if turns[-1]["from"] == "gpt" else None
                     turns = turns[:-1] if turns[-1]["from"] == "gpt" else turns
                 ids, labels = tokenize_conversation(
-                    turns, self.tokenizer, self.template, counts, self.system, add_generation_prompt=self.generation
+                    turns, self.tokenizer, o.template, counts, o.system, add_generation_prompt=self.generation
                 )
             elif record.kind == "interleaved":
                 ids, labels = self._interleaved(fields["texts"], counts)
@@ -137,8 +141,8 @@ class SampleBuilder:
         except PlaceholderMismatchError as error:
             raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
         longest = max(len(ids), len(extra["rejected"]["input_ids"]) if "rejected" in extra else 0)
-        if longest > self.max_length:
-            raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {self.max_length}")
+        if longest > o.max_length:
+            raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {o.max_length}")
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
@@ -152,7 +156,7 @@ class SampleBuilder:
         if IMAGE_PLACEHOLDER not in question and counts:
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
         turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        return tokenize_conversation(turns, self.tokenizer, self.template, counts, self.system)
+        return tokenize_conversation(turns, self.tokenizer, self.options.template, counts, self.options.system)
 
     def _interleaved(self, texts: list[str], counts: list[int]) -> tuple[list[int], list[int]]:
         """Text pieces trained, image spans masked; ends with the (trained) end token."""

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal
 
-from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from lit_internvl.data.contract import Tokenizer
+from lit_internvl.data.records import IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER
+from lit_internvl.data.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 from lit_internvl.losses import IGNORE_INDEX
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-ROLES = ("system", "human", "gpt")
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+# The registered templates (:data:`TEMPLATES`), so that a misspelt name fails when a recipe is parsed.
+TemplateName = Literal["internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat"]
 
 
 class PlaceholderMismatchError(ValueError):
@@ -68,18 +65,19 @@ class ChatTemplate:
 INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
-_CHATML = dict(system_header="<|im_start|>system\n", user_header="<|im_start|>user\n", end="<|im_end|>")
-TEMPLATES: dict[str, ChatTemplate] = {
+_CHATML = dict(
+    system_header=f"{IM_START}system\n", user_header=f"{IM_START}user\n", assistant_header=f"{IM_START}assistant\n",
+    end=IM_END,
+)
+TEMPLATES: dict[TemplateName, ChatTemplate] = {
     t.name: t
     for t in (
         # InternVL 2.5 / 3 (Qwen2.5, InternLM2.5 decoders): ChatML with "\n" after every <|im_end|>.
-        ChatTemplate("internvl2_5", INTERNVL2_5_SYSTEM, assistant_header="<|im_start|>assistant\n", separator="\n",
-                     **_CHATML),
+        ChatTemplate("internvl2_5", INTERNVL2_5_SYSTEM, separator="\n", **_CHATML),
         # InternVL 2.0 (Yi-34B for Hermes-2, InternLM2 for internlm2-chat): turns follow each other
         # without a newline. The two differ in training only by the BOS that InternLM2's tokenizer adds.
-        ChatTemplate("Hermes-2", INTERNVL2_SYSTEM, assistant_header="<|im_start|>assistant\n", **_CHATML),
-        ChatTemplate("internlm2-chat", INTERNVL2_SYSTEM, assistant_header="<|im_start|>assistant\n", strip=True,
-                     **_CHATML),
+        ChatTemplate("Hermes-2", INTERNVL2_SYSTEM, **_CHATML),
+        ChatTemplate("internlm2-chat", INTERNVL2_SYSTEM, strip=True, **_CHATML),
         # InternVL 2.0 with Phi-3 (InternVL2-4B).
         ChatTemplate("phi3-chat", INTERNVL2_SYSTEM, system_header="<|system|>\n", user_header="<|user|>\n",
                      assistant_header="<|assistant|>\n", end="<|end|>"),
@@ -87,7 +85,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }  # fmt: skip
 
 
-def get_template(template: str | ChatTemplate) -> ChatTemplate:
+def get_template(template: TemplateName | ChatTemplate) -> ChatTemplate:
     """A registered template by name, or a custom :class:`ChatTemplate` passed through."""
     if isinstance(template, ChatTemplate):
         return template
@@ -126,7 +124,7 @@ def expand_video_placeholder(conversations: Sequence[dict], num_frames: int) -> 
 
 def conversation_segments(
     conversations: Sequence[dict],
-    template: str | ChatTemplate = "internvl2_5",
+    template: TemplateName | ChatTemplate = "internvl2_5",
     image_token_counts: Sequence[int] = (),
     system: str | None = None,
     add_generation_prompt: bool = False,
@@ -203,7 +201,7 @@ def conversation_segments(
 def tokenize_conversation(
     conversations: Sequence[dict],
     tokenizer: Tokenizer,
-    template: str | ChatTemplate = "internvl2_5",
+    template: TemplateName | ChatTemplate = "internvl2_5",
     image_token_counts: Sequence[int] = (),
     system: str | None = None,
     add_generation_prompt: bool = False,

@@ -1,9 +1,10 @@
 """The tokenizers of the embedded default: 256 byte ids, then InternVL's special tokens, then
 (optionally) whole words of a fixed vocabulary, as the "shapes" tokenizer has the shapes world's words.
 
-Real recipes use a Hugging Face tokenizer from a checkpoint folder (:class:`HFTokenizer`); both
-expose the same small interface: ``encode(text) → ids`` (special-token strings in the text become
-their ids), ``decode(ids)``, ``token_to_id(token)``, ``vocab_size``, ``pad_id``, ``eos_id``.
+Real recipes use a Hugging Face tokenizer from a checkpoint folder (:class:`HFTokenizer`);
+:func:`load_tokenizer` picks one by name. Both expose the same small interface
+(:class:`~lit_internvl.data.contract.Tokenizer`): ``encode(text) → ids`` (special-token strings in the
+text become their ids), ``decode(ids)``, ``token_to_id(token)``, ``vocab_size``, ``pad_id``, ``eos_id``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import re
 from collections.abc import Iterable, Sequence
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    IMG_START, IMG_END, IMG_CONTEXT,
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-)  # fmt: skip
+# ChatML's tokens: the byte tokenizer pads with the first and ends a turn (and a sample) with the last.
+END_OF_TEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# InternVL's training scripts add these to the language model's tokenizer (``add_tokens(...,
+# special_tokens=True)``) when it lacks them; checkpoints of InternVL itself already have them.
+INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+# The byte tokenizer's special tokens, ids 256 on in this order.
+SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, *INTERNVL_TOKENS)
 
 
 class ByteTokenizer:
@@ -39,8 +42,8 @@ class ByteTokenizer:
         self.words = {i: piece for piece, i in self.word_ids.items()}
         self._runs = re.compile(" ?[A-Za-z0-9]+|[^A-Za-z0-9]")
         self.vocab_size = 256 + len(SPECIAL_TOKENS) + len(pieces)
-        self.pad_id = self.special_ids["<|endoftext|>"]
-        self.eos_id = self.special_ids["<|im_end|>"]
+        self.pad_id = self.special_ids[END_OF_TEXT]
+        self.eos_id = self.special_ids[IM_END]
 
     def token_to_id(self, token: str) -> int:
         if token not in self.special_ids:
@@ -77,10 +80,6 @@ class ByteTokenizer:
         return "".join(out)
 
 
-# InternVL's training scripts add these to the language model's tokenizer (``add_tokens(...,
-# special_tokens=True)``) when it lacks them; checkpoints of InternVL itself already have them.
-INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
-
 
 class HFTokenizer:
     """A Hugging Face tokenizer from a local folder, behind the same interface as :class:`ByteTokenizer`.
@@ -107,12 +106,12 @@ class HFTokenizer:
         self.vocab_size = len(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
-            self.eos_id = self._find("<|im_end|>")
+            self.eos_id = self._find(IM_END)
         if self.eos_id is None:
-            raise ValueError(f"Tokenizer at {self.path} has no eos_token and no <|im_end|>; set one when saving it")
+            raise ValueError(f"Tokenizer at {self.path} has no eos_token and no {IM_END}; set one when saving it")
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
-            self.pad_id = self._find("<|endoftext|>")
+            self.pad_id = self._find(END_OF_TEXT)
         if self.pad_id is None:
             self.pad_id = self.eos_id
         bos = self.tokenizer.bos_token_id
@@ -136,3 +135,16 @@ class HFTokenizer:
         return self.tokenizer.decode(
             [int(i) for i in ids], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` → :class:`ByteTokenizer`; ``"shapes"`` → bytes and the shapes world's words
+    (:func:`~lit_internvl.data.shapes.world.vocabulary`); a folder → its :class:`HFTokenizer` (no remote code)."""
+    if name == "byte":
+        return ByteTokenizer()
+    if name == "shapes":
+        # Imported here: the shapes package builds samples with this module's tokenizers.
+        from lit_internvl.data.shapes.world import vocabulary
+
+        return ByteTokenizer(vocabulary())
+    return HFTokenizer(name)

@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from lit_internvl.data.packing import Collator
+from lit_internvl.data.collate import Collator
 from lit_internvl.data.records import Record
-from lit_internvl.data.samples import SampleBuilder
+from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.inference.generate import generate
 
@@ -28,7 +28,7 @@ def load_for_chat(checkpoint: str, config: str | None):
 
         tokenizer = load_tokenizer(checkpoint[3:])
         model = load_vlm(checkpoint[3:], image_context_id=tokenizer.token_to_id(IMG_CONTEXT))
-        builder = SampleBuilder(tokenizer, model.tokens_per_tile, generation=True, tile_size=model.vision.config.image_size)
+        builder = SampleBuilder(tokenizer, SampleOptions(model.tokens_per_tile, tile_size=model.vision.config.image_size), True)
         return model, builder
     if config is None:
         raise ValueError("--config RECIPE.yaml is needed with a Lightning checkpoint (it says how to build the model)")

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from lit_internvl.checkpoints import load_into
-from lit_internvl.data.datamodules import pad_ids
+from lit_internvl.data.collate import pad_ids
 from lit_internvl.distributed import data_parallel_mesh, parallelize, unsharded
 
 ModuleFactory = Callable[[], nn.Module]

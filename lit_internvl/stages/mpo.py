@@ -47,7 +47,7 @@ class MPOStage(SFTStage):
     not counted in ``parameters()``); with ``lora`` it is the policy itself with its adapters disabled,
     so no copy. Reference passes run in eval mode (no drop-path) without gradients.
 
-    Batches are the :class:`~lit_internvl.data.packing.Collator`'s preference batches: the chosen
+    Batches are the :class:`~lit_internvl.data.collate.Collator`'s preference batches: the chosen
     sample's tensors plus ``batch["rejected"]`` (same images). Validation logs ``val/reward_accuracy``
     (chosen reward > rejected reward; chance 0.5), ``val/reward_margin`` and ``val/loss`` (the MPO loss,
     with δ as it stands).

@@ -1,4 +1,4 @@
-"""The "shapes" world: the generated, seeded data set behind every embedded-default recipe.
+"""The "shapes" world: the generated, seeded scenes, questions and captions behind every embedded-default recipe.
 
 Each scene is a small image with coloured geometric objects on a dark, noisy background. Everything
 about a scene is a pure function of ``(seed, split, index)``, so any sample can be regenerated
@@ -16,9 +16,12 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lit_internvl.data.records import IMAGE_PLACEHOLDER, RecordKind
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -31,8 +34,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Where an object's centre lies, in thirds of the image (row-major).
 REGIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
-SPLITS = ("train", "val", "test")
-QUESTION_TYPES = ("colour", "shape", "count", "position")
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
+QuestionType = Literal["colour", "shape", "count", "position"]
+QUESTION_TYPES: tuple[QuestionType, ...] = get_args(QuestionType)
+# What a description lists its objects by (see ShapesWorld.description).
+DescriptionOrder = Literal["shape", "colour"]
 CORNERS = {"circle": "no", "square": "four", "triangle": "three", "diamond": "four", "cross": "twelve"}
 
 
@@ -97,7 +104,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 class ShapesWorld:
     """Deterministic scenes: ``world.scene(i)`` is the same on every call, process and machine."""
 
-    def __init__(self, image_size: int = 56, seed: int = 0, split: str = "train") -> None:
+    def __init__(self, image_size: int = 56, seed: int = 0, split: Split = "train") -> None:
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}")
         self.image_size = image_size
@@ -188,7 +195,7 @@ class ShapesWorld:
         objects, rng = self.scene(index, max_objects)
         describe = self.rng(index, "describe")
         if describe_ratio and describe.random() < describe_ratio:
-            order = ("shape", "colour")[int(describe.integers(2))]
+            order = get_args(DescriptionOrder)[int(describe.integers(2))]
             question, answer = f"Describe the objects by {order}.", self.description(objects, order)
             return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": "description"}
         target = objects[int(rng.integers(len(objects)))]
@@ -203,7 +210,7 @@ class ShapesWorld:
             question, answer = f"Where is the {target.name}?", target.region(self.image_size)
         return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
 
-    def description(self, objects: list[ShapeObject], order: str = "shape") -> str:
+    def description(self, objects: list[ShapeObject], order: DescriptionOrder = "shape") -> str:
         """Every object and its region, listed by ``order`` (``"shape"``: :data:`SHAPES` order; ``"colour"``:
         :data:`COLOURS` order): ``"a red circle at the top, a blue square at the centre"``.
 
@@ -212,17 +219,16 @@ class ShapesWorld:
         it is nor to read a region off the object itself. Listed by shape, it must find each object by its
         shape and read its colour and region (as "What colour is the square?" and "Where is the red
         square?" ask); listed by colour, find it by colour and read its shape (as "What shape is the red
-        object?"). Held-out exact match of the SFT recipe's model after 3,000 steps: in reading order,
-        colour 0.60 and position 0.61 (shape 1.00); by shape only, colour and position 1.00 but shape 0.67;
-        by colour only, shape and position 1.00 but colour 0.66; by either (vqa's draw), all 1.00.
+        object?"). Each order alone leaves the question it does not ask weaker, so :meth:`vqa` draws
+        either; BENCHMARKS.md ("Embedded-default design choices") has the measurements.
         """
-        if order not in ("shape", "colour"):
+        if order not in get_args(DescriptionOrder):
             raise ValueError(f"Unknown description order {order!r}; choose 'shape' or 'colour'")
         names = SHAPES if order == "shape" else list(COLOURS)
         ordered = sorted(objects, key=lambda obj: names.index(getattr(obj, order)))
         return ", ".join(f"a {obj.name} at the {obj.region(self.image_size)}" for obj in ordered)
 
-    def answer_options(self, kind: str, max_objects: int = 3) -> list[str]:
+    def answer_options(self, kind: QuestionType, max_objects: int = 3) -> list[str]:
         """Every answer a question type can have: the chance level of a guess is one over their number."""
         return {
             "colour": list(COLOURS), "shape": list(SHAPES), "count": [str(n) for n in range(1, max_objects + 1)],
@@ -246,7 +252,7 @@ class ShapesWorld:
         for _ in range(num_images):
             obj = self.random_object(rng)
             images.append(self.render([obj], rng))
-            texts.append(f"Next, a {obj.name} at the {obj.region(self.image_size)}: <image>")
+            texts.append(f"Next, a {obj.name} at the {obj.region(self.image_size)}: {IMAGE_PLACEHOLDER}")
         texts.append(f"That makes {num_images} pictures.")
         return {"images": images, "texts": texts}
 
@@ -261,7 +267,9 @@ class ShapesWorld:
         )))  # fmt: skip
 
 
-def write_records(folder: str | Path, kind: str, count: int, seed: int = 0, split: str = "train", image_size: int = 56) -> Path:
+def write_records(
+    folder: str | Path, kind: RecordKind, count: int, seed: int = 0, split: Split = "train", image_size: int = 56
+) -> Path:
     """Write ``count`` records of ``kind`` (pair, conversation, interleaved, text, preference) as
     ``folder/{kind}.jsonl`` with PNG images under ``folder/images/``; returns the jsonl path."""
     folder = Path(folder)
@@ -280,18 +288,19 @@ def write_records(folder: str | Path, kind: str, count: int, seed: int = 0, spli
                 record = {"image": save(pair["image"], f"pair_{i}.png"), "text": pair["text"]}
             elif kind == "conversation":
                 qa = world.vqa(i)
-                record = {
-                    "image": save(qa["image"], f"vqa_{i}.png"),
-                    "conversations": [{"from": "human", "value": f"<image>\n{qa['question']}"}, {"from": "gpt", "value": qa["answer"]}],
-                }
+                question = f"{IMAGE_PLACEHOLDER}\n{qa['question']}"
+                turns = [{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}]
+                record = {"image": save(qa["image"], f"vqa_{i}.png"), "conversations": turns}
             elif kind == "interleaved":
                 doc = world.interleaved(i)
-                record = {"images": [save(im, f"doc_{i}_{j}.png") for j, im in enumerate(doc["images"])], "texts": doc["texts"]}
+                images = [save(image, f"doc_{i}_{j}.png") for j, image in enumerate(doc["images"])]
+                record = {"images": images, "texts": doc["texts"]}
             elif kind == "text":
                 record = {"text": world.sentence(i)}
             elif kind == "preference":
                 pref = world.preference(i)
-                record = {"image": save(pref["image"], f"pref_{i}.png"), **{k: pref[k] for k in ("question", "chosen", "rejected")}}
+                texts = {k: pref[k] for k in ("question", "chosen", "rejected")}
+                record = {"image": save(pref["image"], f"pref_{i}.png"), **texts}
             else:
                 raise ValueError(f"Unknown record kind {kind!r}")
             f.write(json.dumps(record) + "\n")

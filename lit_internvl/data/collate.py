@@ -1,6 +1,6 @@
-"""Batches of samples, padded or packed.
+"""Batches of samples: padded pairs for the contrastive stages, padded or packed rows for the rest.
 
-Packing lays several samples end to end in one row (bounded by ``max_tokens`` and ``max_tiles``),
+Packing lays several samples end to end in one row (bounded by ``max_tokens`` and ``max_tiles_per_row``),
 first-fit in arrival order. Samples are never split, so an ``<img>…</img>`` span never is either.
 Each token carries its document id (attention stays inside a document) and a position that
 restarts at 0 with every document, so a packed row computes exactly what its samples would one
@@ -8,6 +8,7 @@ by one.
 
 A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
 a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on.
+An image–caption pair is ``{"pixel_values": (3, H, W), "input_ids": (L,), "label", "caption_key"}``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,45 @@ import torch
 from lit_internvl.losses import IGNORE_INDEX
 
 
-def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles: int) -> list[list[int]]:
+def pad_ids(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D id tensors → ``input_ids (B, T)`` and ``attention_mask (B, T)`` (1 = real token)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+class PairCollator:
+    """Image–caption pairs → ``pixel_values (B, 3, H, W)``, ``input_ids``/``attention_mask (B, T)``
+    (right-padded with ``pad_id``), ``label (B,)`` and ``caption_key (B,)``."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        input_ids, attention_mask = pad_ids([s["input_ids"] for s in samples], self.pad_id)
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "label": torch.tensor([s["label"] for s in samples]),
+            "caption_key": torch.tensor([s["caption_key"] for s in samples]),
+        }
+
+
+def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles_per_row: int) -> list[list[int]]:
     """Group sample indices into rows: each sample goes to the first row with room for its tokens
     and its tiles, else opens a new row."""
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []
     for index, (length, tile_count) in enumerate(zip(lengths, tiles)):
-        if length > max_tokens or tile_count > max_tiles:
+        if length > max_tokens or tile_count > max_tiles_per_row:
             raise ValueError(
-                f"Sample {index} ({length} tokens, {tile_count} tiles) exceeds max_tokens {max_tokens} / max_tiles {max_tiles}"
+                f"Sample {index} ({length} tokens, {tile_count} tiles) exceeds max_tokens {max_tokens} / "
+                f"max_tiles_per_row {max_tiles_per_row}"
             )
         for row, (tokens_left, tiles_left) in enumerate(room):
             if length <= tokens_left and tile_count <= tiles_left:
@@ -36,7 +67,7 @@ def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles: 
                 break
         else:
             rows.append([index])
-            room.append((max_tokens - length, max_tiles - tile_count))
+            room.append((max_tokens - length, max_tiles_per_row - tile_count))
     return rows
 
 
@@ -51,18 +82,23 @@ class Collator:
     Args:
         pad_id: token id of padding.
         pack: lay samples end to end (first fit); else one sample per row.
-        max_tokens, max_tiles: bounds of a packed row.
+        max_tokens, max_tiles_per_row: bounds of a packed row (tokens; tiles of all its images together).
         left_pad: pad on the left (prompts to generate from), not packed.
 
     Unpacked batches also carry each sample's ``meta`` and ``reference`` (lists, one per row).
     """
 
     def __init__(
-        self, pad_id: int, pack: bool = False, max_tokens: int = 4096, max_tiles: int = 64, left_pad: bool = False
+        self,
+        pad_id: int,
+        pack: bool = False,
+        max_tokens: int = 4096,
+        max_tiles_per_row: int = 64,
+        left_pad: bool = False,
     ) -> None:
         if pack and left_pad:
             raise ValueError("left_pad is for generation prompts, which are not packed")
-        self.pad_id, self.pack, self.max_tokens, self.max_tiles = pad_id, pack, max_tokens, max_tiles
+        self.pad_id, self.pack, self.max_tokens, self.max_tiles_per_row = pad_id, pack, max_tokens, max_tiles_per_row
         self.left_pad = left_pad
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -75,7 +111,7 @@ class Collator:
         if preference and self.pack:
             raise ValueError("Preference samples (chosen/rejected) cannot be packed; set pack: false")
         if self.pack:
-            rows = first_fit([len(s["input_ids"]) for s in samples], tiles, self.max_tokens, self.max_tiles)
+            rows = first_fit([len(s["input_ids"]) for s in samples], tiles, self.max_tokens, self.max_tiles_per_row)
         else:
             rows = [[i] for i in range(len(samples))]
         width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)

@@ -1,0 +1,134 @@
+"""ShapesDataModule: the generated shapes world as the data of every embedded-default recipe."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from lit_internvl.data.collate import Collator, PairCollator
+from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, replicas
+from lit_internvl.data.samples import SampleBuilder, SampleOptions
+from lit_internvl.data.shapes.datasets import ShapesPairs, ShapesPreference, ShapesVQA
+from lit_internvl.data.shapes.world import QUESTION_TYPES, ShapesWorld, Split, class_names
+from lit_internvl.data.tokenizer import load_tokenizer
+
+ShapesTask = Literal["pairs", "vqa", "preference"]
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Generated shapes data for the embedded-default recipes.
+
+    Tasks:
+
+    - ``"pairs"``: image + caption (stage 1, stage 2). Zero-shot classification uses
+      :attr:`class_names` through :attr:`prompt_template`.
+    - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
+      ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
+    - ``"preference"``: the same questions with a chosen (right) and a wrong (rejected) answer (MPO).
+
+    Train, validation and test splits are different seeds of the same world, so held-out scenes
+    are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
+
+    Args:
+        task: what a sample is (above).
+        tile_size: side in pixels of the scenes, each one tile (no thumbnail).
+        train_size, val_size: samples per epoch of the train split, and of the validation and test splits.
+        batch_size, num_workers, seed: loading; ``seed`` picks the world and the training order.
+        prompt_template: how a class name becomes a zero-shot prompt.
+        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile; must equal the model's.
+        max_objects: objects per ``vqa``/``preference`` scene, at most.
+        system: system message instead of the template's default (``""``: an empty system turn).
+        describe_ratio: the fraction of *training* ``vqa`` samples that ask "Describe the objects by
+            shape." (or "by colour.") and are answered with every object and its region in that order (as
+            the captioning data in InternVL's SFT mixtures: one answer supervises every object, not one);
+            validation and test ask only the one-word questions.
+        tokenizer: ``"byte"`` or ``"shapes"``, which makes every word the world writes one token (a
+            question and its answer take a third of the tokens); the model's vocabulary must hold its ids.
+    """
+
+    def __init__(
+        self,
+        task: ShapesTask = "pairs",
+        tile_size: int = 56,
+        train_size: int = 10_000,
+        val_size: int = 1_000,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        prompt_template: str = "a {}",
+        tokens_per_tile: int = 4,
+        max_objects: int = 3,
+        system: str | None = None,
+        describe_ratio: float = 0.0,
+        tokenizer: str = "byte",
+    ) -> None:
+        super().__init__()
+        if task not in get_args(ShapesTask):  # YAML is checked when parsed; Python callers here
+            raise ValueError(f"Unknown shapes task {task!r}; available: {', '.join(map(repr, get_args(ShapesTask)))}")
+        if not 0.0 <= describe_ratio <= 1.0:
+            raise ValueError(f"describe_ratio must lie in [0, 1], got {describe_ratio}")
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        # A scene is one tile-sized image: one tile, no thumbnail. Generated records are never bad: strict.
+        self.sample_options = SampleOptions(
+            tokens_per_tile=tokens_per_tile, tile_size=tile_size, max_tiles=1, use_thumbnail=False, max_length=1024,
+            system=system, strict=True,
+        )  # fmt: skip
+        self.class_names = class_names()
+        self.prompt_template = prompt_template
+        world = ShapesWorld(tile_size)
+        self.question_types = {kind: 1 / len(world.answer_options(kind, max_objects)) for kind in QUESTION_TYPES}
+
+    @property
+    def tile_size(self) -> int:
+        return self.sample_options.tile_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.sample_options.tokens_per_tile
+
+    def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
+        """How this datamodule turns records into samples (``generation``: prompts to answer); no
+        augmentation, so ``train`` changes nothing."""
+        return SampleBuilder(self.tokenizer, self.sample_options, generation)
+
+    def _dataset(self, split: Split, size: int, generation: bool = False) -> Dataset:
+        h = self.hparams
+        world = ShapesWorld(h.tile_size, h.seed, split)
+        if h.task == "pairs":
+            return ShapesPairs(world, size, self.tokenizer)
+        if h.task == "preference":
+            return ShapesPreference(world, size, self.sample_builder(split == "train"))
+        describe = h.describe_ratio if split == "train" else 0.0
+        return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects, describe)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, generation: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        if self.hparams.task == "pairs":
+            collate = PairCollator(self.tokenizer.pad_id)
+        else:
+            collate = Collator(self.tokenizer.pad_id, left_pad=generation)
+        options = dict(
+            batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate
+        )
+        if shuffle:  # training: a seeded order that a resumed run continues mid-epoch
+            sampler = ResumableSampler(dataset, shuffle=True, seed=self.hparams.seed, **replicas(self.trainer))
+            # drop_last: every rank gathers equal-sized batches for the contrastive loss
+            return ResumableDataLoader(dataset, sampler, drop_last=True, **options)
+        return DataLoader(dataset, shuffle=False, **options)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("train", self.hparams.train_size), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val", self.hparams.val_size), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test", self.hparams.val_size), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        generation = self.hparams.task == "vqa"
+        dataset = self._dataset("test", self.hparams.val_size, generation)
+        return self._loader(dataset, shuffle=False, generation=generation)
