@@ -60,7 +60,7 @@ def comparison_batch(model, name: str, device: str) -> dict:
     _, rows, tokens, tiles, (low, high) = CONFIGS[name]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(low, high, (rows, tokens), generator=g)
-    image_tokens = model.tokens_per_tile * tiles
+    image_tokens = model.tokens_per_tile() * tiles
     ids[:, 1 : 1 + image_tokens] = model.image_context_id
     labels = ids.masked_fill(ids == model.image_context_id, -100)
     size = model.vision.config.image_size
@@ -73,7 +73,7 @@ def packed_batch(model, rows: int, tokens: int, device: str) -> tuple[dict, list
     """Rows of exactly ``tokens`` tokens packed with documents of one tile and 256–1280 text tokens (the last document
     of a row is text that fills it): ids, labels, positions restarting per document, document ids."""
     g = torch.Generator().manual_seed(2)
-    image = model.tokens_per_tile
+    image = model.tokens_per_tile()
     low, high = (1000, 100_000) if model.decoder.config.vocab_size > 100_000 else (0, 256)  # ordinary text tokens
     ids = torch.randint(low, high, (rows, tokens), generator=g)
     positions = torch.zeros(rows, tokens)
@@ -185,15 +185,12 @@ def worker(args) -> dict:
 
 def mfu_worker(args, model) -> dict:
     """InternVL3-1B on packed rows in bf16 with one attention backend."""
+    from lit_internvl.components.attention import set_attention_backend
     from lit_internvl.flops import vlm_flops
     from lit_internvl.losses import language_model_loss, supervised_positions
 
     device = args.device
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = args.backend
-    model.vision.config.attn_backend = args.backend
-    model.decoder.config.attn_backend = args.backend
+    set_attention_backend(model, args.backend)
     if args.compiled:
         from lit_internvl.distributed import transformer_blocks
 

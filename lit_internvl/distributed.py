@@ -131,6 +131,13 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         model.reshard()
 
 
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when none is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def data_parallel_mesh(device_mesh):
     """The mesh :func:`parallelize` shards over, from the mesh ``ModelParallelStrategy`` gives a module;
     tensor parallelism is refused (lit_internvl's blocks have no tensor-parallel plan)."""

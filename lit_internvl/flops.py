@@ -132,16 +132,16 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
     lengths = document_lengths(batch.get("attention_mask"), batch.get("document_ids"), tuple(ids.shape))
     if isinstance(model, VisionLanguageModel):
         return vlm_flops(model, lengths, tiles, image_size)
-    towers = (getattr(model, "image_encoder", None), getattr(model, "text_encoder", None))
+    towers = (getattr(model, "vision", None), getattr(model, "text_encoder", None))
     if isinstance(model, DualEncoder) and all(hasattr(tower, "config") for tower in towers):
         count = transformer_flops(model.text_encoder.config, lengths, head=False)
-        count = count + vision_flops(model.image_encoder.config, tiles, image_size, image_size)
+        count = count + vision_flops(model.vision.config, tiles, image_size, image_size)
         text = model.text_projection.weight.numel()
         pool = model.image_projection
         image = sum(p.numel() for p in pool.parameters() if p.dim() == 2)  # each matrix once a tile...
         pooling_attention = 0
         if pool.pooling == "attention":  # ...but keys and values once a token (cls and every patch)
-            tokens = (image_size // model.image_encoder.config.patch_size) ** 2 + 1
+            tokens = (image_size // model.vision.config.patch_size) ** 2 + 1
             image += (pool.k.weight.numel() + pool.v.weight.numel()) * (tokens - 1)
             pooling_attention = 2 * 2 * tokens * pool.q.out_features * tiles  # one query: scores, weighted sum
         return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)), attention=pooling_attention)

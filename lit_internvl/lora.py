@@ -9,6 +9,8 @@ are injected in place (parameter names keep their ``vision.`` / ``decoder.`` hom
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -21,18 +23,38 @@ LORA_TARGETS = {
 }
 
 
+LoraPart = Literal["decoder", "vision"]
+
+
+@dataclass
+class LoraOptions:
+    """``lora:`` of a vision-language stage: adapters of rank ``r`` on ``parts`` (InternVL's
+    ``--use_llm_lora r`` is ``parts: [decoder]``, ``--use_backbone_lora r`` adds ``vision``)."""
+
+    parts: list[LoraPart] = field(default_factory=lambda: ["decoder"])
+    r: int = 16
+    alpha: int | None = None  # None: 2r, as InternVL's scripts
+    dropout: float = 0.05
+
+
 def add_lora(model: nn.Module, parts: list[str], r: int = 16, alpha: int | None = None, dropout: float = 0.05) -> nn.Module:
-    """Inject LoRA adapters into ``parts`` (keys of :data:`LORA_TARGETS`) and make only them trainable."""
+    """Inject LoRA adapters into ``parts`` (keys of :data:`LORA_TARGETS`) and mark them trainable.
+
+    Every other parameter keeps its ``requires_grad`` as it was: freezing the adapted parts'
+    base weights is the caller's choice (a stage freezes the parts it gives adapters to).
+    """
     unknown = sorted(set(parts) - set(LORA_TARGETS))
     if unknown or not parts:
         raise ValueError(f"LoRA parts {unknown or parts} unknown; choose from {sorted(LORA_TARGETS)}")
     pattern = "|".join(f"({LORA_TARGETS[p]})" for p in parts)
     config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout, target_modules=pattern)
+    before = {name: param.requires_grad for name, param in model.named_parameters()}
     training = model.training
     inject_adapter_in_model(config, model)
     model.train(training)  # the injected dropout layers start in training mode
     for name, param in model.named_parameters():
-        param.requires_grad = "lora_" in name
+        # peft moves a wrapped layer's weight to ``….base_layer.weight``; it keeps its old setting.
+        param.requires_grad = "lora_" in name or before.get(name.replace(".base_layer.", "."), param.requires_grad)
     return model
 
 

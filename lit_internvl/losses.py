@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from lit_internvl.distributed import world
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -25,7 +23,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
         image_emb, text_emb: ``(N, E)`` L2-normalised embeddings of this rank's N pairs.
         logit_scale: the temperature's inverse, ``exp`` already applied.
     """
-    rank, world_size = _world()
+    rank, world_size = world()
     if world_size > 1:
         all_image = torch.cat(dist_fn.all_gather(image_emb), dim=0)
         all_text = torch.cat(dist_fn.all_gather(text_emb), dim=0)
@@ -38,7 +36,8 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
 
 IGNORE_INDEX = -100
-REDUCTIONS = ("token", "sample", "square")
+LossReduction = Literal["token", "sample", "square"]
+REDUCTIONS = get_args(LossReduction)
 
 
 def next_token_targets(labels: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +60,7 @@ def language_model_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     document_ids: torch.Tensor | None = None,
-    reduction: str = "square",
+    reduction: LossReduction = "square",
     all_reduce: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy with InternVL's per-sample weighting of packed batches.
@@ -100,7 +99,7 @@ def language_model_loss(
     total_weight = weights.sum()
     scale = 1.0
     if all_reduce:
-        rank, world_size = _world()
+        rank, world_size = world()
         if world_size > 1:
             total_weight = total_weight.detach().clone()
             dist.all_reduce(total_weight)

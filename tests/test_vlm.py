@@ -46,7 +46,7 @@ def _prompt(tiles: int, tokens_per_tile: int, question: str = "what is it?") -> 
 
 def test_user_connector_forward_and_backward():
     model = _model()
-    assert model.tokens_per_tile == 4
+    assert model.tokens_per_tile() == 4 and model.tokens_per_tile(84) == 4  # pooled to 2×2 at any size
     input_ids = torch.stack([_prompt(1, 4), _prompt(1, 4, "and now it?")])
     pixel_values = torch.randn(2, 3, 56, 56)
 
@@ -59,8 +59,8 @@ def test_user_connector_forward_and_backward():
 
 def test_image_features_are_spliced_at_the_context_slots_in_order():
     model = _model(PixelShuffleMLP)
-    tokens = model.tokens_per_tile  # a 56 px tile: 4×4 patches → 2×2 after pixel shuffle
-    assert tokens == 4
+    tokens = model.tokens_per_tile()  # a 56 px tile: 4×4 patches → 2×2 after pixel shuffle
+    assert tokens == 4 and model.tokens_per_tile(84) == 9  # 84 px: 6×6 patches → 3×3
     input_ids, _ = pad_ids([_prompt(2, tokens), _prompt(1, tokens)], TOKENIZER.pad_id)
     pixel_values = torch.randn(3, 3, 56, 56)
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lit_internvl.distributed import world
+
 
 def rng_states() -> dict:
     """The torch, CUDA, numpy and Python generator states, as plain tensors, lists and numbers (so that
@@ -67,14 +69,15 @@ class ExactResume(L.Callback):
 
     def state_dict(self) -> dict:
         states = rng_states()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
+        _, world_size = world()
+        if world_size > 1:
+            gathered: list = [None] * world_size
             dist.all_gather_object(gathered, states)
             return {"rng": gathered}
         return {"rng": [states]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         states = state_dict.get("rng") or []
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if len(states) == (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
+        rank, world_size = world()
+        if len(states) == world_size:
             self._rng_to_restore = states[rank]

@@ -8,6 +8,8 @@ from collections import Counter
 import lightning as L
 import torch.distributed as dist
 
+from lit_internvl.distributed import world
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,9 @@ class SkippedSamples(L.Callback):
         scan_skips = getattr(getattr(trainer.train_dataloader, "dataset", None), "skips", None)
         if scan_skips is not None and trainer.current_epoch == 0:
             counts.update(scan_skips.counts)
-        if dist.is_available() and dist.is_initialized():
-            gathered: list = [None] * dist.get_world_size()
+        _, world_size = world()
+        if world_size > 1:
+            gathered: list = [None] * world_size
             dist.all_gather_object(gathered, counts)
             counts = sum(gathered, Counter())
         pl_module.log("data/skipped", float(sum(counts.values())), rank_zero_only=True)

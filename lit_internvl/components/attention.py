@@ -13,16 +13,44 @@ Every module that attends (vision encoder, decoder, text encoder, cross-attentio
 
 Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
 boolean tensor, a flex ``BlockMask``, an xformers bias) and shared by every layer.
+
+The backend is chosen once per model: every module that attends keeps it in ``attn_backend``
+(initially its config's), and :func:`set_attention_backend` changes all of them together; a module
+that cannot run a backend lists the ones it can in ``attention_backends`` and refuses the others.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "eager", "flex", "xformers")
+Backend = Literal["sdpa", "eager", "flex", "xformers"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def check_backend(module: nn.Module, backend: str) -> None:
+    """Refuse ``backend`` for ``module`` when it is unknown or not among the module's ``attention_backends``."""
+    allowed = getattr(module, "attention_backends", BACKENDS)
+    if backend not in allowed:
+        raise ValueError(f"{type(module).__name__} cannot run attention backend {backend!r}; choose one of {allowed}")
+
+
+def set_attention_backend(model: nn.Module, backend: Backend) -> nn.Module:
+    """Run every attention of ``model`` (and build every mask) on ``backend``: the modules' ``attn_backend``
+    and their configs' are set together, after every module that lists ``attention_backends`` accepted it."""
+    for module in model.modules():
+        check_backend(module, backend)
+    for module in model.modules():
+        if hasattr(module, "attn_backend"):
+            module.attn_backend = backend
+        config = getattr(module, "config", None)
+        if hasattr(config, "attn_backend"):
+            config.attn_backend = backend
+    return model
 
 
 def attention(

@@ -10,12 +10,13 @@ contrastive stage, later the trunk of QLLaMA). Parameter names follow transforme
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import attention, make_mask
+from lit_internvl.components.attention import Backend, attention, make_mask
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
 
@@ -33,7 +34,7 @@ class LanguageConfig:
     rope_theta: float = 1_000_000.0
     qkv_bias: bool = True
     tie_embeddings: bool = False
-    attn_backend: str = "sdpa"
+    attn_backend: Backend = "sdpa"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -44,7 +45,7 @@ class LanguageConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "LanguageConfig":
+    def from_name(cls, name: LanguagePreset, **overrides) -> "LanguageConfig":
         if name not in LANGUAGE_PRESETS:
             raise ValueError(f"Unknown language-model preset {name!r}; known: {sorted(LANGUAGE_PRESETS)}")
         return replace(LANGUAGE_PRESETS[name], **overrides)
@@ -68,13 +69,15 @@ LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
     ),
 }
 # The SFT and MPO recipes' decoder: the "shapes" tokenizer's vocabulary (bytes, specials and the shapes world's
-# 63 words, each also with a leading space), and a key/value head per query head. Finding the object a question
-# names is a lookup by content; with tiny's 2 key/value heads the SFT recipe (2,000 steps) read 0.89 held-out
-# exact match, colour questions 0.61 (it never learnt to find an object by its shape), with 4 heads 0.97.
+# 63 words, each also with a leading space), and a key/value head per query head: finding the object a question
+# names is a lookup by content, which needs key capacity (BENCHMARKS.md, "Embedded-default design choices").
 LANGUAGE_PRESETS["tiny-shapes"] = replace(LANGUAGE_PRESETS["tiny"], vocab_size=394, num_kv_heads=4)
 
 
-def _as_config(config: LanguageConfig | str) -> LanguageConfig:
+LanguagePreset = Literal["InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL2.5-8B", "tiny", "tiny-shapes"]
+
+
+def _as_config(config: LanguageConfig | LanguagePreset) -> LanguageConfig:
     return LanguageConfig.from_name(config) if isinstance(config, str) else config
 
 
@@ -110,7 +113,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: LanguageConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.backend = config.attn_backend
+        self.attn_backend = config.attn_backend
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
@@ -131,7 +134,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache[0].update(cache[1], k, v)
-        out = attention(q, k, v, mask, is_causal=is_causal, backend=self.backend)
+        out = attention(q, k, v, mask, is_causal=is_causal, backend=self.attn_backend)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -175,6 +178,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.causal = causal
+        self.attn_backend = config.attn_backend  # the masks' form; the blocks' attentions keep the same name
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -203,7 +207,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
         rope = self.rotary(positions)
-        backend = self.config.attn_backend
+        backend = self.attn_backend
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
         mask = make_mask(
@@ -222,7 +226,7 @@ class Decoder(Transformer):
     ``embed_tokens`` maps ids to ``(B, T, hidden_size)``.
     """
 
-    def __init__(self, config: LanguageConfig | str = "tiny") -> None:
+    def __init__(self, config: LanguageConfig | LanguagePreset = "tiny") -> None:
         config = _as_config(config)
         super().__init__(config, causal=True)
         self.hidden_size = config.hidden_size
@@ -233,16 +237,30 @@ class Decoder(Transformer):
         return F.linear(hidden, weight)
 
 
+TextPooling = Literal["mean", "last"]
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: TextPooling) -> torch.Tensor:
+    """``(N, T, D)`` → ``(N, D)``: ``"mean"`` over real tokens, or the ``"last"`` real token (e.g. an end token)."""
+    if pooling == "last":
+        last = attention_mask.long().sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling != "mean":
+        raise ValueError(f"Unknown text pooling {pooling!r}; choose one of {get_args(TextPooling)}")
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 class TextEncoder(Transformer):
     """Bidirectional text tower: the decoder's blocks without the causal mask, pooled to one vector.
 
     Contract (every text encoder): ``forward(input_ids (B, T), attention_mask (B, T)) → (B, hidden_size)``.
-    ``pooling``: ``"mean"`` over real tokens, or ``"last"`` (the last real token, e.g. an end token).
+    ``pooling``: see :func:`pool_text`.
     """
 
-    def __init__(self, config: LanguageConfig | str = "tiny", pooling: str = "mean") -> None:
-        if pooling not in ("mean", "last"):
-            raise ValueError(f"Unknown pooling {pooling!r}; choose 'mean' or 'last'")
+    def __init__(self, config: LanguageConfig | LanguagePreset = "tiny", pooling: TextPooling = "mean") -> None:
+        if pooling not in get_args(TextPooling):
+            raise ValueError(f"Unknown pooling {pooling!r}; choose one of {get_args(TextPooling)}")
         config = _as_config(config)
         super().__init__(config, causal=False)
         self.hidden_size = config.hidden_size
@@ -251,9 +269,4 @@ class TextEncoder(Transformer):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = super().forward(input_ids, attention_mask=attention_mask)
-        if self.pooling == "last":
-            last = attention_mask.long().sum(dim=1) - 1
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = attention_mask.to(hidden.dtype)[..., None]
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return pool_text(super().forward(input_ids, attention_mask=attention_mask), attention_mask, self.pooling)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
@@ -24,7 +26,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+NormType = Literal["layer_norm", "rms_norm"]
+
+
+def make_norm(kind: NormType, dim: int, eps: float) -> nn.Module:
     """``"layer_norm"`` or ``"rms_norm"``: the two norms of the InternViT family."""
     if kind == "layer_norm":
         return nn.LayerNorm(dim, eps=eps)

@@ -9,13 +9,14 @@ follow the original OpenGVLab checkpoints (``embeddings.class_embedding``, ``lay
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import attention
-from lit_internvl.components.layers import DropPath, make_norm
+from lit_internvl.components.attention import Backend, attention
+from lit_internvl.components.layers import DropPath, NormType, make_norm
 
 
 @dataclass
@@ -26,7 +27,7 @@ class InternViTConfig:
     num_layers: int = 24
     num_heads: int = 16
     intermediate_size: int = 4096
-    norm_type: str = "layer_norm"  # "layer_norm" (300M) or "rms_norm" (6B)
+    norm_type: NormType = "layer_norm"  # "layer_norm" (300M) or "rms_norm" (6B)
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     qk_norm: bool = False
@@ -35,7 +36,7 @@ class InternViTConfig:
     # Which layer's output the encoder returns, counted as transformers' ``hidden_states``
     # (0 = embeddings, -1 = last layer; 48-layer 6B chat models use -4).
     select_layer: int = -1
-    attn_backend: str = "sdpa"
+    attn_backend: Backend = "sdpa"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -55,12 +56,13 @@ class InternViTConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "InternViTConfig":
+    def from_name(cls, name: VisionPreset, **overrides) -> "InternViTConfig":
         if name not in VISION_PRESETS:
             raise ValueError(f"Unknown InternViT preset {name!r}; known: {sorted(VISION_PRESETS)}")
         return replace(VISION_PRESETS[name], **overrides)
 
 
+VisionPreset = Literal["InternViT-300M-448px", "InternViT-6B-448px-V1-5", "InternViT-6B-224px", "tiny"]
 VISION_PRESETS: dict[str, InternViTConfig] = {
     # InternVL 2.5/3 1B–8B: the published InternViT-300M-448px-V2_5.
     "InternViT-300M-448px": InternViTConfig(drop_path_rate=0.1),
@@ -118,7 +120,7 @@ class VisionAttention(nn.Module):
     def __init__(self, config: InternViTConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
-        self.backend = config.attn_backend
+        self.attn_backend = config.attn_backend
         dim = config.hidden_size
         self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
         # The 6B encoder normalises q and k over the full width, before splitting into heads.
@@ -131,7 +133,7 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = attention(q, k, v, backend=self.backend)
+        out = attention(q, k, v, backend=self.attn_backend)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -183,7 +185,7 @@ class InternViT(nn.Module):
     attributes ``hidden_size`` and ``patch_size``.
     """
 
-    def __init__(self, config: InternViTConfig | str = "tiny") -> None:
+    def __init__(self, config: InternViTConfig | VisionPreset = "tiny") -> None:
         super().__init__()
         if isinstance(config, str):
             config = InternViTConfig.from_name(config)

@@ -23,26 +23,33 @@ prefix LM (text generated from the queries).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import attention, causal_mask
-from lit_internvl.components.language import Block, LanguageConfig
+from lit_internvl.components.attention import attention, causal_mask, check_backend
+from lit_internvl.components.language import Block, LanguageConfig, LanguagePreset, TextPooling, pool_text
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding
-from lit_internvl.models.dual_encoder import ImageProjection
+from lit_internvl.models.dual_encoder import ImagePooling, ImageProjection
 
-MODES = ("itc", "itm", "itg")
-TEXT_ATTENTION = ("causal", "bidirectional")
+Mode = Literal["itc", "itm", "itg"]
+TextAttention = Literal["causal", "bidirectional"]
+MODES, TEXT_ATTENTION = get_args(Mode), get_args(TextAttention)
+# The named parameter sets of InternVLG (``lm_head`` only when untied), for freezing by name.
+ParameterSet = Literal[
+    "vision", "image_projection", "text_projection", "query_projection", "itm_head", "logit_scale",
+    "trunk", "queries", "cross_attention", "lm_head",
+]  # fmt: skip
 
 
 def qllama_mask(
-    mode: str,
+    mode: Mode,
     num_queries: int,
     attention_mask: torch.Tensor,
-    text_attention: str = "causal",
+    text_attention: TextAttention = "causal",
 ) -> torch.Tensor:
     """The self-attention mask of a QLLaMA pass, ``(N, 1, Q+T, Q+T)``, True where a row may attend.
 
@@ -89,7 +96,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, config: LanguageConfig, vision_dim: int) -> None:
         super().__init__()
-        self.num_heads, self.head_dim, self.backend = config.num_heads, config.head_dim, config.attn_backend
+        self.num_heads, self.head_dim, self.attn_backend = config.num_heads, config.head_dim, config.attn_backend
         width = config.num_heads * config.head_dim
         self.norm1 = RMSNorm(config.hidden_size, config.norm_eps)
         self.norm2 = RMSNorm(vision_dim, config.norm_eps)
@@ -104,7 +111,7 @@ class CrossAttention(nn.Module):
         q = self.q_proj(self.norm1(queries)).view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(vision).view(batch, vision.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(vision).view(batch, vision.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        out = attention(q, k, v, backend=self.backend)
+        out = attention(q, k, v, backend=self.attn_backend)
         return self.o_proj(out.transpose(1, 2).reshape(batch, num_queries, -1))
 
 
@@ -146,18 +153,24 @@ class QLLaMA(nn.Module):
         text_attention: how text reads text in ITC mode (see :func:`qllama_mask`): ``"causal"`` as
             in InternVL, whose text tower was a causal LLaMA; ``"bidirectional"`` keeps the text
             embeddings of a bidirectional :class:`~lit_internvl.components.TextEncoder`.
+
+    Its self-attention masks are dense per-mode tensors (:func:`qllama_mask`), so it runs on the
+    ``sdpa`` and ``eager`` backends only and refuses the others when built.
     """
+
+    attention_backends = ("sdpa", "eager")
 
     def __init__(
         self,
         vision_dim: int,
-        language: LanguageConfig | str = "tiny",
+        language: LanguageConfig | LanguagePreset = "tiny",
         num_queries: int = 96,
         cross_attention_every: int = 2,
-        text_attention: str = "causal",
+        text_attention: TextAttention = "causal",
     ) -> None:
         super().__init__()
         config = LanguageConfig.from_name(language) if isinstance(language, str) else language
+        check_backend(self, config.attn_backend)
         if num_queries < 1:
             raise ValueError(f"num_queries must be at least 1, got {num_queries}")
         if cross_attention_every < 1:
@@ -188,7 +201,7 @@ class QLLaMA(nn.Module):
         vision: torch.Tensor | None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        mode: str = "itc",
+        mode: Mode = "itc",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pass over ``[queries, text]``.
 
@@ -264,16 +277,6 @@ class QLLaMAConnector(nn.Module):
         return self.proj(queries)
 
 
-def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``(N, T, D)`` → ``(N, D)``: ``"mean"`` over real tokens or the ``"last"`` real token, as
-    :class:`~lit_internvl.components.TextEncoder` pools."""
-    if pooling == "last":
-        last = attention_mask.long().sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    weights = attention_mask.to(hidden.dtype)[..., None]
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
 class InternVLG(nn.Module):
     """Stage-2 InternVL: the stage-1 dual encoder with QLLaMA as its text tower, plus a second image
     embedding read by the queries, an ITM head and the LM head of QLLaMA.
@@ -288,7 +291,7 @@ class InternVLG(nn.Module):
     (G emb: the InternVL-G image embedding.)
 
     Names that stage 1 also has (``image_projection``, ``text_projection``, ``logit_scale``) are kept,
-    so a stage-1 checkpoint loads with ``{"image_encoder.": "vision.", "text_encoder.": "qllama."}``.
+    so a stage-1 checkpoint loads with ``{"text_encoder.": "qllama."}``.
 
     Args:
         vision: image encoder ``(N, 3, H, W) → (N, 1+P, C)`` with ``hidden_size``.
@@ -303,13 +306,13 @@ class InternVLG(nn.Module):
         vision: nn.Module,
         qllama: QLLaMA,
         embed_dim: int = 128,
-        image_pooling: str = "cls",
-        text_pooling: str = "mean",
+        image_pooling: ImagePooling = "cls",
+        text_pooling: TextPooling = "mean",
         init_logit_scale: float = math.log(1 / 0.07),
     ) -> None:
         super().__init__()
-        if text_pooling not in ("mean", "last"):
-            raise ValueError(f"Unknown text_pooling {text_pooling!r}; choose 'mean' or 'last'")
+        if text_pooling not in get_args(TextPooling):
+            raise ValueError(f"Unknown text_pooling {text_pooling!r}; choose one of {get_args(TextPooling)}")
         self.vision = vision
         self.qllama = qllama
         self.text_pooling = text_pooling

@@ -22,18 +22,39 @@ class ImageTokenMismatchError(ValueError):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vision: nn.Module, connector: nn.Module, decoder: nn.Module, image_context_id: int) -> None:
+    """Vision encoder → connector → decoder, the image features spliced at ``<IMG_CONTEXT>``.
+
+    Args:
+        vision, connector, decoder: components with the contracts of :mod:`lit_internvl.components`.
+        image_context_id: the tokenizer's id of ``<IMG_CONTEXT>``.
+        tile_size: the side of the tiles the model reads (trains on, exports at); default the
+            encoder's native ``config.image_size``. A stage sets it from its data in the handshake.
+    """
+
+    def __init__(
+        self,
+        vision: nn.Module,
+        connector: nn.Module,
+        decoder: nn.Module,
+        image_context_id: int,
+        tile_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.connector = connector
         self.decoder = decoder
         self.image_context_id = image_context_id
+        if tile_size is None:
+            config = getattr(vision, "config", None)
+            if config is None:
+                raise ValueError(f"tile_size is needed: the vision encoder {type(vision).__name__} has no config.image_size")
+            tile_size = config.image_size
+        self.tile_size = tile_size
 
-    @property
-    def tokens_per_tile(self) -> int:
-        """``<IMG_CONTEXT>`` tokens a prompt reserves per image tile."""
-        grid = self.vision.config.image_size // self.vision.patch_size
-        return self.connector.tokens_per_tile(grid * grid)
+    def tokens_per_tile(self, tile_size: int | None = None) -> int:
+        """``<IMG_CONTEXT>`` tokens a prompt reserves per ``tile_size`` px tile (default :attr:`tile_size`)."""
+        side = (self.tile_size if tile_size is None else tile_size) // self.vision.patch_size
+        return self.connector.tokens_per_tile(side * side)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(tiles, 3, H, W)`` → ``(tiles, tokens_per_tile, D)`` in the decoder's embedding space."""
