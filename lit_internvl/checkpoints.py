@@ -1,7 +1,8 @@
-"""Reading weights safely: Lightning checkpoints, safetensors files and Hugging Face folders.
+"""Reading weights safely: Lightning checkpoints and safetensors files, loaded by name.
 
 Nothing here unpickles arbitrary objects: ``.ckpt``/``.pt`` files are read with
-``torch.load(weights_only=True)``, everything else through safetensors.
+``torch.load(weights_only=True)``, everything else through safetensors. Hugging Face folders are
+:mod:`lit_internvl.hf`'s (a stage resolves ``init_from: hf:/folder`` there).
 """
 
 from __future__ import annotations
@@ -16,28 +17,31 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 
-def read_state_dict(source: str) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, by name.
+MODEL_FACTS = "lit_internvl_model"  # the Lightning checkpoint's entry of facts about the model (tile size)
 
-    ``source``: a Lightning checkpoint (``.ckpt``; the LightningModule's ``model.`` prefix is
-    dropped), a ``.safetensors`` file, or ``hf:/path/to/folder`` (a transformers or OpenGVLab
-    InternVL checkpoint, mapped to lit_internvl's names by :mod:`lit_internvl.hf`).
-    """
+
+def _read_checkpoint(source: str):
     if source.startswith("hf:"):
-        from lit_internvl.hf import read_vlm_state_dict
-
-        return read_vlm_state_dict(source[3:])
+        raise ValueError(f"{source!r} is a Hugging Face folder: read it with lit_internvl.hf.read_vlm_state_dict")
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"init_from: no checkpoint at {source!r}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        raise FileNotFoundError(f"no checkpoint at {source!r}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - any unpickling refusal ends up here
         raise ValueError(f"{source!r} cannot be read as plain tensors (weights_only=True): {error}") from error
+
+
+def read_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, by name: a Lightning checkpoint (``.ckpt``; the LightningModule's
+    ``model.`` prefix is dropped) or a ``.safetensors`` file."""
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if not Path(source).exists():
+            raise FileNotFoundError(f"no checkpoint at {source!r}")
+        return load_file(source)
+    checkpoint = _read_checkpoint(source)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
     if not isinstance(state, Mapping):
         raise ValueError(f"{source!r} holds no state dict")
@@ -46,7 +50,7 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
 
 
 def rename_prefixes(state: Mapping[str, torch.Tensor], rename: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Replace the first matching key prefix: ``{"image_encoder.": "vision."}``; an empty target drops the key."""
+    """Replace the first matching key prefix: ``{"text_encoder.": "qllama."}``; an empty target drops the key."""
     out = {}
     for key, value in state.items():
         for old, new in rename.items():
@@ -61,10 +65,21 @@ def rename_prefixes(state: Mapping[str, torch.Tensor], rename: Mapping[str, str]
     return out
 
 
-def load_into(module: nn.Module, source: str, rename: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """Load ``source`` into ``module`` by name, partially: returns (missing, unexpected) keys and logs
-    them; a shape disagreement is an error naming the key."""
-    state = read_state_dict(source)
+def read_model_facts(source: str) -> dict:
+    """What the training run recorded about the model beside its weights (``{"tile_size": 448}``);
+    empty for a ``.safetensors`` file or a checkpoint written before the facts were kept."""
+    if source.endswith(".safetensors"):
+        return {}
+    checkpoint = _read_checkpoint(source)
+    return dict(checkpoint.get(MODEL_FACTS) or {}) if isinstance(checkpoint, Mapping) else {}
+
+
+def load_into(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source: str, rename: Mapping[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Load the tensors ``state`` (read from ``source``, named in messages) into ``module`` by name,
+    partially: returns (missing, unexpected) keys and logs them; a shape disagreement is an error
+    naming the key."""
     if rename:
         state = rename_prefixes(state, rename)
     own = module.state_dict()

@@ -25,8 +25,8 @@ from lit_internvl.stages.base import Stage
 TOOLS = {
     "prepare": "lit_internvl.tools.prepare:main",
     "export": "lit_internvl.tools.export:main",
-    "chat": "lit_internvl.inference:chat_main",
-    "report": "lit_internvl.callbacks.metrics_report:report_main",
+    "chat": "lit_internvl.tools.chat:main",
+    "report": "lit_internvl.tools.report:main",
 }
 
 

@@ -27,7 +27,7 @@ class PatchMeanEncoder(nn.Module):
         return torch.cat((self.cls.expand(len(patches), -1, -1), patches), dim=1)
 
 
-def _recipe(tmp_path: Path, image_encoder: dict) -> Path:
+def _recipe(tmp_path: Path, vision: dict) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -42,7 +42,7 @@ def _recipe(tmp_path: Path, image_encoder: dict) -> Path:
         "model": {
             "class_path": "lit_internvl.stages.ContrastiveStage",
             "init_args": {
-                "image_encoder": image_encoder,
+                "vision": vision,
                 "text_encoder": {"class_path": "lit_internvl.components.TextEncoder", "init_args": {"config": "tiny"}},
                 "embed_dim": 16,
                 "warmup_steps": 1,
@@ -62,7 +62,7 @@ def test_fit_with_a_user_encoder_chosen_by_class_path(tmp_path):
     recipe = _recipe(tmp_path, {"class_path": f"{__name__}.PatchMeanEncoder", "init_args": {"hidden_size": 24}})
     cli = main(["fit", "--config", str(recipe)])
 
-    encoder = cli.model.model.image_encoder
+    encoder = cli.model.model.vision
     assert type(encoder).__name__ == "PatchMeanEncoder" and encoder.hidden_size == 24
     assert cli.trainer.global_step == 3
     report = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
@@ -85,7 +85,7 @@ def test_command_line_override_reaches_interpolated_values(tmp_path):
     cli = main(["fit", "--config", str(recipe), "--model.init_args.embed_dim", "24"])
 
     assert cli.model.model.text_encoder.hidden_size == 24
-    assert isinstance(cli.model.model.image_encoder, InternViT)
+    assert isinstance(cli.model.model.vision, InternViT)
 
 
 def test_print_config_shows_the_resolved_recipe(capsys):

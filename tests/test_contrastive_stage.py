@@ -64,8 +64,8 @@ def test_weight_decay_spares_norms_biases_and_scales():
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] > 0 and groups[1]["weight_decay"] == 0
     assert id(stage.model.logit_scale) not in decayed
-    assert id(stage.model.image_encoder.layers[0].ls1) not in decayed
-    assert id(stage.model.image_encoder.layers[0].attn.qkv.weight) in decayed
+    assert id(stage.model.vision.layers[0].ls1) not in decayed
+    assert id(stage.model.vision.layers[0].attn.qkv.weight) in decayed
     assert sum(map(len, (g["params"] for g in groups))) == len(list(stage.parameters()))
 
 
@@ -104,7 +104,7 @@ def test_init_from_a_lightning_checkpoint_loads_by_name_and_reports_partial_load
     )  # fmt: skip
     with caplog.at_level("WARNING"):
         partial.configure_model()
-    assert torch.equal(partial.model.image_encoder.layers[0].attn.qkv.weight, stage.model.image_encoder.layers[0].attn.qkv.weight)
+    assert torch.equal(partial.model.vision.layers[0].attn.qkv.weight, stage.model.vision.layers[0].attn.qkv.weight)
     assert not torch.equal(partial.model.text_encoder.embed_tokens.weight, stage.model.text_encoder.embed_tokens.weight)
     assert "missing" in caplog.text and "text_encoder.embed_tokens.weight" in caplog.text
 

@@ -178,7 +178,7 @@ def test_fsdp2_on_two_ranks_equals_one_process_on_the_whole_batch(fsdp_results, 
     # The ranks' gradients are summed in another order than one process sums them; AdamW divides each by its
     # own root mean square, so an element whose gradient is at rounding level can move by up to the learning
     # rate (1e-3) either way: equal training allows differences of that order in a few elements, not beyond.
-    assert weight_difference <= 0.05 * _stage().learning_rate
+    assert weight_difference <= 0.05 * _stage().hparams.learning_rate
     assert one_process["losses"][0] != one_process["losses"][1], "the first step changed the weights"
 
 
@@ -257,7 +257,7 @@ def test_strategy_presets_compose_with_a_recipe(preset, strategy, checkpointing)
     args = [a for c in configs for a in ("--config", str(c))] + ["--trainer.devices", "1", "--trainer.logger", "false"]
     cli = main(args, run=False)
     assert type(cli.trainer.strategy).__name__ == strategy
-    assert cli.model.activation_checkpointing is checkpointing
+    assert cli.model.hparams.activation_checkpointing is checkpointing
     assert any(isinstance(c, TrainingThroughput) for c in cli.trainer.callbacks)
 
 

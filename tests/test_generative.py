@@ -177,7 +177,7 @@ def test_qllama_connector_honours_the_connector_contract_inside_a_vlm():
     connector = QLLaMAConnector(vision.hidden_size, decoder.hidden_size, language=SMALL, num_queries=QUERIES)
     assert connector.tokens_per_tile(16) == QUERIES
     model = VisionLanguageModel(vision, connector, decoder, tokenizer.token_to_id(IMG_CONTEXT))
-    ids = torch.tensor([tokenizer.encode("<img>" + IMG_CONTEXT * model.tokens_per_tile + "</img>\nwhat is it?")])
+    ids = torch.tensor([tokenizer.encode("<img>" + IMG_CONTEXT * model.tokens_per_tile() + "</img>\nwhat is it?")])
     pixel_values = torch.randn(1, 3, 56, 56)
     assert connector(vision(pixel_values)).shape == (1, QUERIES, decoder.hidden_size)
     model(ids, pixel_values).logsumexp(-1).mean().backward()
@@ -188,7 +188,7 @@ def test_qllama_connector_honours_the_connector_contract_inside_a_vlm():
 # Loading stage 1, mining negatives
 # --------------------------------------------------------------------------------------------------
 
-RENAME = {"image_encoder.": "vision.", "text_encoder.": "qllama."}
+RENAME = {"text_encoder.": "qllama."}  # the stage-1 vision encoder is "vision" in both stages
 
 
 def _stage1_checkpoint(path: Path) -> ContrastiveStage:
@@ -215,7 +215,7 @@ def test_stage1_checkpoint_becomes_vision_trunk_and_projections_and_reports_the_
     loaded = stage2.model.state_dict()
     for name, value in stage1.model.text_encoder.state_dict().items():
         assert torch.equal(loaded[f"qllama.{name}"], value), name
-    for name, value in stage1.model.image_encoder.state_dict().items():
+    for name, value in stage1.model.vision.state_dict().items():
         assert torch.equal(loaded[f"vision.{name}"], value), name
     for name in ("image_projection.proj.weight", "text_projection.weight", "logit_scale"):
         assert torch.equal(loaded[name], stage1.model.state_dict()[name]), name
@@ -290,7 +290,7 @@ def _recipe(tmp_path: Path, checkpoint: Path) -> Path:
         "model": {
             "class_path": "lit_internvl.stages.GenerativeStage",
             "init_args": {
-                "image_encoder": {"class_path": "lit_internvl.components.InternViT", "init_args": {"config": "tiny"}},
+                "vision": {"class_path": "lit_internvl.components.InternViT", "init_args": {"config": "tiny"}},
                 "qllama": {
                     "class_path": "lit_internvl.models.qllama.QLLaMA",
                     "init_args": {"language": small, "num_queries": QUERIES, "text_attention": "bidirectional"},
@@ -322,7 +322,7 @@ def test_stage2_trains_from_a_stage1_checkpoint_through_the_cli_and_keeps_stage1
     # InternVL stage 2: the stage-1 parts are frozen, the new parts train.
     before = stage1.model.state_dict()
     for name, value in model.state_dict().items():
-        renamed = name.replace("vision.", "image_encoder.", 1).replace("qllama.", "text_encoder.", 1)
+        renamed = name.replace("qllama.", "text_encoder.", 1)
         if renamed in before and name != "logit_scale":
             assert torch.equal(value, before[renamed]), f"{name} trained"
     assert not model.vision.training, "a frozen encoder runs in eval mode (no drop-path)"

@@ -414,11 +414,13 @@ def test_export_command_uses_the_tile_size_the_run_recorded(tmp_path):
 
 
 def test_init_from_hf_loads_every_tensor(tmp_path):
-    """What ``init_from: hf:/path`` does in a stage: Stage.configure_model → checkpoints.load_into."""
+    """What ``init_from: hf:/path`` does in a stage: Stage.configure_model → read_init_weights → load_into."""
+    from lit_internvl.stages.base import read_init_weights
+
     reference = _transformers_model("qwen2", "300m", tie=False)
     reference.save_pretrained(str(tmp_path))
     model = build_vlm(read_config(tmp_path))
-    missing, unexpected = load_into(model, f"hf:{tmp_path}")
+    missing, unexpected = load_into(model, read_init_weights(f"hf:{tmp_path}"), f"hf:{tmp_path}")
     assert missing == [] and unexpected == []
     loaded = load_vlm(tmp_path).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

@@ -135,14 +135,14 @@ def test_reference_with_lora_is_the_policy_with_adapters_disabled():
     batch = next(iter(_data().val_dataloader()))
     inputs = stage.concatenated(batch)
     with torch.no_grad():
-        policy = stage._forward(stage.model, inputs)
+        policy = stage.forward_batch(inputs, logits_at=False)
         reference = stage.reference_logits(inputs)
         # The base model: the same weights without the adapters (merged-out names map back).
         base = _stage()
         base.configure_model()
         state = {k.replace(".base_layer", ""): v for k, v in stage.model.state_dict().items() if "lora_" not in k}
         base.model.load_state_dict(state)
-        expected = base._forward(base.model.eval(), inputs)
+        expected = base.forward_batch(inputs, base.model.eval(), logits_at=False)
     assert (policy - reference).abs().max() > 1e-3
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
     assert stage.model.training, "the policy's train mode is restored after the reference pass"

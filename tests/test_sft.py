@@ -65,8 +65,20 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert int(sample_next(logits, 0.0)) == 0
 
 
+def test_add_lora_marks_the_adapters_trainable_and_leaves_every_other_parameter_as_it_was():
+    model = _vlm()
+    model.decoder.requires_grad_(False)  # frozen before: stays frozen; the connector and vision stay trainable
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    add_lora(model, ["decoder"], r=4)
+    after = {name.replace(".base_layer.", "."): p.requires_grad for name, p in model.named_parameters() if "lora_" not in name}
+    assert after == before
+    assert all(p.requires_grad for name, p in model.named_parameters() if "lora_" in name)
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
 def test_lora_merged_and_unmerged_give_the_same_logits():
     model, batch = _vlm(), _prompts()
+    model.requires_grad_(False)
     add_lora(model, ["decoder", "vision"], r=4)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; make the adapters do something
@@ -132,7 +144,7 @@ def test_frozen_parameters_do_not_change(tmp_path, options, trained):
 
 def test_a_tokenizer_with_more_ids_than_the_decoder_vocabulary_is_refused(tmp_path):
     stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"))
-    with pytest.raises(ValueError, match="tokenizer has 394 ids but the decoder's vocabulary holds 272"):
+    with pytest.raises(ValueError, match="tokenizer has 394 ids but the vocabulary of model.init_args.decoder holds 272"):
         _fit(stage, tmp_path, tokenizer="shapes")
     shapes = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"))
     _fit(shapes, tmp_path, steps=1, tokenizer="shapes")

@@ -48,10 +48,10 @@ def latest_report(run_dir: str) -> dict | None:
     return json.loads(reports[-1].read_text()) if reports else None
 
 
-def report_main(argv: list[str]) -> str:
-    """``python -m lit_internvl report RUN_DIR...``: one table of every run's final held-out metrics."""
+def report_table(run_dirs: list[str]) -> str:
+    """One table of every run's final held-out metrics (losses left out), with chance levels."""
     lines = [f"{'run':<16} {'metric':<44} {'value':>8} {'chance':>8}"]
-    for run_dir in argv:
+    for run_dir in run_dirs:
         report = latest_report(run_dir)
         if report is None:
             lines.append(f"{run_dir:<16} (no metrics.json)")
@@ -61,6 +61,4 @@ def report_main(argv: list[str]) -> str:
                 continue
             chance = "-" if entry["chance"] is None else f"{entry['chance']:.4f}"
             lines.append(f"{Path(run_dir).name:<16} {name:<44} {entry['value']:>8.4f} {chance:>8}")
-    table = "\n".join(lines)
-    print(table, flush=True)
-    return table
+    return "\n".join(lines)

@@ -3,7 +3,7 @@
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.datamodule import RecordsDataModule
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
-from lit_internvl.data.shapes import ShapesDataModule
+from lit_internvl.data.shapes.datamodule import ShapesDataModule
 from lit_internvl.data.templates import PlaceholderMismatchError, tokenize_conversation
 from lit_internvl.data.tiling import tile_sample
 from lit_internvl.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer

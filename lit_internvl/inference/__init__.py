@@ -1,12 +1,6 @@
-"""Generation, the ``chat`` command and Best-of-N."""
+"""Generation (greedy, temperature, top-p; KV cache) and answering questions about images."""
 
+from lit_internvl.inference.chat import answer, load_hf_chat_model
 from lit_internvl.inference.generate import generate, sample_next
 
-
-def chat_main(argv: list[str]):
-    from lit_internvl.inference.chat import main
-
-    return main(argv)
-
-
-__all__ = ["chat_main", "generate", "sample_next"]
+__all__ = ["answer", "generate", "load_hf_chat_model", "sample_next"]

@@ -1,5 +1,5 @@
-"""The base every training stage shares: building modules lazily, the optimiser and its schedule,
-and the end-of-fit metrics report."""
+"""The base every training stage shares: building the model lazily and meeting the data once, the
+optimiser and its schedule, and the callbacks every run has."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import lightning as L
 import torch
 import torch.nn as nn
 
-from lit_internvl.checkpoints import load_into
-from lit_internvl.data.collate import pad_ids
-from lit_internvl.distributed import data_parallel_mesh, parallelize, unsharded
+from lit_internvl.checkpoints import load_into, read_state_dict
+from lit_internvl.components.attention import Backend, set_attention_backend
+from lit_internvl.data.contract import StageData
+from lit_internvl.distributed import data_parallel_mesh, parallelize
 
 ModuleFactory = Callable[[], nn.Module]
 
@@ -22,15 +23,29 @@ def build(factory: ModuleFactory | nn.Module) -> nn.Module:
     return factory if isinstance(factory, nn.Module) else factory()
 
 
+def read_init_weights(source: str) -> dict[str, torch.Tensor]:
+    """The tensors ``init_from`` names: ``hf:/folder`` (a transformers or OpenGVLab InternVL checkpoint, mapped
+    to lit_internvl's names), a Lightning ``.ckpt`` or a ``.safetensors`` file."""
+    if source.startswith("hf:"):
+        from lit_internvl.hf import read_vlm_state_dict
+
+        return read_vlm_state_dict(source[3:])
+    return read_state_dict(source)
+
+
 class Stage(L.LightningModule):
     """Base LightningModule of every stage.
 
     Subclasses implement :meth:`build_model`; :meth:`configure_model` calls it once (so that FSDP can
-    shard the network from the meta device), then loads ``init_from`` (a Lightning ``.ckpt`` of an
-    earlier stage, a ``.safetensors`` file, or ``hf:/path``) by name after the prefix renames of
-    ``init_from_rename``, reporting missing and unexpected keys. Subclasses report validation
-    metrics under ``val/``; ``chance_levels`` holds the chance level of each such metric where one
-    exists, for the end-of-fit report.
+    shard the network from the meta device), meets the data (:meth:`handshake`), then loads
+    ``init_from`` (a Lightning ``.ckpt`` of an earlier stage, a ``.safetensors`` file, or ``hf:/path``)
+    by name after the prefix renames of ``init_from_rename``, reporting missing and unexpected keys.
+    Subclasses report validation metrics under ``val/``; ``chance_levels`` holds the chance level of
+    each such metric where one exists, for the end-of-fit report.
+
+    The data is the trainer's datamodule, or the one given to :meth:`use_data` outside a Trainer
+    (chat, notebooks); what a stage reads of it is :class:`~lit_internvl.data.contract.StageData`.
+    Every constructor argument is kept in ``hparams``, the one home of a stage's configuration.
 
     Optimiser: AdamW over :meth:`parameter_groups` with weight decay on matrices only (not on
     norms, biases, scales), a linear warm-up of ``warmup_steps`` and a cosine decay to
@@ -41,8 +56,12 @@ class Stage(L.LightningModule):
     mesh's ``data_parallel`` dimension (gathered in bf16 when the trainer's precision is
     ``bf16-mixed``); ``activation_checkpointing`` recomputes each block's activations in the
     backward pass, with or without sharding. Subclasses freeze parts or add adapters in
-    :meth:`prepare_model`, which runs before that.
+    :meth:`prepare_model`, which runs before that. ``attn_backend`` runs every attention of the model
+    on one backend (None: as each component's config says).
     """
+
+    #: Constructor arguments that are modules or factories, kept out of ``hparams``.
+    factory_arguments: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -54,67 +73,88 @@ class Stage(L.LightningModule):
         init_from: str | None = None,
         init_from_rename: dict[str, str] | None = None,
         activation_checkpointing: bool = False,
+        attn_backend: Backend | None = None,
     ) -> None:
         super().__init__()
+        # Collects the arguments of every __init__ in the subclass chain, not only this one's.
+        self.save_hyperparameters(ignore=list(self.factory_arguments))
         self.model: nn.Module | None = None
-        self.activation_checkpointing = activation_checkpointing
-        self.init_from = init_from
-        self.init_from_rename = init_from_rename
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.betas = betas
-        self.warmup_steps = warmup_steps
-        self.min_lr_ratio = min_lr_ratio
         self.chance_levels: dict[str, float] = {}
+        self._data: StageData | None = None
+
+    # -- the model and the data ---------------------------------------------------------------
+
+    @property
+    def data(self) -> StageData | None:
+        """The datamodule given to :meth:`use_data`, else the trainer's (None when neither exists)."""
+        if self._data is not None:
+            return self._data
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def use_data(self, datamodule: StageData) -> Stage:
+        """Meet ``datamodule`` outside a Trainer (chat, notebooks): the model is built for it."""
+        self._data = datamodule
+        return self
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement build_model()")
 
+    def handshake(self, model: nn.Module) -> None:
+        """Check ``model`` against the data before any step runs; subclasses add their facts."""
+
+    def check_vocabulary(self, embeddings: nn.Embedding, model_key: str) -> None:
+        """The model's vocabulary must hold every id of the data's tokenizer."""
+        tokenizer = getattr(self.data, "tokenizer", None)
+        if tokenizer is not None and tokenizer.vocab_size > embeddings.num_embeddings:
+            raise ValueError(
+                f"data.init_args.tokenizer has {tokenizer.vocab_size} ids but the vocabulary of {model_key} holds "
+                f"{embeddings.num_embeddings}: choose a {model_key} config for this tokenizer"
+            )
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        h = self.hparams
         model = self.build_model()
-        if self.init_from:
-            load_into(model, self.init_from, self.init_from_rename)
+        if h.attn_backend is not None:
+            set_attention_backend(model, h.attn_backend)
+        self.handshake(model)
+        if h.init_from:
+            load_into(model, read_init_weights(h.init_from), h.init_from, h.init_from_rename)
         self.prepare_model(model)
+        self.model = self.parallelize(model, h.activation_checkpointing)
+
+    def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+        """``model`` sharded on this stage's data-parallel mesh (gathered in bf16 under ``bf16-mixed``)."""
         mesh = data_parallel_mesh(self.device_mesh)
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         param_dtype = torch.bfloat16 if mesh is not None and precision == "bf16-mixed" else None
-        self.model = parallelize(model, mesh, self.activation_checkpointing, param_dtype)
-
-    def class_name_embeddings(self) -> torch.Tensor | None:
-        """Text embeddings ``(classes, E)`` of the datamodule's ``class_names`` in its ``prompt_template``, for
-        zero-shot classification by a model with ``encode_text``; None when the datamodule names no classes."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if not names:
-            return None
-        tokenizer, template = datamodule.tokenizer, datamodule.prompt_template
-        ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
-        with unsharded(self.model):  # FSDP2 gathers parameters around forward only
-            return self.model.encode_text(ids.to(self.device), mask.to(self.device))
+        return parallelize(model, mesh, activation_checkpointing, param_dtype)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Freeze parts or add adapters to the freshly built and loaded ``model`` (before sharding)."""
 
+    # -- optimisation -------------------------------------------------------------------------
+
     def parameter_groups(self) -> list[dict]:
         """``[{"params": [...], "lr": ...}, ...]`` of the trainable parameters; stages with per-part
         learning rates override this."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": self.learning_rate}]
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": self.hparams.learning_rate}]
 
     def configure_optimizers(self):
+        h = self.hparams
         groups = []
         for group in self.parameter_groups():
             decay = [p for p in group["params"] if p.ndim >= 2]
             no_decay = [p for p in group["params"] if p.ndim < 2]
             groups += [
                 {"params": params, "lr": group["lr"], "weight_decay": wd}
-                for params, wd in ((decay, self.weight_decay), (no_decay, 0.0))
+                for params, wd in ((decay, h.weight_decay), (no_decay, 0.0))
                 if params
             ]
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=h.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, floor = self.warmup_steps, self.min_lr_ratio
+        warmup, floor = h.warmup_steps, h.min_lr_ratio
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -127,8 +167,7 @@ class Stage(L.LightningModule):
 
     def configure_callbacks(self):
         from lit_internvl.callbacks.metrics_report import MetricsReport
-        from lit_internvl.callbacks.skipped_samples import SkippedSamples
-
         from lit_internvl.callbacks.resume import ExactResume
+        from lit_internvl.callbacks.skipped_samples import SkippedSamples
 
         return [MetricsReport(), SkippedSamples(), ExactResume()]

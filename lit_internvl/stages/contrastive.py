@@ -2,59 +2,50 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 
 from lit_internvl.distributed import unsharded
 from lit_internvl.losses import contrastive_loss
-from lit_internvl.metrics import CrossModalRecall
-from lit_internvl.models.dual_encoder import DualEncoder
-from lit_internvl.stages.base import ModuleFactory, Stage, build
+from lit_internvl.models.dual_encoder import DualEncoder, ImagePooling
+from lit_internvl.stages.base import ModuleFactory, build
+from lit_internvl.stages.dual_encoder import DualEncoderStage
 
 
-class ContrastiveStage(Stage):
+class ContrastiveStage(DualEncoderStage):
     """Trains a :class:`DualEncoder` with the symmetric contrastive loss over the global batch.
 
     The learnable logit scale starts at ``log(1/0.07)`` and is clamped to ``[0, log(100)]`` after
-    every step. Validation reports zero-shot top-1 (when the datamodule has ``class_names``,
-    ``prompt_template`` and ``tokenizer``) and image↔text recall@1/5.
+    every step. Validation reports zero-shot top-1 (when the data has ``class_names``) and
+    image↔text recall@1/5 (:class:`DualEncoderStage`).
 
     Args:
-        image_encoder, text_encoder: factories (YAML ``class_path``) or instances of the towers.
-        stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
-            ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
+        vision, text_encoder: factories (YAML ``class_path``) or instances of the towers.
         embed_dim: width of the shared embedding space.
         image_pooling: ``"cls"``, ``"mean"`` (of the patches) or ``"attention"`` (InternVL-C); see :class:`ImageProjection`.
+        stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
+            :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
+
+    factory_arguments = ("vision", "text_encoder")
 
     def __init__(
         self,
-        image_encoder: ModuleFactory,
+        vision: ModuleFactory,
         text_encoder: ModuleFactory,
         embed_dim: int = 128,
-        image_pooling: str = "cls",
-        init_logit_scale: float = math.log(1 / 0.07),
-        max_logit_scale: float = math.log(100),
+        image_pooling: ImagePooling = "cls",
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
-        self.save_hyperparameters(ignore=["image_encoder", "text_encoder"])
-        self.image_encoder_factory = image_encoder
-        self.text_encoder_factory = text_encoder
-        self.recall = CrossModalRecall(ks=(1, 5))
-        self.zero_shot: MulticlassAccuracy | None = None
-        self.class_embeddings: torch.Tensor | None = None
+        self.factories = {"vision": vision, "text_encoder": text_encoder}
 
     def build_model(self) -> DualEncoder:
-        return DualEncoder(
-            build(self.image_encoder_factory),
-            build(self.text_encoder_factory),
-            embed_dim=self.hparams.embed_dim,
-            image_pooling=self.hparams.image_pooling,
-            init_logit_scale=self.hparams.init_logit_scale,
-        )
+        h = self.hparams
+        vision, text_encoder = build(self.factories["vision"]), build(self.factories["text_encoder"])
+        return DualEncoder(vision, text_encoder, h.embed_dim, h.image_pooling, h.init_logit_scale)
+
+    def handshake(self, model: DualEncoder) -> None:
+        self.check_vocabulary(model.text_encoder.embed_tokens, "model.init_args.text_encoder")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
@@ -64,58 +55,10 @@ class ContrastiveStage(Stage):
         self.log("train/logit_scale", scale.detach(), batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0.0, self.hparams.max_logit_scale)
-
-    # -- evaluation ---------------------------------------------------------------------------
-
-    def _prepare_zero_shot(self) -> None:
-        self.class_embeddings = self.class_name_embeddings()
-        if self.class_embeddings is None:
-            self.zero_shot = None
-            return
-        classes = self.class_embeddings.shape[0]
-        if self.zero_shot is None or self.zero_shot.num_classes != classes:
-            self.zero_shot = MulticlassAccuracy(num_classes=classes, average="micro").to(self.device)
-        self.zero_shot.reset()
-
-    def on_validation_epoch_start(self) -> None:
-        self._prepare_zero_shot()
-
-    def on_test_epoch_start(self) -> None:
-        self._prepare_zero_shot()
-
-    def _evaluate(self, batch: dict, split: str) -> None:
+    def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         self.log(f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True, batch_size=len(image_emb))
-        self.recall.update(image_emb, text_emb, batch["caption_key"])
-        if self.zero_shot is not None:
-            self.zero_shot.update(image_emb @ self.class_embeddings.T, batch["label"])
-
-    def _log_epoch(self, split: str) -> None:
-        recall = self.recall.compute()
-        for name, value in recall.items():
-            self.log(f"{split}/{name}", value)
-        chance = {f"{split}/{name}": value for name, value in self.recall.chance.items()}
-        self.recall.reset()
-        if self.zero_shot is not None:
-            self.log(f"{split}/zero_shot_top1", self.zero_shot.compute())
-            chance[f"{split}/zero_shot_top1"] = 1.0 / self.zero_shot.num_classes
-            self.zero_shot.reset()
-        self.chance_levels.update(chance)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        return {"image": image_emb}, text_emb
 
     def on_predict_epoch_start(self) -> None:
         self._prepare_zero_shot()

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
+from lit_internvl.components.language import TextPooling
 from lit_internvl.losses import contrastive_loss
-from lit_internvl.metrics import CrossModalRecall
-from lit_internvl.models.qllama import InternVLG, QLLaMA
-from lit_internvl.stages.base import ModuleFactory, Stage, build
+from lit_internvl.models.dual_encoder import ImagePooling
+from lit_internvl.models.qllama import InternVLG, ParameterSet, QLLaMA
+from lit_internvl.stages.base import ModuleFactory, build
+from lit_internvl.stages.dual_encoder import DualEncoderStage
 
-NEGATIVE_STRATEGIES = ("hard", "random")
+NegativeStrategy = Literal["hard", "random"]
+NEGATIVE_STRATEGIES = get_args(NegativeStrategy)
 # InternVL stage 2 trains only what is new: queries, cross-attention, the query projection, the ITM head
 # and the temperature. The stage-1 embeddings (image and text) then stay exactly as stage 1 left them.
 INTERNVL_FROZEN = ("vision", "image_projection", "trunk", "text_projection")
 
 
-def sample_negatives(scores: torch.Tensor, allowed: torch.Tensor, strategy: str = "hard") -> torch.Tensor:
+def sample_negatives(scores: torch.Tensor, allowed: torch.Tensor, strategy: NegativeStrategy = "hard") -> torch.Tensor:
     """One negative per row for ITM, drawn among the ``allowed`` columns.
 
     ``"hard"`` draws column j with probability softmax(scores)[j] over the allowed columns (BLIP-2:
@@ -68,7 +70,7 @@ def itm_pairs(negative_text: torch.Tensor, negative_image: torch.Tensor) -> tupl
     return image_index[keep], text_index[keep], (kind[keep] < 2).long()
 
 
-class GenerativeStage(Stage):
+class GenerativeStage(DualEncoderStage):
     """Trains :class:`~lit_internvl.models.qllama.InternVLG` with ``itc_weight·ITC + itm_weight·ITM +
     itg_weight·ITG`` (1 each in InternVL), starting from a stage-1 checkpoint through ``init_from``.
 
@@ -92,12 +94,12 @@ class GenerativeStage(Stage):
 
     Validation reports recall@1/5 of the stage-1 image embedding and of the InternVL-G embedding
     (stage-1 + query embedding), against the same text embeddings, and zero-shot top-1 of both
-    when the datamodule has ``class_names``.
+    when the data has ``class_names`` (:class:`DualEncoderStage`).
 
     Args:
-        image_encoder: factory (YAML ``class_path``) or instance of the vision encoder.
-        stage_options: :class:`Stage`'s optimiser (``learning_rate``, ``weight_decay``, ``betas``,
-            ``warmup_steps``, ``min_lr_ratio``), ``init_from``/``init_from_rename`` and ``activation_checkpointing``.
+        vision: factory (YAML ``class_path``) or instance of the vision encoder.
+        stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
+            :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
         qllama: a :class:`QLLaMA` or a factory called with the vision width (YAML ``class_path`` of
             ``QLLaMA`` without ``vision_dim``).
         embed_dim, image_pooling: as in stage 1 (they must match the checkpoint).
@@ -106,43 +108,38 @@ class GenerativeStage(Stage):
         frozen: named parameter sets (see :meth:`InternVLG.parameter_sets`) that do not train.
     """
 
+    factory_arguments = ("vision", "qllama")
+    embedding_names = ("stage1", "internvl_g")
+
     def __init__(
         self,
-        image_encoder: ModuleFactory,
+        vision: ModuleFactory,
         qllama: Callable[[int], QLLaMA],
         embed_dim: int = 128,
-        image_pooling: str = "cls",
-        text_pooling: str = "mean",
-        init_logit_scale: float = math.log(1 / 0.07),
-        max_logit_scale: float = math.log(100),
+        image_pooling: ImagePooling = "cls",
+        text_pooling: TextPooling = "mean",
         itc_weight: float = 1.0,
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
-        itm_negatives: str = "hard",
-        frozen: Sequence[str] = INTERNVL_FROZEN,
+        itm_negatives: NegativeStrategy = "hard",
+        frozen: Sequence[ParameterSet] = INTERNVL_FROZEN,
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
-        if itm_negatives not in NEGATIVE_STRATEGIES:
-            raise ValueError(f"Unknown itm_negatives {itm_negatives!r}; choose one of {NEGATIVE_STRATEGIES}")
         if not any((itc_weight, itm_weight, itg_weight)):
             raise ValueError("itc_weight, itm_weight and itg_weight are all 0: stage 2 would have no loss")
-        self.save_hyperparameters(ignore=["image_encoder", "qllama"])
-        self.image_encoder_factory = image_encoder
-        self.qllama_factory = qllama
-        self.recall = nn.ModuleDict({"stage1": CrossModalRecall(ks=(1, 5)), "internvl_g": CrossModalRecall(ks=(1, 5))})
-        self.zero_shot: nn.ModuleDict | None = None
-        self.class_embeddings: torch.Tensor | None = None
+        self.factories = {"vision": vision, "qllama": qllama}
 
     def build_model(self) -> InternVLG:
-        vision = build(self.image_encoder_factory)
-        qllama = self.qllama_factory
+        h = self.hparams
+        vision = build(self.factories["vision"])
+        qllama = self.factories["qllama"]
         if not isinstance(qllama, nn.Module):
             qllama = qllama(vision.hidden_size)
-        return InternVLG(
-            vision, qllama, embed_dim=self.hparams.embed_dim, image_pooling=self.hparams.image_pooling,
-            text_pooling=self.hparams.text_pooling, init_logit_scale=self.hparams.init_logit_scale,
-        )  # fmt: skip
+        return InternVLG(vision, qllama, h.embed_dim, h.image_pooling, h.text_pooling, h.init_logit_scale)
+
+    def handshake(self, model: InternVLG) -> None:
+        self.check_vocabulary(model.qllama.embed_tokens, "model.init_args.qllama")
 
     def prepare_model(self, model: InternVLG) -> None:
         """Freezes the parameter sets named in ``frozen``."""
@@ -208,64 +205,14 @@ class GenerativeStage(Stage):
         self.log("train/logit_scale", self.model.logit_scale.exp().detach())
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0.0, self.hparams.max_logit_scale)
-
     # -- evaluation ---------------------------------------------------------------------------
 
-    def _prepare_zero_shot(self) -> None:
-        self.class_embeddings = self.class_name_embeddings()
-        if self.class_embeddings is None:
-            self.zero_shot = None
-            return
-        classes = self.class_embeddings.shape[0]
-        if self.zero_shot is None or self.zero_shot["stage1"].num_classes != classes:
-            self.zero_shot = nn.ModuleDict(
-                {key: MulticlassAccuracy(num_classes=classes, average="micro") for key in self.recall}
-            ).to(self.device)
-        for metric in self.zero_shot.values():
-            metric.reset()
-
-    def on_validation_epoch_start(self) -> None:
-        self._prepare_zero_shot()
-
-    def on_test_epoch_start(self) -> None:
-        self._prepare_zero_shot()
-
-    def _evaluate(self, batch: dict, split: str) -> None:
+    def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         losses, (features, query_emb, text_emb) = self._losses(batch)
         for name, value in losses.items():
             self.log(f"{split}/{name}", value, sync_dist=True)
         backbone = self.model.backbone_embedding(features)
-        images = {"stage1": backbone, "internvl_g": self.model.ensemble(backbone, query_emb)}
-        for key, image_emb in images.items():
-            self.recall[key].update(image_emb, text_emb, batch["caption_key"])
-            if self.zero_shot is not None:
-                self.zero_shot[key].update(image_emb @ self.class_embeddings.T, batch["label"])
-
-    def _log_epoch(self, split: str) -> None:
-        for key, recall in self.recall.items():
-            for name, value in recall.compute().items():
-                self.log(f"{split}/{key}/{name}", value)
-                self.chance_levels[f"{split}/{key}/{name}"] = recall.chance[name]
-            recall.reset()
-            if self.zero_shot is not None:
-                self.log(f"{split}/{key}/zero_shot_top1", self.zero_shot[key].compute())
-                self.chance_levels[f"{split}/{key}/zero_shot_top1"] = 1.0 / self.zero_shot[key].num_classes
-                self.zero_shot[key].reset()
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        return {"stage1": backbone, "internvl_g": self.model.ensemble(backbone, query_emb)}, text_emb
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """The stage-1 and InternVL-G image embeddings and the text embedding of each pair."""

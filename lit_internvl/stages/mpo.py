@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torchmetrics import MeanMetric
 
-from lit_internvl.distributed import data_parallel_mesh, parallelize
+from lit_internvl.distributed import world
 from lit_internvl.lora import lora_disabled
 from lit_internvl.losses import bco_pair_loss, dpo_sigmoid_loss, language_model_loss, sequence_log_probs
 from lit_internvl.stages.base import ModuleFactory
-from lit_internvl.stages.sft import SFTStage
+from lit_internvl.stages.vision_language import VisionLanguageStage
 
 
 @contextmanager
@@ -32,7 +32,7 @@ def _eval_mode(model: nn.Module):
             module.training = training
 
 
-class MPOStage(SFTStage):
+class MPOStage(VisionLanguageStage):
     """Mixed preference optimisation: ``w_p·DPO-sigmoid + w_q·BCO-pair + w_g·SFT``.
 
     Each term follows TRL's ``DPOTrainer`` (InternVL's MPO runs it with ``loss_type sigmoid,bco_pair``,
@@ -52,7 +52,7 @@ class MPOStage(SFTStage):
     (chosen reward > rejected reward; chance 0.5), ``val/reward_margin`` and ``val/loss`` (the MPO loss,
     with δ as it stands).
 
-    Args (beyond :class:`SFTStage`'s, which ``sft_options`` passes on):
+    Args (beyond :class:`VisionLanguageStage`'s, which ``options`` passes on):
         beta: β of the DPO and BCO terms.
         preference_weight, quality_weight, generation_weight: w_p (DPO), w_q (BCO), w_g (SFT).
         learning_rate: MPO's smaller default (InternVL2.5-MPO's scripts: 5e-7).
@@ -68,9 +68,9 @@ class MPOStage(SFTStage):
         quality_weight: float = 0.2,
         generation_weight: float = 1.0,
         learning_rate: float = 5e-7,
-        **sft_options,
+        **options,
     ) -> None:
-        super().__init__(vision, connector, decoder, learning_rate=learning_rate, **sft_options)
+        super().__init__(vision, connector, decoder, learning_rate=learning_rate, **options)
         # TRL's RunningMoments starts at mean 0, count 1e-24.
         self.register_buffer("bco_delta", torch.zeros(()))
         self.register_buffer("bco_count", torch.full((), 1e-24))
@@ -85,11 +85,7 @@ class MPOStage(SFTStage):
         super().prepare_model(model)
         if self.hparams.lora:
             return
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-        mesh = data_parallel_mesh(self.device_mesh)
-        precision = str(self.trainer.precision) if self._trainer is not None else ""
-        param_dtype = torch.bfloat16 if mesh is not None and precision == "bf16-mixed" else None
-        self._reference = [parallelize(reference, mesh, False, param_dtype)]
+        self._reference = [self.parallelize(copy.deepcopy(model).requires_grad_(False).eval())]
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -102,19 +98,12 @@ class MPOStage(SFTStage):
             reference.to(self.device)
         return reference
 
-    def _forward(self, model: nn.Module, inputs: dict) -> torch.Tensor:
-        return model(
-            inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"],
-            positions=inputs["positions"], tiles_per_sample=inputs["tiles_per_sample"],
-            sample_names=inputs["sample_names"],
-        )  # fmt: skip
-
     @torch.no_grad()
     def reference_logits(self, inputs: dict) -> torch.Tensor:
         if self.hparams.lora:
             with lora_disabled(self.model), _eval_mode(self.model):
-                return self._forward(self.model, inputs)
-        return self._forward(self.reference_model, inputs)
+                return self.forward_batch(inputs, logits_at=False)
+        return self.forward_batch(inputs, self.reference_model, logits_at=False)
 
     # -- the loss -----------------------------------------------------------------------------
 
@@ -147,7 +136,7 @@ class MPOStage(SFTStage):
         """TRL's ``RunningMoments.update`` of one batch's mean reward (over all ranks: the mean of the
         ranks' means, counting one per rank, as its ``get_global_statistics``); returns the new δ."""
         stats = torch.stack([rewards_mean.detach().float(), torch.ones((), device=rewards_mean.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world()[1] > 1:
             dist.all_reduce(stats)
         batch_mean, batch_count = stats[0] / stats[1], stats[1]
         total = self.bco_count + batch_count
@@ -159,7 +148,7 @@ class MPOStage(SFTStage):
         h = self.hparams
         inputs = self.concatenated(batch)
         rows = batch["input_ids"].shape[0]
-        logits = self._forward(self.model, inputs)
+        logits = self.forward_batch(inputs, logits_at=False)
         logps = sequence_log_probs(logits, inputs["labels"])
         ref_logps = sequence_log_probs(self.reference_logits(inputs), inputs["labels"])
         chosen, rejected, ref_chosen, ref_rejected = logps[:rows], logps[rows:], ref_logps[:rows], ref_logps[rows:]

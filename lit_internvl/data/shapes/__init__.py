@@ -1,7 +1,10 @@
-"""The shapes world of the embedded default: its scenes, its datasets and its datamodule."""
+"""The shapes world of the embedded default: its scenes (``world``), its datasets (``datasets``) and its
+datamodule (``datamodule``; also ``lit_internvl.data.ShapesDataModule``).
 
-from lit_internvl.data.shapes.datamodule import ShapesDataModule, ShapesTask
-from lit_internvl.data.shapes.datasets import ShapesPairs, ShapesPreference, ShapesSplit, ShapesVQA
+The package itself exports the world only: the "shapes" tokenizer is built from the world's words, and the
+datasets build samples with that tokenizer, so importing them here would make an import cycle.
+"""
+
 from lit_internvl.data.shapes.world import (
     COLOURS,
     QUESTION_TYPES,
@@ -16,7 +19,6 @@ from lit_internvl.data.shapes.world import (
 )
 
 __all__ = [
-    "COLOURS", "QUESTION_TYPES", "REGIONS", "SHAPES", "SPLITS", "ShapeObject", "ShapesDataModule", "ShapesPairs",
-    "ShapesPreference", "ShapesSplit", "ShapesTask", "ShapesVQA", "ShapesWorld", "class_names", "vocabulary",
-    "write_records",
+    "COLOURS", "QUESTION_TYPES", "REGIONS", "SHAPES", "SPLITS", "ShapeObject", "ShapesWorld", "class_names",
+    "vocabulary", "write_records",
 ]  # fmt: skip

@@ -1,0 +1,192 @@
+"""The base of the vision-language-model stages (SFT, MPO and the stages to come): building vision →
+connector → decoder for the data, freezing, LoRA, per-part learning rates, the forward pass on a
+batch, and answering prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_internvl.checkpoints import MODEL_FACTS
+from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.inference.generate import generate
+from lit_internvl.lora import LoraOptions, add_lora
+from lit_internvl.losses import LossReduction, supervised_positions
+from lit_internvl.models.vlm import VisionLanguageModel
+from lit_internvl.stages.base import ModuleFactory, Stage, build
+
+Part = Literal["vision", "connector", "decoder"]
+PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
+
+
+class VisionLanguageStage(Stage):
+    """Builds and trains vision encoder → connector → decoder (:class:`VisionLanguageModel`).
+
+    The model meets its data once, when it is built (:meth:`handshake`): the decoder's vocabulary
+    must hold the tokenizer's ids, ``image_context_id`` is the tokenizer's ``<IMG_CONTEXT>`` unless set,
+    the model reads tiles of the data's ``tile_size`` and its connector must give the data's
+    ``tokens_per_tile`` at that size. A disagreement is an error naming both YAML keys.
+
+    Args:
+        vision, decoder: factories (YAML ``class_path``) or instances.
+        connector: factory called as ``connector(vision.hidden_size, decoder.hidden_size)``, or an instance.
+        image_context_id: id of ``<IMG_CONTEXT>``; default: the data tokenizer's.
+        train: parts whose weights train. InternVL's recipes: ``[connector]`` for the MLP warm-up,
+            ``[connector, decoder]`` or all three for full SFT.
+        unfreeze_vision_layers: also train the last k vision blocks when ``vision`` is frozen.
+        train_lm_head: override whether the decoder's output head trains (None: as the decoder).
+        lora: adapters on ``lora.parts`` (:class:`~lit_internvl.lora.LoraOptions`); those parts'
+            own weights are frozen, the adapters are the only weights there that train.
+        part_lr: learning rate per part (e.g. ``{vision: 1e-5}``); others use ``learning_rate``.
+        vision_layer_decay: layer-wise decay of the vision learning rate: block i of L gets
+            ``lr · decay^(L − i)``, the embeddings ``lr · decay^(L + 1)``.
+        loss_reduction: ``token``, ``sample`` or ``square`` (InternVL 2.5/3's default).
+        all_reduce_loss: normalise the loss by the weight of the global batch.
+        max_new_tokens, temperature, top_p: generation in ``predict``.
+        stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
+    """
+
+    factory_arguments = ("vision", "connector", "decoder")
+
+    def __init__(
+        self,
+        vision: ModuleFactory,
+        connector: Callable[[int, int], nn.Module],
+        decoder: ModuleFactory,
+        image_context_id: int | None = None,
+        train: list[Part] = ["vision", "connector", "decoder"],  # noqa: B006 - jsonargparse needs a literal default
+        unfreeze_vision_layers: int = 0,
+        train_lm_head: bool | None = None,
+        lora: LoraOptions | None = None,
+        part_lr: dict[Part, float] | None = None,
+        vision_layer_decay: float = 1.0,
+        loss_reduction: LossReduction = "square",
+        all_reduce_loss: bool = False,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        **stage_options,
+    ) -> None:
+        super().__init__(**stage_options)
+        unknown = sorted(set(train) - set(PARTS))
+        if unknown:
+            raise ValueError(f"train names unknown parts {unknown}; choose from {PARTS}")
+        if lora is not None:  # kept as a plain dict: checkpoints are read back with weights_only=True
+            self.hparams.lora = asdict(lora if isinstance(lora, LoraOptions) else LoraOptions(**lora))
+        self.factories = {"vision": vision, "connector": connector, "decoder": decoder}
+
+    # -- the model and the data ---------------------------------------------------------------
+
+    def build_model(self) -> VisionLanguageModel:
+        vision, decoder = build(self.factories["vision"]), build(self.factories["decoder"])
+        connector = self.factories["connector"]
+        if not isinstance(connector, nn.Module):
+            connector = connector(vision.hidden_size, decoder.hidden_size)
+        image_context_id = self.hparams.image_context_id
+        if image_context_id is None:
+            tokenizer = getattr(self.data, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("model.init_args.image_context_id is not set and there is no data tokenizer to read it from")
+            image_context_id = tokenizer.token_to_id(IMG_CONTEXT)
+        return VisionLanguageModel(vision, connector, decoder, image_context_id)
+
+    def handshake(self, model: VisionLanguageModel) -> None:
+        self.check_vocabulary(model.decoder.embed_tokens, "model.init_args.decoder")
+        tile_size = getattr(self.data, "tile_size", None)
+        if tile_size is None:
+            return
+        model.tile_size = tile_size
+        expected, given = model.tokens_per_tile(tile_size), self.data.tokens_per_tile
+        if given != expected:
+            raise ValueError(
+                f"data.init_args.tokens_per_tile is {given}, but at data.init_args.tile_size {tile_size} the model gives "
+                f"{expected} tokens per tile ({tile_size // model.vision.patch_size}² patches through "
+                f"model.init_args.connector {type(model.connector).__name__}): set data.init_args.tokens_per_tile: {expected}"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Facts about the model that its weights do not hold, for export (``read_model_facts``)."""
+        if self.model is not None:
+            checkpoint[MODEL_FACTS] = {"tile_size": self.model.tile_size, "image_context_id": self.model.image_context_id}
+
+    def prepare_model(self, model: VisionLanguageModel) -> None:
+        """Apply ``train``, ``unfreeze_vision_layers``, ``train_lm_head`` and ``lora`` (before sharding)."""
+        h = self.hparams
+        lora = LoraOptions(**h.lora) if h.lora else None
+        lora_parts = set(lora.parts) if lora else set()
+        for part in PARTS:
+            getattr(model, part).requires_grad_(part in h.train and part not in lora_parts)
+        if "vision" not in h.train and h.unfreeze_vision_layers:
+            for block in list(model.vision.layers)[-h.unfreeze_vision_layers :]:
+                block.requires_grad_(True)
+        if h.train_lm_head is not None:
+            head = model.decoder.lm_head if model.decoder.lm_head is not None else model.decoder.embed_tokens
+            head.requires_grad_(h.train_lm_head)
+        if lora:
+            add_lora(model, list(lora.parts), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"Nothing to train: train={h.train}, lora={h.lora}")
+
+    def parameter_groups(self) -> list[dict]:
+        h = self.hparams
+        part_lr = dict(h.part_lr or {})
+        groups: dict[float, list] = {}
+        vision_layers = len(self.model.vision.layers) if hasattr(self.model.vision, "layers") else 0
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = name.split(".", 1)[0]
+            lr = part_lr.get(part, h.learning_rate)
+            if part == "vision" and h.vision_layer_decay != 1.0:
+                depth = int(name.split(".")[2]) + 1 if name.startswith("vision.layers.") else 0
+                lr *= h.vision_layer_decay ** (vision_layers + 1 - depth)
+            groups.setdefault(lr, []).append(param)
+        return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
+    # -- the forward pass ---------------------------------------------------------------------
+
+    def forward_batch(self, batch: dict, model: nn.Module | None = None, logits_at: bool = True) -> torch.Tensor:
+        """Logits of ``model`` (default the policy) on a collated batch: ``(N, V)`` at the batch's N
+        supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``."""
+        return (model or self.model)(
+            batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+            positions=batch["positions"], document_ids=batch.get("document_ids"),
+            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],
+            logits_at=supervised_positions(batch["labels"], batch.get("document_ids")) if logits_at else None,
+        )  # fmt: skip
+
+    # -- answering prompts --------------------------------------------------------------------
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Generate answers for prompt batches (left-padded, e.g. the datamodule's predict split); an answer that
+        reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
+        tokenizer = self.data.tokenizer
+        h = self.hparams
+        answers = generate(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
+            max_new_tokens=h.max_new_tokens, eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p,
+        )  # fmt: skip
+        out, cut = [], []
+        for row, tokens in enumerate(answers):
+            name, finished = batch["sample_names"][row], tokenizer.eos_id in tokens
+            text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
+            reference = (batch.get("reference") or [None] * len(answers))[row]
+            out.append({"name": name, "answer": text, "reference": reference, "finished": finished})
+            if not finished:
+                cut.append(name)
+        if cut:
+            rank_zero_warn(
+                f"{len(cut)} answers of batch {batch_idx} ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}) "
+                f"reached max_new_tokens={h.max_new_tokens} before an end token and are cut off (\"finished\": false)"
+            )
+        return out
+
+    def configure_callbacks(self):
+        from lit_internvl.callbacks.predictions import PredictionsWriter
+
+        return [*super().configure_callbacks(), PredictionsWriter()]
