@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS ?= constraints.txt
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 
-.PHONY: install fit pipeline test test-slow clean
+.PHONY: install fit pipeline test test-slow format clean
 
 install: $(STAMP)
 
@@ -28,8 +28,15 @@ pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/sft.yaml
 	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft
 
+# Lint and format findings fail the run before any test does (`make format` applies the fixes).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

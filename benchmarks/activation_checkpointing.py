@@ -77,7 +77,12 @@ def measure(checkpointing: bool, device: str = "cpu", tokens: int = TOKENS, laye
         added = torch.cuda.max_memory_allocated() - before
     else:
         added = _status("VmHWM") - before
-    return {"checkpointing": checkpointing, "added_bytes": added, "seconds": time.perf_counter() - start, "loss": loss.item()}
+    return {
+        "checkpointing": checkpointing,
+        "added_bytes": added,
+        "seconds": time.perf_counter() - start,
+        "loss": loss.item(),
+    }
 
 
 def measure_in_subprocess(checkpointing: bool, device: str = "cpu", tokens: int = TOKENS, layers: int = LAYERS) -> dict:
@@ -89,7 +94,9 @@ def measure_in_subprocess(checkpointing: bool, device: str = "cpu", tokens: int 
     # A fixed mmap threshold makes glibc return every large freed block to the system at once, so that the
     # resident set follows the live tensors instead of the allocator's cache.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=_repo(), env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=_repo(), env=env
+    )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
@@ -108,11 +115,15 @@ def main() -> None:
     args = parser.parse_args()
     plain, checkpointed = (measure_in_subprocess(c, args.device, args.tokens, args.layers) for c in (False, True))
     assert abs(plain["loss"] - checkpointed["loss"]) < 1e-5, "checkpointing must not change the loss"
-    print(f"VisionLanguageModel, decoder {args.layers} × width {WIDTH}, {args.tokens} tokens + one tile, {args.device}\n")
+    print(
+        f"VisionLanguageModel, decoder {args.layers} × width {WIDTH}, {args.tokens} tokens + one tile, {args.device}\n"
+    )
     print("| activation checkpointing | memory added by the step (MiB) | step time (s) |")
     print("|---|---|---|")
     for result in (plain, checkpointed):
-        print(f"| {'on' if result['checkpointing'] else 'off'} | {result['added_bytes'] / 2**20:.0f} | {result['seconds']:.2f} |")
+        print(
+            f"| {'on' if result['checkpointing'] else 'off'} | {result['added_bytes'] / 2**20:.0f} | {result['seconds']:.2f} |"
+        )
     saved = 1 - checkpointed["added_bytes"] / plain["added_bytes"]
     print(f"\nreduction: {100 * saved:.0f}% less memory, {checkpointed['seconds'] / plain['seconds']:.2f}× the time")
 

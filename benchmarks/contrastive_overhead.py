@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
-    datamodule = ShapesDataModule(train_size=args.steps * args.batch_size, batch_size=args.batch_size, num_workers=args.num_workers)
+    datamodule = ShapesDataModule(
+        train_size=args.steps * args.batch_size, batch_size=args.batch_size, num_workers=args.num_workers
+    )
     plain = plain_loop(args.steps, datamodule)
     fit = lightning_fit(args.steps, datamodule)
     print(f"| loop ({args.steps} steps, batch {args.batch_size}, {args.num_workers} worker) | s/step | total s |")

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from lit_internvl.data import RecordsDataModule
-from lit_internvl.data.images import to_tensor
 from lit_internvl.data.collate import Collator
+from lit_internvl.data.images import to_tensor
 from lit_internvl.data.records import SkipCounter, index_records, open_images, read_meta, read_record
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.templates import tokenize_conversation
@@ -69,7 +69,9 @@ def prepare_shards(meta: Path, output: Path, workers: int) -> float:
     }
     command = [sys.executable, "-m", "lit_internvl", "prepare", "--meta", str(meta), "--output", str(output)]
     start = time.perf_counter()
-    done = subprocess.run([*command, "--num-workers", str(workers)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*command, "--num-workers", str(workers)], env=env, capture_output=True, text=True, timeout=600
+    )
     if done.returncode != 0 or not (output / "index.json").is_file():
         raise RuntimeError(f"prepare failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -131,7 +133,14 @@ def _stages(items: list, setting: dict, tokenizer) -> dict[str, float]:
         t4 = time.perf_counter()
         for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             totals[key] += seconds
-        built.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values, "name": record.name})
+        built.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "labels": torch.tensor(labels),
+                "pixel_values": pixel_values,
+                "name": record.name,
+            }
+        )
     for pack in (False, True):
         collate = Collator(tokenizer.pad_id, pack=pack, max_tokens=setting["max_tokens"])
         collate(built[:16])  # warm-up
@@ -139,7 +148,10 @@ def _stages(items: list, setting: dict, tokenizer) -> dict[str, float]:
         for i in range(0, len(built), 16):
             collate(built[i : i + 16])
         totals["collate (packed)" if pack else "collate (padded)"] = time.perf_counter() - start
-    return {"tiles/sample": tiles_made / len(items), **{key: 1000 * seconds / len(items) for key, seconds in totals.items()}}
+    return {
+        "tiles/sample": tiles_made / len(items),
+        **{key: 1000 * seconds / len(items) for key, seconds in totals.items()},
+    }
 
 
 def main() -> None:
@@ -189,7 +201,10 @@ def main() -> None:
                 for threads in (main_threads if workers == 0 else [default_threads])
             ]
             last = max(args.workers)
-            runs += [(source, last, main_threads[-1] if last == 0 else default_threads, True) for source in ("jsonl", "shards")]
+            runs += [
+                (source, last, main_threads[-1] if last == 0 else default_threads, True)
+                for source in ("jsonl", "shards")
+            ]
             for source, workers, threads, pack in runs:
                 path = meta if source == "jsonl" else folder / "shards"
                 torch.set_num_threads(threads)
@@ -210,7 +225,9 @@ def main() -> None:
         f"batch {args.batch_size} samples; packed rows hold ≤ max_tokens (internvl {args.max_tokens}, tiny "
         f"{args.tiny_max_tokens}); torch's default here: {default_threads} thread(s)\n"
     )
-    print("| setting | source | workers | torch threads | batches | samples | rows | s | samples/s | real tokens/s | real / slots | tokens/sample |")
+    print(
+        "| setting | source | workers | torch threads | batches | samples | rows | s | samples/s | real tokens/s | real / slots | tokens/sample |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, source, workers, threads, mode, samples, rows, seconds, sps, tps, eff, per in throughput:
         print(
@@ -225,7 +242,9 @@ def main() -> None:
     print("| setting | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for name, ms in breakdown:
-        print(f"| {name} | " + " | ".join(f"{ms[k]:.1f}" if k == "tiles/sample" else f"{ms[k]:.2f}" for k in keys) + " |")
+        print(
+            f"| {name} | " + " | ".join(f"{ms[k]:.1f}" if k == "tiles/sample" else f"{ms[k]:.2f}" for k in keys) + " |"
+        )
     print()
     for note in notes:
         print(f"- {note}")

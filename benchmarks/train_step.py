@@ -95,7 +95,13 @@ def packed_batch(model, rows: int, tokens: int, device: str) -> tuple[dict, list
     labels = ids.masked_fill(ids == model.image_context_id, -100)
     size = model.vision.config.image_size
     pixels = torch.randn(tiles, 3, size, size, generator=g)
-    batch = {"input_ids": ids, "labels": labels, "positions": positions, "document_ids": documents, "pixel_values": pixels}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "positions": positions,
+        "document_ids": documents,
+        "pixel_values": pixels,
+    }
     return {k: v.to(device) for k, v in batch.items()}, lengths, tiles
 
 
@@ -150,7 +156,9 @@ def worker(args) -> dict:
     if args.mode == "transformers":
         from transformers import InternVLForConditionalGeneration
 
-        model = InternVLForConditionalGeneration.from_pretrained(args.folder, dtype=torch.float32, attn_implementation="sdpa")
+        model = InternVLForConditionalGeneration.from_pretrained(
+            args.folder, dtype=torch.float32, attn_implementation="sdpa"
+        )
         model = model.to(device).train()
 
         def forward_loss():
@@ -161,7 +169,9 @@ def worker(args) -> dict:
         supervised = supervised_positions(batch["labels"])
 
         def forward_loss():  # as SFTStage: logits only where the loss reads them
-            logits = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], logits_at=supervised)
+            logits = model(
+                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], logits_at=supervised
+            )
             return language_model_loss(logits, batch["labels"], reduction="token")
 
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args.optimizer)
@@ -279,7 +289,10 @@ def comparison_table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["config"] for r in results):
-        ours, theirs = (next(r for r in results if r["config"] == name and r["implementation"] == side) for side in ("ours", "transformers"))
+        ours, theirs = (
+            next(r for r in results if r["config"] == name and r["implementation"] == side)
+            for side in ("ours", "transformers")
+        )
         for label, r in (("lit_internvl", ours), ("transformers", theirs)):
             if "error" in r:
                 lines.append(f"| {name} | {label} | | {r['error']} | | | |")
@@ -303,7 +316,9 @@ def mfu_table(results: list[dict]) -> str:
     ]
     for r in results:
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['backend']} | {r.get('compiled', '')} | | {r.get('error') or r.get('skipped')} | | | | |")
+            lines.append(
+                f"| {r['backend']} | {r.get('compiled', '')} | | {r.get('error') or r.get('skipped')} | | | | |"
+            )
             continue
         shape = f"{r['rows']} × {r['packed_tokens']} ({r['documents']}, {r['tiles']})"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
@@ -322,20 +337,37 @@ def eager_attention_bytes(rows: int, tokens: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
-                        help="comparison configs (none: only the GPU MFU table)")
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        help="comparison configs (none: only the GPU MFU table)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="default: 2 (1 for InternVL3-1B on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps; default 5 (3 for InternVL3-1B on a CPU)")
-    parser.add_argument("--optimizer", default="auto", choices=("auto", "adamw", "sgd"),
-                        help="auto: AdamW unless the machine lacks the memory for its float32 moments (then SGD)")
+    parser.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=("auto", "adamw", "sgd"),
+        help="auto: AdamW unless the machine lacks the memory for its float32 moments (then SGD)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each CPU worker")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="alternating runs of each side, the fastest median kept; default 3 for tiny on a CPU, else 1")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating runs of each side, the fastest median kept; default 3 for tiny on a CPU, else 1",
+    )
     parser.add_argument("--backends", nargs="*", default=list(BACKENDS), help="GPU MFU table: attention backends")
     parser.add_argument("--packed-tokens", type=int, default=8192)
     parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--compile", default="off", choices=("off", "on", "both"),
-                        help="GPU MFU table: torch.compile each transformer block (on), or measure both ways")
+    parser.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "on", "both"),
+        help="GPU MFU table: torch.compile each transformer block (on), or measure both ways",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -380,7 +412,9 @@ def main() -> None:
             for mode, tries in runs.items():
                 finished = [r for r in tries if "error" not in r]
                 best = min(finished, key=lambda r: r["step_s"]) if finished else tries[0]
-                results.append({"config": name, "implementation": mode, **best, "rounds": [r.get("step_s") for r in tries]})
+                results.append(
+                    {"config": name, "implementation": mode, **best, "rounds": [r.get("step_s") for r in tries]}
+                )
         if results:
             print(comparison_table(results), flush=True)
         if args.device == "cuda" and args.backends:
@@ -395,7 +429,9 @@ def main() -> None:
                         entry["skipped"] = "xformers is not installed"
                     elif backend == "eager" and eager_attention_bytes(args.rows, args.packed_tokens) > total:
                         need = eager_attention_bytes(args.rows, args.packed_tokens)
-                        entry["skipped"] = f"needs ~{gib(need)} GiB for the attention matrices at {args.packed_tokens} tokens"
+                        entry["skipped"] = (
+                            f"needs ~{gib(need)} GiB for the attention matrices at {args.packed_tokens} tokens"
+                        )
                     else:
                         argv = ["--mode", "mfu", "--device", "cuda", "--folder", str(folder), "--config", "InternVL3-1B",
                                 "--backend", backend, "--optimizer", "adamw", "--rows", str(args.rows),
@@ -414,7 +450,9 @@ def main() -> None:
         if mfu_results:
             text += f"\n{mfu_table(mfu_results)}\n"
         (Path(out) / "train_step.md").write_text(text)
-        (Path(out) / "train_step.json").write_text(json.dumps({"machine": machine, "comparison": results, "mfu": mfu_results}, indent=1))
+        (Path(out) / "train_step.json").write_text(
+            json.dumps({"machine": machine, "comparison": results, "mfu": mfu_results}, indent=1)
+        )
 
 
 def _importable(module: str) -> bool:

@@ -46,7 +46,9 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise ValueError(f"{source!r} holds no state dict")
     prefix = "model."
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {
+        (k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items() if isinstance(v, torch.Tensor)
+    }
 
 
 def rename_prefixes(state: Mapping[str, torch.Tensor], rename: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -85,7 +87,9 @@ def load_into(
     own = module.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"init_from {source!r}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+            raise ValueError(
+                f"init_from {source!r}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
     result = module.load_state_dict(state, strict=False)
     loaded = len(state) - len(result.unexpected_keys)
     log.warning(
@@ -94,7 +98,9 @@ def load_into(
         _preview(result.unexpected_keys),
     )  # fmt: skip
     if loaded == 0:
-        raise ValueError(f"init_from {source!r}: no tensor matches the model's names (after rename {dict(rename or {})})")
+        raise ValueError(
+            f"init_from {source!r}: no tensor matches the model's names (after rename {dict(rename or {})})"
+        )
     return list(result.missing_keys), list(result.unexpected_keys)
 
 

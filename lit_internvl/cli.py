@@ -20,7 +20,6 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_internvl.stages.base import Stage
 
-
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
 TOOLS = {
     "prepare": "lit_internvl.tools.prepare:main",

@@ -37,7 +37,9 @@ class LoraOptions:
     dropout: float = 0.05
 
 
-def add_lora(model: nn.Module, parts: list[str], r: int = 16, alpha: int | None = None, dropout: float = 0.05) -> nn.Module:
+def add_lora(
+    model: nn.Module, parts: list[str], r: int = 16, alpha: int | None = None, dropout: float = 0.05
+) -> nn.Module:
     """Inject LoRA adapters into ``parts`` (keys of :data:`LORA_TARGETS`) and mark them trainable.
 
     Every other parameter keeps its ``requires_grad`` as it was: freezing the adapted parts'

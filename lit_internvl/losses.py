@@ -142,8 +142,12 @@ def dpo_sigmoid_loss(
 
 
 def bco_pair_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-    beta: float, delta: torch.Tensor | float,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    delta: torch.Tensor | float,
 ) -> torch.Tensor:
     """Per pair: ``-logsigmoid(β(π_c − r_c) − δ) − logsigmoid(−(β(π_r − r_r) − δ))``, δ the running
     mean of the rewards (TRL updates it with this batch's mean reward *before* using it)."""

@@ -47,13 +47,18 @@ class CrossModalRecall(Metric):
         relevant = keys[:, None] == keys[None, :]
         relevant_counts = relevant.sum(dim=1)
         self.chance = {
-            f"{name}_R@{k}": recall_chance(relevant_counts, k) for k in self.ks for name in ("image_to_text", "text_to_image")
+            f"{name}_R@{k}": recall_chance(relevant_counts, k)
+            for k in self.ks
+            for name in ("image_to_text", "text_to_image")
         }
         similarity = image @ text.T
         out = {}
         for k in self.ks:
             k_eff = min(k, similarity.shape[1])
-            for name, scores, rel in (("image_to_text", similarity, relevant), ("text_to_image", similarity.T, relevant.T)):
+            for name, scores, rel in (
+                ("image_to_text", similarity, relevant),
+                ("text_to_image", similarity.T, relevant.T),
+            ):
                 top = scores.topk(k_eff, dim=1).indices
                 out[f"{name}_R@{k}"] = rel.gather(1, top).any(dim=1).float().mean()
         return out

@@ -50,7 +50,9 @@ def _imports(name: str) -> set[str]:
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # ``from pkg import sub``: the submodule when there is one, else the package itself
-            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names]
+            targets = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -99,7 +101,9 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
     # importing lit_internvl.data.collate from elsewhere runs lit_internvl.data's __init__ first
     assert "lit_internvl.data" in _packages_run_by("lit_internvl.data.collate", "lit_internvl.stages.base")
-    assert "lit_internvl.data" not in _packages_run_by("lit_internvl.data.collate", "lit_internvl.data.shapes.datamodule")
+    assert "lit_internvl.data" not in _packages_run_by(
+        "lit_internvl.data.collate", "lit_internvl.data.shapes.datamodule"
+    )
 
 
 def test_no_import_cycle_among_the_package_modules():
@@ -107,7 +111,9 @@ def test_no_import_cycle_among_the_package_modules():
 
 
 def test_no_library_module_imports_a_command():
-    offenders = {name: sorted(t for t in targets if t.startswith("lit_internvl.tools")) for name, targets in GRAPH.items()}
+    offenders = {
+        name: sorted(t for t in targets if t.startswith("lit_internvl.tools")) for name, targets in GRAPH.items()
+    }
     assert {name: t for name, t in offenders.items() if t and not name.startswith("lit_internvl.tools")} == {}
 
 
@@ -246,9 +252,9 @@ def test_attn_backend_is_chosen_once_for_the_whole_model():
 
 def test_chat_on_a_transformers_folder_prints_the_answer_transformers_generates(tmp_path, capsys):
     from PIL import Image
-    from tests.test_hf import IMAGE_SIZE, _tokenizer_folder, _transformers_model
 
     from lit_internvl.inference import load_hf_chat_model
+    from tests.test_hf import IMAGE_SIZE, _tokenizer_folder, _transformers_model
 
     reference = _transformers_model("qwen2", "300m", tie=False)
     reference.save_pretrained(str(tmp_path))
@@ -264,7 +270,9 @@ def test_chat_on_a_transformers_folder_prints_the_answer_transformers_generates(
     _, builder = load_hf_chat_model(tmp_path)
     from lit_internvl.data.records import Record
 
-    sample = builder(Record("conversation", "chat", {"conversations": [{"from": "human", "value": "w5 w6"}]}, [str(image)]))
+    sample = builder(
+        Record("conversation", "chat", {"conversations": [{"from": "human", "value": "w5 w6"}]}, [str(image)])
+    )
     ids = sample["input_ids"][None]
     reference.generation_config.eos_token_id = None  # all four tokens; ours stops at the end token (cut below)
     with torch.no_grad():

@@ -235,7 +235,9 @@ def test_fully_masked_query_row_outputs_exact_zeros_with_finite_gradients(backen
     assert torch.isfinite(out).all()
     # The other rows are ordinary attention.
     torch.testing.assert_close(out[1], _naive_attention(q, k, v, mask)[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0, :, [0, 1, 3]], _naive_attention(q, k, v, mask)[0, :, [0, 1, 3]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out[0, :, [0, 1, 3]], _naive_attention(q, k, v, mask)[0, :, [0, 1, 3]], rtol=0, atol=1e-5
+    )
     (out * torch.randn(out.shape)).sum().backward()
     for tensor in (q, k, v):
         assert torch.isfinite(tensor.grad).all()
@@ -361,10 +363,10 @@ def _hf_vision_to_ours(hf_state: dict[str, torch.Tensor], num_layers: int) -> di
         for key, value in hf_state.items():
             if not key.startswith(src):
                 continue
-            rest = key[len(src):]
+            rest = key[len(src) :]
             for hf_name, our_name in renames.items():
                 if rest.startswith(hf_name + "."):
-                    out[dst + our_name + rest[len(hf_name):]] = value
+                    out[dst + our_name + rest[len(hf_name) :]] = value
         out[dst + "ls1"] = hf_state[src + "lambda_1"]
         out[dst + "ls2"] = hf_state[src + "lambda_2"]
     return out
@@ -611,9 +613,16 @@ def test_tied_decoder_head_uses_the_embedding_matrix():
 def _qwen2_pair(backend: str):
     _seed(5)
     hf_config = Qwen2Config(
-        vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-        tie_word_embeddings=False, rms_norm_eps=1e-6, attn_implementation="eager",
+        vocab_size=50,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        attn_implementation="eager",
     )
     theirs = Qwen2ForCausalLM(hf_config).eval()
     with torch.no_grad():  # random norms and biases too, so that every copied tensor matters
@@ -621,8 +630,17 @@ def _qwen2_pair(backend: str):
             param.add_(torch.randn_like(param) * 0.1)
     ours = Decoder(
         LanguageConfig(
-            vocab_size=50, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-            rope_theta=10_000.0, norm_eps=1e-6, qkv_bias=True, tie_embeddings=False, attn_backend=backend,
+            vocab_size=50,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            rope_theta=10_000.0,
+            norm_eps=1e-6,
+            qkv_bias=True,
+            tie_embeddings=False,
+            attn_backend=backend,
         )
     ).eval()
     state = {key.removeprefix("model."): value for key, value in theirs.state_dict().items()}

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from lit_internvl.data import RecordsDataModule
-from lit_internvl.tools.prepare import main as prepare_main
 from lit_internvl.data.records import KINDS, BadRecord
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.tools.prepare import main as prepare_main
 
 TINY = dict(tokens_per_tile=4, tile_size=56, max_tiles=4, batch_size=3, shuffle=False, max_length=512)
 
@@ -103,14 +103,24 @@ def _bad_records(tmp_path, case: str):
     """A jsonl of two good records with one bad record of the given case between them."""
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    good = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+    good = {
+        "image": "ok.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],
+    }
     bad = {
         "missing image": {**good, "image": "nowhere.png"},
         "corrupt image": {**good, "image": "broken.png"},
-        "placeholder mismatch": {**good, "conversations": [{"from": "human", "value": "<image> <image> twice"}, good["conversations"][1]]},
+        "placeholder mismatch": {
+            **good,
+            "conversations": [{"from": "human", "value": "<image> <image> twice"}, good["conversations"][1]],
+        },
         "over-long sample": {**good, "conversations": [good["conversations"][0], {"from": "gpt", "value": "x" * 600}]},
     }
-    lines = [json.dumps(good), "{this is not json" if case == "malformed JSON" else json.dumps(bad[case]), json.dumps(good)]
+    lines = [
+        json.dumps(good),
+        "{this is not json" if case == "malformed JSON" else json.dumps(bad[case]),
+        json.dumps(good),
+    ]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -143,7 +153,9 @@ def test_bad_record_is_an_error_in_strict_mode(tmp_path, case):
 def test_prepare_skips_bad_records_and_counts_them(tmp_path, case, caplog):
     path = _bad_records(tmp_path, case)
     with caplog.at_level(logging.WARNING):
-        summary = prepare_main(["--input", str(path), "--image-root", str(tmp_path), "--output", str(tmp_path / "shards")])
+        summary = prepare_main(
+            ["--input", str(path), "--image-root", str(tmp_path), "--output", str(tmp_path / "shards")]
+        )
     batches = list(RecordsDataModule(train=str(tmp_path / "shards"), **TINY).train_dataloader())
     assert [n for b in batches for n in b["sample_names"]] == ["data.jsonl:1", "data.jsonl:3"]
     if case in ("malformed JSON", "placeholder mismatch"):  # found while scanning, in this process
@@ -166,7 +178,9 @@ def test_prepare_command_names_bad_images_and_stops_in_strict_mode(tmp_path):
     assert lenient.returncode == 0, lenient.stderr
     assert "data.jsonl:2: missing image" in lenient.stderr and "data.jsonl:3: corrupt image" in lenient.stderr
     assert "'skipped_on_encode': 2" in lenient.stderr
-    strict = subprocess.run([*command, "--output", str(tmp_path / "b"), "--strict"], capture_output=True, text=True, timeout=120)
+    strict = subprocess.run(
+        [*command, "--output", str(tmp_path / "b"), "--strict"], capture_output=True, text=True, timeout=120
+    )
     assert strict.returncode != 0
     assert "data.jsonl:2: missing image" in strict.stderr
 
@@ -196,7 +210,9 @@ def test_training_logs_the_count_of_skipped_records_each_epoch(tmp_path):
     path = _bad_records(tmp_path, "missing image")
     lines = path.read_text().splitlines()
     path.write_text("\n".join([*lines, "{broken json", lines[1].replace("nowhere.png", "broken.png")]) + "\n")
-    stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1)
+    stage = SFTStage(
+        vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1
+    )
     data = RecordsDataModule(train=str(path), **{**TINY, "max_tiles": 1, "batch_size": 5})
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -71,7 +71,9 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
     """Module level, so that ``spawn`` can pickle it."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
     try:
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
@@ -115,11 +117,13 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, dtype):
     for r, results in enumerate(ranks):
         got = results[f"gather=True/{dtype}"]
         assert got["loss"].dtype == dtype
-        torch.testing.assert_close(got["loss"], ref_loss, **tol, msg=lambda m: f"rank {r} loss: {m}")
+        torch.testing.assert_close(got["loss"], ref_loss, **tol, msg=lambda m, r=r: f"rank {r} loss: {m}")
         assert set(got) - {"loss"} == set(ref_grads)
         for name, ref in ref_grads.items():
             assert ref.abs().max() > 1e-3, f"{name}: reference gradient vanishes, the test would prove nothing"
-            torch.testing.assert_close(got[name], ref, **tol, msg=lambda m: f"rank {r} grad of {name}: {m}")
+            torch.testing.assert_close(
+                got[name], ref, **tol, msg=lambda m, r=r, name=name: f"rank {r} grad of {name}: {m}"
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

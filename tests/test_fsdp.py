@@ -121,7 +121,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with unsharded(restored.model):  # an entry point other than forward, on the sharded model
         features = restored.model.embed_images(_pixels())
     results["restored"] = {
-        "checkpoint": checkpoint, "losses": recorder.losses, "weights": _full_state(restored.model), "features": features,
+        "checkpoint": checkpoint,
+        "losses": recorder.losses,
+        "weights": _full_state(restored.model),
+        "features": features,
     }
     if rank == 0:
         torch.save(results, out / "fsdp.pt")
@@ -173,7 +176,9 @@ def test_fsdp2_on_two_ranks_equals_one_process_on_the_whole_batch(fsdp_results, 
     assert len(got["losses"]) == STEPS
     loss_difference = max(abs(a - b) for a, b in zip(got["losses"], one_process["losses"], strict=True))
     weight_difference = _max_difference(got["weights"], one_process["weights"])
-    print(f"checkpointing={checkpointing}: max |loss diff| {loss_difference:.2e}, max |weight diff| {weight_difference:.2e}")
+    print(
+        f"checkpointing={checkpointing}: max |loss diff| {loss_difference:.2e}, max |weight diff| {weight_difference:.2e}"
+    )
     assert loss_difference <= 1e-5
     # The ranks' gradients are summed in another order than one process sums them; AdamW divides each by its
     # own root mean square, so an element whose gradient is at rounding level can move by up to the learning
@@ -247,7 +252,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "preset, strategy, checkpointing",
-    [("fsdp2.yaml", "FSDP2Strategy", False), ("fsdp2_checkpointing.yaml", "FSDP2Strategy", True), ("ddp.yaml", "DDPStrategy", False)],
+    [
+        ("fsdp2.yaml", "FSDP2Strategy", False),
+        ("fsdp2_checkpointing.yaml", "FSDP2Strategy", True),
+        ("ddp.yaml", "DDPStrategy", False),
+    ],
 )
 def test_strategy_presets_compose_with_a_recipe(preset, strategy, checkpointing):
     from lit_internvl.callbacks.throughput import TrainingThroughput
@@ -267,8 +276,16 @@ def test_real_size_recipe_composes_with_the_gpu_presets(preset, monkeypatch, cap
     from lit_internvl.cli import main
 
     monkeypatch.setenv("INTERNVL_CHECKPOINT", "/path/to/InternVL3-1B")
-    configs = [REPO / "recipes/internvl3_1b/sft_full.yaml", REPO / "recipes/strategies" / preset, REPO / "callbacks/monitoring.yaml"]
-    args = [a for c in configs for a in ("--config", str(c))] + ["--data.init_args.train", "train.jsonl", "--print_config"]
+    configs = [
+        REPO / "recipes/internvl3_1b/sft_full.yaml",
+        REPO / "recipes/strategies" / preset,
+        REPO / "callbacks/monitoring.yaml",
+    ]
+    args = [a for c in configs for a in ("--config", str(c))] + [
+        "--data.init_args.train",
+        "train.jsonl",
+        "--print_config",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *args])
     assert exit_info.value.code in (0, None)

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
@@ -61,7 +60,7 @@ def test_dpo_and_bco_terms_equal_trl_formulas():
     # δ over three batches: the stage's running mean against TRL's RunningMoments.
     stage = _stage()
     running = TRLRunningMoments()
-    for step in range(3):
+    for _ in range(3):
         pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4))
         expected = _trl_bco_pair(pc, pr, rc, rr, beta, running)
         rewards = torch.cat([beta * (pc - rc), beta * (pr - rr)]).mean()
@@ -94,7 +93,9 @@ def _stage(**kwargs) -> MPOStage:
 
 
 def _data(**kwargs):
-    return ShapesDataModule(task="preference", train_size=8, val_size=4, batch_size=4, system="Answer in one word.", **kwargs)
+    return ShapesDataModule(
+        task="preference", train_size=8, val_size=4, batch_size=4, system="Answer in one word.", **kwargs
+    )
 
 
 def _fit(stage, tmp_path, steps=2, **trainer):
@@ -185,7 +186,15 @@ def test_shapes_preference_fit_through_the_command_line(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     cli = main(["fit", "--config", str(path)])
     metrics = cli.trainer.callback_metrics
-    for name in ("train/loss", "train/dpo", "train/bco", "train/sft", "train/reward_margin", "train/reward_accuracy", "train/delta"):
+    for name in (
+        "train/loss",
+        "train/dpo",
+        "train/bco",
+        "train/sft",
+        "train/reward_margin",
+        "train/reward_accuracy",
+        "train/delta",
+    ):
         assert name in metrics, name
     assert 0.0 <= float(metrics["val/reward_accuracy"]) <= 1.0
     report = json.loads((tmp_path / "metrics.json").read_text())

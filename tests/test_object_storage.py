@@ -21,10 +21,10 @@ import litdata.utilities.dataset_utilities as litdata_cache  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from lit_internvl.data import RecordsDataModule  # noqa: E402
-from lit_internvl.tools.prepare import main as prepare_main  # noqa: E402
 from lit_internvl.data.records import KINDS  # noqa: E402
 from lit_internvl.data.shapes import write_records  # noqa: E402
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer  # noqa: E402
+from lit_internvl.tools.prepare import main as prepare_main  # noqa: E402
 
 BUCKET = "lit-internvl-test"
 TINY = dict(tokens_per_tile=4, tile_size=56, max_tiles=4, batch_size=3, shuffle=False, max_length=512)

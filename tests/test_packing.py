@@ -92,7 +92,9 @@ def test_packed_loss_and_gradients_equal_samples_one_by_one(backend, reduction, 
         positions=batch["positions"], document_ids=batch["document_ids"], tiles_per_sample=batch["tiles_per_sample"],
         logits_at=supervised if logits_at == "supervised positions" else None,
     )  # fmt: skip
-    assert logits.shape[0] == (int(supervised.sum()) if logits_at == "supervised positions" else batch["input_ids"].shape[0])
+    assert logits.shape[0] == (
+        int(supervised.sum()) if logits_at == "supervised positions" else batch["input_ids"].shape[0]
+    )
     packed_loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction)
     packed_grads = torch.autograd.grad(packed_loss, list(model.parameters()), allow_unused=True)
 
@@ -131,7 +133,8 @@ def test_reductions_on_a_hand_computed_case():
     expected = {
         "token": (ce_a * x_a + ce_b * x_b) / (x_a + x_b),
         "sample": (ce_a + ce_b) / 2,
-        "square": (ce_a * x_a / math.sqrt(x_a) + ce_b * x_b / math.sqrt(x_b)) / (x_a / math.sqrt(x_a) + x_b / math.sqrt(x_b)),
+        "square": (ce_a * x_a / math.sqrt(x_a) + ce_b * x_b / math.sqrt(x_b))
+        / (x_a / math.sqrt(x_a) + x_b / math.sqrt(x_b)),
     }
     for reduction, value in expected.items():
         assert language_model_loss(logits, labels, document_ids, reduction).item() == pytest.approx(value)

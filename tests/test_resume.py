@@ -16,12 +16,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_internvl.components import Decoder, InternViT, InternViTConfig, PixelShuffleMLP
-from lit_internvl.data import ShapesDataModule
-from lit_internvl.data import RecordsDataModule
-from lit_internvl.tools.prepare import main as prepare_main
+from lit_internvl.data import RecordsDataModule, ShapesDataModule
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.stages import SFTStage
+from lit_internvl.tools.prepare import main as prepare_main
 
 STEPS = 6  # 4 batches per epoch: steps 0-3 are epoch 0, 4-5 epoch 1
 

@@ -2,7 +2,6 @@
 per-part learning rates, and the fit → predict → chat path."""
 
 import json
-import math
 import warnings
 
 import lightning as L
@@ -12,7 +11,6 @@ import yaml
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
-from lit_internvl.data.collate import Collator
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.inference import generate, sample_next
 from lit_internvl.lora import add_lora, lora_disabled, merge_lora
@@ -35,7 +33,9 @@ def _prompts():
 
 
 def _generate(model, batch, **kwargs):
-    return generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"], **kwargs)
+    return generate(
+        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"], **kwargs
+    )
 
 
 def test_generation_with_cache_equals_generation_without():
@@ -54,7 +54,12 @@ def test_left_padding_does_not_change_the_answer():
     together = _generate(model, batch, max_new_tokens=8)
     for row in range(batch["input_ids"].shape[0]):
         keep = batch["attention_mask"][row] == 1
-        alone = generate(model, batch["input_ids"][row][keep][None], pixel_values=batch["pixel_values"][row : row + 1], max_new_tokens=8)
+        alone = generate(
+            model,
+            batch["input_ids"][row][keep][None],
+            pixel_values=batch["pixel_values"][row : row + 1],
+            max_new_tokens=8,
+        )
         assert alone[0] == together[row]
 
 
@@ -70,7 +75,11 @@ def test_add_lora_marks_the_adapters_trainable_and_leaves_every_other_parameter_
     model.decoder.requires_grad_(False)  # frozen before: stays frozen; the connector and vision stay trainable
     before = {name: p.requires_grad for name, p in model.named_parameters()}
     add_lora(model, ["decoder"], r=4)
-    after = {name.replace(".base_layer.", "."): p.requires_grad for name, p in model.named_parameters() if "lora_" not in name}
+    after = {
+        name.replace(".base_layer.", "."): p.requires_grad
+        for name, p in model.named_parameters()
+        if "lora_" not in name
+    }
     assert after == before
     assert all(p.requires_grad for name, p in model.named_parameters() if "lora_" in name)
     assert any("lora_" in name for name, _ in model.named_parameters())
@@ -83,7 +92,9 @@ def test_lora_merged_and_unmerged_give_the_same_logits():
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; make the adapters do something
             torch.nn.init.normal_(param, std=0.05)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n
+    }
     inputs = (batch["input_ids"], batch["pixel_values"])
     with torch.no_grad():
         adapted = model(*inputs, attention_mask=batch["attention_mask"])
@@ -119,7 +130,10 @@ def _fit(stage, tmp_path, steps=2, **data_options):
     "options, trained",
     [
         ({"train": ["connector"]}, {"connector"}),
-        ({"train": ["connector", "decoder"], "unfreeze_vision_layers": 1}, {"connector", "decoder", "vision.layers.3."}),
+        (
+            {"train": ["connector", "decoder"], "unfreeze_vision_layers": 1},
+            {"connector", "decoder", "vision.layers.3."},
+        ),
         ({"train": ["connector", "decoder"], "train_lm_head": False}, {"connector", "decoder.layers", "decoder.norm"}),
         ({"train": ["connector"], "lora": {"parts": ["decoder"], "r": 4}}, {"connector", "decoder.layers"}),
     ],
@@ -144,7 +158,9 @@ def test_frozen_parameters_do_not_change(tmp_path, options, trained):
 
 def test_a_tokenizer_with_more_ids_than_the_decoder_vocabulary_is_refused(tmp_path):
     stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"))
-    with pytest.raises(ValueError, match="tokenizer has 394 ids but the vocabulary of model.init_args.decoder holds 272"):
+    with pytest.raises(
+        ValueError, match="tokenizer has 394 ids but the vocabulary of model.init_args.decoder holds 272"
+    ):
         _fit(stage, tmp_path, tokenizer="shapes")
     shapes = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"))
     _fit(shapes, tmp_path, steps=1, tokenizer="shapes")
@@ -187,7 +203,11 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
     assert "val/answer_accuracy/colour" in cli.trainer.callback_metrics
     report = json.loads((tmp_path / "metrics.json").read_text())
     chance = {"colour": 1 / 6, "shape": 1 / 5, "count": 1 / 3, "position": 1 / 9}
-    reported = {key.rsplit("/", 1)[1]: value for key, value in report["metrics"].items() if key.startswith("val/answer_accuracy/")}
+    reported = {
+        key.rsplit("/", 1)[1]: value
+        for key, value in report["metrics"].items()
+        if key.startswith("val/answer_accuracy/")
+    }
     assert reported, "the four validation questions are reported by type"
     for kind, value in reported.items():
         assert value["chance"] == pytest.approx(chance[kind])

@@ -16,8 +16,12 @@ from lit_internvl.data.templates import (
 from lit_internvl.data.tokenizer import INTERNVL_TOKENS, ByteTokenizer, HFTokenizer
 
 # Transcribed by hand from InternVL's internvl_chat/internvl/conversation.py.
-SYSTEM_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-SYSTEM_2_0 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+SYSTEM_2_5 = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+SYSTEM_2_0 = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
 IMG3 = "<img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>"
 
 QA = [
@@ -114,7 +118,9 @@ def tiny_hf_tokenizer(path, bos: bool = False, internvl_tokens: bool = True) -> 
     if bos:
         specials.append("<s>")
         tok.add_special_tokens(["<s>"])
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
         extra["bos_token"] = "<s>"
     PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials,
@@ -223,7 +229,9 @@ def test_images_fill_placeholders_in_order_across_turns():
     ],
 )
 def test_placeholder_and_image_counts_must_agree(conversation, counts, placeholders):
-    with pytest.raises(PlaceholderMismatchError, match=f"{placeholders} <image> placeholder.* {len(counts)} image") as e:
+    with pytest.raises(
+        PlaceholderMismatchError, match=f"{placeholders} <image> placeholder.* {len(counts)} image"
+    ) as e:
         tokenize_conversation(conversation, ByteTokenizer(), "internvl2_5", counts)
     assert (e.value.placeholders, e.value.images) == (placeholders, len(counts))
     assert isinstance(e.value, ValueError)
@@ -248,7 +256,10 @@ def test_generation_prompt_and_custom_template():
     assert set(labels) == {IGNORE_INDEX}
     plain = ChatTemplate("plain", "sys", "SYS: ", "USER: ", "BOT: ", end="</s>", separator="\n")
     ids, labels = tokenize_conversation(QA[:2], tokenizer, plain, [1])
-    assert tokenizer.decode(ids) == "SYS: sys</s>\nUSER: <img><IMG_CONTEXT></img>\nWhat shape is it?</s>\nBOT: A red circle.</s>\n"
+    assert (
+        tokenizer.decode(ids)
+        == "SYS: sys</s>\nUSER: <img><IMG_CONTEXT></img>\nWhat shape is it?</s>\nBOT: A red circle.</s>\n"
+    )
     assert trained_spans(tokenizer, ids, labels) == ["A red circle.</s>"]
     assert set(TEMPLATES) == {"internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat"}
 

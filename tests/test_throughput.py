@@ -55,7 +55,11 @@ def test_packed_documents_count_their_own_attention():
     alone = sum(_counted(lambda d=d: model(d[None])) for d in documents)
     samples = [{"input_ids": d, "labels": d, "pixel_values": None, "name": f"doc{i}"} for i, d in enumerate(documents)]
     batch = Collator(pad_id=0, pack=True, max_tokens=64)(samples)
-    assert batch["input_ids"].shape[0] == 1 and document_lengths(batch["attention_mask"], batch["document_ids"]) == [7, 19, 12]
+    assert batch["input_ids"].shape[0] == 1 and document_lengths(batch["attention_mask"], batch["document_ids"]) == [
+        7,
+        19,
+        12,
+    ]
     assert batch_flops(model, batch).forward == alone
     whole_row = vlm_flops(model, [38], tiles=0).forward
     assert whole_row > alone

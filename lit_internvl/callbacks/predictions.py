@@ -24,7 +24,9 @@ class PredictionsWriter(BasePredictionWriter):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         open(self.path, "w").close()
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         with open(self.path, "a") as f:
             for item in prediction:
                 f.write(json.dumps(item) + "\n")

@@ -40,5 +40,7 @@ class SkippedSamples(L.Callback):
         for reason, count in counts.items():
             pl_module.log(f"data/skipped/{reason.replace(' ', '_')}", float(count), rank_zero_only=True)
         if counts and trainer.is_global_zero:
-            log.warning("epoch %d: skipped %d bad sample(s): %s", trainer.current_epoch, sum(counts.values()), dict(counts))
+            log.warning(
+                "epoch %d: skipped %d bad sample(s): %s", trainer.current_epoch, sum(counts.values()), dict(counts)
+            )
         self.counts.clear()

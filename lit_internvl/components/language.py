@@ -45,7 +45,7 @@ class LanguageConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     @classmethod
-    def from_name(cls, name: LanguagePreset, **overrides) -> "LanguageConfig":
+    def from_name(cls, name: LanguagePreset, **overrides) -> LanguageConfig:
         if name not in LANGUAGE_PRESETS:
             raise ValueError(f"Unknown language-model preset {name!r}; known: {sorted(LANGUAGE_PRESETS)}")
         return replace(LANGUAGE_PRESETS[name], **overrides)
@@ -55,17 +55,33 @@ LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
     # The language model of InternVL3-1B (Qwen2.5-0.5B with InternVL's extra special tokens).
     "InternVL3-1B": LanguageConfig(),
     # InternVL3-2B / -8B: Qwen2.5-1.5B / -7B, vocabulary 151674, untied head.
-    "InternVL3-2B": LanguageConfig(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960),
-    "InternVL3-8B": LanguageConfig(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944),
+    "InternVL3-2B": LanguageConfig(
+        hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960
+    ),
+    "InternVL3-8B": LanguageConfig(
+        hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944
+    ),
     # InternVL2.5-8B: InternLM2.5-7B-chat (no qkv bias, RMSNorm eps 1e-5), vocabulary 92553.
     "InternVL2.5-8B": LanguageConfig(
-        vocab_size=92553, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
-        norm_eps=1e-5, qkv_bias=False,
+        vocab_size=92553,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        norm_eps=1e-5,
+        qkv_bias=False,
     ),
     # The embedded default: byte-level vocabulary (256 bytes + specials), CPU-sized.
     "tiny": LanguageConfig(
-        vocab_size=272, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
-        rope_theta=10_000.0, tie_embeddings=True,
+        vocab_size=272,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=384,
+        rope_theta=10_000.0,
+        tie_embeddings=True,
     ),
 }
 # The SFT and MPO recipes' decoder: the "shapes" tokenizer's vocabulary (bytes, specials and the shapes world's
@@ -205,13 +221,19 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         past = 0 if cache is None else cache.length
         if positions is None:
-            positions = torch.arange(past, past + x.shape[1], device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+            positions = torch.arange(past, past + x.shape[1], device=x.device, dtype=torch.float32).expand(
+                x.shape[0], -1
+            )
         rope = self.rotary(positions)
         backend = self.attn_backend
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
         mask = make_mask(
-            backend, causal=self.causal, attention_mask=attention_mask, document_ids=document_ids, length=past + x.shape[1]
+            backend,
+            causal=self.causal,
+            attention_mask=attention_mask,
+            document_ids=document_ids,
+            length=past + x.shape[1],
         )
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))

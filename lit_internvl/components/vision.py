@@ -56,7 +56,7 @@ class InternViTConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     @classmethod
-    def from_name(cls, name: VisionPreset, **overrides) -> "InternViTConfig":
+    def from_name(cls, name: VisionPreset, **overrides) -> InternViTConfig:
         if name not in VISION_PRESETS:
             raise ValueError(f"Unknown InternViT preset {name!r}; known: {sorted(VISION_PRESETS)}")
         return replace(VISION_PRESETS[name], **overrides)
@@ -68,13 +68,26 @@ VISION_PRESETS: dict[str, InternViTConfig] = {
     "InternViT-300M-448px": InternViTConfig(drop_path_rate=0.1),
     # InternVL 1.5 / 2 / 2.5 26B+: 45 layers, fed from the last layer.
     "InternViT-6B-448px-V1-5": InternViTConfig(
-        hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800, norm_type="rms_norm",
-        qkv_bias=False, qk_norm=True, drop_path_rate=0.1,
+        hidden_size=3200,
+        num_layers=45,
+        num_heads=25,
+        intermediate_size=12800,
+        norm_type="rms_norm",
+        qkv_bias=False,
+        qk_norm=True,
+        drop_path_rate=0.1,
     ),
     # InternVL 1 (the CVPR 2024 paper): 48 layers at 224 px; the chat model reads layer -4.
     "InternViT-6B-224px": InternViTConfig(
-        image_size=224, hidden_size=3200, num_layers=48, num_heads=25, intermediate_size=12800,
-        norm_type="rms_norm", qkv_bias=False, qk_norm=True, drop_path_rate=0.2,
+        image_size=224,
+        hidden_size=3200,
+        num_layers=48,
+        num_heads=25,
+        intermediate_size=12800,
+        norm_type="rms_norm",
+        qkv_bias=False,
+        qk_norm=True,
+        drop_path_rate=0.2,
     ),
     # The embedded default: 56 px images (4×4 patches), CPU-sized.
     "tiny": InternViTConfig(image_size=56, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
@@ -193,7 +206,9 @@ class InternViT(nn.Module):
         self.hidden_size = config.hidden_size
         self.patch_size = config.patch_size
         self.embeddings = VisionEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_layers, device="cpu").tolist()  # also under torch.device("meta")
+        rates = torch.linspace(
+            0, config.drop_path_rate, config.num_layers, device="cpu"
+        ).tolist()  # also under torch.device("meta")
         self.layers = nn.ModuleList(VisionBlock(config, rate) for rate in rates)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

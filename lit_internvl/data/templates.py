@@ -62,11 +62,17 @@ class ChatTemplate:
 
 # InternVL's two default system messages (conversation.py): InternVL 2.5/3 use the first; the 2.0
 # templates keep the older one "to avoid changes in benchmark performance".
-INTERNVL2_5_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+INTERNVL2_5_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+INTERNVL2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
 
 _CHATML = dict(
-    system_header=f"{IM_START}system\n", user_header=f"{IM_START}user\n", assistant_header=f"{IM_START}assistant\n",
+    system_header=f"{IM_START}system\n",
+    user_header=f"{IM_START}user\n",
+    assistant_header=f"{IM_START}assistant\n",
     end=IM_END,
 )
 TEMPLATES: dict[TemplateName, ChatTemplate] = {

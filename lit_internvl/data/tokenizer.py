@@ -80,7 +80,6 @@ class ByteTokenizer:
         return "".join(out)
 
 
-
 class HFTokenizer:
     """A Hugging Face tokenizer from a local folder, behind the same interface as :class:`ByteTokenizer`.
 

@@ -45,7 +45,10 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
 
 
 def vlm_from_configs(
-    vision: InternViTConfig, language: LanguageConfig, image_context_id: int, downsample_ratio: float = 0.5,
+    vision: InternViTConfig,
+    language: LanguageConfig,
+    image_context_id: int,
+    downsample_ratio: float = 0.5,
     connector_norm_eps: float = 1e-5,
 ) -> VisionLanguageModel:
     """InternViT → PixelShuffleMLP → Decoder from explicit configs (what :mod:`lit_internvl.hf` reads)."""
@@ -60,6 +63,8 @@ def internvl(name: str) -> VisionLanguageModel:
         raise ValueError(f"Unknown InternVL preset {name!r}; known: {sorted(INTERNVL_PRESETS)}")
     preset = INTERNVL_PRESETS[name]
     return vlm_from_configs(
-        InternViTConfig.from_name(preset.vision), LanguageConfig.from_name(preset.language), preset.image_context_id,
+        InternViTConfig.from_name(preset.vision),
+        LanguageConfig.from_name(preset.language),
+        preset.image_context_id,
         preset.downsample_ratio,
     )

@@ -47,7 +47,9 @@ class VisionLanguageModel(nn.Module):
         if tile_size is None:
             config = getattr(vision, "config", None)
             if config is None:
-                raise ValueError(f"tile_size is needed: the vision encoder {type(vision).__name__} has no config.image_size")
+                raise ValueError(
+                    f"tile_size is needed: the vision encoder {type(vision).__name__} has no config.image_size"
+                )
             tile_size = config.image_size
         self.tile_size = tile_size
 

@@ -57,7 +57,9 @@ class ContrastiveStage(DualEncoderStage):
 
     def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        self.log(f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True, batch_size=len(image_emb))
+        self.log(
+            f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True, batch_size=len(image_emb)
+        )
         return {"image": image_emb}, text_emb
 
     def on_predict_epoch_start(self) -> None:
@@ -67,7 +69,10 @@ class ContrastiveStage(DualEncoderStage):
         """Embeddings of each pair, and the zero-shot class of each image when classes are known."""
         with unsharded(self.model):
             image_emb = self.model.encode_image(batch["pixel_values"])
-            out = {"image_emb": image_emb, "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"])}
+            out = {
+                "image_emb": image_emb,
+                "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"]),
+            }
         if self.zero_shot is not None:
             out["zero_shot_class"] = (image_emb @ self.class_embeddings.T).argmax(dim=-1)
         return out

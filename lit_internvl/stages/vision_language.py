@@ -91,7 +91,9 @@ class VisionLanguageStage(Stage):
         if image_context_id is None:
             tokenizer = getattr(self.data, "tokenizer", None)
             if tokenizer is None:
-                raise ValueError("model.init_args.image_context_id is not set and there is no data tokenizer to read it from")
+                raise ValueError(
+                    "model.init_args.image_context_id is not set and there is no data tokenizer to read it from"
+                )
             image_context_id = tokenizer.token_to_id(IMG_CONTEXT)
         return VisionLanguageModel(vision, connector, decoder, image_context_id)
 
@@ -112,7 +114,10 @@ class VisionLanguageStage(Stage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Facts about the model that its weights do not hold, for export (``read_model_facts``)."""
         if self.model is not None:
-            checkpoint[MODEL_FACTS] = {"tile_size": self.model.tile_size, "image_context_id": self.model.image_context_id}
+            checkpoint[MODEL_FACTS] = {
+                "tile_size": self.model.tile_size,
+                "image_context_id": self.model.image_context_id,
+            }
 
     def prepare_model(self, model: VisionLanguageModel) -> None:
         """Apply ``train``, ``unfreeze_vision_layers``, ``train_lm_head`` and ``lora`` (before sharding)."""
@@ -182,7 +187,7 @@ class VisionLanguageStage(Stage):
         if cut:
             rank_zero_warn(
                 f"{len(cut)} answers of batch {batch_idx} ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}) "
-                f"reached max_new_tokens={h.max_new_tokens} before an end token and are cut off (\"finished\": false)"
+                f'reached max_new_tokens={h.max_new_tokens} before an end token and are cut off ("finished": false)'
             )
         return out
 

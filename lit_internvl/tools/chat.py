@@ -43,8 +43,6 @@ def main(argv: list[str]) -> str:
         parser.error("--config RECIPE.yaml is needed with a Lightning checkpoint (it says how to build the model)")
     else:
         model, builder = load_from_recipe(args.config, args.checkpoint)
-    text = answer(
-        model.eval(), builder, args.question, args.image, args.max_new_tokens, args.temperature, args.top_p
-    )
+    text = answer(model.eval(), builder, args.question, args.image, args.max_new_tokens, args.temperature, args.top_p)
     print(text, flush=True)
     return text

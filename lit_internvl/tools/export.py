@@ -1,7 +1,7 @@
 """``python -m lit_internvl export``: write a checkpoint in transformers' InternVL layout.
 
-    python -m lit_internvl export --checkpoint /path/to/InternVL3-1B --output out/
-    python -m lit_internvl export --checkpoint runs/sft/last.ckpt --arch InternVL3-1B --tokenizer DIR --output out/
+python -m lit_internvl export --checkpoint /path/to/InternVL3-1B --output out/
+python -m lit_internvl export --checkpoint runs/sft/last.ckpt --arch InternVL3-1B --tokenizer DIR --output out/
 """
 
 from __future__ import annotations

@@ -120,7 +120,9 @@ class ShapesWorld:
         radius = float(rng.uniform(0.13, 0.24) * size)
         cx, cy = rng.uniform(radius, size - radius, size=2)
         return ShapeObject(
-            colour=str(rng.choice(list(COLOURS))), shape=str(rng.choice(SHAPES)), centre=(float(cx), float(cy)),
+            colour=str(rng.choice(list(COLOURS))),
+            shape=str(rng.choice(SHAPES)),
+            centre=(float(cx), float(cy)),
             radius=radius,
         )
 
