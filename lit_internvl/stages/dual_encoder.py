@@ -4,6 +4,7 @@ classification, image↔text retrieval, and the validate/test dispatch they shar
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from lit_internvl.metrics import CrossModalRecall
 from lit_internvl.stages.base import Stage
 
 
-class DualEncoderStage(Stage):
+class DualEncoderStage(Stage, ABC):
     """Trains a model with ``encode_text`` and a ``logit_scale`` parameter (the inverse temperature,
     stored as its log), clamped to ``[0, max_logit_scale]`` after every step.
 
@@ -47,10 +48,10 @@ class DualEncoderStage(Stage):
 
     # -- evaluation ---------------------------------------------------------------------------
 
+    @abstractmethod
     def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Log this batch's losses under ``split``; return the unit image embeddings by name and the
         unit text embeddings, each ``(N, E)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement evaluate_batch()")
 
     def class_name_embeddings(self) -> torch.Tensor | None:
         """Text embeddings ``(classes, E)`` of the data's ``class_names`` in its ``prompt_template``;
