@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import lightning as L
 from torch.utils.data import DataLoader
 
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, is_shards
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
-from lit_internvl.data.samples import SampleBuilder, SampleOptions
+from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.templates import ChatTemplate, TemplateName
 from lit_internvl.data.tokenizer import load_tokenizer
 
 
-class RecordsDataModule(L.LightningDataModule):
+class RecordsDataModule(SampleDataModule):
     """Vision-language training data from records: a jsonl file, an InternVL meta file, or litdata
     shards written by ``python -m lit_internvl prepare`` (a folder or an ``s3://`` URL).
 
@@ -78,14 +77,6 @@ class RecordsDataModule(L.LightningDataModule):
             max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
         )  # fmt: skip
-
-    @property
-    def tile_size(self) -> int:
-        return self.sample_options.tile_size
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.sample_options.tokens_per_tile
 
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); only

@@ -23,6 +23,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+import lightning as L
 import torch
 
 from lit_internvl.data.contract import Tokenizer
@@ -176,3 +177,18 @@ class SampleBuilder:
         ids.append(self.tokenizer.eos_id)
         labels.append(self.tokenizer.eos_id)
         return ids, labels
+
+
+class SampleDataModule(L.LightningDataModule):
+    """A datamodule whose samples a :class:`SampleBuilder` makes with ``self.sample_options``: the tile facts
+    the model–data handshake reads (:class:`~lit_internvl.data.contract.StageData`) come from those options."""
+
+    sample_options: SampleOptions
+
+    @property
+    def tile_size(self) -> int:
+        return self.sample_options.tile_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.sample_options.tokens_per_tile

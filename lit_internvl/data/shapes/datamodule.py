@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from lit_internvl.data.collate import Collator, PairCollator
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, replicas
-from lit_internvl.data.samples import SampleBuilder, SampleOptions
+from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.shapes.datasets import ShapesPairs, ShapesPreference, ShapesVQA
 from lit_internvl.data.shapes.world import QUESTION_TYPES, ShapesWorld, Split, class_names
 from lit_internvl.data.tokenizer import load_tokenizer
@@ -17,7 +16,7 @@ from lit_internvl.data.tokenizer import load_tokenizer
 ShapesTask = Literal["pairs", "vqa", "preference"]
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(SampleDataModule):
     """Generated shapes data for the embedded-default recipes.
 
     Tasks:
@@ -80,14 +79,6 @@ class ShapesDataModule(L.LightningDataModule):
         self.prompt_template = prompt_template
         world = ShapesWorld(tile_size)
         self.question_types = {kind: 1 / len(world.answer_options(kind, max_objects)) for kind in QUESTION_TYPES}
-
-    @property
-    def tile_size(self) -> int:
-        return self.sample_options.tile_size
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.sample_options.tokens_per_tile
 
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); no
