@@ -81,16 +81,14 @@ def load_into(
 ) -> tuple[list[str], list[str]]:
     """Load the tensors ``state`` (read from ``source``, named in messages) into ``module`` by name,
     partially: returns (missing, unexpected) keys and logs them; a shape disagreement is an error
-    naming the key."""
+    naming the key (a vision position table of another grid is resized instead, see
+    :class:`~lit_internvl.components.vision.VisionEmbeddings`)."""
     if rename:
         state = rename_prefixes(state, rename)
-    own = module.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(
-                f"init_from {source!r}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
-            )
-    result = module.load_state_dict(state, strict=False)
+    try:  # modules that adapt a tensor on load (a vision position table of another size) do so here
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # torch names every key whose shape disagrees
+        raise ValueError(f"init_from {source!r}: {error}") from None
     loaded = len(state) - len(result.unexpected_keys)
     log.warning(
         "init_from %s: loaded %d tensors; %d missing (kept their initialisation)%s; %d unexpected (ignored)%s",

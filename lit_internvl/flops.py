@@ -142,7 +142,8 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
         pooling_attention = 0
         if pool.pooling == "attention":  # ...but keys and values once a token (cls and every patch)
             tokens = (image_size // model.vision.config.patch_size) ** 2 + 1
-            image += (pool.k.weight.numel() + pool.v.weight.numel()) * (tokens - 1)
-            pooling_attention = 2 * 2 * tokens * pool.q.out_features * tiles  # one query: scores, weighted sum
+            attn = pool.cross_attn
+            image += (attn.k.weight.numel() + attn.v.weight.numel()) * (tokens - 1)
+            pooling_attention = 2 * 2 * tokens * attn.q.out_features * tiles  # one query: scores, weighted sum
         return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)), attention=pooling_attention)
     return None

@@ -9,7 +9,6 @@ import torch
 from lit_internvl.components import InternViT, TextEncoder
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.losses import contrastive_loss
-from lit_internvl.models.dual_encoder import ImageProjection
 from lit_internvl.stages import ContrastiveStage
 
 
@@ -30,30 +29,31 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_to_ln_100(tmp_path):
     assert stage.model.logit_scale.item() == pytest.approx(math.log(100))
 
 
-def test_attention_pooling_is_internvl_c_clip_projector_by_hand():
-    """The mean token, LayerNormed, queries all LayerNormed tokens, head by head; the heads' outputs,
-    concatenated, go through the output projection."""
-    torch.manual_seed(0)
-    pool = ImageProjection(hidden_size=12, embed_dim=5, pooling="attention", num_heads=3)
-    for param in pool.parameters():  # LayerNorms away from the identity, so that a skipped norm shows
-        torch.nn.init.normal_(param, std=0.5)
-    features = torch.randn(2, 7, 12)
-    expected = []
-    for x in features:
-        ln = lambda norm, t: torch.nn.functional.layer_norm(t, (12,), norm.weight, norm.bias)  # noqa: E731
-        q = ln(pool.norm_q, x.mean(0)) @ pool.q.weight.T + pool.q.bias
-        k = ln(pool.norm_k, x) @ pool.k.weight.T
-        v = ln(pool.norm_v, x) @ pool.v.weight.T + pool.v.bias
-        heads = []
-        for h in range(3):
-            cols = slice(4 * h, 4 * h + 4)
-            weights = torch.softmax(k[:, cols] @ q[cols] / 2.0, dim=0)  # 1/sqrt(head_dim 4)
-            heads.append(weights @ v[:, cols])
-        expected.append(torch.cat(heads) @ pool.proj.weight.T + pool.proj.bias)
-    torch.testing.assert_close(pool(features), torch.stack(expected), rtol=1e-5, atol=1e-5)
+def test_training_at_another_size_trains_and_saves_that_sizes_position_table(tmp_path):
+    """InternVL's force_image_size: the table is resized once (56 px native → 84 px data), the resized table is
+    the parameter that trains, the checkpoint stores it, and a stage rebuilt for 84 px data reloads it exactly."""
+    data = ShapesDataModule(tile_size=84, train_size=8, val_size=8, batch_size=8)
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit(stage, data)
+    table = stage.model.vision.embeddings.position_embedding
+    assert table.shape == (1, 6 * 6 + 1, 128) and stage.model.vision.config.image_size == 84
+    assert table.grad is not None or table.requires_grad  # a parameter of the model, trained with the rest
+    path = tmp_path / "84px.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]["model.vision.embeddings.position_embedding"]
+    assert saved.shape == (1, 37, 128)
 
-    with pytest.raises(ValueError, match="Unknown image_pooling 'max'"):
-        ImageProjection(12, 5, pooling="max")
+    reloaded = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_from=str(path))
+    reloaded.use_data(data).configure_model()
+    pixels = next(iter(data.val_dataloader()))["pixel_values"]
+    with torch.no_grad():
+        assert torch.equal(reloaded.model.encode_image(pixels), stage.model.eval().encode_image(pixels))
+
+    native = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    native.use_data(data).configure_model()  # the initial table, interpolated once to 84 px
+    before = InternViT("tiny").embeddings.position_embedding
+    assert native.model.vision.embeddings.position_embedding.shape == (1, 37, 128) and before.shape == (1, 17, 128)
 
 
 def test_weight_decay_spares_norms_biases_and_scales():
@@ -109,5 +109,5 @@ def test_init_from_a_lightning_checkpoint_loads_by_name_and_reports_partial_load
     assert "missing" in caplog.text and "text_encoder.embed_tokens.weight" in caplog.text
 
     wrong = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=32, init_from=str(path))
-    with pytest.raises(ValueError, match="image_projection.proj.weight has shape"):
+    with pytest.raises(ValueError, match="(?s)init_from .*size mismatch for text_projection.weight"):
         wrong.configure_model()

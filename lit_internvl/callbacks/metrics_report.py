@@ -11,12 +11,21 @@ import lightning as L
 
 class MetricsReport(L.Callback):
     """At the end of ``fit``, print every ``val/`` metric with its chance level (from the stage's
-    ``chance_levels``, where one exists) and write them to ``metrics.json`` in the run's log folder."""
+    ``chance_levels``, where one exists) and write them to ``metrics.json`` in the run's log folder; at the end
+    of ``test`` (``python -m lit_internvl test --config ... --ckpt_path ...``) the same for the ``test/`` metrics,
+    to ``test_metrics.json``."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "val", "metrics.json", "Final validation metrics (held-out split, ")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test", "test_metrics.json", "Test metrics (")
+
+    @staticmethod
+    def _report(trainer: L.Trainer, pl_module: L.LightningModule, split: str, filename: str, title: str) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{split}/")}
         if not metrics:
             return
         chance = getattr(pl_module, "chance_levels", {})
@@ -27,14 +36,11 @@ class MetricsReport(L.Callback):
         }
         log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, "metrics.json")
+        path = os.path.join(log_dir, filename)
         with open(path, "w") as f:
             json.dump(report, f, indent=2)
         width = max(len(name) for name in metrics)
-        lines = [
-            f"Final validation metrics (held-out split, step {trainer.global_step})",
-            f"{'metric':<{width}}  {'value':>8}  {'chance':>8}",
-        ]
+        lines = [f"{title}step {trainer.global_step})", f"{'metric':<{width}}  {'value':>8}  {'chance':>8}"]
         for name, value in metrics.items():
             level = chance.get(name)
             lines.append(f"{name:<{width}}  {value:>8.4f}  {'-' if level is None else f'{level:.4f}':>8}")

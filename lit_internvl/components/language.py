@@ -274,17 +274,23 @@ def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: TextP
 
 
 class TextEncoder(Transformer):
-    """Bidirectional text tower: the decoder's blocks without the causal mask, pooled to one vector.
+    """Text tower: the decoder's blocks, read bidirectionally (``causal=False``) or causally, pooled to one vector.
+
+    InternVL-C's text tower is a causal LLaMA (QLLaMA) whose embedding is the last real token's state of
+    ``"summarize:" + caption`` and an end token (``causal=True, pooling="last"``); the bidirectional
+    mean-pooled tower is the BERT-like option.
 
     Contract (every text encoder): ``forward(input_ids (B, T), attention_mask (B, T)) → (B, hidden_size)``.
     ``pooling``: see :func:`pool_text`.
     """
 
-    def __init__(self, config: LanguageConfig | LanguagePreset = "tiny", pooling: TextPooling = "mean") -> None:
+    def __init__(
+        self, config: LanguageConfig | LanguagePreset = "tiny", pooling: TextPooling = "mean", causal: bool = False
+    ) -> None:
         if pooling not in get_args(TextPooling):
             raise ValueError(f"Unknown pooling {pooling!r}; choose one of {get_args(TextPooling)}")
         config = _as_config(config)
-        super().__init__(config, causal=False)
+        super().__init__(config, causal=causal)
         self.hidden_size = config.hidden_size
         self.pooling = pooling
 

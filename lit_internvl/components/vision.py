@@ -8,6 +8,8 @@ follow the original OpenGVLab checkpoints (``embeddings.class_embedding``, ``lay
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 from lit_internvl.components.attention import Backend, attention
 from lit_internvl.components.layers import DropPath, NormType, make_norm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,8 +98,29 @@ VISION_PRESETS: dict[str, InternViTConfig] = {
 }
 
 
+def resize_position_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A position table ``(1, 1 + g², C)`` (cls first, a square ``g × g`` grid) for a ``height × width`` grid:
+    the cls entry kept, the grid resized bicubically in float32 (``align_corners=False``), as InternVL's
+    ``resize_pos_embeddings`` (internvl_g/internvl/model/internvl_stage2/modeling_intern_vit.py) and InternViT's
+    forward at other sizes do."""
+    grid = math.isqrt(table.shape[1] - 1)
+    if (height, width) == (grid, grid):
+        return table
+    cls_pos, patch_pos = table[:, :1], table[:, 1:]
+    dim = patch_pos.shape[-1]
+    patches = patch_pos.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(height, width), mode="bicubic", align_corners=False)
+    patch_pos = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim).to(cls_pos.dtype)
+    return torch.cat((cls_pos, patch_pos), dim=1)
+
+
 class VisionEmbeddings(nn.Module):
-    """Patches + cls token + learned absolute positions (bicubically interpolated to other sizes)."""
+    """Patches + cls token + learned absolute positions (bicubically interpolated to other sizes).
+
+    The table is a parameter for the model's ``image_size``: :meth:`resize` replaces it once by the table of
+    another size (which then trains, as InternVL's ``force_image_size`` does), and a state dict whose table is
+    of another size is resized the same way when loaded, so a checkpoint of any size loads into a model of any.
+    """
 
     def __init__(self, config: InternViTConfig) -> None:
         super().__init__()
@@ -110,16 +135,29 @@ class VisionEmbeddings(nn.Module):
         nn.init.trunc_normal_(self.class_embedding, std=0.02)
         nn.init.trunc_normal_(self.position_embedding, std=0.02)
 
+    def resize(self, grid_size: int) -> None:
+        """Make the table one for a ``grid_size × grid_size`` patch grid (a new parameter; no-op at the same size)."""
+        if grid_size == self.grid_size:
+            return
+        table = self.position_embedding.detach()
+        if table.is_meta:
+            resized = torch.empty(1, grid_size**2 + 1, table.shape[-1], device="meta", dtype=table.dtype)
+        else:
+            resized = resize_position_table(table, grid_size, grid_size)
+        self.position_embedding = nn.Parameter(resized, requires_grad=self.position_embedding.requires_grad)
+        self.grid_size = grid_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "position_embedding"
+        table = state_dict.get(key)
+        if table is not None and table.ndim == 3 and table.shape[1] != self.position_embedding.shape[1]:
+            log.info("%s: position table of %d positions resized to the %d² grid", key, table.shape[1], self.grid_size)
+            state_dict[key] = resize_position_table(table, self.grid_size, self.grid_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def position_embeddings(self, height: int, width: int) -> torch.Tensor:
         """``(1, 1 + height·width, C)`` for a ``height × width`` patch grid."""
-        if (height, width) == (self.grid_size, self.grid_size):
-            return self.position_embedding
-        cls_pos, patch_pos = self.position_embedding[:, :1], self.position_embedding[:, 1:]
-        dim = patch_pos.shape[-1]
-        grid = patch_pos.float().reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
-        patch_pos = grid.permute(0, 2, 3, 1).reshape(1, height * width, dim).to(cls_pos.dtype)
-        return torch.cat((cls_pos, patch_pos), dim=1)
+        return resize_position_table(self.position_embedding, height, width)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
@@ -210,6 +248,14 @@ class InternViT(nn.Module):
             0, config.drop_path_rate, config.num_layers, device="cpu"
         ).tolist()  # also under torch.device("meta")
         self.layers = nn.ModuleList(VisionBlock(config, rate) for rate in rates)
+
+    def resize(self, image_size: int) -> None:
+        """Train at ``image_size`` px from now on: ``config.image_size`` and the position table (resized once,
+        a parameter of the new size) change together. A no-op at the current size."""
+        if image_size % self.patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {self.patch_size}")
+        self.embeddings.resize(image_size // self.patch_size)
+        self.config = replace(self.config, image_size=image_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values ``(N, 3, H, W)`` normalised → ``(N, 1 + H·W/p², hidden_size)``."""

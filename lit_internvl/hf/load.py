@@ -4,6 +4,7 @@ lit_internvl weights (a Lightning ``.ckpt``, a ``.safetensors``) of a named arch
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def model_from_weights(source_path: str | Path, arch: str, dtype: torch.dtype | 
     arch_dir = Path(arch.removeprefix("hf:"))
     with torch.device("meta"):
         model = build_vlm(read_config(arch_dir)) if arch_dir.is_dir() else internvl(arch)
+    table = state.get("vision.embeddings.position_embedding")
+    if table is not None and hasattr(model.vision, "resize"):  # the size the run trained at (its table's)
+        model.vision.resize(math.isqrt(table.shape[1] - 1) * model.vision.patch_size)
+        model.tile_size = model.vision.config.image_size
     own = tuple(f"{name}." for name, _ in model.named_children())
     extra = [name for name in state if not name.startswith(own)]
     if extra:

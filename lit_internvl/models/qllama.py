@@ -33,9 +33,12 @@ from lit_internvl.components.attention import attention, causal_mask, check_back
 from lit_internvl.components.language import Block, LanguageConfig, LanguagePreset, TextPooling, pool_text
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding
-from lit_internvl.models.dual_encoder import ImagePooling, ImageProjection
+from lit_internvl.models.dual_encoder import AttentionPool, ImagePooling, image_projection
 
 Mode = Literal["itc", "itm", "itg"]
+# How the query outputs become InternVL-G's query embedding: InternVL's second attention pool
+# (``clip_projector2``) or their mean through a linear map.
+QueryPooling = Literal["attention", "mean"]
 TextAttention = Literal["causal", "bidirectional"]
 MODES, TEXT_ATTENTION = get_args(Mode), get_args(TextAttention)
 # The named parameter sets of InternVLG (``lm_head`` only when untied), for freezing by name.
@@ -193,7 +196,9 @@ class QLLaMA(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.query_tokens, std=0.02)
+        # Zeros, as InternVL's ``query_tokens`` (internvl_g/.../modeling_internvl.py, InternVLModel.__init__):
+        # the queries differ from the first cross-attention on, where each reads the image at its position.
+        nn.init.zeros_(self.query_tokens)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(
@@ -288,6 +293,10 @@ class InternVLG(nn.Module):
                                             └─► QLLaMA queries ─► mean ─► query_projection ─► ‖·‖ ────┘
         input_ids ─► QLLaMA text (ITC mask) ─► pool ─► text_projection ─► ‖·‖ ─► text emb
 
+    InternVL's choices are the defaults: the query outputs pooled by a second attention pool
+    (``query_pooling="attention"``, the reference's ``clip_projector2``), the text embedding the last real
+    token's state (``text_pooling="last"``: ``"summarize:" + caption`` and an end token, read causally).
+
     (G emb: the InternVL-G image embedding.)
 
     Names that stage 1 also has (``image_projection``, ``text_projection``, ``logit_scale``) are kept,
@@ -298,7 +307,9 @@ class InternVLG(nn.Module):
         qllama: a :class:`QLLaMA` built for ``vision.hidden_size``.
         embed_dim: width of the shared embedding space.
         image_pooling: ``"cls"``, ``"mean"`` or ``"attention"`` — as in stage 1.
-        text_pooling: ``"mean"`` or ``"last"`` — as the stage-1 text tower pooled.
+        text_pooling: ``"last"`` (InternVL) or ``"mean"`` — as the stage-1 text tower pooled.
+        query_pooling: ``"attention"`` (InternVL's ``clip_projector2``) or ``"mean"`` of the query outputs.
+        attn_pool_heads: heads of both attention pools (16 in InternVL).
     """
 
     def __init__(
@@ -306,19 +317,26 @@ class InternVLG(nn.Module):
         vision: nn.Module,
         qllama: QLLaMA,
         embed_dim: int = 128,
-        image_pooling: ImagePooling = "cls",
-        text_pooling: TextPooling = "mean",
+        image_pooling: ImagePooling = "attention",
+        text_pooling: TextPooling = "last",
         init_logit_scale: float = math.log(1 / 0.07),
+        query_pooling: QueryPooling = "attention",
+        attn_pool_heads: int = 16,
     ) -> None:
         super().__init__()
         if text_pooling not in get_args(TextPooling):
             raise ValueError(f"Unknown text_pooling {text_pooling!r}; choose one of {get_args(TextPooling)}")
+        if query_pooling not in get_args(QueryPooling):
+            raise ValueError(f"Unknown query_pooling {query_pooling!r}; choose one of {get_args(QueryPooling)}")
         self.vision = vision
         self.qllama = qllama
         self.text_pooling = text_pooling
-        self.image_projection = ImageProjection(vision.hidden_size, embed_dim, image_pooling)
+        self.image_projection = image_projection(vision.hidden_size, embed_dim, image_pooling, attn_pool_heads)
         self.text_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
-        self.query_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
+        if query_pooling == "attention":
+            self.query_projection = AttentionPool(qllama.hidden_size, embed_dim, attn_pool_heads)
+        else:
+            self.query_projection = nn.Linear(qllama.hidden_size, embed_dim, bias=False)
         self.itm_head = nn.Linear(qllama.hidden_size, 2)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
@@ -338,7 +356,9 @@ class InternVLG(nn.Module):
         return F.normalize(self.image_projection(features), dim=-1)
 
     def query_embedding(self, queries: torch.Tensor) -> torch.Tensor:
-        """Query hidden states ``(N, Q, D)`` → their mean, projected, ``(N, E)``, unit length."""
+        """Query hidden states ``(N, Q, D)`` → pooled (attention pool, or mean and linear map) ``(N, E)``, unit length."""
+        if isinstance(self.query_projection, AttentionPool):
+            return F.normalize(self.query_projection(queries), dim=-1)
         return F.normalize(self.query_projection(queries.mean(dim=1)), dim=-1)
 
     def text_embedding(self, text: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

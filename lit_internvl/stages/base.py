@@ -23,12 +23,16 @@ def build(factory: ModuleFactory | nn.Module) -> nn.Module:
     return factory if isinstance(factory, nn.Module) else factory()
 
 
-def read_init_weights(source: str) -> dict[str, torch.Tensor]:
-    """The tensors ``init_from`` names: ``hf:/folder`` (a transformers or OpenGVLab InternVL checkpoint, mapped
-    to lit_internvl's names), a Lightning ``.ckpt`` or a ``.safetensors`` file."""
+def read_init_weights(source: str, internvl1_kind: str = "g") -> dict[str, torch.Tensor]:
+    """The tensors ``init_from`` names: ``hf:/folder`` (a transformers or OpenGVLab InternVL chat checkpoint, or
+    InternVL 1's released InternVL-C/-G, mapped to lit_internvl's names; ``internvl1_kind`` says which of
+    InternVL-C (``"c"``) or -G (``"g"``) names the latter gets), a Lightning ``.ckpt`` or a ``.safetensors`` file."""
     if source.startswith("hf:"):
         from lit_internvl.hf import read_vlm_state_dict
+        from lit_internvl.hf.internvl1 import is_internvl1, read_internvl1_state_dict
 
+        if is_internvl1(source[3:]):
+            return read_internvl1_state_dict(source[3:], internvl1_kind)
         return read_vlm_state_dict(source[3:])
     return read_state_dict(source)
 
@@ -62,6 +66,9 @@ class Stage(L.LightningModule):
 
     #: Constructor arguments that are modules or factories, kept out of ``hparams``.
     factory_arguments: tuple[str, ...] = ()
+    #: The names an ``init_from: hf:`` folder of InternVL 1 (InternVL-14B-224px) is read with: InternVL-G's
+    #: (``"g"``) or InternVL-C's (``"c"``, the contrastive stage).
+    internvl1_kind: str = "g"
 
     def __init__(
         self,
@@ -102,6 +109,15 @@ class Stage(L.LightningModule):
     def handshake(self, model: nn.Module) -> None:
         """Check ``model`` against the data before any step runs; subclasses add their facts."""
 
+    def fit_vision_to_data(self, vision: nn.Module) -> None:
+        """Resize a vision encoder's position table once to the data's ``tile_size`` (InternVL's
+        ``force_image_size``): the resized table is a parameter that trains and is saved at that size, and
+        ``init_from`` weights of any size are resized to it when loaded. Encoders without ``resize`` keep
+        interpolating in their forward pass."""
+        tile_size = getattr(self.data, "tile_size", None)
+        if tile_size is not None and hasattr(vision, "resize"):
+            vision.resize(tile_size)
+
     def check_vocabulary(self, embeddings: nn.Embedding, model_key: str) -> None:
         """The model's vocabulary must hold every id of the data's tokenizer."""
         tokenizer = getattr(self.data, "tokenizer", None)
@@ -120,7 +136,8 @@ class Stage(L.LightningModule):
             set_attention_backend(model, h.attn_backend)
         self.handshake(model)
         if h.init_from:
-            load_into(model, read_init_weights(h.init_from), h.init_from, h.init_from_rename)
+            state = read_init_weights(h.init_from, self.internvl1_kind)
+            load_into(model, state, h.init_from, h.init_from_rename)
         self.prepare_model(model)
         self.model = self.parallelize(model, h.activation_checkpointing)
 

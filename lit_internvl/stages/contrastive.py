@@ -21,19 +21,23 @@ class ContrastiveStage(DualEncoderStage):
     Args:
         vision, text_encoder: factories (YAML ``class_path``) or instances of the towers.
         embed_dim: width of the shared embedding space.
-        image_pooling: ``"cls"``, ``"mean"`` (of the patches) or ``"attention"`` (InternVL-C); see :class:`ImageProjection`.
+        image_pooling: ``"attention"`` (InternVL-C's ``clip_projector``), ``"cls"`` or ``"mean"`` (of the patches);
+            see :func:`~lit_internvl.models.dual_encoder.image_projection`.
+        attn_pool_heads: heads of the attention pool (16 in InternVL-C).
         stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
             :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
 
     factory_arguments = ("vision", "text_encoder")
+    internvl1_kind = "c"
 
     def __init__(
         self,
         vision: ModuleFactory,
         text_encoder: ModuleFactory,
         embed_dim: int = 128,
-        image_pooling: ImagePooling = "cls",
+        image_pooling: ImagePooling = "attention",
+        attn_pool_heads: int = 16,
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
@@ -42,10 +46,11 @@ class ContrastiveStage(DualEncoderStage):
     def build_model(self) -> DualEncoder:
         h = self.hparams
         vision, text_encoder = build(self.factories["vision"]), build(self.factories["text_encoder"])
-        return DualEncoder(vision, text_encoder, h.embed_dim, h.image_pooling, h.init_logit_scale)
+        return DualEncoder(vision, text_encoder, h.embed_dim, h.image_pooling, h.init_logit_scale, h.attn_pool_heads)
 
     def handshake(self, model: DualEncoder) -> None:
         self.check_vocabulary(model.text_encoder.embed_tokens, "model.init_args.text_encoder")
+        super().handshake(model)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_internvl.data.collate import pad_ids
@@ -22,10 +23,14 @@ class DualEncoderStage(Stage, ABC):
 
     Evaluation, shared: each validation/test batch gives one or more image embeddings (named by
     :attr:`embedding_names`) and a text embedding per pair (:meth:`evaluate_batch`); over an epoch
-    every image embedding gets image↔text recall@1/5 and, when the data names ``class_names``
-    (through its ``prompt_template``), zero-shot top-1 against the class-name embeddings. One
-    embedding logs as ``{split}/{metric}``, several as ``{split}/{name}/{metric}``; every metric's
-    chance level is recorded.
+    every image embedding gets image↔text recall@1/5/10 (each distinct ``image_id`` once, any caption
+    with the image's ``caption_key`` a hit) and, when the data names ``class_names``, zero-shot
+    top-1/top-5 of the labelled images against the class embeddings (each class's prompts through the data's
+    ``prompt_templates``, averaged as CLIP's prompt ensembles). One embedding logs as ``{split}/{metric}``,
+    several as ``{split}/{name}/{metric}``; every metric's chance level is recorded.
+
+    The vision encoder's position table is resized once to the data's tile size when the model is built
+    (:meth:`~lit_internvl.stages.base.Stage.fit_vision_to_data`).
     """
 
     #: The image embeddings a batch is evaluated with.
@@ -38,9 +43,12 @@ class DualEncoderStage(Stage, ABC):
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
-        self.recall = nn.ModuleDict({name: CrossModalRecall(ks=(1, 5)) for name in self.embedding_names})
+        self.recall = nn.ModuleDict({name: CrossModalRecall(ks=(1, 5, 10)) for name in self.embedding_names})
         self.zero_shot: nn.ModuleDict | None = None
         self.class_embeddings: torch.Tensor | None = None
+
+    def handshake(self, model: nn.Module) -> None:
+        self.fit_vision_to_data(model.vision)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
@@ -54,16 +62,21 @@ class DualEncoderStage(Stage, ABC):
         unit text embeddings, each ``(N, E)``."""
 
     def class_name_embeddings(self) -> torch.Tensor | None:
-        """Text embeddings ``(classes, E)`` of the data's ``class_names`` in its ``prompt_template``;
-        None when the data names no classes."""
+        """Unit text embeddings ``(classes, E)`` of the data's ``class_names``: each class's prompts (its name in
+        every one of the data's ``prompt_templates``, in the data's ITC text form ``text_ids``) embedded,
+        averaged and renormalised (CLIP's zero-shot classifier); None when the data names no classes."""
         data = self.data
         names = getattr(data, "class_names", None)
         if not names:
             return None
-        tokenizer, template = data.tokenizer, data.prompt_template
-        ids, mask = pad_ids([torch.tensor(tokenizer.encode(template.format(n))) for n in names], tokenizer.pad_id)
+        templates = list(getattr(data, "prompt_templates", None) or ["{}"])
+        tokenizer = data.tokenizer
+        encode = getattr(data, "text_ids", tokenizer.encode)
+        prompts = [torch.tensor(encode(template.format(name))) for name in names for template in templates]
+        ids, mask = pad_ids(prompts, tokenizer.pad_id)
         with unsharded(self.model):  # FSDP2 gathers parameters around forward only
-            return self.model.encode_text(ids.to(self.device), mask.to(self.device))
+            embeddings = self.model.encode_text(ids.to(self.device), mask.to(self.device))
+        return F.normalize(embeddings.view(len(names), len(templates), -1).mean(dim=1), dim=-1)
 
     def _prepare_zero_shot(self) -> None:
         self.class_embeddings = self.class_name_embeddings()
@@ -71,10 +84,14 @@ class DualEncoderStage(Stage, ABC):
             self.zero_shot = None
             return
         classes = self.class_embeddings.shape[0]
-        if self.zero_shot is None or next(iter(self.zero_shot.values())).num_classes != classes:
-            self.zero_shot = nn.ModuleDict(
-                {name: MulticlassAccuracy(num_classes=classes, average="micro") for name in self.embedding_names}
-            ).to(self.device)
+        if self.zero_shot is None or self.zero_shot.classes != classes:
+            metrics = {}
+            for name in self.embedding_names:
+                metrics[f"{name}/top1"] = MulticlassAccuracy(num_classes=classes, average="micro")
+                if classes > 5:
+                    metrics[f"{name}/top5"] = MulticlassAccuracy(num_classes=classes, top_k=5, average="micro")
+            self.zero_shot = nn.ModuleDict(metrics).to(self.device)
+            self.zero_shot.classes = classes
         for metric in self.zero_shot.values():
             metric.reset()
 
@@ -83,10 +100,15 @@ class DualEncoderStage(Stage, ABC):
 
     def _evaluate(self, batch: dict, split: str) -> None:
         images, text_emb = self.evaluate_batch(batch, split)
+        labels = batch.get("label")
+        labelled = labels >= 0 if labels is not None else None
         for name, image_emb in images.items():
-            self.recall[name].update(image_emb, text_emb, batch["caption_key"])
-            if self.zero_shot is not None:
-                self.zero_shot[name].update(image_emb @ self.class_embeddings.T, batch["label"])
+            self.recall[name].update(image_emb, text_emb, batch["caption_key"], batch.get("image_id"))
+            if self.zero_shot is not None and labelled is not None and labelled.any():
+                logits = image_emb[labelled] @ self.class_embeddings.T
+                for metric in ("top1", "top5"):
+                    if f"{name}/{metric}" in self.zero_shot:
+                        self.zero_shot[f"{name}/{metric}"].update(logits, labels[labelled])
 
     def _log_epoch(self, split: str) -> None:
         for name, recall in self.recall.items():
@@ -94,11 +116,16 @@ class DualEncoderStage(Stage, ABC):
                 self.log(self._metric_name(split, name, metric), value)
                 self.chance_levels[self._metric_name(split, name, metric)] = recall.chance[metric]
             recall.reset()
-            if self.zero_shot is not None:
-                key = self._metric_name(split, name, "zero_shot_top1")
-                self.log(key, self.zero_shot[name].compute())
-                self.chance_levels[key] = 1.0 / self.zero_shot[name].num_classes
-                self.zero_shot[name].reset()
+            if self.zero_shot is None:
+                continue
+            for metric, k in (("top1", 1), ("top5", 5)):
+                accuracy = self.zero_shot[f"{name}/{metric}"] if f"{name}/{metric}" in self.zero_shot else None
+                if accuracy is None or not accuracy.update_called:
+                    continue
+                key = self._metric_name(split, name, f"zero_shot_{metric}")
+                self.log(key, accuracy.compute())
+                self.chance_levels[key] = k / self.zero_shot.classes
+                accuracy.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._prepare_zero_shot()

@@ -12,15 +12,26 @@ import torch.nn.functional as F
 from lit_internvl.components.language import TextPooling
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.models.dual_encoder import ImagePooling
-from lit_internvl.models.qllama import InternVLG, ParameterSet, QLLaMA
+from lit_internvl.models.qllama import InternVLG, ParameterSet, QLLaMA, QueryPooling
 from lit_internvl.stages.base import ModuleFactory, build
 from lit_internvl.stages.dual_encoder import DualEncoderStage
 
-NegativeStrategy = Literal["hard", "random"]
+NegativeStrategy = Literal["dataset", "hard", "random"]
 NEGATIVE_STRATEGIES = get_args(NegativeStrategy)
 # InternVL stage 2 trains only what is new: queries, cross-attention, the query projection, the ITM head
 # and the temperature. The stage-1 embeddings (image and text) then stay exactly as stage 1 left them.
 INTERNVL_FROZEN = ("vision", "image_projection", "trunk", "text_projection")
+
+
+def reference_itm_labels(batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """ITM labels of InternVL's layout (``itm_negatives="dataset"``): the first ``B − ⌊B/2⌋`` images are paired
+    with a caption of another image drawn from the whole dataset (label 0), the last ``⌊B/2⌋`` with their own
+    caption (label 1); no negative images (internvl_g/internvl/model/internvl_stage2/modeling_internvl.py,
+    ``InternVLModel.forward``: ``positive_num = batch_size // 2``, ``negative_input_ids[:-positive_num]``)."""
+    positives = batch_size // 2
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    labels[batch_size - positives :] = 1
+    return labels
 
 
 def sample_negatives(scores: torch.Tensor, allowed: torch.Tensor, strategy: NegativeStrategy = "hard") -> torch.Tensor:
@@ -40,8 +51,8 @@ def sample_negatives(scores: torch.Tensor, allowed: torch.Tensor, strategy: Nega
     Returns:
         ``(N,)`` column indices; -1 where a row has no allowed column.
     """
-    if strategy not in NEGATIVE_STRATEGIES:
-        raise ValueError(f"Unknown itm_negatives {strategy!r}; choose one of {NEGATIVE_STRATEGIES}")
+    if strategy not in ("hard", "random"):
+        raise ValueError(f"sample_negatives draws 'hard' or 'random' in-batch negatives, not {strategy!r}")
     scores = scores.float() if strategy == "hard" else torch.zeros_like(scores, dtype=torch.float32)
     has_candidate = allowed.any(dim=1)
     # A row without candidates gets a dummy uniform row for the draw; its result is replaced by -1.
@@ -74,38 +85,45 @@ class GenerativeStage(DualEncoderStage):
     """Trains :class:`~lit_internvl.models.qllama.InternVLG` with ``itc_weight·ITC + itm_weight·ITM +
     itg_weight·ITG`` (1 each in InternVL), starting from a stage-1 checkpoint through ``init_from``.
 
-    - ITC: the mean of the query outputs, projected, against the pooled text under the ITC mask, with
-      the gathered contrastive loss of stage 1. Mean pooling (not BLIP-2's max over queries) because
-      InternVL-G sums *one* query embedding with the stage-1 image embedding; InternVL's attention
-      pooler uses that mean as its query.
-    - ITM: a 2-way head over the mean query output of (image, text) pairs under the bidirectional
-      mask; one pair per sample, half of them positive, the others pairing an image with a negative
-      text or a text with a negative image, mined from this rank's ITC similarity
-      (``itm_negatives="hard"``, BLIP-2) or uniformly (``"random"``); never the positive, nor a
-      pair whose ``caption_key`` (when the batch has one) equals the positive's.
-    - ITG: next-token cross-entropy on the text under the prefix-LM mask.
+    InternVL's stage 2 (OpenGVLab/InternVL ``internvl_g/internvl/model/internvl_stage2/modeling_internvl.py``,
+    ``InternVLModel.forward``, and ``internvl_g/internvl/train/dataset.py``) is the default; each text form
+    comes from the data (:class:`~lit_internvl.data.pairs.CaptionForms`):
+
+    - ITC: the query outputs pooled (``clip_projector2``) against the text's last-token state of
+      ``"summarize:" + caption`` read causally (``input_ids``), with the gathered contrastive loss of stage 1.
+    - ITM: a 2-way head over the mean query output of (image, caption) pairs under the bidirectional mask.
+      ``itm_negatives="dataset"``: the first ``B − ⌊B/2⌋`` images with a caption of another image drawn
+      from the whole dataset (``negative_ids``), the rest with their own (``itm_ids``)
+      (:func:`reference_itm_labels`). ``"hard"`` (BLIP-2) or ``"random"``: one pair per sample, half
+      positive, the others an image with a negative text or a text with a negative image from this rank's
+      batch, hard ones drawn by ITC similarity (:func:`itm_pairs`); never a pair whose ``caption_key`` equals
+      the positive's.
+    - ITG: next-token cross-entropy under the prefix-LM mask on ``"English caption:" + caption``, every
+      caption token supervised from the first (``itg_ids``, ``itg_labels``).
 
     ::
 
         pixel_values ─► vision ─► features ─┬─► QLLaMA itc ─► query emb ⟷ text emb ─► ITC
-        input_ids ──────────────────────────┤                        │ similarity mines negatives
-                                            ├─► QLLaMA itm (positives + negatives) ─► ITM head ─► ITM
-                                            └─► QLLaMA itg ─► LM head ─► next-token loss ─► ITG
+        input_ids ──────────────────────────┤
+        itm_ids / negative_ids ─────────────┼─► QLLaMA itm (positives + negatives) ─► ITM head ─► ITM
+        itg_ids ────────────────────────────┴─► QLLaMA itg ─► LM head ─► next-token loss ─► ITG
 
-    Validation reports recall@1/5 of the stage-1 image embedding and of the InternVL-G embedding
-    (stage-1 + query embedding), against the same text embeddings, and zero-shot top-1 of both
+    Validation reports recall@1/5/10 of the stage-1 image embedding and of the InternVL-G embedding
+    (stage-1 + query embedding), against the same text embeddings, and zero-shot top-1/top-5 of both
     when the data has ``class_names`` (:class:`DualEncoderStage`).
 
     Args:
         vision: factory (YAML ``class_path``) or instance of the vision encoder.
-        stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
-            :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
         qllama: a :class:`QLLaMA` or a factory called with the vision width (YAML ``class_path`` of
             ``QLLaMA`` without ``vision_dim``).
-        embed_dim, image_pooling: as in stage 1 (they must match the checkpoint).
-        text_pooling: how the text tower pooled in stage 1: ``"mean"`` or ``"last"``.
-        itm_negatives: ``"hard"`` or ``"random"``.
+        embed_dim, image_pooling, attn_pool_heads: as in stage 1 (they must match the checkpoint).
+        text_pooling: how the text embedding pools: ``"last"`` (InternVL) or ``"mean"`` (as a
+            bidirectional stage-1 tower did).
+        query_pooling: ``"attention"`` (InternVL's ``clip_projector2``) or ``"mean"``.
+        itm_negatives: ``"dataset"`` (InternVL), ``"hard"`` or ``"random"``.
         frozen: named parameter sets (see :meth:`InternVLG.parameter_sets`) that do not train.
+        stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
+            :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
 
     factory_arguments = ("vision", "qllama")
@@ -116,18 +134,22 @@ class GenerativeStage(DualEncoderStage):
         vision: ModuleFactory,
         qllama: Callable[[int], QLLaMA],
         embed_dim: int = 128,
-        image_pooling: ImagePooling = "cls",
-        text_pooling: TextPooling = "mean",
+        image_pooling: ImagePooling = "attention",
+        text_pooling: TextPooling = "last",
+        query_pooling: QueryPooling = "attention",
+        attn_pool_heads: int = 16,
         itc_weight: float = 1.0,
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
-        itm_negatives: NegativeStrategy = "hard",
+        itm_negatives: NegativeStrategy = "dataset",
         frozen: Sequence[ParameterSet] = INTERNVL_FROZEN,
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
         if not any((itc_weight, itm_weight, itg_weight)):
             raise ValueError("itc_weight, itm_weight and itg_weight are all 0: stage 2 would have no loss")
+        if itm_negatives not in NEGATIVE_STRATEGIES:
+            raise ValueError(f"Unknown itm_negatives {itm_negatives!r}; choose one of {NEGATIVE_STRATEGIES}")
         self.factories = {"vision": vision, "qllama": qllama}
 
     def build_model(self) -> InternVLG:
@@ -136,10 +158,14 @@ class GenerativeStage(DualEncoderStage):
         qllama = self.factories["qllama"]
         if not isinstance(qllama, nn.Module):
             qllama = qllama(vision.hidden_size)
-        return InternVLG(vision, qllama, h.embed_dim, h.image_pooling, h.text_pooling, h.init_logit_scale)
+        return InternVLG(
+            vision, qllama, h.embed_dim, h.image_pooling, h.text_pooling, h.init_logit_scale, h.query_pooling,
+            h.attn_pool_heads,
+        )  # fmt: skip
 
     def handshake(self, model: InternVLG) -> None:
         self.check_vocabulary(model.qllama.embed_tokens, "model.init_args.qllama")
+        super().handshake(model)
 
     def prepare_model(self, model: InternVLG) -> None:
         """Freezes the parameter sets named in ``frozen``."""
@@ -174,19 +200,31 @@ class GenerativeStage(DualEncoderStage):
         if weights.itc_weight:
             losses["itc"] = contrastive_loss(query_emb, text_emb, model.logit_scale.exp())
         if weights.itm_weight:
-            losses["itm"] = self._itm_loss(features, ids, mask, query_emb, text_emb, batch.get("caption_key"))
+            losses["itm"] = self._itm_loss(features, batch, query_emb, text_emb)
         if weights.itg_weight:
-            _, text = model.qllama(features, ids, mask, mode="itg")
-            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # token t predicts token t+1
+            itg_ids, itg_mask = batch["itg_ids"], batch["itg_mask"]
+            _, text = model.qllama(features, itg_ids, itg_mask, mode="itg")
+            targets = batch["itg_labels"][:, 1:]  # token t predicts token t+1; the prefix is -100
             logits = model.qllama.head(text[:, :-1])
-            losses["itg"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            losses["itg"] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         losses["loss"] = sum(getattr(weights, f"{name}_weight") * value for name, value in losses.items())
         return losses, (features, query_emb, text_emb)
 
-    def _itm_loss(self, features, ids, mask, query_emb, text_emb, keys: torch.Tensor | None) -> torch.Tensor:
-        """Cross-entropy of the ITM head over the pairs of :func:`itm_pairs`, negatives mined from
-        the ITC similarity of this rank's batch."""
+    def _itm_loss(self, features, batch: dict, query_emb, text_emb) -> torch.Tensor:
+        """Cross-entropy of the ITM head over the pairs the ``itm_negatives`` strategy makes."""
+        ids, mask = batch["itm_ids"], batch["itm_mask"]
+        if self.hparams.itm_negatives == "dataset":
+            labels = reference_itm_labels(ids.shape[0], ids.device)
+            negative_ids, negative_mask = batch["negative_ids"], batch["negative_mask"]
+            length = max(ids.shape[1], negative_ids.shape[1])
+            widen = lambda t: F.pad(t, (0, length - t.shape[1]))  # noqa: E731 - padded places are masked out
+            negative = (labels == 0)[:, None]
+            pair_ids = torch.where(negative, widen(negative_ids), widen(ids))
+            pair_mask = torch.where(negative, widen(negative_mask), widen(mask))
+            queries, _ = self.model.qllama(features, pair_ids, pair_mask, mode="itm")
+            return F.cross_entropy(self.model.itm_head(queries.mean(dim=1)).float(), labels)
         rows = torch.arange(ids.shape[0], device=ids.device)
+        keys = batch.get("caption_key")
         with torch.no_grad():
             similarity = query_emb @ text_emb.T  # (images, texts)
             allowed = rows[:, None] != rows[None, :]

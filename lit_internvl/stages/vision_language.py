@@ -103,6 +103,7 @@ class VisionLanguageStage(Stage):
         if tile_size is None:
             return
         model.tile_size = tile_size
+        self.fit_vision_to_data(model.vision)
         expected, given = model.tokens_per_tile(tile_size), self.data.tokens_per_tile
         if given != expected:
             raise ValueError(
