@@ -314,3 +314,10 @@ def test_the_readme_table_lists_every_reason_with_its_counter():
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     for reason in SKIP_REASONS:
         assert any(f"`{reason}`" in row and f"`{counter_name(reason)}`" in row for row in rows), reason
+
+
+def test_an_image_path_that_is_a_folder_is_a_missing_image_not_a_crash(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "d.jsonl").write_text(json.dumps(_conversation("folder.png")) + "\n")
+    batch = list(RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader())[0]
+    assert batch["skipped"] == {"missing image": 1}

@@ -58,7 +58,7 @@ SKIP_REASONS: dict[str, str] = {
     "image outside root": "scan: an image path that leaves the image root (or is absolute)",
     "malformed box": "scan or prepare: a <box> that is not [[x1, y1, x2, y2], ...] with x1 ≤ x2, y1 ≤ y2",
     "box outside image": "scan or prepare: a box coordinate outside the image",
-    "missing image": "read: an image file that does not exist",
+    "missing image": "read: an image file that does not exist or cannot be read",
     "empty image file": "read: an image file of zero bytes",
     "not an image": "read: bytes of none of the accepted image formats",
     "image too large": "read: width × height above the pixel limit (a decompression bomb)",
@@ -367,10 +367,10 @@ def open_images(record: Record, root: str | Path | None = None, max_pixels: int 
                 images.append(open_image(Path(root) / item if root is not None else Path(item), max_pixels))
         except FileNotFoundError as error:
             raise BadRecord(record.name, "missing image", f"{error.filename or item!r} does not exist") from None
-        except IsADirectoryError:
-            raise BadRecord(record.name, "missing image", f"{label!r} is a folder, not a file") from None
         except UnusableImage as error:
             raise BadRecord(record.name, error.reason, f"{label!r}: {error.detail}") from None
+        except OSError as error:  # a folder, no permission: open_image turns PIL's own errors into UnusableImage
+            raise BadRecord(record.name, "missing image", f"{label!r} cannot be read: {error}") from None
     return images
 
 
