@@ -321,3 +321,14 @@ def test_an_image_path_that_is_a_folder_is_a_missing_image_not_a_crash(tmp_path)
     (tmp_path / "d.jsonl").write_text(json.dumps(_conversation("folder.png")) + "\n")
     batch = list(RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader())[0]
     assert batch["skipped"] == {"missing image": 1}
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"text": "a"', "[" * 100_000 + "]" * 100_000, '{"text": "a", "n": ' + "9" * 5_000 + "}"],
+    ids=["unclosed", "nested too deep", "an int of 5,000 digits"],
+)
+def test_json_that_python_cannot_read_is_malformed_json_not_a_crash(tmp_path, line):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+    dataset = RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
+    assert len(dataset) == 1 and dict(dataset.skips.counts) == {"malformed JSON": 1}

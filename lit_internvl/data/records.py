@@ -383,8 +383,8 @@ def _decode_line(line: bytes, name: str):
         raise BadRecord(name, "not UTF-8", detail) from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BadRecord(name, "malformed JSON", str(error)) from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError; an int of over 4,300 digits; deep nesting
+        raise BadRecord(name, "malformed JSON", str(error) or type(error).__name__) from None
 
 
 def _check_boxes(record: Record, box_scale: BoxScale) -> None:
