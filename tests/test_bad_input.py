@@ -332,3 +332,11 @@ def test_json_that_python_cannot_read_is_malformed_json_not_a_crash(tmp_path, li
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
     dataset = RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
     assert len(dataset) == 1 and dict(dataset.skips.counts) == {"malformed JSON": 1}
+
+
+def test_a_relative_image_root_such_as_the_working_directory_contains_its_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_image_path(".", "a.png") == str(tmp_path / "a.png")
+    assert resolve_image_path("data", "sub/../a.png") == str(tmp_path / "data" / "a.png")
+    with pytest.raises(ValueError, match="outside the image root"):
+        resolve_image_path(".", "../a.png")

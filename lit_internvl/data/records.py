@@ -174,13 +174,6 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
         raise BadRecord(name, "malformed record", str(error)) from None
 
 
-# How a meta entry's relative paths are read. InternVL opens ``root`` and ``annotation`` as given, so
-# relative to the working directory (``internvl_chat_finetune.py``: ``open(meta['annotation'])``,
-# line 337; ``os.path.join(self.root, image_path)``, line 411); lit_internvl reads them from the
-# meta file's folder, so that a meta file means the same wherever a run starts. read_meta warns
-# when the two readings name different paths and the working-directory one exists.
-
-
 def check_something_to_train(record: Record) -> None:
     """Raise :class:`BadRecord` ``nothing to train`` when every text a record would train is blank:
     all of a conversation's answers, a preference's chosen answer, an interleaved document's text
@@ -235,6 +228,13 @@ def check_repeat_time(value, where: str = "repeat_time") -> float:
     if value > 1 and value != int(value):
         raise ValueError(f"{where} is {value}; above 1 it must be a whole number of copies (as in InternVL)")
     return int(value) if value >= 1 else float(value)
+
+
+# How a meta entry's relative paths are read. InternVL opens ``root`` and ``annotation`` as given, so
+# relative to the working directory (``internvl_chat_finetune.py``: ``open(meta['annotation'])``,
+# line 337; ``os.path.join(self.root, image_path)``, line 411); lit_internvl reads them from the
+# meta file's folder, so that a meta file means the same wherever a run starts. read_meta warns
+# when the two readings name different paths and the working-directory one exists.
 
 
 def _warn_if_cwd_differs(path: Path, name: str, option: str, ours: Path, value: str) -> None:
@@ -331,8 +331,8 @@ def resolve_image_path(root: str | Path, path: str, allow_absolute: bool = False
         if allow_absolute:
             return os.path.normpath(path)
         raise ValueError(f"{path!r} is absolute (allow_absolute_paths is off)")
-    base = os.path.normpath(root)
-    joined = os.path.normpath(os.path.join(base, path))
+    base = os.path.abspath(root)  # absolute and normalised, links untouched: "." and "data/" compare too
+    joined = os.path.abspath(os.path.join(base, path))
     if os.path.commonpath([base, joined]) != base:
         raise ValueError(f"{path!r} resolves to {joined!r}, outside the image root {base!r}")
     return joined

@@ -171,7 +171,8 @@ class SampleBuilder:
     def jpeg_quality(self, record: Record) -> tuple[int, int] | None:
         """The JPEG augmentation range for ``record``: its dataset's ``data_augment`` decides when set
         (InternVL builds each dataset's transform with ``is_train=data_augment``,
-        internvl_chat_finetune.py line 734), else the options' ``jpeg_quality``; never when not ``augment``."""
+        internvl_chat_finetune.py line 734, and ``is_train`` adds the JPEG degradation,
+        internvl/train/dataset.py lines 285-288), else the options' ``jpeg_quality``; never when not ``augment``."""
         o = self.options
         if not o.augment or record.augment is False:
             return None
