@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -102,7 +103,11 @@ def test_resumed_streaming_loader_continues_exactly(prepared):
 def _bad_records(tmp_path, case: str):
     """A jsonl of two good records with one bad record of the given case between them."""
     Image.new("RGB", (30, 20), (200, 10, 10)).save(tmp_path / "ok.png")
-    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    noise.save(tmp_path / "broken.png")
+    data = bytearray((tmp_path / "broken.png").read_bytes())
+    data[100:120] = b"\xff" * 20  # a PNG header, then a broken data stream
+    (tmp_path / "broken.png").write_bytes(bytes(data))
     good = {
         "image": "ok.png",
         "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, is_shards
+from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
 from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.templates import ChatTemplate, TemplateName
@@ -35,6 +36,10 @@ class RecordsDataModule(SampleDataModule):
         pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles.
         batch_size, num_workers, shuffle: loading (``shuffle``: training data only, seeded by ``seed``).
         storage_options: passed to the object-storage client (e.g. ``{"endpoint_url": ...}``).
+        max_image_pixels: larger images are bad records ("image too large"), checked before decoding
+            (default PIL's decompression-bomb threshold; None: no limit).
+        allow_absolute_paths: records may name images by absolute path (relative ones must stay
+            inside the image root either way).
     """
 
     class_names = prompt_template = question_types = None  # no zero-shot classes, no question types
@@ -64,6 +69,8 @@ class RecordsDataModule(SampleDataModule):
         strict: bool = False,
         jpeg_quality: tuple[int, int] | None = None,
         storage_options: dict | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_absolute_paths: bool = False,
     ) -> None:
         super().__init__()
         if pack and max_length > max_tokens:
@@ -76,12 +83,13 @@ class RecordsDataModule(SampleDataModule):
             tokens_per_tile=tokens_per_tile, template=template, tile_size=tile_size, min_tiles=min_tiles,
             max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
+            max_image_pixels=max_image_pixels,
         )  # fmt: skip
 
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); only
         training samples are augmented."""
-        options = self.sample_options if train else replace(self.sample_options, jpeg_quality=None)
+        options = self.sample_options if train else replace(self.sample_options, jpeg_quality=None, augment=False)
         return SampleBuilder(self.tokenizer, options, generation)
 
     def collator(self) -> Collator:
@@ -98,7 +106,7 @@ class RecordsDataModule(SampleDataModule):
             return ResumableStreamingDataLoader(
                 dataset, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator()
             )
-        dataset = JsonlSamples(source, self.sample_builder(train), h.image_root)
+        dataset = JsonlSamples(source, self.sample_builder(train), h.image_root, h.allow_absolute_paths)
         options = dict(
             batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator(),
             persistent_workers=h.num_workers > 0,

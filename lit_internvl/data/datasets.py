@@ -6,6 +6,7 @@ workers (decode, tile, template, tokenize), so the main process only collates.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from litdata import StreamingDataset
@@ -30,25 +31,31 @@ def is_shards(source: str) -> bool:
     return source.startswith(REMOTE_PREFIXES) or (Path(source) / "index.json").is_file()
 
 
-def dataset_specs(source: str, image_root: str | None = None) -> list[DatasetSpec]:
-    """A meta file's datasets, or one jsonl file (images under ``image_root``, else beside it)."""
+def dataset_specs(source: str, image_root: str | None = None, allow_absolute_paths: bool = False) -> list[DatasetSpec]:
+    """A meta file's datasets, or one jsonl file (images under ``image_root``, else beside it).
+    Image paths must stay inside each dataset's root; ``allow_absolute_paths`` also admits absolute ones."""
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"No jsonl, meta file or prepared shards at {source!r}")
     if path.suffix == ".json":
-        return read_meta(path)
-    return [DatasetSpec(path.stem, path, Path(image_root) if image_root else path.parent)]
+        specs = read_meta(path)
+    else:
+        specs = [DatasetSpec(path.stem, path, Path(image_root) if image_root else path.parent)]
+    return [replace(spec, allow_absolute_paths=allow_absolute_paths) for spec in specs]
 
 
 class JsonlSamples(Dataset):
     """Samples of jsonl files (or a meta file's datasets, ``repeat_time`` applied), read by byte
-    offset: only the offsets live in memory. Malformed lines are skipped (counted in
-    :attr:`skips`) when indexed, or raise with ``strict``."""
+    offset: only the offsets live in memory. Lines bad in themselves (not UTF-8, not JSON, no
+    record, an image path outside the root, nothing to train, a bad box) are skipped (counted in
+    :attr:`skips`) when indexed, or raise with ``strict``; bad images are found when a sample is built."""
 
-    def __init__(self, source: str, builder: SampleBuilder, image_root: str | None = None) -> None:
+    def __init__(
+        self, source: str, builder: SampleBuilder, image_root: str | None = None, allow_absolute_paths: bool = False
+    ) -> None:
         self.builder = builder
         self.skips = SkipCounter()
-        specs, strict = dataset_specs(source, image_root), builder.options.strict
+        specs, strict = dataset_specs(source, image_root, allow_absolute_paths), builder.options.strict
         self.items = [item for spec in specs for item in index_records(spec, strict, self.skips)]
 
     def __len__(self) -> int:

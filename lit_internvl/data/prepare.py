@@ -2,10 +2,12 @@
 
 The ``python -m lit_internvl prepare`` command (:mod:`lit_internvl.tools.prepare`) calls it.
 
-Bad records (malformed JSON or fields, placeholder/image count mismatch, missing or corrupt
-images) are skipped with a message naming file and line (missing and corrupt images are found by
-the worker processes, which log them), and counted in the summary; ``strict`` makes the first
-one an error. ``repeat_time`` is applied here, so datasets are mixed in the shards by their weights.
+Bad records (:data:`~lit_internvl.data.records.SKIP_REASONS`) are skipped with a message naming
+file and line and counted in the summary: those found on the scan by reason, those found by the
+worker processes that open the images (bad images, pixel boxes outside them) in one count;
+``strict`` makes the first one an error. ``repeat_time`` is applied here, so datasets are mixed in
+the shards by their weights. Grounding boxes are written on InternVL's 0–1000 grid, converted from
+``box_scale`` (:mod:`lit_internvl.data.grounding`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from lit_internvl.data.grounding import BOX_SCALES, BoxScale
+from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.records import DatasetSpec, SkipCounter, encode_record, index_records
 
 log = logging.getLogger(__name__)
@@ -29,13 +33,18 @@ def prepare(
     strict: bool = False,
     chunk_bytes: str = "64MB",
     storage_options: dict | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    box_scale: BoxScale = "1000",
 ) -> dict:
     """Write shards for ``specs`` to ``output_dir`` (a folder or an object-storage URL);
-    ``storage_options`` reach the storage client (e.g. ``{"endpoint_url": ...}``)."""
+    ``storage_options`` reach the storage client (e.g. ``{"endpoint_url": ...}``). Images over
+    ``max_image_pixels`` are bad records; boxes in the records' texts are in ``box_scale``."""
     from litdata import optimize
 
+    if box_scale not in BOX_SCALES:
+        raise ValueError(f"box_scale must be one of {BOX_SCALES}, got {box_scale!r}")
     skips = SkipCounter()
-    items = [item for spec in specs for item in index_records(spec, strict, skips)]
+    items = [item for spec in specs for item in index_records(spec, strict, skips, box_scale)]
     if not items:
         raise ValueError(f"No valid records in {[str(s.annotation) for s in specs]} ({skips.total} skipped)")
     # litdata stages chunks in one shared folder that every optimize() empties when it starts:
@@ -45,7 +54,7 @@ def prepare(
         os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = staging
         try:
             optimize(
-                fn=functools.partial(encode_record, strict=strict),
+                fn=functools.partial(encode_record, strict=strict, max_pixels=max_image_pixels, box_scale=box_scale),
                 inputs=items,
                 output_dir=output_dir,
                 num_workers=num_workers,
@@ -61,7 +70,7 @@ def prepare(
                 os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = previous
     summary = {"written": _written(output_dir), "skipped_on_scan": dict(skips.counts)}
     if summary["written"] is not None:
-        summary["skipped_on_encode"] = len(items) - summary["written"]  # missing or corrupt images
+        summary["skipped_on_encode"] = len(items) - summary["written"]  # bad images, pixel boxes outside them
     log.warning("prepare → %s: %s", output_dir, summary)
     return summary
 

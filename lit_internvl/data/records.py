@@ -13,21 +13,28 @@ preference     ``{"image": path, "question": str, "chosen": str, "rejected": str
 =============  ==========================================================================
 
 A meta file lists datasets as InternVL's do: ``{name: {"root", "annotation", "repeat_time",
-"max_dynamic_patch"}}``. Every record carries a ``name`` (``file:line``) that error messages and
-skip logs use. :func:`index_records` scans an annotation file once for byte offsets (never holding
-it whole); :func:`read_record` reads one record back; :func:`encode_record`/:func:`decode_record`
-turn records into litdata items and back.
+"max_dynamic_patch", "data_augment"}}`` (:func:`read_meta`). Every record carries a ``name``
+(``file:line``) that error messages and skip logs use. :func:`index_records` scans an annotation
+file once for byte offsets (never holding it whole); :func:`read_record` reads one record back;
+:func:`encode_record`/:func:`decode_record` turn records into litdata items and back.
+
+A record that cannot be trained on raises :class:`BadRecord` with one of :data:`SKIP_REASONS`:
+skipped and counted by that name in lenient runs, the error (naming file and line) with ``strict``.
+Texts may hold grounding boxes (:mod:`lit_internvl.data.grounding`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
+
+from lit_internvl.data.grounding import BoxError, BoxScale, convert_record
+from lit_internvl.data.images import DEFAULT_MAX_PIXELS, UnusableImage, open_image
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,33 @@ IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 # Who speaks a conversation turn (its "from"): the system message, the user, the assistant.
 Role = Literal["system", "human", "gpt"]
 ROLES: tuple[Role, ...] = get_args(Role)
+
+
+# Every reason a record is skipped for, where it is found, what it means. A skip is counted as
+# ``data/skipped/<reason, spaces as _>``; the README's bad-record table lists the same rows.
+SKIP_REASONS: dict[str, str] = {
+    "not UTF-8": "scan: a line with bytes that are not UTF-8",
+    "malformed JSON": "scan: a line that is not JSON",
+    "malformed record": "scan: JSON that is no record kind, or a field of the wrong type",
+    "placeholder mismatch": "scan or build: <image> placeholders and images differ in number",
+    "nothing to train": "scan or build: every answer empty, or no supervised token in the sample",
+    "image outside root": "scan: an image path that leaves the image root (or is absolute)",
+    "malformed box": "scan or prepare: a <box> that is not [[x1, y1, x2, y2], ...] with x1 ≤ x2, y1 ≤ y2",
+    "box outside image": "scan or prepare: a box coordinate outside the image",
+    "missing image": "read: an image file that does not exist or cannot be read",
+    "empty image file": "read: an image file of zero bytes",
+    "not an image": "read: bytes of none of the accepted image formats",
+    "image too large": "read: width × height above the pixel limit (a decompression bomb)",
+    "too many frames": "read: an animated or multi-page image file",
+    "truncated image": "read: an image file that ends early",
+    "corrupt image": "read: any other image decoding failure",
+    "over-long sample": "build: more tokens than max_length",
+}
+
+
+def counter_name(reason: str) -> str:
+    """The metric a skip is counted under (:class:`~lit_internvl.callbacks.SkippedSamples`)."""
+    return f"data/skipped/{reason.replace(' ', '_')}"
 
 
 class BadRecord(ValueError):
@@ -56,6 +90,7 @@ class Record:
     images: list = field(default_factory=list)  # paths (str) as read; encoded bytes once prepared
     is_video: bool = False
     max_tiles: int | None = None  # the dataset's max_dynamic_patch, if it sets one
+    augment: bool | None = None  # the dataset's data_augment, if it sets one
 
 
 def detect_kind(obj: dict) -> str:
@@ -126,55 +161,132 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
             for key in ("image", "question", "chosen", "rejected"):
                 if key not in obj:
                     raise ValueError(f"a preference record needs {key!r}")
+            for key in ("question", "chosen", "rejected"):
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{key!r} must be a string, got {obj[key]!r}")
             images = _strings(obj["image"], "'image'")
-        return Record(kind, name, obj, images, is_video, max_tiles)
+        record = Record(kind, name, obj, images, is_video, max_tiles)
+        check_something_to_train(record)
+        return record
     except BadRecord:
         raise
     except (ValueError, KeyError, TypeError) as error:
         raise BadRecord(name, "malformed record", str(error)) from None
 
 
+def check_something_to_train(record: Record) -> None:
+    """Raise :class:`BadRecord` ``nothing to train`` when every text a record would train is blank:
+    all of a conversation's answers, a preference's chosen answer, an interleaved document's text
+    around its images. (The end token after an empty answer would be trained, but it teaches only
+    to stop: the record is a labelling accident, reported rather than trained.)"""
+    fields = record.fields
+    if record.kind == "conversation":
+        trained = [t["value"] for t in fields["conversations"] if t["from"] == "gpt"]
+    elif record.kind == "preference":
+        trained = [fields["chosen"]]
+    elif record.kind == "interleaved":
+        trained = [t.replace(IMAGE_PLACEHOLDER, "") for t in fields["texts"]]
+    else:  # pair, text: a blank text is already a malformed record
+        return
+    if not any(text.strip() for text in trained):
+        what = {"conversation": "every answer", "preference": "the chosen answer", "interleaved": "all text"}
+        raise BadRecord(record.name, "nothing to train", f"{what[record.kind]} is empty")
+
+
 @dataclass
 class DatasetSpec:
-    """One entry of an InternVL meta file."""
+    """One entry of an InternVL meta file (or one jsonl file).
+
+    ``repeat_time``: a fraction keeps the file's first ⌊lines·r⌋ lines, a whole number > 1 repeats
+    them; ``max_dynamic_patch`` replaces the datamodule's ``max_tiles`` for this dataset (it may
+    raise it); ``data_augment`` turns the JPEG augmentation on or off for this dataset (None: the
+    datamodule's setting); ``allow_absolute_paths`` lets records name images outside ``root`` by
+    absolute path (relative paths must stay inside ``root`` either way).
+    """
 
     name: str
     annotation: Path
     root: Path
-    repeat_time: float = 1.0
+    repeat_time: float = 1
     max_dynamic_patch: int | None = None
+    data_augment: bool | None = None
+    allow_absolute_paths: bool = False
+
+
+def _meta_error(path: Path, name: str, option: str, message: str) -> ValueError:
+    return ValueError(f"{path}: dataset {name!r}: {option} {message}")
+
+
+def check_repeat_time(value, where: str = "repeat_time") -> float:
+    """InternVL's ``repeat_time`` (``internvl_chat_finetune.py``, lines 339–345): ``0 < r < 1`` keeps
+    the first ⌊n·r⌋ lines, ``r > 1`` must be a whole number of copies (the reference asserts an
+    int). Returns ``r``; raises ``ValueError`` naming ``where`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{where} is {value}; it must be > 0")
+    if value > 1 and value != int(value):
+        raise ValueError(f"{where} is {value}; above 1 it must be a whole number of copies (as in InternVL)")
+    return int(value) if value >= 1 else float(value)
+
+
+# How a meta entry's relative paths are read. InternVL opens ``root`` and ``annotation`` as given, so
+# relative to the working directory (``internvl_chat_finetune.py``: ``open(meta['annotation'])``,
+# line 337; ``os.path.join(self.root, image_path)``, line 411); lit_internvl reads them from the
+# meta file's folder, so that a meta file means the same wherever a run starts. read_meta warns
+# when the two readings name different paths and the working-directory one exists.
+
+
+def _warn_if_cwd_differs(path: Path, name: str, option: str, ours: Path, value: str) -> None:
+    theirs = Path(value)
+    if theirs.resolve() != ours.resolve() and theirs.exists():
+        log.warning(
+            "%s: dataset %r: %s %r is read from the meta file's folder as %s; InternVL would read %s "
+            "(relative to the working directory), which also exists", path, name, option, value, ours,
+            theirs.resolve(),
+        )  # fmt: skip
 
 
 def read_meta(path: str | Path) -> list[DatasetSpec]:
-    """InternVL meta file: ``{name: {"root", "annotation", "repeat_time"?, "max_dynamic_patch"?}}``.
-    Relative paths are taken from the meta file's folder."""
+    """InternVL meta file: ``{name: {"root", "annotation", "repeat_time"?, "max_dynamic_patch"?,
+    "data_augment"?}}``. Relative paths are taken from the meta file's folder (InternVL: the working
+    directory; a warning says when the two differ and that one exists). A bad option raises
+    ``ValueError`` naming the file, the dataset and the option."""
     path = Path(path)
     meta = json.loads(path.read_text())
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: a meta file is a non-empty JSON object of datasets")
     specs = []
     for name, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: dataset {name!r} must be a JSON object, got {entry!r}")
         for key in ("annotation", "root"):
-            if key not in entry:
-                raise ValueError(f"{path}: dataset {name!r} has no {key!r}")
-        repeat = float(entry.get("repeat_time", 1.0))
-        if repeat <= 0:
-            raise ValueError(f"{path}: dataset {name!r} has repeat_time {repeat}; it must be > 0")
+            if not isinstance(entry.get(key), str):
+                raise _meta_error(path, name, key, "is missing (a path string is needed)")
+        try:
+            repeat = check_repeat_time(entry.get("repeat_time", 1))
+        except ValueError as error:
+            raise ValueError(f"{path}: dataset {name!r}: {error}") from None
+        tiles = entry.get("max_dynamic_patch")
+        if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+            raise _meta_error(path, name, "max_dynamic_patch", f"must be an integer ≥ 1, got {tiles!r}")
+        augment = entry.get("data_augment")
+        if augment is not None and not isinstance(augment, bool):
+            raise _meta_error(path, name, "data_augment", f"must be true or false, got {augment!r}")
         annotation, root = path.parent / entry["annotation"], path.parent / entry["root"]
-        specs.append(DatasetSpec(name, annotation, root, repeat, entry.get("max_dynamic_patch")))
+        _warn_if_cwd_differs(path, name, "annotation", annotation, entry["annotation"])
+        _warn_if_cwd_differs(path, name, "root", root, entry["root"])
+        specs.append(DatasetSpec(name, annotation, root, repeat, tiles, augment))
     return specs
 
 
-def repeat_indices(count: int, repeat_time: float, seed: int = 0) -> list[int]:
-    """Indices of a dataset after InternVL's ``repeat_time``: whole copies for the integer part, a
-    seeded random subset for the fraction (0.5 keeps half the records, 2.5 two and a half copies)."""
-    import random
-
-    whole, fraction = int(math.floor(repeat_time)), repeat_time - math.floor(repeat_time)
-    indices = list(range(count)) * whole
-    if fraction > 0:
-        indices += sorted(random.Random(seed).sample(range(count), int(round(count * fraction))))
-    return indices
+def kept_lines(lines: int, repeat_time: float) -> tuple[int, int]:
+    """``(first, copies)``: InternVL's ``repeat_time`` keeps the first ``first`` lines of a file of
+    ``lines`` lines, ``copies`` times. ``int(lines · r)`` as the reference computes it (so float
+    rounding decides: 100 lines at 0.29 keep 28)."""
+    if repeat_time < 1:
+        return int(lines * repeat_time), 1
+    return lines, int(repeat_time)
 
 
 class SkipCounter:
@@ -210,55 +322,109 @@ def unpack_images(blob: bytes) -> list[bytes]:
     return out
 
 
-def open_images(record: Record, root: str | Path | None = None) -> list:
+def resolve_image_path(root: str | Path, path: str, allow_absolute: bool = False) -> str:
+    """``root / path``, refusing a path that leaves ``root`` (``"../../etc/passwd"``) and, unless
+    ``allow_absolute``, an absolute one. The check is on the path as written (``..`` collapsed,
+    symbolic links not followed): a link the dataset's owner put inside ``root`` is theirs to make,
+    a ``..`` in a record is not. Raises ``ValueError`` naming the path."""
+    if Path(path).is_absolute():
+        if allow_absolute:
+            return os.path.normpath(path)
+        raise ValueError(f"{path!r} is absolute (allow_absolute_paths is off)")
+    base = os.path.abspath(root)  # absolute and normalised, links untouched: "." and "data/" compare too
+    joined = os.path.abspath(os.path.join(base, path))
+    if os.path.commonpath([base, joined]) != base:
+        raise ValueError(f"{path!r} resolves to {joined!r}, outside the image root {base!r}")
+    return joined
+
+
+def _resolve_images(record: Record, spec: DatasetSpec) -> list[str]:
+    try:
+        return [resolve_image_path(spec.root, p, spec.allow_absolute_paths) for p in record.images]
+    except ValueError as error:
+        raise BadRecord(record.name, "image outside root", str(error)) from None
+
+
+def open_images(record: Record, root: str | Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list:
     """PIL images of a record, RGB, from its paths (under ``root``), its encoded bytes, or PIL images.
 
-    A missing or undecodable image raises :class:`BadRecord` naming the record and the image.
+    Every file is checked before it is decoded (:func:`lit_internvl.data.images.open_image`: empty,
+    not an image, over ``max_pixels``, several frames) and while (truncated, corrupt); a failure
+    raises :class:`BadRecord` naming the record, the image and the reason.
     """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     images = []
     for item in record.images:
         if isinstance(item, Image.Image):  # generated in memory (the shapes world)
             images.append(item.convert("RGB"))
             continue
+        label = item if isinstance(item, str) else f"image {len(images)}"
         try:
             if isinstance(item, (bytes, bytearray, memoryview)):
-                image = Image.open(io.BytesIO(bytes(item)))
+                images.append(open_image(item, max_pixels))
             else:
-                path = Path(root) / item if root is not None else Path(item)
-                image = Image.open(path)
-            image.load()
-            images.append(image.convert("RGB"))
+                images.append(open_image(Path(root) / item if root is not None else Path(item), max_pixels))
         except FileNotFoundError as error:
             raise BadRecord(record.name, "missing image", f"{error.filename or item!r} does not exist") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            label = item if isinstance(item, str) else f"image {len(images)}"
-            raise BadRecord(record.name, "corrupt image", f"{label!r}: {error}") from None
+        except UnusableImage as error:
+            raise BadRecord(record.name, error.reason, f"{label!r}: {error.detail}") from None
+        except OSError as error:  # a folder, no permission: open_image turns PIL's own errors into UnusableImage
+            raise BadRecord(record.name, "missing image", f"{label!r} cannot be read: {error}") from None
     return images
 
 
-def index_records(spec: DatasetSpec, strict: bool, skips: SkipCounter) -> list[tuple]:
-    """Work items ``(annotation, byte offset, name, root, max_tiles)`` of one dataset's valid lines,
-    repeated by ``repeat_time``. Reads the file once, line by line (never whole)."""
+def _decode_line(line: bytes, name: str):
+    """One annotation line → its JSON value; a BOM at the start is allowed, other non-UTF-8 bytes are not."""
+    try:
+        text = line.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        detail = f"byte {error.start} (0x{line[error.start]:02x}) is not UTF-8; re-encode the file as UTF-8"
+        raise BadRecord(name, "not UTF-8", detail) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError; an int of over 4,300 digits; deep nesting
+        raise BadRecord(name, "malformed JSON", str(error) or type(error).__name__) from None
+
+
+def _check_boxes(record: Record, box_scale: BoxScale) -> None:
+    """Boxes that can be checked without the image (``unit`` and ``1000`` scales)."""
+    if box_scale != "pixel":
+        try:
+            convert_record(record.kind, record.fields, box_scale)
+        except BoxError as error:
+            raise BadRecord(record.name, error.reason, error.detail) from None
+
+
+def index_records(spec: DatasetSpec, strict: bool, skips: SkipCounter, box_scale: BoxScale = "1000") -> list[tuple]:
+    """Work items ``(byte offset, name, spec)`` of one dataset's valid lines after ``repeat_time``
+    (:func:`kept_lines`). Reads the file line by line (never whole) and checks what needs no image:
+    UTF-8, JSON, fields, image paths inside the root, something to train, boxes in ``box_scale``
+    (pixel boxes need the image: :func:`encode_record` checks them). Bad lines are skipped and
+    counted in ``skips``, or raised with ``strict``."""
+    first, copies = kept_lines(_count_lines(spec.annotation), spec.repeat_time)
     items = []
     with open(spec.annotation, "rb") as f:
-        offset, number = 0, 0
-        for line in f:
-            number += 1
+        offset = 0
+        for number, line in enumerate(f, start=1):
+            if number > first:
+                break
             name = f"{spec.annotation.name}:{number}"
             if line.strip():
                 try:
-                    parse_record(json.loads(line), name)
-                    items.append((str(spec.annotation), offset, name, str(spec.root), spec.max_dynamic_patch))
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    _bad(BadRecord(name, "malformed JSON", str(error)), strict, skips)
+                    record = parse_record(_decode_line(line, name), name)
+                    _resolve_images(record, spec)
+                    _check_boxes(record, box_scale)
+                    items.append((offset, name, spec))
                 except BadRecord as error:
                     _bad(error, strict, skips)
             offset += len(line)
-    return [items[i] for i in repeat_indices(len(items), spec.repeat_time)]
+    return items * copies
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def _bad(error: BadRecord, strict: bool, skips: SkipCounter) -> None:
@@ -268,29 +434,35 @@ def _bad(error: BadRecord, strict: bool, skips: SkipCounter) -> None:
 
 
 def read_record(item: tuple) -> Record:
-    """The record behind an :func:`index_records` item, its image paths resolved under its dataset's root."""
-    annotation, offset, name, root, max_tiles = item
-    with open(annotation, "rb") as f:
+    """The record behind an :func:`index_records` item: image paths resolved under its dataset's root,
+    its dataset's ``max_dynamic_patch`` and ``data_augment`` attached."""
+    offset, name, spec = item
+    with open(spec.annotation, "rb") as f:
         f.seek(offset)
-        record = parse_record(json.loads(f.readline()), name, max_tiles)
-    record.images = [str(Path(root) / path) for path in record.images]
+        record = parse_record(_decode_line(f.readline(), name), name, spec.max_dynamic_patch)
+    record.images = _resolve_images(record, spec)
+    record.augment = spec.data_augment
     return record
 
 
-def encode_record(item: tuple, strict: bool):
-    """litdata worker function: one work item → ``{"record": json, "images": packed bytes}``, or
-    nothing (a missing or corrupt image, logged; raised with ``strict``)."""
-    record = read_record(item)
+def encode_record(item: tuple, strict: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS, box_scale: BoxScale = "1000"):
+    """litdata worker function: one work item → ``{"record": json, "images": packed bytes}``, its boxes
+    on the 0–1000 grid, or nothing (a bad image or box, logged; raised with ``strict``)."""
     try:
-        open_images(record)  # decodable? (raises BadRecord naming the record)
+        record = read_record(item)
+        images = open_images(record, max_pixels=max_pixels)  # decodable? (raises BadRecord naming the record)
+        try:
+            fields = convert_record(record.kind, record.fields, box_scale, [image.size for image in images])
+        except BoxError as error:
+            raise BadRecord(record.name, error.reason, error.detail) from None
     except BadRecord as error:
         if strict:
             raise
         log.warning("skipping %s", error)
         return
     meta = {
-        "kind": record.kind, "name": record.name, "fields": record.fields, "is_video": record.is_video,
-        "max_tiles": record.max_tiles,
+        "kind": record.kind, "name": record.name, "fields": fields, "is_video": record.is_video,
+        "max_tiles": record.max_tiles, "augment": record.augment,
     }  # fmt: skip
     yield {"record": json.dumps(meta), "images": pack_images([Path(p).read_bytes() for p in record.images])}
 
@@ -299,4 +471,6 @@ def decode_record(item: dict) -> Record:
     """A streamed shard item back to a :class:`Record` whose images are encoded bytes."""
     meta = json.loads(item["record"])
     images = unpack_images(item["images"])
-    return Record(meta["kind"], meta["name"], meta["fields"], images, meta["is_video"], meta["max_tiles"])
+    record = Record(meta["kind"], meta["name"], meta["fields"], images, meta["is_video"], meta["max_tiles"])
+    record.augment = meta.get("augment")  # shards written before data_augment have none
+    return record

@@ -27,7 +27,8 @@ import lightning as L
 import torch
 
 from lit_internvl.data.contract import Tokenizer
-from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, open_images
+from lit_internvl.data.images import DEFAULT_MAX_PIXELS
+from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, check_something_to_train, open_images
 from lit_internvl.data.templates import (
     IGNORE_INDEX,
     ChatTemplate,
@@ -37,7 +38,7 @@ from lit_internvl.data.templates import (
     image_tokens,
     tokenize_conversation,
 )
-from lit_internvl.data.tiling import tile_sample
+from lit_internvl.data.tiling import INTERNVL_JPEG_QUALITY, tile_sample
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,17 @@ class SampleOptions:
     Args:
         tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile (the model's ``tokens_per_tile`` at ``tile_size``).
         template: a registered chat template's name, or a custom :class:`~lit_internvl.data.templates.ChatTemplate`.
-        tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset may lower
-            ``max_tiles`` (its ``max_dynamic_patch``).
+        tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset's
+            ``max_dynamic_patch`` replaces ``max_tiles`` (lower or higher), as in InternVL.
         max_length: longer samples are bad records ("over-long sample"), never truncated silently.
         system: system message instead of the template's default.
         pair_prompt: the question of a pair record (empty: the image alone).
-        jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off.
+        jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off. A record's
+            dataset's ``data_augment`` overrides it: false turns it off, true on (with
+            :data:`~lit_internvl.data.tiling.INTERNVL_JPEG_QUALITY` when ``jpeg_quality`` is None).
+        augment: False turns augmentation off whatever the datasets say (evaluation samples).
+        max_image_pixels: images of more pixels are bad records ("image too large"), checked on the
+            file's header before decoding; the default is PIL's decompression-bomb threshold; None: no limit.
         strict: raise on a bad record instead of skipping it.
         seed: seeds the augmentation, per record.
     """
@@ -70,6 +76,8 @@ class SampleOptions:
     system: str | None = None
     pair_prompt: str = ""
     jpeg_quality: tuple[int, int] | None = None
+    augment: bool = True
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     strict: bool = False
     seed: int = 0
 
@@ -104,13 +112,18 @@ class SampleBuilder:
 
     def __call__(self, record: Record) -> dict:
         o = self.options
-        images = open_images(record, self.image_root)
-        max_tiles = min(o.max_tiles, record.max_tiles or o.max_tiles)
+        if not self.generation:  # records made in memory were never scanned
+            check_something_to_train(record)
+        images = open_images(record, self.image_root, o.max_image_pixels)
+        # InternVL: a meta file's max_dynamic_patch replaces the global max_num, even upwards
+        # (internvl_chat_finetune.py, build_datasets, lines 722-726).
+        max_tiles = record.max_tiles if record.max_tiles is not None else o.max_tiles
+        jpeg_quality = self.jpeg_quality(record)
         pixel_values, tiles_per_image = tile_sample(
             images, o.tile_size, max_tiles, is_video=record.is_video, min_tiles=o.min_tiles,
-            use_thumbnail=o.use_thumbnail, jpeg_quality=o.jpeg_quality,
+            use_thumbnail=o.use_thumbnail, jpeg_quality=jpeg_quality,
             # Seeded per record, so the augmentation does not depend on which worker builds it.
-            rng=random.Random(f"{o.seed}/{record.name}") if o.jpeg_quality else None,
+            rng=random.Random(f"{o.seed}/{record.name}") if jpeg_quality else None,
         )  # fmt: skip
         counts = [tiles * o.tokens_per_tile for tiles in tiles_per_image]
         fields = record.fields
@@ -144,6 +157,8 @@ class SampleBuilder:
         longest = max(len(ids), len(extra["rejected"]["input_ids"]) if "rejected" in extra else 0)
         if longest > o.max_length:
             raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {o.max_length}")
+        if not self.generation and all(label == IGNORE_INDEX for label in labels):
+            raise BadRecord(record.name, "nothing to train", "no token of the sample is supervised")
         return {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
@@ -152,6 +167,18 @@ class SampleBuilder:
             "meta": fields.get("meta"),
             **extra,
         }
+
+    def jpeg_quality(self, record: Record) -> tuple[int, int] | None:
+        """The JPEG augmentation range for ``record``: its dataset's ``data_augment`` decides when set
+        (InternVL builds each dataset's transform with ``is_train=data_augment``,
+        internvl_chat_finetune.py line 734, and ``is_train`` adds the JPEG degradation,
+        internvl/train/dataset.py lines 285-288), else the options' ``jpeg_quality``; never when not ``augment``."""
+        o = self.options
+        if not o.augment or record.augment is False:
+            return None
+        if record.augment:
+            return o.jpeg_quality or INTERNVL_JPEG_QUALITY
+        return o.jpeg_quality
 
     def _answered(self, question: str, answer: str, counts: list[int]) -> tuple[list[int], list[int]]:
         if IMAGE_PLACEHOLDER not in question and counts:

@@ -3,6 +3,7 @@ shards, with :func:`lit_internvl.data.prepare.prepare`.
 
     python -m lit_internvl prepare --input train.jsonl --image-root images/ --output shards/
     python -m lit_internvl prepare --meta meta.json --output s3://bucket/shards --num-workers 8
+    python -m lit_internvl prepare --input refcoco.jsonl --image-root coco/ --output shards/ --box-scale pixel
 
 Bad records are skipped with a message naming file and line and counted in the summary; ``--strict``
 makes the first one an error.
@@ -13,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+from lit_internvl.data.grounding import BOX_SCALES
+from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.prepare import prepare
 from lit_internvl.data.records import DatasetSpec, read_meta
 
@@ -34,10 +38,27 @@ def main(argv: list[str]) -> dict:
         "--storage-options", type=json.loads, default=None, metavar="JSON",
         help='object-storage client options as a JSON object, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
     )  # fmt: skip
+    parser.add_argument(
+        "--box-scale", choices=BOX_SCALES, default="1000",
+        help="coordinates of the records' <box>[[x1, y1, x2, y2]]</box>: pixels, 0-1 or InternVL's 0-1000 "
+        "(written as 0-1000 either way)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-image-pixels", type=lambda v: None if v == "none" else int(v), default=DEFAULT_MAX_PIXELS,
+        help=f"larger images are bad records, checked before decoding (default PIL's {DEFAULT_MAX_PIXELS}; 'none')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-absolute-paths", action="store_true",
+        help="records may name images by absolute path (relative ones must stay inside the image root)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.meta:
         specs = read_meta(args.meta)
     else:
-        specs = [DatasetSpec(Path(args.input).stem, Path(args.input), Path(args.image_root), 1.0, args.max_tiles)]
-    return prepare(specs, args.output, args.num_workers, args.strict, storage_options=args.storage_options)
+        specs = [DatasetSpec(Path(args.input).stem, Path(args.input), Path(args.image_root), 1, args.max_tiles)]
+    specs = [replace(spec, allow_absolute_paths=args.allow_absolute_paths) for spec in specs]
+    return prepare(
+        specs, args.output, args.num_workers, args.strict, storage_options=args.storage_options,
+        max_image_pixels=args.max_image_pixels, box_scale=args.box_scale,
+    )  # fmt: skip
