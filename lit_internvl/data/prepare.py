@@ -6,6 +6,8 @@ Bad records (malformed JSON or fields, placeholder/image count mismatch, missing
 images) are skipped with a message naming file and line (missing and corrupt images are found by
 the worker processes, which log them), and counted in the summary; ``strict`` makes the first
 one an error. ``repeat_time`` is applied here, so datasets are mixed in the shards by their weights.
+A pair record with several captions (``"texts"``) is written as one item per caption
+(:func:`~lit_internvl.data.pairs.split_captions`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,22 @@ import os
 import tempfile
 from pathlib import Path
 
-from lit_internvl.data.records import DatasetSpec, SkipCounter, encode_record, index_records
+from lit_internvl.data.pairs import record_captions, split_captions
+from lit_internvl.data.records import DatasetSpec, SkipCounter, encode_record, index_records, read_record
 
 log = logging.getLogger(__name__)
+
+
+def encode_items(item: tuple, strict: bool):
+    """litdata worker function: :func:`~lit_internvl.data.records.encode_record`, one item per caption."""
+    for encoded in encode_record(item, strict):
+        yield from split_captions(encoded)
+
+
+def _item_count(item: tuple) -> int:
+    """How many shard items a work item becomes (its captions for a multi-caption pair, else one)."""
+    record = read_record(item)
+    return len(record_captions(record)) if record.kind == "pair" else 1
 
 
 def prepare(
@@ -45,7 +60,7 @@ def prepare(
         os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = staging
         try:
             optimize(
-                fn=functools.partial(encode_record, strict=strict),
+                fn=functools.partial(encode_items, strict=strict),
                 inputs=items,
                 output_dir=output_dir,
                 num_workers=num_workers,
@@ -61,7 +76,8 @@ def prepare(
                 os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = previous
     summary = {"written": _written(output_dir), "skipped_on_scan": dict(skips.counts)}
     if summary["written"] is not None:
-        summary["skipped_on_encode"] = len(items) - summary["written"]  # missing or corrupt images
+        expected = sum(_item_count(item) for item in items)
+        summary["skipped_on_encode"] = expected - summary["written"]  # missing or corrupt images
     log.warning("prepare → %s: %s", output_dir, summary)
     return summary
 

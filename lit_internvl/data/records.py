@@ -3,7 +3,7 @@
 =============  ==========================================================================
 kind           fields
 =============  ==========================================================================
-pair           ``{"image": path, "text": caption}``
+pair           ``{"image": path, "text": caption}`` or ``{"image": path, "texts": [captions]}``
 conversation   ``{"image": path | [paths] (optional), "conversations": [{"from", "value"}]}``
                (InternVL/LLaVA format; ``<image>`` placeholders; ``"video": [frame paths]``
                marks frames that get one tile each)
@@ -63,8 +63,8 @@ def detect_kind(obj: dict) -> str:
         return "conversation"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
-    if "texts" in obj:
-        return "interleaved"
+    if "texts" in obj:  # one image (a path) and several captions is a pair; a document has "images"
+        return "pair" if isinstance(obj.get("image"), str) and "images" not in obj else "interleaved"
     if "text" in obj:
         return "pair" if "image" in obj else "text"
     raise ValueError("has none of the fields 'conversations', 'chosen'/'rejected', 'texts', 'text'")
@@ -111,7 +111,7 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
                 raise _placeholder_mismatch(name, placeholders, len(images))
         elif kind == "pair":
             images = _strings(obj["image"], "'image'")
-            _strings(obj["text"], "'text'")
+            _strings(obj["text"], "'text'") if "text" in obj else _strings(obj["texts"], "'texts'")
         elif kind == "interleaved":
             images = _strings(obj["images"], "'images'") if obj.get("images") else []
             texts = obj["texts"]
