@@ -283,3 +283,19 @@ def test_shapes_pairs_give_the_pair_batch_with_negatives_of_another_caption_key(
     assert plain.prompt_templates == ["{}", "a {}"]
     first = next(iter(plain.val_dataloader()))
     assert torch.equal(first["input_ids"], first["itm_ids"]), "no prefix: the ITC text is the ITM text"
+
+
+def test_a_resumed_pair_loader_continues_with_the_same_crops_and_negatives(tmp_path):
+    path = _write(tmp_path, _grouped_records())
+    options = dict(TINY, shuffle=True, batch_size=3)
+    whole = _all(RecordsDataModule(train=str(path), **options).train_dataloader())
+    first = RecordsDataModule(train=str(path), **options).train_dataloader()
+    iterator = iter(first)
+    next(iterator), next(iterator)
+    resumed = RecordsDataModule(train=str(path), **options).train_dataloader()
+    resumed.load_state_dict(first.state_dict())
+    rest = _all(resumed)
+    assert len(rest) == len(whole) - 2
+    for a, b in zip(rest, whole[2:], strict=True):
+        assert a["sample_names"] == b["sample_names"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["negative_ids"], b["negative_ids"])
