@@ -31,7 +31,14 @@ BATCH_KEYS = {
 def test_caption_forms_are_internvls_texts_with_the_end_token():
     """ITC = "summarize:" + caption + end; ITM = caption + end; ITG = "English caption:" + caption + end with
     the prefix unsupervised and the labels unshifted (internvl_g/internvl/train/dataset.py:80-132)."""
-    forms = caption_sample("A dog.", ByteTokenizer(), CaptionForms())
+    tokenizer = ByteTokenizer()
+    forms = caption_sample("A dog.", tokenizer, CaptionForms())
+    texts = {key: tokenizer.decode(ids) for key, ids in forms.items() if key != "itg_labels"}
+    assert texts == {
+        "input_ids": "summarize:a dog<|im_end|>",
+        "itm_ids": "a dog<|im_end|>",
+        "itg_ids": "English caption:a dog<|im_end|>",
+    }
     assert forms["itm_ids"] == [97, 32, 100, 111, 103, END]  # "a dog": lower-cased, the full stop gone
     assert forms["input_ids"] == [115, 117, 109, 109, 97, 114, 105, 122, 101, 58, 97, 32, 100, 111, 103, END]
     prefix = [69, 110, 103, 108, 105, 115, 104, 32, 99, 97, 112, 116, 105, 111, 110, 58]  # "English caption:"
