@@ -174,9 +174,9 @@ def test_both_datamodules_are_what_a_stage_reads():
         assert builder.generation and builder.tokenizer is dm.tokenizer
     assert (shapes.tile_size, shapes.tokens_per_tile) == (84, 9)
     assert (records.tile_size, records.tokens_per_tile) == (448, 256)
-    assert shapes.class_names == class_names() and shapes.prompt_template == "a {}"
+    assert shapes.class_names == class_names() and shapes.prompt_templates == ["a {}"]
     assert set(shapes.question_types) == set(QUESTION_TYPES)
-    assert records.class_names is None and records.prompt_template is None and records.question_types is None
+    assert records.class_names is None and records.prompt_templates is None and records.question_types is None
 
 
 def test_jpeg_augmentation_is_for_training_samples_only():
@@ -187,7 +187,11 @@ def test_jpeg_augmentation_is_for_training_samples_only():
 
 @pytest.mark.parametrize(
     "datamodule, argument, bad",
-    [(ShapesDataModule, "task", "captions"), (RecordsDataModule, "template", "internvl25")],
+    [
+        (ShapesDataModule, "task", "captions"),
+        (RecordsDataModule, "template", "internvl25"),
+        (RecordsDataModule, "task", "pair"),
+    ],
 )
 def test_a_misspelt_choice_fails_when_the_config_is_parsed(datamodule, argument, bad):
     parser = ArgumentParser(exit_on_error=False)

@@ -8,7 +8,7 @@ by one.
 
 A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
 a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on.
-An image–caption pair is ``{"pixel_values": (3, H, W), "input_ids": (L,), "label", "caption_key"}``.
+An image–caption pair is the sample of :mod:`lit_internvl.data.pairs` (image, ITC/ITM/ITG texts, a negative text).
 """
 
 from __future__ import annotations
@@ -32,20 +32,51 @@ def pad_ids(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
 
 
 class PairCollator:
-    """Image–caption pairs → ``pixel_values (B, 3, H, W)``, ``input_ids``/``attention_mask (B, T)``
-    (right-padded with ``pad_id``), ``label (B,)`` and ``caption_key (B,)``."""
+    """Image–caption pair samples (:mod:`lit_internvl.data.pairs`) → the pair batch of the dual-encoder stages:
+
+    - ``pixel_values (B, 3, S, S)``: one tile per image;
+    - ``input_ids``/``attention_mask (B, T)``: the ITC text (``"summarize:"`` + caption + end);
+    - ``itm_ids``/``itm_mask``: the ITM text of the sample's caption; ``negative_ids``/``negative_mask``: the
+      ITM text of another image's caption;
+    - ``itg_ids``/``itg_mask``/``itg_labels``: the ITG text (``"English caption:"`` + caption + end), its
+      labels unshifted, -100 on the prefix and the padding;
+    - ``label (B,)``: the class label (-1: none); ``caption_key (B,)``: rows with equal keys match each
+      other; ``image_id (B,)``: which image a row shows (retrieval counts each image once);
+    - ``skipped``: a count of dropped samples by reason.
+
+    Text is right-padded with ``pad_id`` (mask 0). A batch whose samples were all skipped is
+    ``{"skipped": ..., "input_ids": None}``.
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> dict:
+        skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
+        samples = [s for s in samples if "skipped" not in s]
+        if not samples:
+            return {"skipped": dict(skipped), "input_ids": None}
         input_ids, attention_mask = pad_ids([s["input_ids"] for s in samples], self.pad_id)
+        itm_ids, itm_mask = pad_ids([s["itm_ids"] for s in samples], self.pad_id)
+        negative_ids, negative_mask = pad_ids([s["negative_ids"] for s in samples], self.pad_id)
+        itg_ids, itg_mask = pad_ids([s["itg_ids"] for s in samples], self.pad_id)
+        itg_labels, _ = pad_ids([s["itg_labels"] for s in samples], IGNORE_INDEX)
         return {
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "label": torch.tensor([s["label"] for s in samples]),
-            "caption_key": torch.tensor([s["caption_key"] for s in samples]),
+            "itm_ids": itm_ids,
+            "itm_mask": itm_mask,
+            "negative_ids": negative_ids,
+            "negative_mask": negative_mask,
+            "itg_ids": itg_ids,
+            "itg_mask": itg_mask,
+            "itg_labels": itg_labels,
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "caption_key": torch.tensor([s["caption_key"] for s in samples], dtype=torch.long),
+            "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+            "sample_names": [s.get("name") for s in samples],
+            "skipped": dict(skipped),
         }
 
 

@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal, get_args
 
 from torch.utils.data import DataLoader
 
-from lit_internvl.data.collate import Collator
-from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, is_shards
+from lit_internvl.data.collate import Collator, PairCollator
+from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, dataset_specs, is_shards
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
+from lit_internvl.data.pairs import CaptionForms, JsonlPairs, PairBuilder, StreamingPairs, itc_ids, read_class_names
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
 from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.templates import ChatTemplate, TemplateName
 from lit_internvl.data.tokenizer import load_tokenizer
 
+RecordsTask = Literal["chat", "pairs"]
+
 
 class RecordsDataModule(SampleDataModule):
     """Vision-language training data from records: a jsonl file, an InternVL meta file, or litdata
     shards written by ``python -m lit_internvl prepare`` (a folder or an ``s3://`` URL).
+
+    Tasks:
+
+    - ``"chat"``: every record kind through the chat template (:class:`~lit_internvl.data.samples.SampleBuilder`),
+      batched by :class:`~lit_internvl.data.collate.Collator` (SFT, MPO, NMP).
+    - ``"pairs"``: image–caption records ``{"image", "text"}`` or ``{"image", "texts": [...]}`` (optional
+      ``"label": int``), one sample per caption, in the pair batch of
+      :class:`~lit_internvl.data.collate.PairCollator` (stages 1 and 2; :mod:`lit_internvl.data.pairs`). Each
+      image is one ``tile_size`` tile: InternVL's random resized crop and flip for training (``augment``),
+      a bicubic resize otherwise. Captions of one image share its ``caption_key``/``image_id``. Zero-shot
+      classification uses ``class_names`` through each of ``prompt_templates``, in the ITC form (:meth:`text_ids`).
 
     Shards stream through litdata's ``StreamingDataLoader`` and jsonl records through a seeded
     sampler; both loaders' states are saved in Lightning checkpoints (:mod:`lit_internvl.data.resumable`):
@@ -25,29 +40,40 @@ class RecordsDataModule(SampleDataModule):
     records are skipped and counted (``data/skipped`` each epoch) unless ``strict``.
 
     Args:
-        train, val: data sources (``val`` optional).
+        train, val, test: data sources (``val`` and ``test`` optional).
+        task: what a sample is (above).
         image_root: folder a jsonl file's image paths are relative to (default: the file's folder).
         tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
             tokenizer folder.
         tokens_per_tile, template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system,
             pair_prompt, jpeg_quality, strict, seed: the :class:`~lit_internvl.data.samples.SampleOptions`
             of every sample (``jpeg_quality`` augments training samples only); ``tokens_per_tile`` must
-            equal the model's.
-        pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles.
-        batch_size, num_workers, shuffle: loading (``shuffle``: training data only, seeded by ``seed``).
+            equal the model's. ``pairs`` reads ``tile_size``, ``strict`` and ``seed`` of them.
+        pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles (chat).
+        batch_size, num_workers, shuffle: loading (``shuffle``: training data only, seeded by ``seed``);
+            ``pairs`` drops a last short training batch (every rank gathers equal-sized batches).
         storage_options: passed to the object-storage client (e.g. ``{"endpoint_url": ...}``).
         max_image_pixels: larger images are bad records ("image too large"), checked before decoding
             (default PIL's decompression-bomb threshold; None: no limit).
         allow_absolute_paths: records may name images by absolute path (relative ones must stay
             inside the image root either way).
+        itc_prefix, itg_prefix, normalize, max_words: the :class:`~lit_internvl.data.pairs.CaptionForms`
+            of ``pairs`` (InternVL's by default).
+        augment: ``pairs`` training images get InternVL's random resized crop (scale 0.5–1) and flip,
+            seeded by ``(seed, index)``.
+        class_names: zero-shot classes of ``pairs``: a list, or a file of one name a line (label = line
+            number from 0, the records' ``label``); None: no zero-shot.
+        prompt_templates: how a class name becomes a prompt (None: ``["a photo of a {}."]``).
     """
 
-    class_names = prompt_template = question_types = None  # no zero-shot classes, no question types
+    question_types = None  # no question types
 
     def __init__(
         self,
         train: str,
         val: str | None = None,
+        test: str | None = None,
+        task: RecordsTask = "chat",
         image_root: str | None = None,
         tokenizer: str = "byte",
         template: TemplateName | ChatTemplate = "internvl2_5",
@@ -71,12 +97,23 @@ class RecordsDataModule(SampleDataModule):
         storage_options: dict | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_absolute_paths: bool = False,
+        itc_prefix: str = CaptionForms.itc_prefix,
+        itg_prefix: str = CaptionForms.itg_prefix,
+        normalize: bool = CaptionForms.normalize,
+        max_words: int = CaptionForms.max_words,
+        augment: bool = True,
+        class_names: str | list[str] | None = None,
+        prompt_templates: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if task not in get_args(RecordsTask):  # YAML is checked when parsed; Python callers here
+            raise ValueError(f"Unknown records task {task!r}; available: {', '.join(map(repr, get_args(RecordsTask)))}")
         if pack and max_length > max_tokens:
             raise ValueError(
                 f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample"
             )
+        if pack and task == "pairs":
+            raise ValueError("pairs are not packed (each is one image and its captions); set pack: false")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
         self.sample_options = SampleOptions(
@@ -85,6 +122,11 @@ class RecordsDataModule(SampleDataModule):
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
             max_image_pixels=max_image_pixels,
         )  # fmt: skip
+        self.caption_forms = CaptionForms(itc_prefix, itg_prefix, normalize, max_words)
+        pairs = task == "pairs"
+        self.class_names = read_class_names(class_names) if pairs else None
+        templates = prompt_templates if prompt_templates is not None else ["a photo of a {}."]
+        self.prompt_templates = list(templates) if pairs else None
 
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); only
@@ -92,28 +134,51 @@ class RecordsDataModule(SampleDataModule):
         options = self.sample_options if train else replace(self.sample_options, jpeg_quality=None, augment=False)
         return SampleBuilder(self.tokenizer, options, generation)
 
-    def collator(self) -> Collator:
+    def pair_builder(self, train: bool = False) -> PairBuilder:
+        """How ``pairs`` records become pair samples; only training images are augmented."""
+        o = self.sample_options
+        augment = self.hparams.augment and train
+        return PairBuilder(
+            self.tokenizer, self.caption_forms, o.tile_size, augment, o.seed, o.strict, o.max_image_pixels
+        )
+
+    def text_ids(self, text: str) -> list[int]:
+        """The ITC form of a zero-shot prompt (not normalised): what the stage embeds for a class."""
+        return itc_ids(text, self.tokenizer, self.caption_forms)
+
+    def collator(self) -> Collator | PairCollator:
         h = self.hparams
+        if h.task == "pairs":
+            return PairCollator(self.tokenizer.pad_id)
         return Collator(self.tokenizer.pad_id, h.pack, h.max_tokens, h.max_tiles_per_row)
 
-    def _loader(self, source: str, train: bool):
+    def _dataset(self, source: str, train: bool):
         h = self.hparams
         shuffle = h.shuffle and train
         if is_shards(source):
-            dataset = StreamingSamples(
+            if h.task == "pairs":
+                return StreamingPairs(
+                    source, self.pair_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
+                )
+            return StreamingSamples(
                 source, self.sample_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
             )
-            return ResumableStreamingDataLoader(
-                dataset, batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator()
-            )
-        dataset = JsonlSamples(source, self.sample_builder(train), h.image_root, h.allow_absolute_paths)
-        options = dict(
-            batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator(),
-            persistent_workers=h.num_workers > 0,
-        )  # fmt: skip
+        if h.task == "pairs":
+            return JsonlPairs(dataset_specs(source, h.image_root, h.allow_absolute_paths), self.pair_builder(train))
+        return JsonlSamples(source, self.sample_builder(train), h.image_root, h.allow_absolute_paths)
+
+    def _loader(self, source: str, train: bool):
+        h = self.hparams
+        dataset = self._dataset(source, train)
+        # pairs: every rank gathers equal-sized batches for the contrastive loss
+        drop_last = train and h.task == "pairs"
+        options = dict(batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())
+        if is_shards(source):
+            return ResumableStreamingDataLoader(dataset, drop_last=drop_last, **options)
+        options["persistent_workers"] = h.num_workers > 0
         if train:  # a seeded order that a resumed run continues mid-epoch
-            sampler = ResumableSampler(dataset, shuffle=shuffle, seed=h.seed, **replicas(self.trainer))
-            return ResumableDataLoader(dataset, sampler, **options)
+            sampler = ResumableSampler(dataset, shuffle=h.shuffle, seed=h.seed, **replicas(self.trainer))
+            return ResumableDataLoader(dataset, sampler, drop_last=drop_last, **options)
         return DataLoader(dataset, shuffle=False, **options)
 
     def train_dataloader(self):
@@ -121,3 +186,6 @@ class RecordsDataModule(SampleDataModule):
 
     def val_dataloader(self):
         return self._loader(self.hparams.val, train=False) if self.hparams.val else []
+
+    def test_dataloader(self):
+        return self._loader(self.hparams.test, train=False) if self.hparams.test else []

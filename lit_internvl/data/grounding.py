@@ -118,8 +118,9 @@ def map_texts(kind: str, fields: dict, fn: Callable[[str], str]) -> dict:
         fields["texts"] = [fn(text) for text in fields["texts"]]
     elif kind == "preference":
         fields.update({key: each(fields[key]) for key in ("question", "chosen", "rejected")})
-    else:  # pair, text
-        fields["text"] = each(fields["text"])
+    else:  # pair (one caption, or several in "texts"), text
+        key = "text" if "text" in fields else "texts"
+        fields[key] = each(fields[key])
     return fields
 
 

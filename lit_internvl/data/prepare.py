@@ -8,6 +8,8 @@ worker processes that open the images (bad images, pixel boxes outside them) in 
 ``strict`` makes the first one an error. ``repeat_time`` is applied here, so datasets are mixed in
 the shards by their weights. Grounding boxes are written on InternVL's 0–1000 grid, converted from
 ``box_scale`` (:mod:`lit_internvl.data.grounding`).
+A pair record with several captions (``"texts"``) is written as one item per caption
+(:func:`~lit_internvl.data.pairs.split_captions`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,22 @@ from pathlib import Path
 
 from lit_internvl.data.grounding import BOX_SCALES, BoxScale
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
-from lit_internvl.data.records import DatasetSpec, SkipCounter, encode_record, index_records
+from lit_internvl.data.pairs import record_captions, split_captions
+from lit_internvl.data.records import DatasetSpec, SkipCounter, encode_record, index_records, read_record
 
 log = logging.getLogger(__name__)
+
+
+def encode_items(item: tuple, strict: bool, max_pixels: int | None = DEFAULT_MAX_PIXELS, box_scale: BoxScale = "1000"):
+    """litdata worker function: :func:`~lit_internvl.data.records.encode_record`, one item per caption."""
+    for encoded in encode_record(item, strict, max_pixels, box_scale):
+        yield from split_captions(encoded)
+
+
+def _item_count(item: tuple) -> int:
+    """How many shard items a work item becomes (its captions for a multi-caption pair, else one)."""
+    record = read_record(item)
+    return len(record_captions(record)) if record.kind == "pair" else 1
 
 
 def prepare(
@@ -54,7 +69,7 @@ def prepare(
         os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = staging
         try:
             optimize(
-                fn=functools.partial(encode_record, strict=strict, max_pixels=max_image_pixels, box_scale=box_scale),
+                fn=functools.partial(encode_items, strict=strict, max_pixels=max_image_pixels, box_scale=box_scale),
                 inputs=items,
                 output_dir=output_dir,
                 num_workers=num_workers,
@@ -70,7 +85,8 @@ def prepare(
                 os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = previous
     summary = {"written": _written(output_dir), "skipped_on_scan": dict(skips.counts)}
     if summary["written"] is not None:
-        summary["skipped_on_encode"] = len(items) - summary["written"]  # bad images, pixel boxes outside them
+        expected = sum(_item_count(item) for item in items)
+        summary["skipped_on_encode"] = expected - summary["written"]  # bad images, pixel boxes outside them
     log.warning("prepare → %s: %s", output_dir, summary)
     return summary
 

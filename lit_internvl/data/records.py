@@ -3,7 +3,7 @@
 =============  ==========================================================================
 kind           fields
 =============  ==========================================================================
-pair           ``{"image": path, "text": caption}``
+pair           ``{"image": path, "text": caption}`` or ``{"image": path, "texts": [captions]}``
 conversation   ``{"image": path | [paths] (optional), "conversations": [{"from", "value"}]}``
                (InternVL/LLaVA format; ``<image>`` placeholders; ``"video": [frame paths]``
                marks frames that get one tile each)
@@ -67,6 +67,12 @@ SKIP_REASONS: dict[str, str] = {
     "corrupt image": "read: any other image decoding failure",
     "over-long sample": "build: more tokens than max_length",
 }
+# The further reasons of image–caption data (RecordsDataModule task "pairs", lit_internvl.data.pairs).
+PAIR_SKIP_REASONS: dict[str, str] = {
+    "not a pair": "scan: a record that is not one image with its caption(s)",
+    "empty caption": "build: a caption with no words once normalised",
+    "no negative caption": "build: no caption of another image to pair the image with for ITM",
+}
 
 
 def counter_name(reason: str) -> str:
@@ -98,8 +104,8 @@ def detect_kind(obj: dict) -> str:
         return "conversation"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
-    if "texts" in obj:
-        return "interleaved"
+    if "texts" in obj:  # one image (a path) and several captions is a pair; a document has "images"
+        return "pair" if isinstance(obj.get("image"), str) and "images" not in obj else "interleaved"
     if "text" in obj:
         return "pair" if "image" in obj else "text"
     raise ValueError("has none of the fields 'conversations', 'chosen'/'rejected', 'texts', 'text'")
@@ -146,7 +152,7 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
                 raise _placeholder_mismatch(name, placeholders, len(images))
         elif kind == "pair":
             images = _strings(obj["image"], "'image'")
-            _strings(obj["text"], "'text'")
+            _strings(obj["text"], "'text'") if "text" in obj else _strings(obj["texts"], "'texts'")
         elif kind == "interleaved":
             images = _strings(obj["images"], "'images'") if obj.get("images") else []
             texts = obj["texts"]

@@ -132,7 +132,8 @@ class SampleBuilder:
             if record.kind in ("conversation", "pair"):
                 if record.kind == "pair":
                     question = IMAGE_PLACEHOLDER + (f"\n{o.pair_prompt}" if o.pair_prompt else "")
-                    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": fields["text"]}]
+                    caption = fields["text"] if "text" in fields else fields["texts"][0]  # several: the first
+                    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]
                 else:
                     turns = fields["conversations"]
                     if record.is_video:

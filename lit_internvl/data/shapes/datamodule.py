@@ -7,6 +7,7 @@ from typing import Literal, get_args
 from torch.utils.data import DataLoader, Dataset
 
 from lit_internvl.data.collate import Collator, PairCollator
+from lit_internvl.data.pairs import CaptionForms, itc_ids
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, replicas
 from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.shapes.datasets import ShapesPairs, ShapesPreference, ShapesVQA
@@ -21,8 +22,9 @@ class ShapesDataModule(SampleDataModule):
 
     Tasks:
 
-    - ``"pairs"``: image + caption (stage 1, stage 2). Zero-shot classification uses
-      :attr:`class_names` through :attr:`prompt_template`.
+    - ``"pairs"``: image + caption (stage 1, stage 2), in the pair batch of
+      :class:`~lit_internvl.data.collate.PairCollator`. Zero-shot classification uses :attr:`class_names`
+      through each of :attr:`prompt_templates`, in the ITC form (:meth:`text_ids`).
     - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
       ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
     - ``"preference"``: the same questions with a chosen (right) and a wrong (rejected) answer (MPO).
@@ -35,7 +37,9 @@ class ShapesDataModule(SampleDataModule):
         tile_size: side in pixels of the scenes, each one tile (no thumbnail).
         train_size, val_size: samples per epoch of the train split, and of the validation and test splits.
         batch_size, num_workers, seed: loading; ``seed`` picks the world and the training order.
-        prompt_template: how a class name becomes a zero-shot prompt.
+        prompt_templates: how a class name becomes a zero-shot prompt (None: ``["a {}"]``).
+        itc_prefix, itg_prefix, normalize: the :class:`~lit_internvl.data.pairs.CaptionForms` of ``pairs``
+            captions (InternVL's ``"summarize:"``, ``"English caption:"``, caption normalisation).
         tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile; must equal the model's.
         max_objects: objects per ``vqa``/``preference`` scene, at most.
         system: system message instead of the template's default (``""``: an empty system turn).
@@ -56,12 +60,15 @@ class ShapesDataModule(SampleDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
-        prompt_template: str = "a {}",
+        prompt_templates: list[str] | None = None,
         tokens_per_tile: int = 4,
         max_objects: int = 3,
         system: str | None = None,
         describe_ratio: float = 0.0,
         tokenizer: str = "byte",
+        itc_prefix: str = CaptionForms.itc_prefix,
+        itg_prefix: str = CaptionForms.itg_prefix,
+        normalize: bool = CaptionForms.normalize,
     ) -> None:
         super().__init__()
         if task not in get_args(ShapesTask):  # YAML is checked when parsed; Python callers here
@@ -76,7 +83,8 @@ class ShapesDataModule(SampleDataModule):
             system=system, strict=True,
         )  # fmt: skip
         self.class_names = class_names()
-        self.prompt_template = prompt_template
+        self.prompt_templates = list(prompt_templates) if prompt_templates is not None else ["a {}"]
+        self.caption_forms = CaptionForms(itc_prefix=itc_prefix, itg_prefix=itg_prefix, normalize=normalize)
         world = ShapesWorld(tile_size)
         self.question_types = {kind: 1 / len(world.answer_options(kind, max_objects)) for kind in QUESTION_TYPES}
 
@@ -85,11 +93,15 @@ class ShapesDataModule(SampleDataModule):
         augmentation, so ``train`` changes nothing."""
         return SampleBuilder(self.tokenizer, self.sample_options, generation)
 
+    def text_ids(self, text: str) -> list[int]:
+        """The ITC form of a zero-shot prompt (not normalised): what the stage embeds for a class."""
+        return itc_ids(text, self.tokenizer, self.caption_forms)
+
     def _dataset(self, split: Split, size: int, generation: bool = False) -> Dataset:
         h = self.hparams
         world = ShapesWorld(h.tile_size, h.seed, split)
         if h.task == "pairs":
-            return ShapesPairs(world, size, self.tokenizer)
+            return ShapesPairs(world, size, self.tokenizer, self.caption_forms)
         if h.task == "preference":
             return ShapesPreference(world, size, self.sample_builder(split == "train"))
         describe = h.describe_ratio if split == "train" else 0.0

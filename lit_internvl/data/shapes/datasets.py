@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import torch
 from torch.utils.data import Dataset
 
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.images import to_tensor
+from lit_internvl.data.pairs import CaptionForms, draw_negative, pair_sample
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, Record
 from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.shapes.world import ShapesWorld
@@ -35,20 +35,32 @@ class ShapesSplit(Dataset, ABC):
 
 
 class ShapesPairs(ShapesSplit):
-    """Image–caption pairs of one split: ``{pixel_values (3, H, W), input_ids, label, caption_key}``."""
+    """Image–caption pairs of one split, as :mod:`lit_internvl.data.pairs` samples: the caption's ITC, ITM
+    and ITG forms and, as the ITM negative, the caption of another sample drawn uniformly from the split
+    (seeded by ``(seed, index)``) whose ``caption_key`` differs (a caption with the same key is true of this
+    image too). ``image_id`` is the sample index: every scene is its own image."""
 
-    def __init__(self, world: ShapesWorld, size: int, tokenizer: Tokenizer) -> None:
+    def __init__(self, world: ShapesWorld, size: int, tokenizer: Tokenizer, forms: CaptionForms) -> None:
         super().__init__(world, size)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.forms = tokenizer, forms
+
+    def negative(self, index: int, caption_key: int) -> str:
+        def fits(j: int) -> str | None:
+            other = self.world.pair(j)
+            return other["text"] if other["caption_key"] != caption_key else None
+
+        caption = draw_negative(index, self.size, self.world.seed, fits)
+        if caption is None:
+            raise ValueError(f"no caption of another class or region among {self.size} shapes samples")
+        return caption
 
     def sample(self, index: int) -> dict:
         pair = self.world.pair(index)
-        return {
-            "pixel_values": to_tensor(pair["image"]),
-            "input_ids": torch.tensor(self.tokenizer.encode(pair["text"])),
-            "label": pair["label"],
-            "caption_key": pair["caption_key"],
-        }
+        key = pair["caption_key"]
+        return pair_sample(
+            to_tensor(pair["image"]), pair["text"], self.negative(index, key), self.tokenizer, self.forms,
+            pair["label"], key, index, f"shapes-{self.world.split}:{index}",
+        )  # fmt: skip
 
 
 class ShapesVQA(ShapesSplit):
