@@ -217,11 +217,17 @@ def test_stage1_checkpoint_becomes_vision_trunk_and_projections_and_reports_the_
         assert torch.equal(loaded[f"qllama.{name}"], value), name
     for name, value in stage1.model.vision.state_dict().items():
         assert torch.equal(loaded[f"vision.{name}"], value), name
-    for name in ("image_projection.proj.weight", "text_projection.weight", "logit_scale"):
+    for name in ("image_projection.cross_attn.proj.weight", "text_projection.weight", "logit_scale"):
         assert torch.equal(loaded[name], stage1.model.state_dict()[name]), name
-    new = [name for name in loaded if "cross_attn" in name or name.split(".")[0] in ("query_projection", "itm_head")]
+    new = [
+        name for name in loaded
+        if name.startswith("qllama.layers.") and ".cross_attn." in name
+        or name.split(".")[0] in ("query_projection", "itm_head")
+    ]  # fmt: skip
     new.append("qllama.query_tokens")
-    assert len(new) == 2 * 6 + 4  # two cross-attention blocks (4 layers), queries, query projection, ITM head
+    # two cross-attention blocks (4 layers) of 6 tensors, queries, the query attention pool (3 LayerNorms,
+    # q/k/v weights and biases, output projection: 14), the ITM head (2)
+    assert len(new) == 2 * 6 + 1 + 14 + 2
     assert f"{len(new)} missing" in caplog.text and "0 unexpected" in caplog.text
     assert "qllama.query_tokens" in caplog.text and "qllama.layers.0.cross_attn.q_proj.weight" in caplog.text
 
@@ -263,8 +269,10 @@ def test_hard_negatives_follow_the_similarity_and_random_ones_do_not():
     uniform = torch.stack([sample_negatives(scores, allowed, "random") for _ in range(400)])
     assert (hard == 3).float().mean() > 0.85
     assert 0.15 < (uniform == 3).float().mean() < 0.35 and not (uniform == 0).any()
-    with pytest.raises(ValueError, match="Unknown itm_negatives 'easy'"):
+    with pytest.raises(ValueError, match="in-batch negatives, not 'easy'"):
         sample_negatives(scores, allowed, "easy")
+    with pytest.raises(ValueError, match="Unknown itm_negatives 'easy'"):
+        GenerativeStage(InternViT("tiny"), lambda d: QLLaMA(d, SMALL), itm_negatives="easy")
 
 
 def test_unknown_frozen_parameter_set_is_an_error_naming_it():
