@@ -153,13 +153,21 @@ class Stage(L.LightningModule):
                 if params
             ]
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=h.betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = h.warmup_steps, h.min_lr_ratio
+        trainer = self.trainer
+        total: list[int] = []  # the run's length, read at the first step past warm-up (below)
 
         def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if step <= warmup:  # the cosine starts at 1: its length is not needed yet
+                return (step + 1) / warmup if step < warmup else 1.0
+            # Not read here in configure_optimizers: when a run ends by max_epochs, estimated_stepping_batches
+            # builds the train loader (fit_loop.setup_data) before the checkpoint's loop state is restored, and
+            # the fit loop then never hands that loader its saved position (setup_data returns early once a
+            # loader exists), so a resumed run would restart its epoch from the first batch. By the first step
+            # past warm-up the fit loop has built and positioned the loader itself.
+            if not total:
+                total.append(max(int(trainer.estimated_stepping_batches), 1))
+            progress = min((step - warmup) / max(total[0] - warmup, 1), 1.0)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
