@@ -18,6 +18,7 @@ from lit_internvl.hf.files import checkpoint_folder, read_tensors
 from lit_internvl.hf.names import preview, to_ours
 from lit_internvl.models.builders import internvl, vlm_from_configs
 from lit_internvl.models.vlm import VisionLanguageModel
+from lit_internvl.models.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ def model_from_weights(source_path: str | Path, arch: str, dtype: torch.dtype | 
     arch_dir = Path(arch.removeprefix("hf:"))
     with torch.device("meta"):
         model = build_vlm(read_config(arch_dir)) if arch_dir.is_dir() else internvl(arch)
+    # A run that grew the vocabulary for added tokens (models.vocabulary) saved more rows than the arch has.
+    rows = state.get("decoder.embed_tokens.weight", torch.empty(0)).shape[0] - model.decoder.embed_tokens.num_embeddings
+    if rows > 0:
+        log.info("%s: %s", source, grow_vocabulary(model.decoder, rows))
     own = tuple(f"{name}." for name, _ in model.named_children())
     extra = [name for name in state if not name.startswith(own)]
     if extra:

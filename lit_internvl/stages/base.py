@@ -14,6 +14,7 @@ from lit_internvl.checkpoints import load_into, read_state_dict
 from lit_internvl.components.attention import Backend, set_attention_backend
 from lit_internvl.data.contract import StageData
 from lit_internvl.distributed import data_parallel_mesh, parallelize
+from lit_internvl.models.vocabulary import rows_to_add
 
 ModuleFactory = Callable[[], nn.Module]
 
@@ -102,14 +103,11 @@ class Stage(L.LightningModule):
     def handshake(self, model: nn.Module) -> None:
         """Check ``model`` against the data before any step runs; subclasses add their facts."""
 
-    def check_vocabulary(self, embeddings: nn.Embedding, model_key: str) -> None:
-        """The model's vocabulary must hold every id of the data's tokenizer."""
+    def check_vocabulary(self, embeddings: nn.Embedding, model_key: str, growable: bool = False) -> int:
+        """The model's vocabulary must hold every id of the data's tokenizer, or (``growable``) grow by the tokens
+        the tokenizer added: returns how many rows (:func:`~lit_internvl.models.vocabulary.rows_to_add`)."""
         tokenizer = getattr(self.data, "tokenizer", None)
-        if tokenizer is not None and tokenizer.vocab_size > embeddings.num_embeddings:
-            raise ValueError(
-                f"data.init_args.tokenizer has {tokenizer.vocab_size} ids but the vocabulary of {model_key} holds "
-                f"{embeddings.num_embeddings}: choose a {model_key} config for this tokenizer"
-            )
+        return 0 if tokenizer is None else rows_to_add(tokenizer, embeddings.num_embeddings, model_key, growable)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -145,8 +143,9 @@ class Stage(L.LightningModule):
         h = self.hparams
         groups = []
         for group in self.parameter_groups():
-            decay = [p for p in group["params"] if p.ndim >= 2]
-            no_decay = [p for p in group["params"] if p.ndim < 2]
+            # no_weight_decay: matrices of which only some rows train (models.vocabulary.train_new_rows).
+            decay = [p for p in group["params"] if p.ndim >= 2 and not getattr(p, "no_weight_decay", False)]
+            no_decay = [p for p in group["params"] if p.ndim < 2 or getattr(p, "no_weight_decay", False)]
             groups += [
                 {"params": params, "lr": group["lr"], "weight_decay": wd}
                 for params, wd in ((decay, h.weight_decay), (no_decay, 0.0))
