@@ -194,7 +194,8 @@ class VisionLanguageStage(Stage):
             name, finished = batch["sample_names"][row], tokenizer.eos_id in tokens
             text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
             reference = (batch.get("reference") or [None] * len(answers))[row]
-            out.append({"name": name, "answer": text, "reference": reference, "finished": finished})
+            meta = (batch.get("meta") or [None] * len(answers))[row]  # the question type for `evaluate`
+            out.append({"name": name, "answer": text, "reference": reference, "meta": meta, "finished": finished})
             if not finished:
                 cut.append(name)
         if cut:
