@@ -165,3 +165,17 @@ def test_export_command_reads_a_grown_checkpoint(tmp_path):
     with torch.no_grad():
         diff = exported(input_ids=input_ids, pixel_values=pixel_values).logits - model(input_ids, pixel_values)
     assert diff.abs().max().item() <= TOLERANCE
+
+
+def test_a_tokenizer_folder_with_more_ids_than_the_decoder_grows_it(tmp_path):
+    """The folder's 146 ids fit a decoder of 146; HFTokenizer adds the 6 InternVL tokens it lacks (<quad>, …):
+    the decoder grows by exactly those 6."""
+    folder = _tokenizer_folder(tmp_path / "tok")
+    data = RecordsDataModule(train=str(tmp_path / "unused.jsonl"), tokenizer=str(folder), tokens_per_tile=4,
+                             tile_size=56)  # fmt: skip
+    assert data.tokenizer.vocab_size == 152
+    torch.manual_seed(0)
+    decoder = Decoder(LanguageConfig.from_name("tiny", vocab_size=146))
+    stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=decoder).use_data(data)
+    stage.configure_model()
+    assert stage.model.decoder.embed_tokens.num_embeddings == 152 and stage.model.image_context_id == 145
