@@ -179,3 +179,13 @@ def test_a_tokenizer_folder_with_more_ids_than_the_decoder_grows_it(tmp_path):
     stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=decoder).use_data(data)
     stage.configure_model()
     assert stage.model.decoder.embed_tokens.num_embeddings == 152 and stage.model.image_context_id == 145
+
+
+def test_train_new_tokens_under_fsdp2_is_refused(tmp_path, monkeypatch):
+    import lit_internvl.stages.vision_language as vision_language
+
+    monkeypatch.setattr(vision_language, "data_parallel_mesh", lambda mesh: object())  # as under FSDP2
+    data = _records(tmp_path, "byte", add_tokens=[f"<t{i}>" for i in range(6)])
+    stage = _sft("tiny", lora={"parts": ["decoder"], "r": 2}, train=["connector"], train_new_tokens=True)
+    with pytest.raises(ValueError, match="train_new_tokens.*FSDP2"):
+        stage.use_data(data).configure_model()

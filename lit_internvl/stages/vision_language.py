@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.distributed import data_parallel_mesh
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import LossReduction, supervised_positions
@@ -146,6 +147,11 @@ class VisionLanguageStage(Stage):
         if lora:
             add_lora(model, list(lora.parts), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
         if h.train_new_tokens and rows:
+            if data_parallel_mesh(self.device_mesh) is not None:  # FSDP2 swaps the parameters for sharded ones
+                raise ValueError(
+                    "model.init_args.train_new_tokens: the gradient mask that keeps the old rows fixed does not survive "
+                    "FSDP2 sharding; train the whole embeddings instead (train_lm_head: true, or decoder in train)"
+                )
             train_new_rows(model.decoder, old_vocab)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"Nothing to train: train={h.train}, lora={h.lora}")
