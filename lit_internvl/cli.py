@@ -1,6 +1,7 @@
 """Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
-tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat`` and
-``report`` (the final metrics of several runs in one table).
+tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat``,
+``report`` (the final metrics of several runs in one table) and ``evaluate`` (a benchmark's metric over
+``predict``'s answers).
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -26,6 +27,7 @@ TOOLS = {
     "export": "lit_internvl.tools.export:main",
     "chat": "lit_internvl.tools.chat:main",
     "report": "lit_internvl.tools.report:main",
+    "evaluate": "lit_internvl.tools.evaluate:main",
 }
 
 

@@ -52,10 +52,25 @@ class ExactResume(L.Callback):
     - Data position: after each training batch it tells the train loaders that can take it
       (:mod:`lit_internvl.data.resumable`) that the batch is done, so that the loader state Lightning
       saves excludes the batch Lightning has already fetched for the next step.
+    - A saved data position that never reached the loader is an error, not a silent restart of the epoch.
+      Lightning hands the checkpoint's loader states over only when its fit loop builds the train loader
+      after restoring the loops (``_FitLoop.setup_data`` → ``_load_combined_loader_states``); a loader built
+      earlier — by ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` when ``max_epochs``
+      ends the run — is kept as it is, and the resumed epoch would start from its first batch again.
     """
 
     def __init__(self) -> None:
         self._rng_to_restore: dict | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        fit_loop = trainer.fit_loop
+        if fit_loop.restarting and getattr(fit_loop, "_combined_loader_states_to_load", None):
+            raise RuntimeError(
+                "The checkpoint's train-loader position was not loaded: the train dataloader was built before "
+                "Lightning restored the loops (e.g. trainer.estimated_stepping_batches read in configure_optimizers, "
+                "which builds it when max_epochs ends the run), so the resumed epoch would repeat its first batches. "
+                "Read estimated_stepping_batches once training has started (see Stage.configure_optimizers)."
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         for loader in _loaders(trainer.train_dataloader):

@@ -45,6 +45,8 @@ class RecordsDataModule(SampleDataModule):
         image_root: folder a jsonl file's image paths are relative to (default: the file's folder).
         tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
             tokenizer folder.
+        add_tokens: special tokens to add to the tokenizer; a vision-language stage grows its decoder's
+            embeddings and head for them (:mod:`lit_internvl.models.vocabulary`).
         tokens_per_tile, template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system,
             pair_prompt, jpeg_quality, strict, seed: the :class:`~lit_internvl.data.samples.SampleOptions`
             of every sample (``jpeg_quality`` augments training samples only); ``tokens_per_tile`` must
@@ -76,6 +78,7 @@ class RecordsDataModule(SampleDataModule):
         task: RecordsTask = "chat",
         image_root: str | None = None,
         tokenizer: str = "byte",
+        add_tokens: list[str] | None = None,
         template: TemplateName | ChatTemplate = "internvl2_5",
         tokens_per_tile: int = 256,
         tile_size: int = 448,
@@ -115,7 +118,7 @@ class RecordsDataModule(SampleDataModule):
         if pack and task == "pairs":
             raise ValueError("pairs are not packed (each is one image and its captions); set pack: false")
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
             tokens_per_tile=tokens_per_tile, template=template, tile_size=tile_size, min_tiles=min_tiles,
             max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,

@@ -34,6 +34,7 @@ class ByteTokenizer:
         self.special_ids = {token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.special_tokens = {i: token for token, i in self.special_ids.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+        self.added_ids: list[int] = []  # ids of add_tokens, past the fixed vocabulary
         not_words = [w for w in words if not re.fullmatch("[A-Za-z0-9]+", w)]
         if not_words:
             raise ValueError(f"Tokenizer words must be runs of ASCII letters and digits; got {not_words[:5]}")
@@ -47,8 +48,22 @@ class ByteTokenizer:
 
     def token_to_id(self, token: str) -> int:
         if token not in self.special_ids:
-            raise KeyError(f"{token!r} is not a special token of the byte tokenizer; known: {SPECIAL_TOKENS}")
+            raise KeyError(f"{token!r} is not a special token of the byte tokenizer; known: {tuple(self.special_ids)}")
         return self.special_ids[token]
+
+    def add_tokens(self, tokens: Sequence[str]) -> int:
+        """Add ``tokens`` as special tokens (each one id, never split) after the current vocabulary; tokens it
+        already has are skipped. Returns the number added; their ids are in ``added_ids``."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self.special_ids and t not in self.word_ids]
+        for token in new:
+            self.special_ids[token] = self.vocab_size
+            self.special_tokens[self.vocab_size] = token
+            self.added_ids.append(self.vocab_size)
+            self.vocab_size += 1
+        # Longest first, so that a token holding another (``<a>``, ``<a>x``) is matched whole.
+        ordered = sorted(self.special_ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")")
+        return len(new)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -118,6 +133,18 @@ class HFTokenizer:
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         self.bos_id = bos if bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos] else None
 
+    @property
+    def added_ids(self) -> list[int]:
+        """Ids of the tokens added on top of the base vocabulary: the folder's added tokens, the InternVL tokens
+        added here and those of :meth:`add_tokens` (transformers' ``added_tokens_decoder``)."""
+        return sorted(self.tokenizer.added_tokens_decoder)
+
+    def add_tokens(self, tokens: Sequence[str]) -> int:
+        """Add ``tokens`` as special tokens (as InternVL's scripts add theirs); returns the number added."""
+        added = self.tokenizer.add_tokens(list(tokens), special_tokens=True)
+        self.vocab_size = len(self.tokenizer)
+        return added
+
     def _find(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
 
@@ -136,14 +163,19 @@ class HFTokenizer:
         )
 
 
-def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
+def load_tokenizer(name: str, add_tokens: Sequence[str] = ()) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` → :class:`ByteTokenizer`; ``"shapes"`` → bytes and the shapes world's words
-    (:func:`~lit_internvl.data.shapes.world.vocabulary`); a folder → its :class:`HFTokenizer` (no remote code)."""
+    (:func:`~lit_internvl.data.shapes.world.vocabulary`); a folder → its :class:`HFTokenizer` (no remote code).
+    ``add_tokens``: special tokens to add (the model grows its vocabulary for them, models.vocabulary)."""
     if name == "byte":
-        return ByteTokenizer()
-    if name == "shapes":
+        tokenizer = ByteTokenizer()
+    elif name == "shapes":
         # Imported here: the shapes package builds samples with this module's tokenizers.
         from lit_internvl.data.shapes.world import vocabulary
 
-        return ByteTokenizer(vocabulary())
-    return HFTokenizer(name)
+        tokenizer = ByteTokenizer(vocabulary())
+    else:
+        tokenizer = HFTokenizer(name)
+    if add_tokens:
+        tokenizer.add_tokens(add_tokens)
+    return tokenizer

@@ -19,6 +19,7 @@ from lit_internvl.hf.files import checkpoint_folder, read_tensors
 from lit_internvl.hf.names import preview, to_ours
 from lit_internvl.models.builders import internvl, vlm_from_configs
 from lit_internvl.models.vlm import VisionLanguageModel
+from lit_internvl.models.vocabulary import grow_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def model_from_weights(source_path: str | Path, arch: str, dtype: torch.dtype | 
     if table is not None and hasattr(model.vision, "resize"):  # the size the run trained at (its table's)
         model.vision.resize(math.isqrt(table.shape[1] - 1) * model.vision.patch_size)
         model.tile_size = model.vision.config.image_size
+    # A run that grew the vocabulary for added tokens (models.vocabulary) saved more rows than the arch has.
+    rows = state.get("decoder.embed_tokens.weight", torch.empty(0)).shape[0] - model.decoder.embed_tokens.num_embeddings
+    if rows > 0:
+        log.info("%s: %s", source, grow_vocabulary(model.decoder, rows))
     own = tuple(f"{name}." for name, _ in model.named_children())
     extra = [name for name in state if not name.startswith(own)]
     if extra:

@@ -14,6 +14,7 @@ from lit_internvl.checkpoints import load_into, read_state_dict
 from lit_internvl.components.attention import Backend, set_attention_backend
 from lit_internvl.data.contract import StageData
 from lit_internvl.distributed import data_parallel_mesh, parallelize
+from lit_internvl.models.vocabulary import rows_to_add
 
 ModuleFactory = Callable[[], nn.Module]
 
@@ -118,14 +119,11 @@ class Stage(L.LightningModule):
         if tile_size is not None and hasattr(vision, "resize"):
             vision.resize(tile_size)
 
-    def check_vocabulary(self, embeddings: nn.Embedding, model_key: str) -> None:
-        """The model's vocabulary must hold every id of the data's tokenizer."""
+    def check_vocabulary(self, embeddings: nn.Embedding, model_key: str, growable: bool = False) -> int:
+        """The model's vocabulary must hold every id of the data's tokenizer, or (``growable``) grow by the tokens
+        the tokenizer added: returns how many rows (:func:`~lit_internvl.models.vocabulary.rows_to_add`)."""
         tokenizer = getattr(self.data, "tokenizer", None)
-        if tokenizer is not None and tokenizer.vocab_size > embeddings.num_embeddings:
-            raise ValueError(
-                f"data.init_args.tokenizer has {tokenizer.vocab_size} ids but the vocabulary of {model_key} holds "
-                f"{embeddings.num_embeddings}: choose a {model_key} config for this tokenizer"
-            )
+        return 0 if tokenizer is None else rows_to_add(tokenizer, embeddings.num_embeddings, model_key, growable)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -162,21 +160,30 @@ class Stage(L.LightningModule):
         h = self.hparams
         groups = []
         for group in self.parameter_groups():
-            decay = [p for p in group["params"] if p.ndim >= 2]
-            no_decay = [p for p in group["params"] if p.ndim < 2]
+            # no_weight_decay: matrices of which only some rows train (models.vocabulary.train_new_rows).
+            decay = [p for p in group["params"] if p.ndim >= 2 and not getattr(p, "no_weight_decay", False)]
+            no_decay = [p for p in group["params"] if p.ndim < 2 or getattr(p, "no_weight_decay", False)]
             groups += [
                 {"params": params, "lr": group["lr"], "weight_decay": wd}
                 for params, wd in ((decay, h.weight_decay), (no_decay, 0.0))
                 if params
             ]
         optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=h.betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, floor = h.warmup_steps, h.min_lr_ratio
+        trainer = self.trainer
+        total: list[int] = []  # the run's length, read at the first step past warm-up (below)
 
         def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if step <= warmup:  # the cosine starts at 1: its length is not needed yet
+                return (step + 1) / warmup if step < warmup else 1.0
+            # Not read here in configure_optimizers: when a run ends by max_epochs, estimated_stepping_batches
+            # builds the train loader (fit_loop.setup_data) before the checkpoint's loop state is restored, and
+            # the fit loop then never hands that loader its saved position (setup_data returns early once a
+            # loader exists), so a resumed run would restart its epoch from the first batch. By the first step
+            # past warm-up the fit loop has built and positioned the loader itself.
+            if not total:
+                total.append(max(int(trainer.estimated_stepping_batches), 1))
+            progress = min((step - warmup) / max(total[0] - warmup, 1), 1.0)
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

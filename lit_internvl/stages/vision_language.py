@@ -10,14 +10,16 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.distributed import data_parallel_mesh
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import LossReduction, supervised_positions
 from lit_internvl.models.vlm import VisionLanguageModel
+from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.stages.base import ModuleFactory, Stage, build
 
 Part = Literal["vision", "connector", "decoder"]
@@ -28,7 +30,8 @@ class VisionLanguageStage(Stage):
     """Builds and trains vision encoder → connector → decoder (:class:`VisionLanguageModel`).
 
     The model meets its data once, when it is built (:meth:`handshake`): the decoder's vocabulary
-    must hold the tokenizer's ids, ``image_context_id`` is the tokenizer's ``<IMG_CONTEXT>`` unless set,
+    must hold the tokenizer's ids or grow by the tokens the tokenizer added (``add_tokens``; the new rows the
+    old rows' mean, logged: :mod:`lit_internvl.models.vocabulary`), ``image_context_id`` is the tokenizer's ``<IMG_CONTEXT>`` unless set,
     the model reads tiles of the data's ``tile_size`` and its connector must give the data's
     ``tokens_per_tile`` at that size. A disagreement is an error naming both YAML keys.
 
@@ -40,6 +43,8 @@ class VisionLanguageStage(Stage):
             ``[connector, decoder]`` or all three for full SFT.
         unfreeze_vision_layers: also train the last k vision blocks when ``vision`` is frozen.
         train_lm_head: override whether the decoder's output head trains (None: as the decoder).
+        train_new_tokens: when the vocabulary grew, train the new rows of the embeddings and head even where the
+            decoder is frozen or under LoRA (only those rows; without it they train only with the decoder).
         lora: adapters on ``lora.parts`` (:class:`~lit_internvl.lora.LoraOptions`); those parts'
             own weights are frozen, the adapters are the only weights there that train.
         part_lr: learning rate per part (e.g. ``{vision: 1e-5}``); others use ``learning_rate``.
@@ -62,6 +67,7 @@ class VisionLanguageStage(Stage):
         train: list[Part] = ["vision", "connector", "decoder"],  # noqa: B006 - jsonargparse needs a literal default
         unfreeze_vision_layers: int = 0,
         train_lm_head: bool | None = None,
+        train_new_tokens: bool = False,
         lora: LoraOptions | None = None,
         part_lr: dict[Part, float] | None = None,
         vision_layer_decay: float = 1.0,
@@ -98,7 +104,7 @@ class VisionLanguageStage(Stage):
         return VisionLanguageModel(vision, connector, decoder, image_context_id)
 
     def handshake(self, model: VisionLanguageModel) -> None:
-        self.check_vocabulary(model.decoder.embed_tokens, "model.init_args.decoder")
+        self.check_vocabulary(model.decoder.embed_tokens, "model.init_args.decoder", growable=True)
         tile_size = getattr(self.data, "tile_size", None)
         if tile_size is None:
             return
@@ -121,8 +127,14 @@ class VisionLanguageStage(Stage):
             }
 
     def prepare_model(self, model: VisionLanguageModel) -> None:
-        """Apply ``train``, ``unfreeze_vision_layers``, ``train_lm_head`` and ``lora`` (before sharding)."""
+        """Grow the vocabulary for added tokens (after ``init_from`` loaded the old rows), apply ``train``,
+        ``unfreeze_vision_layers``, ``train_lm_head``, ``lora`` and ``train_new_tokens`` (before sharding)."""
         h = self.hparams
+        old_vocab = model.decoder.embed_tokens.num_embeddings
+        rows = self.check_vocabulary(model.decoder.embed_tokens, "model.init_args.decoder", growable=True)
+        if rows:
+            grown = grow_vocabulary(model.decoder, rows)
+            rank_zero_info(f"model.init_args.decoder: {grown}, for the tokens data.init_args.tokenizer added")
         lora = LoraOptions(**h.lora) if h.lora else None
         lora_parts = set(lora.parts) if lora else set()
         for part in PARTS:
@@ -135,6 +147,13 @@ class VisionLanguageStage(Stage):
             head.requires_grad_(h.train_lm_head)
         if lora:
             add_lora(model, list(lora.parts), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+        if h.train_new_tokens and rows:
+            if data_parallel_mesh(self.device_mesh) is not None:  # FSDP2 swaps the parameters for sharded ones
+                raise ValueError(
+                    "model.init_args.train_new_tokens: the gradient mask that keeps the old rows fixed does not survive "
+                    "FSDP2 sharding; train the whole embeddings instead (train_lm_head: true, or decoder in train)"
+                )
+            train_new_rows(model.decoder, old_vocab)
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"Nothing to train: train={h.train}, lora={h.lora}")
 
@@ -182,7 +201,8 @@ class VisionLanguageStage(Stage):
             name, finished = batch["sample_names"][row], tokenizer.eos_id in tokens
             text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
             reference = (batch.get("reference") or [None] * len(answers))[row]
-            out.append({"name": name, "answer": text, "reference": reference, "finished": finished})
+            meta = (batch.get("meta") or [None] * len(answers))[row]  # the question type for `evaluate`
+            out.append({"name": name, "answer": text, "reference": reference, "meta": meta, "finished": finished})
             if not finished:
                 cut.append(name)
         if cut:

@@ -1,0 +1,65 @@
+"""The real-size recipes reduce the loss and pack as OpenGVLab's scripts they cite: InternVL3's second-stage
+fine-tunes (and the InternVL2.5 LoRA scripts the LoRA recipes follow) run unpacked with the plain token mean,
+InternVL2.5's stage-2 script packs with 1/√x sample weights all-reduced over the ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The scripts' flags, read from internvl_chat/shell/ (no flag: internvl_chat_finetune.py's defaults L227-266,
+# use_packed_ds False, loss_reduction "token", loss_reduction_all_gather False).
+AS_SCRIPTS = {
+    # internvl3.0/2nd_finetune/internvl3_{1b,8b}_dynamic_res_2nd_finetune_full.sh: none of the three flags
+    "internvl3_1b/sft_full.yaml": ("token", False, False),
+    "internvl3_8b/sft_full.yaml": ("token", False, False),
+    # internvl2.5/2nd_finetune/internvl2_5_{1b,8b}_dynamic_res_2nd_finetune_lora.sh: none of the three flags
+    "internvl3_1b/sft_lora.yaml": ("token", False, False),
+    "internvl3_8b/sft_lora.yaml": ("token", False, False),
+    # internvl2.5/stage2/internvl2_5_8b_internlm2_5_7b_dynamic_res_stage2.sh L80, L89, L90
+    "internvl2_5_8b/stage2.yaml": ("square", True, True),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(AS_SCRIPTS))
+def test_loss_reduction_and_packing_as_the_script(recipe):
+    config = yaml.safe_load((REPO / "recipes" / recipe).read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    got = (model["loss_reduction"], data["pack"], model.get("all_reduce_loss", False))
+    assert got == AS_SCRIPTS[recipe]
+
+
+def test_every_real_size_sft_recipe_is_checked():
+    sft = {str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").glob("internvl*/*.yaml")}
+    assert sft - {r for r in sft if r.endswith("mpo.yaml")} == set(AS_SCRIPTS)
+
+
+def test_the_internvl2_5_stage2_recipe_parses_and_builds_on_meta(monkeypatch, capsys):
+    from jsonargparse import ArgumentParser
+
+    from lit_internvl.cli import main
+    from lit_internvl.models import internvl
+    from lit_internvl.stages.base import Stage
+
+    recipe = str(REPO / "recipes/internvl2_5_8b/stage2.yaml")
+    monkeypatch.setenv("INTERNVL_CHECKPOINT", "/checkpoints/stage1_5")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", recipe, "--data.init_args.train", "mixture.json", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_steps"] == 5500 and printed["trainer"]["accumulate_grad_batches"] == 64
+    model_config = yaml.safe_load(Path(recipe).read_text())["model"]
+    model_config["init_args"]["init_from"] = None
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Stage, "model")
+    stage = parser.instantiate_classes(parser.parse_object({"model": model_config})).model
+    with torch.device("meta"):
+        stage.configure_model()
+        expected = sum(p.numel() for p in internvl("InternVL2.5-8B").parameters())
+    assert sum(p.numel() for p in stage.model.parameters()) == expected
+    assert all(p.requires_grad for p in stage.model.parameters())  # ViT + MLP + LLM, as the script
