@@ -16,22 +16,35 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     """Symmetric InfoNCE (CLIP) over the global batch, in the local-loss form.
 
     Each rank scores its own rows against the columns of every rank, gathered *with* gradients, and
-    its labels are offset by ``rank × local batch``. The mean of the per-rank losses is the loss
-    of the concatenated batch, and with data-parallel gradient averaging so are the gradients.
+    its labels are offset by the rows of the ranks before it. With equal local batches the mean of the per-rank
+    losses is the loss of the concatenated batch, and with data-parallel gradient averaging so are the
+    gradients; ranks with fewer pairs (a skipped bad record) still score all the others' (padded for the
+    gather, the padding dropped).
 
     Args:
         image_emb, text_emb: ``(N, E)`` L2-normalised embeddings of this rank's N pairs.
         logit_scale: the temperature's inverse, ``exp`` already applied.
     """
     rank, world_size = world()
+    offset = 0
     if world_size > 1:
-        all_image = torch.cat(dist_fn.all_gather(image_emb), dim=0)
-        all_text = torch.cat(dist_fn.all_gather(text_emb), dim=0)
+        # Ranks may hold different numbers of pairs (a bad record skipped on one of them): gather their sizes,
+        # pad every rank's rows to the largest, gather with gradients, and keep the real rows only.
+        local = torch.tensor([image_emb.shape[0]], device=image_emb.device)
+        sizes = [torch.zeros_like(local) for _ in range(world_size)]
+        dist.all_gather(sizes, local)
+        sizes = [int(size) for size in sizes]
+        widest = max(sizes)
+        real = torch.cat([torch.arange(widest, device=image_emb.device) < size for size in sizes])
+        pad = lambda emb: F.pad(emb, (0, 0, 0, widest - emb.shape[0]))  # noqa: E731
+        all_image = torch.cat(dist_fn.all_gather(pad(image_emb)), dim=0)[real]
+        all_text = torch.cat(dist_fn.all_gather(pad(text_emb)), dim=0)[real]
+        offset = sum(sizes[:rank])
     else:
         all_image, all_text = image_emb, text_emb
     logits_per_image = logit_scale * image_emb @ all_text.T
     logits_per_text = logit_scale * text_emb @ all_image.T
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 

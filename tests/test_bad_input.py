@@ -12,12 +12,14 @@ from collections import Counter
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lit_internvl.data import RecordsDataModule, SampleBuilder, SampleOptions
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS, UnusableImage, open_image
 from lit_internvl.data.prepare import prepare
 from lit_internvl.data.records import (
+    PACKING_SKIP_REASONS,
     PAIR_SKIP_REASONS,
     SKIP_REASONS,
     BadRecord,
@@ -313,7 +315,7 @@ def test_the_readme_table_lists_every_reason_with_its_counter():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
-    for reason in [*SKIP_REASONS, *PAIR_SKIP_REASONS]:
+    for reason in [*SKIP_REASONS, *PAIR_SKIP_REASONS, *PACKING_SKIP_REASONS]:
         assert any(f"`{reason}`" in row and f"`{counter_name(reason)}`" in row for row in rows), reason
 
 
@@ -341,3 +343,17 @@ def test_a_relative_image_root_such_as_the_working_directory_contains_its_files(
     assert resolve_image_path("data", "sub/../a.png") == str(tmp_path / "data" / "a.png")
     with pytest.raises(ValueError, match="outside the image root"):
         resolve_image_path(".", "../a.png")
+
+
+def test_a_sample_no_packed_row_can_hold_is_a_counted_skip_not_a_crash():
+    """A dataset's max_dynamic_patch may give a sample more tiles than a packed row holds: skipped, the rest packed."""
+    from lit_internvl.data.collate import Collator
+
+    def sample(name, tiles):
+        return {"input_ids": torch.arange(5), "labels": torch.arange(5), "pixel_values": torch.zeros(tiles, 3, 4, 4),
+                "name": name}  # fmt: skip
+
+    batch = Collator(0, pack=True, max_tokens=32, max_tiles_per_row=4)([sample("a", 2), sample("b", 7), sample("c", 2)])
+    assert batch["skipped"] == {"too many tiles": 1} and batch["sample_names"] == ["a+c"]
+    assert Collator(0, pack=True, max_tiles_per_row=4)([sample("b", 7)]) == {"skipped": {"too many tiles": 1},
+                                                                          "input_ids": None}  # fmt: skip

@@ -90,6 +90,11 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
                     dist.all_reduce(grad)
                     grad /= world_size
                 results[f"gather={gather}/{dtype}"] = {"loss": loss, **grads}
+        losses.world = lambda: (dist.get_rank(), dist.get_world_size())
+        # Unequal local batches (rank 1 lost a bad record): each rank's loss over its rows against every rank's.
+        images, texts = _batch(torch.float64)
+        rows = slice(0, LOCAL_BATCH) if rank == 0 else slice(LOCAL_BATCH, 2 * LOCAL_BATCH - 1)
+        results["unequal"] = {"loss": Towers(torch.float64)(images[rows], texts[rows]).detach()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -143,3 +148,20 @@ def test_local_halves_alone_do_not_sum_to_global_loss():
     ref_loss, _ = _step(torch.float64)
     halves = [_step(torch.float64, slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH))[0] for r in range(WORLD_SIZE)]
     assert not torch.isclose(torch.stack(halves).mean(), ref_loss)
+
+
+def test_ranks_with_unequal_batches_score_every_real_pair_of_the_others(ranks):
+    """Rank 0 holds 4 pairs, rank 1 three: each rank's loss is that of its rows against the 7 real pairs (by hand)."""
+    model = Towers(torch.float64)
+    images, texts = _batch(torch.float64)
+    keep = list(range(2 * LOCAL_BATCH - 1))
+    with torch.no_grad():
+        image_emb = F.normalize(model.image(images[keep]), dim=-1)
+        text_emb = F.normalize(model.text(texts[keep]), dim=-1)
+        logits = model.log_scale.exp() * image_emb @ text_emb.T
+    for rank, rows in enumerate((range(0, LOCAL_BATCH), range(LOCAL_BATCH, 2 * LOCAL_BATCH - 1))):
+        rows = list(rows)
+        expected = (
+            F.cross_entropy(logits[rows], torch.tensor(rows)) + F.cross_entropy(logits.T[rows], torch.tensor(rows))
+        ) / 2
+        torch.testing.assert_close(ranks[rank]["unequal"]["loss"], expected)

@@ -13,11 +13,14 @@ An image–caption pair is the sample of :mod:`lit_internvl.data.pairs` (image, 
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import torch
 
 from lit_internvl.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def pad_ids(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +141,16 @@ class Collator:
         if not samples:
             return {"skipped": dict(skipped), "input_ids": None}
         tiles = [0 if s.get("pixel_values") is None else s["pixel_values"].shape[0] for s in samples]
+        if self.pack and max(tiles) > self.max_tiles_per_row:  # no row could hold it: a counted skip, not a crash
+            for sample, count in zip(samples, tiles):
+                if count > self.max_tiles_per_row:
+                    log.warning("skipping %s: too many tiles: %d > max_tiles_per_row %d", sample.get("name"), count,
+                                self.max_tiles_per_row)  # fmt: skip
+                    skipped["too many tiles"] += 1
+            keep = [i for i, count in enumerate(tiles) if count <= self.max_tiles_per_row]
+            samples, tiles = [samples[i] for i in keep], [tiles[i] for i in keep]
+            if not samples:
+                return {"skipped": dict(skipped), "input_ids": None}
         preference = "rejected" in samples[0]
         if preference and self.pack:
             raise ValueError("Preference samples (chosen/rejected) cannot be packed; set pack: false")

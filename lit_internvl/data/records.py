@@ -67,6 +67,10 @@ SKIP_REASONS: dict[str, str] = {
     "corrupt image": "read: any other image decoding failure",
     "over-long sample": "build: more tokens than max_length",
 }
+# The reason a packed batch drops a sample (lit_internvl.data.collate.Collator with pack: true).
+PACKING_SKIP_REASONS: dict[str, str] = {
+    "too many tiles": "collate: more tiles than max_tiles_per_row, so no packed row can hold it",
+}
 # The further reasons of image–caption data (RecordsDataModule task "pairs", lit_internvl.data.pairs).
 PAIR_SKIP_REASONS: dict[str, str] = {
     "not a pair": "scan: a record that is not one image with its caption(s)",

@@ -25,7 +25,10 @@ class PoolingAttention(nn.Module):
     def __init__(self, dim: int, out_dim: int, num_heads: int) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"the attention pool's width {dim} is not divisible by attn_pool_heads {num_heads}")
+            raise ValueError(
+                f"the attention pool's width {dim} is not divisible by attn_pool_heads {num_heads}: set "
+                f"model.init_args.attn_pool_heads to a divisor of {dim}"
+            )
         self.num_heads = num_heads
         self.attn_backend = "sdpa"  # set with the rest of the model by set_attention_backend
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
