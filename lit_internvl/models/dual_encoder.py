@@ -34,6 +34,14 @@ class PoolingAttention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(torch.zeros(dim)) for _ in range(3))
         self.proj = nn.Linear(dim, out_dim)
+        # Deliberate difference: the reference starts q_bias and v_bias at zero (its stage 2 always loads InternVL-C's
+        # trained ones); trained from scratch, they start as nn.Linear's biases do, uniform in ±1/√dim: zero biases
+        # cost the embedded default's stage 1 R@1 0.48/0.66 → 0.39/0.58 (BENCHMARKS.md). k_bias stays at zero: a
+        # key bias shifts every score of a query alike and never changes the softmax.
+        bound = 1 / math.sqrt(dim)
+        with torch.no_grad():
+            self.q_bias.uniform_(-bound, bound)
+            self.v_bias.uniform_(-bound, bound)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``query (N, Q, C)``, ``key``/``value (N, L, C)`` → ``(N, Q, out_dim)``."""
