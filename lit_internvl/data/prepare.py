@@ -88,6 +88,8 @@ def prepare(
         expected = sum(_item_count(item) for item in items)
         summary["skipped_on_encode"] = expected - summary["written"]  # bad images, pixel boxes outside them
     log.warning("prepare → %s: %s", output_dir, summary)
+    if summary["written"] == 0:
+        raise ValueError(f"prepare → {output_dir}: every record was skipped ({summary}); see the messages above")
     return summary
 
 

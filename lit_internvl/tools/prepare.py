@@ -29,7 +29,10 @@ def main(argv: list[str]) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="a jsonl file of records")
     source.add_argument("--meta", help="an InternVL meta file listing datasets")
-    parser.add_argument("--image-root", default=".", help="folder the --input image paths are relative to")
+    parser.add_argument(
+        "--image-root", help="folder the --input image paths are relative to (default: the --input file's folder, as "
+        "RecordsDataModule reads a jsonl file)",
+    )  # fmt: skip
     parser.add_argument("--output", required=True, help="output folder or object-storage URL (s3://...)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -56,7 +59,8 @@ def main(argv: list[str]) -> dict:
     if args.meta:
         specs = read_meta(args.meta)
     else:
-        specs = [DatasetSpec(Path(args.input).stem, Path(args.input), Path(args.image_root), 1, args.max_tiles)]
+        root = Path(args.image_root) if args.image_root else Path(args.input).parent
+        specs = [DatasetSpec(Path(args.input).stem, Path(args.input), root, 1, args.max_tiles)]
     specs = [replace(spec, allow_absolute_paths=args.allow_absolute_paths) for spec in specs]
     return prepare(
         specs, args.output, args.num_workers, args.strict, storage_options=args.storage_options,
