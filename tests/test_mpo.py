@@ -16,6 +16,7 @@ from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.losses import bco_pair_loss, dpo_sigmoid_loss, sequence_log_probs
 from lit_internvl.stages import MPOStage
+from tests.recipes import stage_on_meta
 
 TOKENIZER = ByteTokenizer()
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -213,10 +214,7 @@ def test_real_size_recipe_parses_and_builds_on_meta(recipe, monkeypatch, capsys)
     """``--print_config`` parses the whole recipe (trainer, model, data) without instantiating anything; the
     model section alone is then instantiated (the datamodule would load the tokenizer folder and the trainer
     would ask for 8 GPUs) and built on the meta device."""
-    from jsonargparse import ArgumentParser
-
     from lit_internvl.cli import main
-    from lit_internvl.stages.base import Stage
 
     monkeypatch.setenv("INTERNVL_CHECKPOINT", "/checkpoints/InternVL3")
     with pytest.raises(SystemExit) as exit_info:
@@ -227,13 +225,7 @@ def test_real_size_recipe_parses_and_builds_on_meta(recipe, monkeypatch, capsys)
     assert printed["data"]["init_args"]["tokenizer"] == "/checkpoints/InternVL3"
     assert printed["trainer"]["precision"] == "bf16-mixed"
 
-    model_config = yaml.safe_load(Path(recipe).read_text())["model"]
-    model_config["init_args"]["init_from"] = None
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(Stage, "model")
-    stage = parser.instantiate_classes(parser.parse_object({"model": model_config})).model
-    with torch.device("meta"):
-        stage.configure_model()
+    stage = stage_on_meta(recipe)
     total = sum(p.numel() for n, p in stage.model.named_parameters() if "lora_" not in n)
     expected = {"internvl3_1b": 938_193_024, "internvl3_8b": None}[Path(recipe).parent.name]
     if expected is None:  # InternVL3-8B: the builder's preset, itself checked against the release in test_hf

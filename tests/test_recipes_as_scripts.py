@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from tests.recipes import stage_on_meta
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The scripts' flags, read from internvl_chat/shell/ (no flag: internvl_chat_finetune.py's defaults L227-266,
@@ -40,11 +42,8 @@ def test_every_real_size_sft_recipe_is_checked():
 
 
 def test_the_internvl2_5_stage2_recipe_parses_and_builds_on_meta(monkeypatch, capsys):
-    from jsonargparse import ArgumentParser
-
     from lit_internvl.cli import main
     from lit_internvl.models import internvl
-    from lit_internvl.stages.base import Stage
 
     recipe = str(REPO / "recipes/internvl2_5_8b/stage2.yaml")
     monkeypatch.setenv("INTERNVL_CHECKPOINT", "/checkpoints/stage1_5")
@@ -53,13 +52,8 @@ def test_the_internvl2_5_stage2_recipe_parses_and_builds_on_meta(monkeypatch, ca
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["max_steps"] == 5500 and printed["trainer"]["accumulate_grad_batches"] == 64
-    model_config = yaml.safe_load(Path(recipe).read_text())["model"]
-    model_config["init_args"]["init_from"] = None
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(Stage, "model")
-    stage = parser.instantiate_classes(parser.parse_object({"model": model_config})).model
+    stage = stage_on_meta(recipe)
     with torch.device("meta"):
-        stage.configure_model()
         expected = sum(p.numel() for p in internvl("InternVL2.5-8B").parameters())
     assert sum(p.numel() for p in stage.model.parameters()) == expected
     assert all(p.requires_grad for p in stage.model.parameters())  # ViT + MLP + LLM, as the script
