@@ -29,6 +29,14 @@ class VisionLanguageModel(nn.Module):
         image_context_id: the tokenizer's id of ``<IMG_CONTEXT>``.
         tile_size: the side of the tiles the model reads (trains on, exports at); default the
             encoder's native ``config.image_size``. A stage sets it from its data in the handshake.
+
+    ``dummy_tile``: a batch without images still runs the vision encoder and connector, on one black tile whose
+    features enter the embeddings multiplied by zero. Under FSDP2 every rank all-gathers the encoder's
+    parameters in its forward and reduce-scatters their gradients in its backward; a rank that skipped the
+    encoder on a text-only batch would leave the others waiting in those collectives. InternVL does the same
+    with a dummy image and ``image_flags`` 0 for text-only samples (``internvl_chat_finetune.py``,
+    ``pure_text_get_item``; ``modeling_internvl_chat.py``, ``vit_embeds[image_flags == 1]``). A stage turns
+    it on when it trains on more than one process (:class:`~lit_internvl.stages.VisionLanguageStage`).
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class VisionLanguageModel(nn.Module):
                 )
             tile_size = config.image_size
         self.tile_size = tile_size
+        self.dummy_tile = False
 
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """``<IMG_CONTEXT>`` tokens a prompt reserves per ``tile_size`` px tile (default :attr:`tile_size`)."""
@@ -82,6 +91,9 @@ class VisionLanguageModel(nn.Module):
                 raise ImageTokenMismatchError(
                     f"{_names(rows, sample_names)} hold <IMG_CONTEXT> tokens but the batch has no images"
                 )
+            if self.dummy_tile:
+                tile = torch.zeros(1, 3, self.tile_size, self.tile_size, device=embeds.device)  # as the collator's
+                embeds = embeds + 0.0 * self.embed_images(tile).sum().to(embeds.dtype)
             return embeds
         features = self.embed_images(pixel_values)
         self._check_counts(slots, features, tiles_per_sample, sample_names)
