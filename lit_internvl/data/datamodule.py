@@ -207,7 +207,8 @@ class RecordsDataModule(SampleDataModule):
         if is_shards(sources[0]):
             from litdata import CombinedStreamingDataset
 
-            return CombinedStreamingDataset(datasets, seed=h.seed, weights=check_weights(h.weights, len(sources)))
+            weights = check_weights(h.weights, len(sources))
+            return CombinedStreamingDataset(datasets, seed=h.seed, weights=weights, iterate_over_all=False)
         return Mixture(datasets, h.weights, h.mixture_size, h.seed)
 
     def _loader(self, source: str | list[str], train: bool):
