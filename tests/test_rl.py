@@ -1,0 +1,104 @@
+"""Online RL's losses against the published formulas written out here: GRPO (Shao et al. 2024, the clipped
+token-ratio surrogate with the k3 KL estimate) and GSPO (Zheng et al. 2025, the clipped sequence ratio), with
+group-relative advantages, on random log-probs, rewards and masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_internvl.losses import group_advantages, policy_loss
+
+
+def _batch(seed: int = 0, n: int = 6, length: int = 7, shift: tuple[float, ...] = (0.0,) * 6):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(n, length, generator=g, dtype=torch.float64) * 3
+    # Ratios spread well past 1 ± 0.2 both ways, so both clipping branches occur; ``shift`` moves a whole answer.
+    noise = torch.randn(n, length, generator=g, dtype=torch.float64) * 0.4
+    log_probs = (old + noise + torch.tensor(shift, dtype=torch.float64)[:, None]).requires_grad_(True)
+    ref = old + torch.randn(n, length, generator=g, dtype=torch.float64) * 0.3
+    mask = torch.ones(n, length, dtype=torch.float64)
+    for row, real in enumerate([7, 5, 3, 7, 1, 4][:n]):
+        mask[row, real:] = 0
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [0.5, 0.5, 0.5]], dtype=torch.float64)  # the second group: no signal
+    return log_probs, old, ref, mask, rewards
+
+
+def test_group_advantages_are_the_standardised_rewards_of_each_group():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    adv = group_advantages(rewards)
+    mean, std = 0.75, math.sqrt(sum((r - 0.75) ** 2 for r in (1, 0, 1, 1)) / 3)  # unbiased, as torch.std
+    assert adv[0].tolist() == pytest.approx([(r - mean) / (std + 1e-6) for r in (1, 0, 1, 1)])
+    assert adv[1].tolist() == [0.0] * 4, "a group whose rewards are all equal has no signal"
+    assert group_advantages(rewards, scale=False)[0].tolist() == pytest.approx([0.25, -0.75, 0.25, 0.25])
+    assert group_advantages(torch.tensor([[3.0], [1.0]])).tolist() == [[3.0], [1.0]], "a group of one: r"
+
+
+def _grpo_by_hand(log_probs, old, ref, mask, adv, eps_low, eps_high, beta):
+    terms = []
+    for i in range(log_probs.shape[0]):
+        for t in range(log_probs.shape[1]):
+            if not mask[i, t]:
+                continue
+            ratio = torch.exp(log_probs[i, t] - old[i, t])
+            surrogate = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[i])
+            kl = torch.exp(ref[i, t] - log_probs[i, t]) - (ref[i, t] - log_probs[i, t]) - 1
+            terms.append(-surrogate + beta * kl)
+    return torch.stack(terms).mean()
+
+
+def _gspo_by_hand(log_probs, old, mask, adv, eps_low, eps_high):
+    losses = []
+    for i in range(log_probs.shape[0]):
+        real = mask[i].bool()
+        s = torch.exp((log_probs[i][real] - old[i][real]).mean())  # the sequence ratio, gradient through it
+        losses.append(-torch.minimum(s * adv[i], torch.clamp(s, 1 - eps_low, 1 + eps_high) * adv[i]))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_grpo_loss_and_gradient_equal_the_formula(beta):
+    log_probs, old, ref, mask, rewards = _batch()
+    adv = group_advantages(rewards).flatten()
+    loss, stats = policy_loss(log_probs, old, adv, mask, "grpo", 0.2, 0.28, ref_log_probs=ref, kl_weight=beta)
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    expected = _grpo_by_hand(log_probs, old, ref, mask, adv, 0.2, 0.28, beta)
+    (expected_grad,) = torch.autograd.grad(expected, log_probs)
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    assert (grad - expected_grad).abs().max() <= 1e-6
+    assert 0 < stats["clip_fraction"] < 1, "some tokens clipped, some not"
+    ratio = torch.exp(log_probs - old).detach()
+    clipped = ((ratio > 1.28) & (adv[:, None] > 0)) | ((ratio < 0.8) & (adv[:, None] < 0))
+    if not beta:
+        assert (grad[clipped & mask.bool()] == 0).all(), "a clipped token gets no gradient"
+        assert grad[3:].abs().max() == 0, "the group with equal rewards contributes nothing"
+    assert stats["kl"] > 0 if beta else stats["kl"] == 0
+
+
+def test_gspo_loss_and_gradient_equal_the_sequence_level_formula():
+    log_probs, old, _, mask, rewards = _batch(seed=1, shift=(0.6, 0.0, -0.5, 0.3, 0.0, 0.1))
+    adv = group_advantages(rewards).flatten()
+    loss, stats = policy_loss(log_probs, old, adv, mask, "gspo", 0.2, 0.28)
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    expected = _gspo_by_hand(log_probs, old, mask, adv, 0.2, 0.28)
+    (expected_grad,) = torch.autograd.grad(expected, log_probs)
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    assert (grad - expected_grad).abs().max() <= 1e-6
+    s = torch.exp(((log_probs - old) * mask).sum(1) / mask.sum(1)).detach()
+    clipped = ((s > 1.28) & (adv > 0)) | ((s < 0.8) & (adv < 0))
+    assert clipped.any() and (~clipped[:3]).any(), "the batch exercises both branches"
+    assert (grad[clipped] == 0).all() and grad[3:].abs().max() == 0
+    for row in range(3):  # within an answer every token's gradient is the same: A·s/|y| (GSPO's equal weighting)
+        real = mask[row].bool()
+        assert torch.allclose(grad[row][real], grad[row][real][0].expand(int(real.sum())))
+
+
+def test_gspo_clamps_the_log_ratio_and_rejects_an_unknown_kind():
+    log_probs = torch.zeros(1, 2, requires_grad=True)
+    old = torch.full((1, 2), -30.0)
+    loss, stats = policy_loss(log_probs, old, torch.tensor([-1.0]), torch.ones(1, 2), "gspo")
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(10.0), rel=1e-5), "exp(clamp(30, max=10))"
+    with pytest.raises(ValueError, match="grpo"):
+        policy_loss(log_probs, old, torch.tensor([1.0]), torch.ones(1, 2), "ppo")
