@@ -102,3 +102,46 @@ def test_gspo_clamps_the_log_ratio_and_rejects_an_unknown_kind():
     assert stats["ratio_max"].item() == pytest.approx(math.exp(10.0), rel=1e-5), "exp(clamp(30, max=10))"
     with pytest.raises(ValueError, match="grpo"):
         policy_loss(log_probs, old, torch.tensor([1.0]), torch.ones(1, 2), "ppo")
+
+
+def test_batched_rollouts_of_prompts_with_different_tile_counts_equal_one_by_one_seeded_sampling():
+    from PIL import Image
+
+    from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
+    from lit_internvl.data.collate import Collator
+    from lit_internvl.data.records import Record
+    from lit_internvl.data.samples import SampleBuilder, SampleOptions
+    from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+    from lit_internvl.inference.generate import generate
+    from lit_internvl.inference.rollout import sample_groups
+    from lit_internvl.models import VisionLanguageModel
+
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    vision, decoder = InternViT("tiny"), Decoder("tiny")
+    model = VisionLanguageModel(vision, PixelShuffleMLP(128, 128), decoder, tokenizer.token_to_id(IMG_CONTEXT)).eval()
+    builder = SampleBuilder(tokenizer, SampleOptions(tokens_per_tile=4, tile_size=56, max_tiles=4, v2pe={"stride": 64}),
+                            generation=True)  # fmt: skip
+    images = [Image.new("RGB", (56, 56), "red"), Image.new("RGB", (168, 56), "blue"), Image.new("RGB", (112, 112))]
+    prompts = [
+        builder(
+            Record("conversation", f"q{i}", {"conversations": [{"from": "human", "value": f"<image>\n{q}"}]}, [image])
+        )  # fmt: skip
+        for i, (q, image) in enumerate(zip(["what?", "which colour is it", "where"], images))
+    ]
+    assert [p["pixel_values"].shape[0] for p in prompts] == [1, 4, 5], "1 tile; 3 + thumbnail; 4 + thumbnail"
+    batch = Collator(tokenizer.pad_id, left_pad=True)(prompts)
+    seeds = [11, 12, 13, 21, 22, 23, 31, 32, 33]
+    calls = []
+    hook = model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    rows = sample_groups(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         batch["tiles_per_sample"], seeds, positions=batch["positions"], max_new_tokens=8)  # fmt: skip
+    hook.remove()
+    assert calls == [10], "one vision pass over the 10 tiles of the 3 prompts, not one per answer"
+    for r, tokens in enumerate(rows):
+        prompt = Collator(tokenizer.pad_id, left_pad=True)([prompts[r // 3]])
+        alone = generate(model, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                         prompt["tiles_per_sample"], max_new_tokens=8, temperature=1.0, positions=prompt["positions"],
+                         generator=torch.Generator().manual_seed(seeds[r]))[0]  # fmt: skip
+        assert tokens == alone, f"row {r}"
+    assert len({tuple(t) for t in rows}) > 3, "different seeds draw different answers"
