@@ -205,6 +205,7 @@ def policy_loss(
     kl_weight: float = 0.0,
     max_log_ratio: float = 10.0,
     all_reduce: bool = False,
+    count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy-gradient loss of N answers and its statistics.
 
@@ -223,6 +224,8 @@ def policy_loss(
             L1254-1326).
         all_reduce: normalise by the tokens (GRPO) or answers (GSPO) of all ranks, so that the ranks' mean
             gradient is the gradient of the loss over the combined rollouts.
+        count: the answer tokens (GRPO) or answers (GSPO) to normalise by (default this batch's); a mini-batch of
+            a rollout passes the whole rollout's, so that the mini-batches' gradients add up to the rollout's.
 
     Returns the loss and ``{"clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "kl"}``
     (over this rank's answer tokens; ``kl`` is the k3 estimate to the reference, 0 without one).
@@ -245,13 +248,14 @@ def policy_loss(
         delta = ref_log_probs - log_probs
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + kl_weight * kl
+    lengths = mask.sum(dim=1)
+    if count is None:
+        count = mask.sum() if kind == "grpo" else (lengths > 0).to(mask.dtype).sum()
+    count, scale = _global_count(torch.as_tensor(count, dtype=mask.dtype, device=mask.device), all_reduce)
     if kind == "grpo":
-        tokens, scale = _global_count(mask.sum(), all_reduce)
-        loss = (per_token * mask).sum() / tokens.clamp(min=1) * scale
+        loss = (per_token * mask).sum() / count.clamp(min=1) * scale
     else:
-        lengths = mask.sum(dim=1)
-        answers, scale = _global_count((lengths > 0).to(mask.dtype).sum(), all_reduce)
-        loss = ((per_token * mask).sum(dim=1) / (lengths + 1e-8)).sum() / answers.clamp(min=1) * scale
+        loss = ((per_token * mask).sum(dim=1) / (lengths + 1e-8)).sum() / count.clamp(min=1) * scale
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         real = mask.bool()

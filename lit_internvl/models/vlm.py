@@ -77,11 +77,14 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
+        repeat_images: int = 1,
     ) -> torch.Tensor:
         """Token embeddings ``(B, T, D)`` with image features written over the ``<IMG_CONTEXT>`` slots.
 
         ``tiles_per_sample`` (tiles of each row, in the order of ``pixel_values``) lets a mismatch
-        name the sample (``sample_names[b]`` when given, else its row index).
+        name the sample (``sample_names[b]`` when given, else its row index). With ``repeat_images`` G, the
+        images (and ``tiles_per_sample``) are those of B / G samples, each serving G consecutive rows: the
+        vision tower runs once for the G answers of one prompt (online RL).
         """
         embeds = self.decoder.embed_tokens(input_ids)
         slots = input_ids == self.image_context_id
@@ -96,6 +99,12 @@ class VisionLanguageModel(nn.Module):
                 embeds = embeds + 0.0 * self.embed_images(tile).sum().to(embeds.dtype)
             return embeds
         features = self.embed_images(pixel_values)
+        if repeat_images > 1:
+            if tiles_per_sample is None:
+                raise ValueError("repeat_images needs tiles_per_sample, to know which tiles are whose")
+            per_sample = features.split(list(tiles_per_sample))
+            features = torch.cat([part for part in per_sample for _ in range(repeat_images)])
+            tiles_per_sample = [tiles for tiles in tiles_per_sample for _ in range(repeat_images)]
         self._check_counts(slots, features, tiles_per_sample, sample_names)
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(slots[..., None], features)
@@ -132,6 +141,7 @@ class VisionLanguageModel(nn.Module):
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
         logits_at: torch.Tensor | None = None,
+        repeat_images: int = 1,
     ) -> torch.Tensor:
         """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``.
 
@@ -140,7 +150,7 @@ class VisionLanguageModel(nn.Module):
         supervised (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens
         are most of a multimodal sequence, so this skips most of the vocabulary projection.
         """
-        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names)
+        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names, repeat_images)
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
         )

@@ -17,7 +17,7 @@ from lit_internvl.data.shapes.world import QUESTION_TYPES, ShapesWorld, Split, c
 from lit_internvl.data.tokenizer import load_tokenizer
 from lit_internvl.data.v2pe import V2PEMode, check_v2pe, eval_mode
 
-ShapesTask = Literal["pairs", "vqa", "preference", "nmp"]
+ShapesTask = Literal["pairs", "vqa", "preference", "nmp", "prompts"]
 
 
 class ShapesDataModule(SampleDataModule):
@@ -31,6 +31,8 @@ class ShapesDataModule(SampleDataModule):
     - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
       ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
     - ``"preference"``: the same questions with a chosen (right) and a wrong (rejected) answer (MPO).
+    - ``"prompts"``: the ``vqa`` questions as prompts to answer, left-padded, ``meta`` holding each one's type and
+      answer, in every split (online RL, :class:`~lit_internvl.stages.RLStage`).
     - ``"nmp"``: native multimodal pretraining's mixture: interleaved documents of ``images_per_document``
       pictures, each followed by what it shows, and the world's text-only sentences, in the proportions of
       ``weights`` (:class:`~lit_internvl.data.mixture.Mixture`); validation and test hold interleaved documents
@@ -155,16 +157,20 @@ class ShapesDataModule(SampleDataModule):
             return ResumableDataLoader(dataset, sampler, drop_last=True, **options)
         return DataLoader(dataset, shuffle=False, **options)
 
+    def _split_loader(self, split: Split, size: int) -> DataLoader:
+        prompts = self.hparams.task == "prompts"
+        return self._loader(self._dataset(split, size, prompts), shuffle=split == "train", generation=prompts)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", self.hparams.train_size), shuffle=True)
+        return self._split_loader("train", self.hparams.train_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val", self.hparams.val_size), shuffle=False)
+        return self._split_loader("val", self.hparams.val_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test", self.hparams.val_size), shuffle=False)
+        return self._split_loader("test", self.hparams.val_size)
 
     def predict_dataloader(self) -> DataLoader:
-        generation = self.hparams.task == "vqa"
+        generation = self.hparams.task in ("vqa", "prompts")
         dataset = self._dataset("test", self.hparams.val_size, generation)
         return self._loader(dataset, shuffle=False, generation=generation)
