@@ -145,3 +145,64 @@ def test_batched_rollouts_of_prompts_with_different_tile_counts_equal_one_by_one
                          generator=torch.Generator().manual_seed(seeds[r]))[0]  # fmt: skip
         assert tokens == alone, f"row {r}"
     assert len({tuple(t) for t in rows}) > 3, "different seeds draw different answers"
+
+
+class AnswerLength:
+    """A reward that differs between an untrained model's answers: their length in characters."""
+
+    def __call__(self, answer, reference, meta) -> float:
+        return float(len(answer))
+
+
+def _rl_stage():
+    from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
+    from lit_internvl.stages import RLStage
+
+    torch.manual_seed(0)
+    return RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"), group_size=4,
+                   max_new_tokens=6, learning_rate=1e-3, warmup_steps=1, rollout_temperature=1.5,
+                   rewards=[AnswerLength()])  # fmt: skip
+
+
+def _prompts():
+    from lit_internvl.data import ShapesDataModule
+
+    return ShapesDataModule(task="prompts", tokenizer="shapes", batch_size=2, train_size=8, val_size=2, system="")
+
+
+def test_an_rl_run_killed_and_resumed_samples_and_trains_what_the_whole_run_does(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def trainer(root, steps, **kwargs):
+        return L.Trainer(accelerator="cpu", max_steps=steps, default_root_dir=root, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, **kwargs)  # fmt: skip
+
+    whole = _rl_stage()
+    logger = TensorBoardLogger(tmp_path / "tb", name="")
+    trainer(tmp_path / "whole", 3, logger=logger, enable_checkpointing=False).fit(whole, _prompts())
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+
+    class Kill(L.Callback):  # the run is killed before its third step (the checkpoint of step 2 on disk)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                raise RuntimeError("killed before step 3")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(tmp_path / "first", 3, logger=False, callbacks=[saver, Kill()]).fit(_rl_stage(), _prompts())
+    resumed = _rl_stage()
+    checkpoint = next((tmp_path / "ckpt").glob("*step=2*"))
+    trainer(tmp_path / "second", 3, logger=False, enable_checkpointing=False).fit(
+        resumed, _prompts(), ckpt_path=checkpoint
+    )
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same rollouts (seeded by step) and the same updates"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"rl/reward", "rl/reward_std", "rl/answer_length", "rl/clip_fraction", "rl/no_signal", "rl/kl"} <= tags
+    assert len(events.Scalars("rl/reward")) == 3, "the reward curve: one point a step"
+    assert all(e.value > 0 for e in events.Scalars("rl/reward_std")), "every step had a signal to train on"
