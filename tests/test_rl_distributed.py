@@ -58,21 +58,21 @@ def _stage(algorithm: str) -> RLStage:
     context = load_tokenizer("shapes").token_to_id(IMG_CONTEXT)
     return SGDStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"),
                    image_context_id=context, rewards=[LengthReward()], rollout_engine=FixedAnswers(),
-                   algorithm=algorithm, group_size=GROUP, ppo_epochs=2, mini_batches=2, all_reduce_loss=True,
+                   algorithm=algorithm, group_size=GROUP, mini_batches=2, micro_batches=2, all_reduce_loss=True,
                    learning_rate=1e-3, warmup_steps=1)  # fmt: skip
 
 
 class Prompts(ShapesDataModule):
-    """Each step's prompts given in advance: ``rows`` of every step's PROMPTS."""
+    """Each step's prompts given in advance: ``rows`` of every step's PROMPTS, in that order."""
 
-    def __init__(self, rows: slice) -> None:
+    def __init__(self, rows: list[int]) -> None:
         super().__init__(task="prompts", tokenizer="shapes", system="")
         self.rows = rows
 
     def train_dataloader(self):
         dataset = self._dataset("train", 100, generation=True)
         collate = Collator(self.tokenizer.pad_id, left_pad=True)
-        batches = [collate([dataset[s * PROMPTS + i] for i in range(PROMPTS)[self.rows]]) for s in range(STEPS)]
+        batches = [collate([dataset[s * PROMPTS + i] for i in self.rows]) for s in range(STEPS)]
         return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
 
     def val_dataloader(self):
@@ -96,8 +96,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1)
         trainer = _trainer(Path(out_dir), strategy=strategy, devices=WORLD_SIZE)
         stage = _stage(algorithm)
-        half = PROMPTS // WORLD_SIZE
-        trainer.fit(stage, Prompts(slice(rank * half, (rank + 1) * half)))
+        trainer.fit(stage, Prompts([[0, 1], [2, 3]][rank]))
         results[algorithm] = _full_state(stage.model)
     if rank == 0:
         torch.save(results, Path(out_dir) / "ranks.pt")
@@ -121,10 +120,11 @@ def test_two_ranks_make_the_update_of_one_process_on_the_combined_rollouts(ranks
     torch.set_num_threads(1)
     try:
         stage = _stage(algorithm)
-        _trainer(tmp_path).fit(stage, Prompts(slice(0, PROMPTS)))
+        # Mini-batch k of the global rollout is each rank's k-th prompt: prompts 0 and 2, then 1 and 3.
+        _trainer(tmp_path).fit(stage, Prompts([0, 2, 1, 3]))
     finally:
         torch.set_num_threads(threads)
-    assert stage.global_step == STEPS * 2, "two passes (ppo_epochs) a rollout, one optimiser step each"
+    assert stage.global_step == STEPS * 2, "two mini-batches a rollout, one optimiser step each"
     weights = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
     initial = _stage(algorithm).build_model().state_dict()
     moved = max((weights[k] - initial[k]).abs().max().item() for k in weights if k.startswith("decoder."))

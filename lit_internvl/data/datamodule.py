@@ -18,7 +18,7 @@ from lit_internvl.data.templates import ChatTemplate, TemplateName
 from lit_internvl.data.tokenizer import load_tokenizer
 from lit_internvl.data.v2pe import V2PEMode, check_v2pe, eval_mode
 
-RecordsTask = Literal["chat", "pairs"]
+RecordsTask = Literal["chat", "pairs", "prompts"]
 
 
 class RecordsDataModule(SampleDataModule):
@@ -35,6 +35,10 @@ class RecordsDataModule(SampleDataModule):
       image is one ``tile_size`` tile: InternVL's random resized crop and flip for training (``augment``),
       a bicubic resize otherwise. Captions of one image share its ``caption_key``/``image_id``. Zero-shot
       classification uses ``class_names`` through each of ``prompt_templates``, in the ITC form (:meth:`text_ids`).
+    - ``"prompts"``: conversations as prompts to answer, in every split: the last answer left out (kept as
+      ``reference``; a record's ``meta`` travels with it), the assistant header ending the prompt, left-padded
+      (online RL: :class:`~lit_internvl.stages.RLStage`; a record ``{"image", "conversations": [question, answer],
+      "meta": {"answer": "..."}}``).
 
     Shards stream through litdata's ``StreamingDataLoader`` and jsonl records through a seeded
     sampler; both loaders' states are saved in Lightning checkpoints (:mod:`lit_internvl.data.resumable`):
@@ -142,8 +146,8 @@ class RecordsDataModule(SampleDataModule):
             raise ValueError(
                 f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample"
             )
-        if pack and task == "pairs":
-            raise ValueError("pairs are not packed (each is one image and its captions); set pack: false")
+        if pack and task in ("pairs", "prompts"):
+            raise ValueError(f"task {task} is not packed; set pack: false")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
@@ -183,22 +187,23 @@ class RecordsDataModule(SampleDataModule):
         h = self.hparams
         if h.task == "pairs":
             return PairCollator(self.tokenizer.pad_id)
+        if h.task == "prompts":
+            return Collator(self.tokenizer.pad_id, left_pad=True)
         return Collator(self.tokenizer.pad_id, h.pack, h.max_tokens, h.max_tiles_per_row)
 
     def _dataset(self, source: str, train: bool):
         h = self.hparams
         shuffle = h.shuffle and train
+        builder = self.sample_builder(train, generation=h.task == "prompts")
         if is_shards(source):
             if h.task == "pairs":
                 return StreamingPairs(
                     source, self.pair_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
                 )
-            return StreamingSamples(
-                source, self.sample_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
-            )
+            return StreamingSamples(source, builder, shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
         if h.task == "pairs":
             return JsonlPairs(dataset_specs(source, h.image_root, h.allow_absolute_paths), self.pair_builder(train))
-        return JsonlSamples(source, self.sample_builder(train), h.image_root, h.allow_absolute_paths)
+        return JsonlSamples(source, builder, h.image_root, h.allow_absolute_paths)
 
     def _mixture(self, sources: list[str]):
         """Several training sources as one data set in the proportions of ``weights``."""

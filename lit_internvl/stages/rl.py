@@ -27,7 +27,9 @@ class RLStage(VisionLanguageStage):
     prompt, any mix of tile counts: :mod:`lit_internvl.inference.rollout`), scores them with the rewards, and
     optimises the policy on group-relative advantages (:func:`~lit_internvl.losses.group_advantages`,
     :func:`~lit_internvl.losses.policy_loss`), as verl's ``ray_trainer`` step: rollout → old log-probs → advantages
-    → ``ppo_epochs`` passes, each split into ``mini_batches`` whose gradients accumulate into one optimiser step.
+    → ``ppo_epochs`` passes, each over ``mini_batches`` of the rollout's prompts with one optimiser step each, a
+    mini-batch's gradient accumulated over ``micro_batches`` (verl's ``ppo_mini_batch_size`` and
+    ``ppo_micro_batch_size``).
 
     π_old is the sampling policy (its log-probs computed before the first update), so the first pass starts at
     ratio 1. Every forward of a step runs in eval mode (no drop-path: sampling and the ratio see the same
@@ -49,7 +51,9 @@ class RLStage(VisionLanguageStage):
         clip_low, clip_high: ε of the ratio's clip range ``[1 − ε_low, 1 + ε_high]``.
         kl_weight: β of the k3 KL term to a frozen copy of the starting policy (0: none, InternVL3.5's setting).
         max_log_ratio: GSPO's clamp of the log sequence ratio.
-        ppo_epochs, mini_batches: μ optimisation passes over each rollout, each in this many prompt mini-batches.
+        ppo_epochs, mini_batches, micro_batches: μ optimisation passes over each rollout; each pass takes this many
+            optimiser steps, on as many mini-batches of prompts, each mini-batch's gradient accumulated over this
+            many micro-batches (InternVL3.5-1B's script: 512 prompts a rollout in mini-batches of 32: 16 steps).
         rollout_temperature, rollout_top_p: sampling of the rollouts (``max_new_tokens`` bounds an answer).
         gradient_clip: the gradient-norm clip of each optimiser step (manual optimisation: not the Trainer's).
         rollout_engine: how answers are sampled (default :class:`~lit_internvl.inference.rollout.BuiltinSampler`).
@@ -73,6 +77,7 @@ class RLStage(VisionLanguageStage):
         max_log_ratio: float = 10.0,
         ppo_epochs: int = 1,
         mini_batches: int = 1,
+        micro_batches: int = 1,
         rollout_temperature: float = 1.0,
         rollout_top_p: float = 1.0,
         gradient_clip: float | None = 1.0,
@@ -90,8 +95,10 @@ class RLStage(VisionLanguageStage):
                 f"model.init_args.reward_weights has {len(weights)} entries for {len(self.rewards)} rewards"
             )
         self.reward_weights = [float(w) for w in weights]
-        if group_size < 1 or ppo_epochs < 1 or mini_batches < 1:
-            raise ValueError("model.init_args.group_size, ppo_epochs and mini_batches must be at least 1")
+        if min(group_size, ppo_epochs, mini_batches, micro_batches) < 1:
+            raise ValueError(
+                "model.init_args.group_size, ppo_epochs, mini_batches and micro_batches must be at least 1"
+            )
         self.engine = rollout_engine or BuiltinSampler()
         self._reference: list[nn.Module] = []  # kept out of the module tree, as MPOStage's
         self.accuracy = nn.ModuleDict()
@@ -187,23 +194,25 @@ class RLStage(VisionLanguageStage):
                 if self._reference
                 else None
             )
-        count = answer_mask.sum() if h.algorithm == "grpo" else answer_mask.any(dim=1).sum()
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        chunks = [c.tolist() for c in torch.arange(prompts).chunk(h.mini_batches)]
         for _ in range(h.ppo_epochs):
-            for chunk in chunks:
-                rows = [i * g + k for i in chunk for k in range(g)]
-                log_probs = self.answer_log_probs(self.model, batch, answers, answer_mask, chunk)
-                loss, stats = policy_loss(
-                    log_probs, old[rows], advantages[rows], answer_mask[rows], h.algorithm, h.clip_low, h.clip_high,
-                    ref_log_probs=None if ref is None else ref[rows], kl_weight=h.kl_weight,
-                    max_log_ratio=h.max_log_ratio, all_reduce=h.all_reduce_loss, count=count,
-                )  # fmt: skip
-                self.manual_backward(loss)
-            if h.gradient_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=h.gradient_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
-            optimizer.zero_grad()
+            for mini in torch.arange(prompts).chunk(h.mini_batches):
+                mini_rows = [i * g + k for i in mini.tolist() for k in range(g)]
+                # The mini-batch's normaliser: its answer tokens (GRPO's token mean) or answers (GSPO's sequence mean).
+                count = answer_mask[mini_rows].sum() if h.algorithm == "grpo" else answer_mask[mini_rows].any(1).sum()
+                for micro in mini.chunk(h.micro_batches):
+                    rows = [i * g + k for i in micro.tolist() for k in range(g)]
+                    log_probs = self.answer_log_probs(self.model, batch, answers, answer_mask, micro.tolist())
+                    loss, stats = policy_loss(
+                        log_probs, old[rows], advantages[rows], answer_mask[rows], h.algorithm, h.clip_low,
+                        h.clip_high, ref_log_probs=None if ref is None else ref[rows], kl_weight=h.kl_weight,
+                        max_log_ratio=h.max_log_ratio, all_reduce=h.all_reduce_loss, count=count,
+                    )  # fmt: skip
+                    self.manual_backward(loss)
+                if h.gradient_clip:
+                    self.clip_gradients(optimizer, gradient_clip_val=h.gradient_clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
         if scheduler is not None:
             scheduler.step()
         self.model.train(was_training)
