@@ -206,3 +206,16 @@ def test_an_rl_run_killed_and_resumed_samples_and_trains_what_the_whole_run_does
     assert {"rl/reward", "rl/reward_std", "rl/answer_length", "rl/clip_fraction", "rl/no_signal", "rl/kl"} <= tags
     assert len(events.Scalars("rl/reward")) == 3, "the reward curve: one point a step"
     assert all(e.value > 0 for e in events.Scalars("rl/reward_std")), "every step had a signal to train on"
+
+
+def test_the_real_size_rl_recipe_parses_and_builds_on_meta():
+    from pathlib import Path
+
+    from lit_internvl.rewards import ExactMatch
+    from lit_internvl.stages import RLStage
+    from tests.recipes import stage_on_meta
+
+    stage = stage_on_meta(Path(__file__).resolve().parents[1] / "recipes/internvl3_1b/rl.yaml")
+    assert isinstance(stage, RLStage) and stage.hparams.algorithm == "gspo" and stage.hparams.group_size == 16
+    assert [type(r) for r in stage.rewards] == [ExactMatch] and stage.hparams.kl_weight == 0.0
+    assert sum(p.numel() for p in stage.model.decoder.parameters()) > 4e8, "InternVL3-1B's decoder"
