@@ -1,0 +1,188 @@
+"""The process-reward critic (VisualPRM): its conversation and label mask, step records, one-pass scoring, batched
+Best-of-N sampling, the multi-step shapes data, the critic stage and its commands."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
+from lit_internvl.data.collate import Collator
+from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, label_ids, split_steps, tokenize_critic
+from lit_internvl.data.records import BadRecord, DatasetSpec, SkipCounter, index_records, parse_record, read_record
+from lit_internvl.data.samples import SampleBuilder, SampleOptions
+from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.inference import generate
+from lit_internvl.inference.best_of_n import final_answer, majority_vote, sample_n
+from lit_internvl.inference.critic import aggregate, critic_batch, score_steps
+from lit_internvl.losses import IGNORE_INDEX
+from lit_internvl.models import VisionLanguageModel
+
+RECORD = {
+    "image": "scene.png",
+    "question": "Are there more red or blue objects?",
+    "steps": ["2 red objects", "3 blue objects", "Answer: blue"],
+    "labels": ["+", "-", "-"],
+}
+
+
+def _tiny_model(tokenizer: ByteTokenizer, seed: int = 0) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    vision, decoder = InternViT("tiny"), Decoder("tiny")
+    connector = PixelShuffleMLP(vision.hidden_size, decoder.hidden_size)
+    model = VisionLanguageModel(vision, connector, decoder, tokenizer.token_to_id(IMG_CONTEXT))
+    return model.eval()
+
+
+# -- the conversation ------------------------------------------------------------------------------------------
+
+
+def test_three_step_conversation_and_mask_equal_the_hand_written_ones():
+    tokenizer = ByteTokenizer()
+    turns = critic_turns(RECORD["question"], RECORD["steps"], RECORD["labels"])
+    ids, labels = tokenize_critic(turns, tokenizer, "internvl2_5", [2], system="Judge each step.")
+    expected = (
+        "<|im_start|>system\nJudge each step.<|im_end|>\n"
+        "<|im_start|>user\n### Question:\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nAre there more red or blue objects?"
+        "\n\n### Solution Process:\n2 red objects<|im_end|>\n<|im_start|>assistant\n+<|im_end|>\n"
+        "<|im_start|>user\n3 blue objects<|im_end|>\n<|im_start|>assistant\n-<|im_end|>\n"
+        "<|im_start|>user\nAnswer: blue<|im_end|>\n<|im_start|>assistant\n-<|im_end|>\n"
+    )
+    assert tokenizer.decode(ids) == expected
+    # The mask by hand: the byte tokenizer gives one id per character and per special token, so the trained ids
+    # are the answer characters right after each "<|im_start|>assistant\n" (and not the <|im_end|> after them).
+    header = "<|im_start|>assistant\n"
+    ends = [i + len(header) for i in range(len(expected)) if expected.startswith(header, i)]
+    positions = [len(tokenizer.encode(expected[:end])) for end in ends]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert trained == positions
+    assert [tokenizer.decode([ids[i]]) for i in trained] == ["+", "-", "-"]
+    assert [labels[i] for i in trained] == [ids[i] for i in trained]
+
+
+def test_the_default_system_prompt_is_visualprms():
+    assert PRM_SYSTEM_PROMPT.startswith("You are an advanced AI assistant, designed to serve as a process supervision")
+    assert 'Respond with **"+"** if you believe the solution process is correct up to this step.' in PRM_SYSTEM_PROMPT
+    tokenizer = ByteTokenizer()
+    ids, _ = tokenize_critic(critic_turns("q", ["s"], images=0), tokenizer)
+    assert tokenizer.decode(ids).startswith(f"<|im_start|>system\n{PRM_SYSTEM_PROMPT}<|im_end|>\n")
+
+
+def test_steps_split_on_blank_lines():
+    assert split_steps("a\n\nb\nc\n\n\n\nAnswer: d\n") == ["a", "b\nc", "Answer: d"]
+    assert final_answer("2 red objects\n\nAnswer: Red.") == "red"
+    assert final_answer("no steps answer") == "no steps answer"
+
+
+# -- records -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"labels": ["+", "-"]}, "malformed record"),  # a label per step
+        ({"labels": ["+", "ok", "-"]}, "malformed record"),
+        ({"steps": []}, "malformed record"),
+        ({"steps": ["a", "", "c"]}, "malformed record"),
+        ({"question": 3}, "malformed record"),
+        ({"question": "<image> and <image>"}, "placeholder mismatch"),
+    ],
+)
+def test_bad_steps_records_are_named_and_counted(tmp_path, change, reason):
+    with pytest.raises(BadRecord, match=f"steps.jsonl:2: {reason}"):
+        parse_record({**RECORD, **change}, "steps.jsonl:2")
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, **change}) + "\n")
+    skips = SkipCounter()
+    items = index_records(DatasetSpec("d", path, tmp_path), strict=False, skips=skips)
+    assert len(items) == 1 and skips.counts == {reason: 1}
+    with pytest.raises(BadRecord, match="steps.jsonl:2"):
+        index_records(DatasetSpec("d", path, tmp_path), strict=True, skips=SkipCounter())
+
+
+def test_a_steps_record_becomes_the_critic_sample(tmp_path):
+    from lit_internvl.data.shapes import ShapesWorld
+
+    ShapesWorld(28).pair(0)["image"].save(tmp_path / "scene.png")
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps(RECORD) + "\n")
+    record = read_record(index_records(DatasetSpec("d", path, tmp_path), True, SkipCounter())[0])
+    assert record.kind == "steps"
+    tokenizer = ByteTokenizer()
+    options = SampleOptions(tokens_per_tile=1, tile_size=28, max_tiles=1, use_thumbnail=False)
+    sample = SampleBuilder(tokenizer, options)(record)
+    turns = critic_turns(RECORD["question"], RECORD["steps"], RECORD["labels"])
+    assert sample["input_ids"].tolist() == tokenize_critic(turns, tokenizer, "internvl2_5", [1])[0]
+    assert PRM_SYSTEM_PROMPT in tokenizer.decode(sample["input_ids"].tolist())  # no system option: VisualPRM's
+    assert sample["meta"]["labels"] == RECORD["labels"] and "steps.jsonl" not in sample["meta"]["group"]
+
+
+# -- scoring -----------------------------------------------------------------------------------------------------
+
+
+def test_one_forward_step_scores_equal_growing_prefix_scores():
+    tokenizer = ByteTokenizer()
+    model = _tiny_model(tokenizer)
+    options = SampleOptions(tokens_per_tile=model.tokens_per_tile(), tile_size=model.tile_size, system="Judge.")
+    pixels = torch.randn(1, 3, model.tile_size, model.tile_size, generator=torch.Generator().manual_seed(3))
+    solutions = [RECORD["steps"], ["1 red object", "Answer: red"]]
+    batch = critic_batch(tokenizer, options, RECORD["question"], solutions, pixels)  # two rows, right-padded
+    plus, minus = label_ids(tokenizer)
+    scores = score_steps(model, batch, plus, minus)
+    assert [len(row) for row in scores] == [3, 2]
+    counts = [model.tokens_per_tile()]
+    for solution, row in zip(solutions, scores):
+        for k in range(1, len(solution) + 1):
+            # The k-th prefix alone: question, steps 1..k, the k-1 answers before, ending with the assistant header.
+            turns = critic_turns(RECORD["question"], solution[:k])
+            ids, labels = tokenize_critic(turns, tokenizer, "internvl2_5", counts, "Judge.")
+            prefix = torch.tensor([ids[: max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]])
+            with torch.no_grad():
+                logits = model(prefix, pixels)[0, -1]
+            expected = torch.softmax(logits[[plus, minus]], dim=-1)[0].item()
+            assert abs(row[k - 1] - expected) <= 1e-5, (k, row[k - 1], expected)
+
+
+def test_aggregates():
+    assert aggregate([0.2, 0.8, 0.5]) == pytest.approx(0.5)
+    assert aggregate([0.2, 0.8, 0.5], "min") == 0.2 and aggregate([0.2, 0.8, 0.5], "last") == 0.5
+    assert aggregate([], "mean") == 0.0
+    with pytest.raises(ValueError, match="median"):
+        aggregate([0.5], "median")
+
+
+def test_majority_vote_counts_final_answers():
+    responses = ["1 red\n\nAnswer: red", "x\n\nAnswer: blue", "y\n\nAnswer: Blue", "z\n\nAnswer: red."]
+    assert majority_vote(responses) == 0  # red 2, blue 2: the answer met first
+    assert majority_vote(responses[1:]) == 0  # blue 2, red 1
+
+
+# -- Best-of-N sampling ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 0.9), (0.0, 1.0)])
+def test_n_in_one_batch_equal_n_seeded_samplings_and_the_vision_tower_runs_once(temperature, top_p):
+    tokenizer = ByteTokenizer()
+    model = _tiny_model(tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    tokens = model.tokens_per_tile()
+    prompt = torch.cat([
+        torch.randint(0, 256, (1, 5), generator=generator), torch.full((1, tokens), model.image_context_id),
+        torch.randint(0, 256, (1, 4), generator=generator),
+    ], dim=1)  # fmt: skip
+    pixels = torch.randn(1, 3, model.tile_size, model.tile_size, generator=generator)
+    calls = []
+    hook = model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    seeds = [11, 12, 13, 14, 15, 16]
+    # An end token the model reaches in some rows and not others (rows finish at different steps).
+    batched = sample_n(model, prompt, pixels, [1], seeds, max_new_tokens=16, eos_id=40, temperature=temperature,
+                       top_p=top_p)  # fmt: skip
+    assert calls == [1], "the vision tower ran once, on the one tile of the prompt"
+    hook.remove()
+    for seed, row in zip(seeds, batched):
+        alone = generate(model, prompt, None, pixels, [1], max_new_tokens=16, eos_id=40, temperature=temperature,
+                         top_p=top_p, generator=torch.Generator().manual_seed(seed))[0]  # fmt: skip
+        assert row == alone
+    if temperature:
+        assert len({tuple(row) for row in batched}) > 1, "different seeds draw different answers"
