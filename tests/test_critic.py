@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
-from lit_internvl.data.collate import Collator
 from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, label_ids, split_steps, tokenize_critic
 from lit_internvl.data.records import BadRecord, DatasetSpec, SkipCounter, index_records, parse_record, read_record
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
@@ -186,3 +185,135 @@ def test_n_in_one_batch_equal_n_seeded_samplings_and_the_vision_tower_runs_once(
         assert row == alone
     if temperature:
         assert len({tuple(row) for row in batched}) > 1, "different seeds draw different answers"
+
+
+# -- the multi-step shapes data ----------------------------------------------------------------------------------
+
+
+def _true_steps(qa: dict, size: int) -> list[str]:
+    """The solution written again from the scene's objects alone (not from the generator's facts)."""
+    objects = qa["objects"]
+    if qa["type"] == "compare":
+        words = qa["question"].split()  # "Are there more {a} or {b} objects?"
+        a, b = words[3], words[5]
+        counts = [sum(o.colour == c for o in objects) for c in (a, b)]
+        name = [f"{n} {c} object{'' if n == 1 else 's'}" for n, c in zip(counts, (a, b))]
+        return [*name, f"Answer: {a if counts[0] > counts[1] else b}"]
+    shape = qa["question"].removeprefix("Where is the ").removesuffix("?")
+    (target,) = [o for o in objects if o.shape == shape]
+    region = target.region(size)
+    return [f"the {shape} is {target.colour}", f"the {target.colour} {shape} is at the {region}", f"Answer: {region}"]
+
+
+def test_multi_step_solutions_and_their_labels_follow_the_scene():
+    from lit_internvl.data.shapes.steps import corrupted, reasoning
+    from lit_internvl.data.shapes.world import ShapesWorld
+
+    world = ShapesWorld(84, 0, "val")
+    kinds, right_after_corruption = set(), 0
+    for index in range(60):
+        qa = reasoning(world, index)
+        kinds.add(qa["type"])
+        truth = _true_steps(qa, 84)
+        assert qa["steps"] == truth and qa["answer"] == truth[-1].removeprefix("Answer: ")
+        steps, labels = corrupted(world, index, qa)
+        wrong = next(i for i, (step, true) in enumerate(zip(steps, truth)) if step != true)
+        assert labels == ["+"] * wrong + ["-"] * (3 - wrong), (steps, truth, labels)
+        right_after_corruption += steps[-1] == truth[-1]
+    assert kinds == {"compare", "locate"}
+    assert 0 < right_after_corruption < 60, "some corrupted solutions still reach the right answer, not all"
+
+
+# -- the stage and the commands ----------------------------------------------------------------------------------
+
+TINY = {"trainer": {"max_epochs": 1, "enable_progress_bar": False, "logger": False, "limit_val_batches": 1},
+        "data": {"train_size": 8, "val_size": 4, "batch_size": 4, "num_workers": 0}}  # fmt: skip
+
+
+def _recipe(tmp_path: Path, name: str, **model) -> Path:
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / name).read_text())
+    root = tmp_path / Path(name).stem
+    recipe["trainer"].update(TINY["trainer"], default_root_dir=str(root))
+    recipe["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(root / "checkpoints")
+    recipe["data"]["init_args"].update(TINY["data"])
+    recipe["model"]["init_args"].update(max_new_tokens=6, **model)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_best_of_n(tmp_path, capsys):
+    """The README's critic section, with tiny overrides: fit the policy, fit the critic from it, predict with
+    Best-of-N (every candidate and its step scores in predictions.jsonl), chat with --best-of, the benchmark."""
+    from lit_internvl.cli import main
+
+    policy = _recipe(tmp_path, "sft_steps.yaml")
+    main(["fit", "--config", str(policy)])
+    policy_ckpt = tmp_path / "sft_steps" / "checkpoints" / "last.ckpt"
+    critic = _recipe(tmp_path, "critic.yaml", init_from=str(policy_ckpt))
+    cli = main(["fit", "--config", str(critic)])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/step_accuracy", "val/ranking_accuracy", "val/loss"} <= set(metrics)
+    assert (
+        0.5 <= cli.model.chance_levels["val/step_accuracy"] < 1
+        and cli.model.chance_levels["val/ranking_accuracy"] == 0.5
+    )
+    critic_ckpt = tmp_path / "critic" / "checkpoints" / "last.ckpt"
+
+    # init_from, not --ckpt_path: Lightning's CLI puts a --ckpt_path checkpoint's hyper-parameters (best_of 1, no
+    # critic) over the command line's.
+    main(["predict", "--config", str(policy), "--model.init_args.init_from", str(policy_ckpt),
+          "--model.init_args.best_of", "3", "--model.init_args.critic", str(critic_ckpt),
+          "--model.init_args.temperature", "1.0"])  # fmt: skip
+    lines = [json.loads(line) for line in (tmp_path / "sft_steps" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        assert len(line["candidates"]) == 3 and line["answer"] == line["candidates"][line["best"]]["answer"]
+        scores = [c["score"] for c in line["candidates"]]
+        assert line["best"] == scores.index(max(scores))
+        for candidate in line["candidates"]:
+            assert len(candidate["step_scores"]) == len(split_steps(candidate["answer"]))
+            assert all(0 <= s <= 1 for s in candidate["step_scores"])
+
+    from lit_internvl.data.shapes.steps import reasoning
+    from lit_internvl.data.shapes.world import ShapesWorld
+
+    qa = reasoning(ShapesWorld(84, 0, "test"), 0)
+    qa["image"].save(tmp_path / "scene.png")
+    capsys.readouterr()
+    answer = main(["chat", "--config", str(policy), "--checkpoint", str(policy_ckpt), "--best-of", "3", "--critic",
+                   str(critic_ckpt), "--critic-config", str(critic), "--image", str(tmp_path / "scene.png"),
+                   "--max-new-tokens", "6", qa["question"]])  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out.strip() == answer.strip() and out.err.count("candidate ") >= 3
+
+    import benchmarks.best_of_n as benchmark
+
+    result = benchmark.main(["--policy", str(policy_ckpt), "--critic", str(critic_ckpt), "--policy-config",
+                             str(policy), "--critic-config", str(critic), "--questions", "2", "--n", "2",
+                             "--max-new-tokens", "6", "--step-samples", "4"])  # fmt: skip
+    assert set(result["accuracy"]) == {"greedy", "majority", "best_of", "oracle"}
+    assert result["accuracy"]["oracle"] >= max(result["accuracy"]["majority"], result["accuracy"]["best_of"])
+    assert "| greedy |" in capsys.readouterr().out
+
+
+def test_prepare_writes_steps_records_as_shards_that_read_back_as_the_jsonl(tmp_path):
+    from lit_internvl.cli import main
+    from lit_internvl.data import RecordsDataModule
+    from lit_internvl.data.shapes import ShapesWorld
+
+    ShapesWorld(28).pair(0)["image"].save(tmp_path / "scene.png")
+    path = tmp_path / "steps.jsonl"
+    path.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, "labels": ["+"]}) + "\n")  # the second is bad
+    main(["prepare", "--input", str(path), "--output", str(tmp_path / "shards")])
+
+    def first(train: str) -> dict:
+        dm = RecordsDataModule(train=train, tokens_per_tile=1, tile_size=28, max_tiles=1, batch_size=1, system="S")
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    jsonl, shards = first(str(path)), first(str(tmp_path / "shards"))
+    assert torch.equal(jsonl["input_ids"], shards["input_ids"]) and torch.equal(jsonl["labels"], shards["labels"])
+    assert torch.equal(jsonl["pixel_values"], shards["pixel_values"])

@@ -66,8 +66,8 @@ def _locate_steps(shape: str, colour: str, region: str) -> list[str]:
 
 
 def reasoning(world: ShapesWorld, index: int) -> dict:
-    """Question ``index`` of ``world``'s split: ``{image, question, answer, steps, type, facts}`` (``steps``: the
-    correct solution; ``facts``: what the steps state, for :func:`corrupted`)."""
+    """Question ``index`` of ``world``'s split: ``{image, question, answer, steps, type, facts, objects}`` (``steps``:
+    the correct solution; ``facts``: what the steps state, for :func:`corrupted`; ``objects``: the scene's)."""
     kind = REASONING_TYPES[int(world.rng(index, "reasoning").integers(len(REASONING_TYPES)))]
     if kind == "compare":
         objects, facts, rng = _compare_scene(world, index)
@@ -80,7 +80,8 @@ def reasoning(world: ShapesWorld, index: int) -> dict:
         question, steps = f"Where is the {target.shape}?", _locate_steps(**facts)
     answer = steps[-1].removeprefix("Answer: ")
     image = world.render(objects, rng)
-    return {"image": image, "question": question, "answer": answer, "steps": steps, "type": kind, "facts": facts}
+    return {"image": image, "question": question, "answer": answer, "steps": steps, "type": kind, "facts": facts,
+            "objects": objects}  # fmt: skip
 
 
 def corrupted(world: ShapesWorld, index: int, sample: dict) -> tuple[list[str], list[str]]:
