@@ -317,3 +317,54 @@ def test_prepare_writes_steps_records_as_shards_that_read_back_as_the_jsonl(tmp_
     jsonl, shards = first(str(path)), first(str(tmp_path / "shards"))
     assert torch.equal(jsonl["input_ids"], shards["input_ids"]) and torch.equal(jsonl["labels"], shards["labels"])
     assert torch.equal(jsonl["pixel_values"], shards["pixel_values"])
+
+
+# -- real checkpoints --------------------------------------------------------------------------------------------
+
+
+def _plus_minus_tokenizer(folder: Path) -> None:
+    """tests/test_hf.py's word-level tokenizer with ``+`` and ``-`` among its words (ids 138, 139), the special
+    tokens at the same ids (``<IMG_CONTEXT>`` 145)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {**{f"w{i}": i for i in range(138)}, "+": 138, "-": 139}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+
+
+def test_scoring_a_tiny_transformers_folder_gives_transformers_step_probabilities(tmp_path):
+    """The scoring path of ``--critic hf:/folder`` (recipes/internvl3_1b/critic.yaml's start) on a tiny
+    transformers InternVL folder: each step's P(+) equals the two-way softmax of transformers' own logits."""
+    from lit_internvl.data.records import Record
+    from lit_internvl.data.shapes import ShapesWorld
+    from lit_internvl.inference import load_hf_chat_model
+    from lit_internvl.inference.critic import score_solutions
+    from tests.test_hf import IMAGE_SIZE, _transformers_model
+
+    reference = _transformers_model("qwen2", "300m", tie=False)
+    reference.save_pretrained(str(tmp_path))
+    _plus_minus_tokenizer(tmp_path)
+    critic, builder = load_hf_chat_model(f"hf:{tmp_path}")
+    ShapesWorld(IMAGE_SIZE).pair(0)["image"].save(tmp_path / "scene.png")
+    turns = [{"from": "human", "value": "w1 w2"}]
+    pixels = builder(Record("conversation", "q", {"conversations": turns}, [str(tmp_path / "scene.png")]))[
+        "pixel_values"
+    ]
+    solutions = [["w3 w4", "w5 w6", "w7"], ["w8"]]
+    scores = score_solutions(critic.eval(), builder.tokenizer, builder.options, "w1 w2", solutions, pixels)
+    plus, minus = label_ids(builder.tokenizer)
+    assert (plus, minus) == (138, 139)
+    batch = critic_batch(builder.tokenizer, builder.options, "w1 w2", solutions, pixels)
+    for row, expected_steps in enumerate(scores):
+        real = batch["attention_mask"][row] == 1
+        ids, labels = batch["input_ids"][row][real], batch["labels"][row][real]
+        with torch.no_grad():
+            logits = reference(input_ids=ids[None], pixel_values=pixels).logits[0]
+        before = (labels != IGNORE_INDEX).nonzero().flatten() - 1  # the logits that predict each answer
+        expected = torch.softmax(logits[before][:, [plus, minus]], dim=-1)[:, 0]
+        assert len(expected_steps) == len(solutions[row])
+        assert torch.allclose(torch.tensor(expected_steps), expected, atol=1e-5), (expected_steps, expected)
