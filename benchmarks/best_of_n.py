@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--critic-config", default="recipes/critic.yaml")
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--step-samples", type=int, default=400, help="held-out step records for the step accuracy")
     parser.add_argument("--seed", type=int, default=0)

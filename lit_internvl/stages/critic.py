@@ -15,13 +15,14 @@ from lit_internvl.data.critic import GOOD, label_ids
 from lit_internvl.inference.critic import Aggregate, aggregate, step_probabilities
 from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets
 from lit_internvl.stages.base import ModuleFactory
-from lit_internvl.stages.vision_language import VisionLanguageStage
+from lit_internvl.stages.sft import SFTStage
 
 
-class CriticStage(VisionLanguageStage):
-    """Trains the critic on next-token prediction of the ``+``/``-`` answers only (the samples' labels mark
-    nothing else: steps records through :class:`~lit_internvl.data.samples.SampleBuilder`). It starts, as VisualPRM
-    starts from InternVL2.5-8B, from a chat model: ``init_from`` an SFT run's ``.ckpt`` or ``hf:/folder``.
+class CriticStage(SFTStage):
+    """Trains the critic with :class:`SFTStage`'s training step, next-token prediction of the labelled tokens, which
+    for steps records (:class:`~lit_internvl.data.samples.SampleBuilder`) are the ``+``/``-`` answers only: VisualPRM
+    is a chat model fine-tuned on its conversations. It starts, as VisualPRM starts from InternVL2.5-8B, from a chat
+    model: ``init_from`` an SFT run's ``.ckpt`` or ``hf:/folder``.
 
     Validation logs ``val/loss``; ``val/step_accuracy``, whether P(``+``) > 0.5 agrees with each step's label, beside
     its chance level, the share of the more common label (answering it always); and ``val/ranking_accuracy``: over
@@ -29,7 +30,7 @@ class CriticStage(VisionLanguageStage):
     ``meta["group"]``), the share of (correct, flawed) pairs whose scores (``aggregate`` of the steps) put the
     correct one higher (ties count half; chance 0.5). The ranking is computed over each rank's own samples.
 
-    Args (beyond :class:`VisionLanguageStage`'s, which ``options`` passes on):
+    Args (beyond :class:`~lit_internvl.stages.vision_language.VisionLanguageStage`'s, which ``options`` passes on):
         aggregate: how a solution's score is made of its steps' P(``+``): ``mean`` (VisualPRM), ``min``, ``last``.
     """
 
@@ -46,15 +47,6 @@ class CriticStage(VisionLanguageStage):
         self.good_steps, self.steps = SumMetric(), SumMetric()
         self.ranking_accuracy = MeanMetric()
         self._solutions: dict[str, list[tuple[bool, float]]] = defaultdict(list)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"] is None:  # every sample of the batch was a skipped bad record
-            return None
-        logits = self.forward_batch(batch)
-        h = self.hparams
-        loss = language_model_loss(logits, batch["labels"], batch["document_ids"], h.loss_reduction, h.all_reduce_loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["sample_names"]))
-        return loss
 
     # -- evaluation ---------------------------------------------------------------------------
 
