@@ -118,6 +118,8 @@ def map_texts(kind: str, fields: dict, fn: Callable[[str], str]) -> dict:
         fields["texts"] = [fn(text) for text in fields["texts"]]
     elif kind == "preference":
         fields.update({key: each(fields[key]) for key in ("question", "chosen", "rejected")})
+    elif kind == "steps":
+        fields.update(question=fn(fields["question"]), steps=[fn(step) for step in fields["steps"]])
     else:  # pair (one caption, or several in "texts"), text
         key = "text" if "text" in fields else "texts"
         fields[key] = each(fields[key])

@@ -10,6 +10,8 @@ conversation   ``{"image": path | [paths] (optional), "conversations": [{"from",
 interleaved    ``{"images": [paths], "texts": [str]}``; the texts hold one ``<image>`` per image
 text           ``{"text": str}``
 preference     ``{"image": path, "question": str, "chosen": str, "rejected": str}``
+steps          ``{"image": path (optional), "question": str, "steps": [str], "labels": ["+" | "-"]}``
+               (a solution step by step, each step judged: a process-reward critic's data)
 =============  ==========================================================================
 
 A meta file lists datasets as InternVL's do: ``{name: {"root", "annotation", "repeat_time",
@@ -38,13 +40,15 @@ from lit_internvl.data.images import DEFAULT_MAX_PIXELS, UnusableImage, open_ima
 
 log = logging.getLogger(__name__)
 
-RecordKind = Literal["pair", "conversation", "interleaved", "text", "preference"]
+RecordKind = Literal["pair", "conversation", "interleaved", "text", "preference", "steps"]
 KINDS: tuple[RecordKind, ...] = get_args(RecordKind)
 # Where an image (or a video's frames) goes in a record's text; the chat template expands it.
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 # Who speaks a conversation turn (its "from"): the system message, the user, the assistant.
 Role = Literal["system", "human", "gpt"]
 ROLES: tuple[Role, ...] = get_args(Role)
+# A step of a steps record is judged correct so far ("+") or not ("-"): the critic's two answers.
+STEP_LABELS = ("+", "-")
 
 
 # Every reason a record is skipped for, where it is found, what it means. A skip is counted as
@@ -110,11 +114,13 @@ def detect_kind(obj: dict) -> str:
         return "conversation"
     if "chosen" in obj or "rejected" in obj:
         return "preference"
+    if "steps" in obj:
+        return "steps"
     if "texts" in obj:  # one image (a path) and several captions is a pair; a document has "images"
         return "pair" if isinstance(obj.get("image"), str) and "images" not in obj else "interleaved"
     if "text" in obj:
         return "pair" if "image" in obj else "text"
-    raise ValueError("has none of the fields 'conversations', 'chosen'/'rejected', 'texts', 'text'")
+    raise ValueError("has none of the fields 'conversations', 'chosen'/'rejected', 'steps', 'texts', 'text'")
 
 
 def _strings(value, what: str) -> list[str]:
@@ -169,6 +175,8 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
                 raise _placeholder_mismatch(name, placeholders, len(images))
         elif kind == "text":
             _strings(obj["text"], "'text'")
+        elif kind == "steps":
+            images = _parse_steps(obj, name)
         else:
             for key in ("image", "question", "chosen", "rejected"):
                 if key not in obj:
@@ -186,6 +194,22 @@ def parse_record(obj, name: str, max_tiles: int | None = None) -> Record:
         raise BadRecord(name, "malformed record", str(error)) from None
 
 
+def _parse_steps(obj: dict, name: str) -> list[str]:
+    """A step-labelled record's checks (:mod:`lit_internvl.data.critic`); returns its image paths."""
+    question, steps, labels = obj.get("question"), obj["steps"], obj.get("labels")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"a steps record needs a non-empty 'question' string, got {question!r}")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise ValueError(f"'steps' must be a non-empty list of non-empty strings, got {steps!r}")
+    if not isinstance(labels, list) or len(labels) != len(steps) or not all(label in STEP_LABELS for label in labels):
+        raise ValueError(f"'labels' must be one of {STEP_LABELS} per step ({len(steps)} steps), got {labels!r}")
+    images = _strings(obj["image"], "'image'") if "image" in obj else []
+    placeholders = question.count(IMAGE_PLACEHOLDER) + sum(s.count(IMAGE_PLACEHOLDER) for s in steps)
+    if placeholders != len(images) and not (placeholders == 0 and len(images) == 1):
+        raise _placeholder_mismatch(name, placeholders, len(images))
+    return images
+
+
 def check_something_to_train(record: Record) -> None:
     """Raise :class:`BadRecord` ``nothing to train`` when every text a record would train is blank:
     all of a conversation's answers, a preference's chosen answer, an interleaved document's text
@@ -198,7 +222,7 @@ def check_something_to_train(record: Record) -> None:
         trained = [fields["chosen"]]
     elif record.kind == "interleaved":
         trained = [t.replace(IMAGE_PLACEHOLDER, "") for t in fields["texts"]]
-    else:  # pair, text: a blank text is already a malformed record
+    else:  # pair, text, steps: a blank text (question, step) is already a malformed record
         return
     if not any(text.strip() for text in trained):
         what = {"conversation": "every answer", "preference": "the chosen answer", "interleaved": "all text"}

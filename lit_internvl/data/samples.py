@@ -9,7 +9,8 @@
 - interleaved: the document's text is trained, its image spans are not;
 - text: every token (plus the end token) is trained;
 - preference: the question answered with ``chosen`` is the sample; ``rejected`` holds the same
-  question answered with the rejected response (for preference optimisation).
+  question answered with the rejected response (for preference optimisation);
+- steps: the critic's conversation, one ``+``/``-`` answer per step trained (:mod:`lit_internvl.data.critic`).
 
 With ``v2pe`` on, a sample also carries its float32 ``positions`` (:mod:`lit_internvl.data.v2pe`); without,
 the collator numbers each sample's tokens ``0..L−1``. With ``split_long``, an interleaved or text record longer
@@ -24,6 +25,7 @@ model's connector gives for those tiles. A record that cannot become a sample ra
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ import lightning as L
 import torch
 
 from lit_internvl.data.contract import Tokenizer
+from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, tokenize_critic
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, check_something_to_train, open_images
 from lit_internvl.data.templates import (
@@ -165,6 +168,8 @@ class SampleBuilder:
             elif record.kind == "text":
                 ids = self.tokenizer.encode(fields["text"]) + [self.tokenizer.eos_id]
                 labels = list(ids)
+            elif record.kind == "steps":
+                ids, labels, extra["meta"] = self._steps(record, counts)
             else:
                 ids, labels = self._answered(fields["question"], fields["chosen"], counts)
                 rejected_ids, rejected_labels = self._answered(fields["question"], fields["rejected"], counts)
@@ -254,6 +259,17 @@ class SampleBuilder:
         turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         return tokenize_conversation(turns, self.tokenizer, self.options.template, counts, self.options.system)
 
+    def _steps(self, record: Record, counts: list[int]) -> tuple[list[int], list[int], dict]:
+        """The critic's conversation (:mod:`lit_internvl.data.critic`), VisualPRM's system prompt unless ``system``
+        is set; ``meta`` gains the step labels and the ``group`` (image and question) a ranking compares within."""
+        fields = record.fields
+        turns = critic_turns(fields["question"], fields["steps"], fields["labels"], len(counts))
+        system = PRM_SYSTEM_PROMPT if self.options.system is None else self.options.system
+        ids, labels = tokenize_critic(turns, self.tokenizer, self.options.template, counts, system)
+        meta = dict(fields.get("meta") or {})
+        meta.setdefault("group", f"{[_identity(image) for image in record.images]}|{fields['question']}")
+        return ids, labels, {**meta, "labels": list(fields["labels"])}
+
     def _interleaved(self, texts: list[str], counts: list[int]) -> tuple[list[int], list[int]]:
         """Text pieces trained, image spans masked; ends with the (trained) end token."""
         pieces = " ".join(texts).split(IMAGE_PLACEHOLDER)
@@ -296,6 +312,13 @@ def split_points(length: int, runs: list[tuple[int, int]], max_length: int) -> l
         cuts.append(cut)
     cuts.append(length)
     return cuts
+
+
+def _identity(image) -> str:
+    """What tells one image of a record from another: its path, or a digest of its encoded bytes (shards)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return hashlib.blake2b(bytes(image), digest_size=8).hexdigest()
+    return str(image) if isinstance(image, str) else str(id(image))
 
 
 class SampleDataModule(L.LightningDataModule):

@@ -1,8 +1,9 @@
 """One LightningModule per training stage, on two bases: dual-encoder stages (contrastive, generative)
-and vision-language-model stages (SFT, MPO, NMP, RL, ...)."""
+and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ...)."""
 
 from lit_internvl.stages.base import Stage
 from lit_internvl.stages.contrastive import ContrastiveStage
+from lit_internvl.stages.critic import CriticStage
 from lit_internvl.stages.dual_encoder import DualEncoderStage
 from lit_internvl.stages.generative import GenerativeStage
 from lit_internvl.stages.mpo import MPOStage
@@ -12,5 +13,6 @@ from lit_internvl.stages.sft import SFTStage
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 __all__ = [
-    "ContrastiveStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "NMPStage", "RLStage", "SFTStage", "Stage", "VisionLanguageStage",
+    "ContrastiveStage", "CriticStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "NMPStage", "RLStage", "SFTStage",
+    "Stage", "VisionLanguageStage",
 ]  # fmt: skip

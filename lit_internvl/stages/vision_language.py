@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.distributed import data_parallel_mesh, world
+from lit_internvl.inference.best_of_n import best_of_n
+from lit_internvl.inference.critic import Aggregate
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import LossReduction, supervised_positions
@@ -56,6 +58,11 @@ class VisionLanguageStage(Stage):
             (:class:`~lit_internvl.models.vlm.VisionLanguageModel`), so that every rank's FSDP2 collectives
             match; None: whenever more than one process trains.
         max_new_tokens, temperature, top_p: generation in ``predict``.
+        best_of, critic, critic_aggregate: with ``best_of`` N > 1, ``predict`` samples N answers per prompt (at
+            ``temperature``, 1.0 if that is 0), scores each step of each with ``critic`` (a ``.ckpt`` of this
+            stage's architecture, e.g. a :class:`~lit_internvl.stages.CriticStage` run's, or ``hf:/folder``) and
+            returns the best by ``critic_aggregate`` of its steps' P(+), with every candidate and the majority
+            vote (:mod:`lit_internvl.inference.best_of_n`); prompts need ``meta["question"]`` (what the critic reads).
         stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
 
@@ -80,6 +87,9 @@ class VisionLanguageStage(Stage):
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        best_of: int = 1,
+        critic: str | None = None,
+        critic_aggregate: Aggregate = "mean",
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
@@ -89,6 +99,9 @@ class VisionLanguageStage(Stage):
         if lora is not None:  # kept as a plain dict: checkpoints are read back with weights_only=True
             self.hparams.lora = asdict(lora if isinstance(lora, LoraOptions) else LoraOptions(**lora))
         self.factories = {"vision": vision, "connector": connector, "decoder": decoder}
+        if best_of > 1 and critic is None:
+            raise ValueError(f"model.init_args.best_of is {best_of}: set model.init_args.critic to score the answers")
+        self._critic: list[nn.Module] = []  # a list: kept out of the module tree (state dict, checkpoints)
 
     # -- the model and the data ---------------------------------------------------------------
 
@@ -197,6 +210,8 @@ class VisionLanguageStage(Stage):
         reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
         tokenizer = self.data.tokenizer
         h = self.hparams
+        if h.best_of > 1:
+            return self.predict_best_of(batch)
         answers = generate(
             self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
             max_new_tokens=h.max_new_tokens, eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p,
@@ -216,6 +231,45 @@ class VisionLanguageStage(Stage):
                 f"{len(cut)} answers of batch {batch_idx} ({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''}) "
                 f'reached max_new_tokens={h.max_new_tokens} before an end token and are cut off ("finished": false)'
             )
+        return out
+
+    def critic_model(self) -> nn.Module:
+        """The ``critic`` of Best-of-N, loaded once: an ``hf:`` folder, or a checkpoint of this stage's architecture."""
+        if not self._critic:
+            from lit_internvl.checkpoints import read_state_dict
+
+            if self.hparams.critic.startswith("hf:"):
+                from lit_internvl.hf import load_vlm
+
+                critic = load_vlm(self.hparams.critic.removeprefix("hf:"), image_context_id=self.model.image_context_id)
+            else:
+                critic = self.build_model()
+                critic.tile_size = self.model.tile_size
+                critic.load_state_dict(read_state_dict(self.hparams.critic))
+            self._critic = [critic.to(self.device).eval()]
+        return self._critic[0]
+
+    def predict_best_of(self, batch: dict) -> list[dict]:
+        """Best-of-``best_of`` for each prompt of the batch (:meth:`predict_step` with ``best_of`` > 1)."""
+        h, tokenizer = self.hparams, self.data.tokenizer
+        tiles = torch.tensor(batch["tiles_per_sample"]).cumsum(0).tolist()
+        out = []
+        for row, name in enumerate(batch["sample_names"]):
+            meta = (batch.get("meta") or [None] * len(batch["sample_names"]))[row] or {}
+            if "question" not in meta:
+                raise ValueError(f"{name}: model.init_args.best_of needs the prompt's question in meta['question']")
+            real = batch["attention_mask"][row] == 1  # the prompt without its left padding
+            start = tiles[row] - batch["tiles_per_sample"][row]  # the row's tiles in the batch's pixel_values
+            pixels = None if batch["pixel_values"] is None else batch["pixel_values"][start : tiles[row]]
+            prompt = {"input_ids": batch["input_ids"][row][real][None], "pixel_values": pixels,
+                      "tiles_per_sample": [batch["tiles_per_sample"][row]]}  # fmt: skip
+            result = best_of_n(
+                self.model, tokenizer, prompt, meta["question"], self.critic_model(), tokenizer,
+                self.data.sample_options, pixels, n=h.best_of, how=h.critic_aggregate, max_new_tokens=h.max_new_tokens,
+                temperature=h.temperature or 1.0, top_p=h.top_p,
+            )  # fmt: skip
+            reference = (batch.get("reference") or [None] * len(batch["sample_names"]))[row]
+            out.append({"name": name, "reference": reference, "meta": meta, **result})
         return out
 
     def configure_callbacks(self):

@@ -144,10 +144,9 @@ class ShapesDataModule(SampleDataModule):
         if self.hparams.task == "pairs":
             collate = PairCollator(self.tokenizer.pad_id)
         else:
-            pack = self.hparams.pack and shuffle  # training rows only
-            collate = Collator(
-                self.tokenizer.pad_id, pack=pack, max_tokens=self.hparams.max_tokens, left_pad=generation
-            )
+            # Training rows only. .get: a subclass's hparams hold its own arguments (ShapesStepsDataModule's).
+            pack, max_tokens = self.hparams.get("pack", False) and shuffle, self.hparams.get("max_tokens", 1024)
+            collate = Collator(self.tokenizer.pad_id, pack=pack, max_tokens=max_tokens, left_pad=generation)
         options = dict(
             batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate
         )

@@ -1,0 +1,129 @@
+"""Best-of-N with a process-reward critic on held-out multi-step shapes questions: one table of accuracy for greedy
+decoding, majority vote over N samples, Best-of-N by the critic and the oracle (any of the N right), each with its
+wall time, and the critic's step accuracy beside its chance level.
+
+    python benchmarks/best_of_n.py --policy runs/sft_steps/checkpoints/last.ckpt \\
+        --critic runs/critic/checkpoints/last.ckpt --questions 200 --n 8
+
+The policy is recipes/sft_steps.yaml's model, the critic recipes/critic.yaml's (``--policy-config``,
+``--critic-config``). Questions are the test split of lit_internvl.data.shapes.steps (never trained on); a
+question is right when the final answer (``Answer: ...``) equals the scene's. The N samples of a question are one
+batched generation (lit_internvl.inference.best_of_n.sample_n, seeds ``seed + q·N + r``), shared by the majority
+vote, Best-of-N and the oracle: their times are the sampling's, Best-of-N's plus the critic's scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+from lit_internvl.data.collate import Collator
+from lit_internvl.data.critic import label_ids, split_steps
+from lit_internvl.data.records import Record
+from lit_internvl.data.samples import SampleBuilder
+from lit_internvl.data.shapes.steps import ShapesSteps, reasoning
+from lit_internvl.data.shapes.world import ShapesWorld
+from lit_internvl.inference import generate
+from lit_internvl.inference.best_of_n import final_answer, majority_vote, sample_n
+from lit_internvl.inference.critic import aggregate, score_solutions, score_steps
+from lit_internvl.tools.chat import load_from_recipe
+
+
+def step_accuracy(critic, builder, world: ShapesWorld, samples: int, batch_size: int = 32) -> tuple[float, float]:
+    """The critic's step accuracy (P(+) > 0.5 against the scene's labels) on ``samples`` held-out step records,
+    and its chance level (the share of the more common label)."""
+    plus_id, minus_id = label_ids(builder.tokenizer)
+    dataset = ShapesSteps(world, samples, builder)
+    right = total = good = 0
+    for start in range(0, samples, batch_size):
+        batch = Collator(builder.tokenizer.pad_id)([dataset[i] for i in range(start, min(start + batch_size, samples))])
+        for meta, row in zip(batch["meta"], score_steps(critic, batch, plus_id, minus_id)):
+            labels = [label == "+" for label in meta["labels"]]
+            right += sum((p > 0.5) == label for p, label in zip(row, labels))
+            total, good = total + len(labels), good + sum(labels)
+    return right / total, max(good, total - good) / total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help="the policy's .ckpt")
+    parser.add_argument("--critic", required=True, help="the critic's .ckpt")
+    parser.add_argument("--policy-config", default="recipes/sft_steps.yaml")
+    parser.add_argument("--critic-config", default="recipes/critic.yaml")
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--step-samples", type=int, default=400, help="held-out step records for the step accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    policy, builder = load_from_recipe(args.policy_config, args.policy)
+    critic, critic_builder = load_from_recipe(args.critic_config, args.critic)
+    policy.eval(), critic.eval()
+    critic_train_builder = SampleBuilder(critic_builder.tokenizer, critic_builder.options)  # records, not prompts
+    tokenizer, tile = builder.tokenizer, builder.options.tile_size
+    world = ShapesWorld(tile, 0, "test")
+    right = Counter()
+    seconds = Counter()
+    kinds = Counter()
+    for q in range(args.questions):
+        qa = reasoning(world, q)
+        kinds[qa["type"]] += 1
+        record = Record("conversation", f"test:{q}", {"conversations": [{"from": "human", "value": qa["question"]}]},
+                        [qa["image"]])  # fmt: skip
+        prompt = Collator(tokenizer.pad_id, left_pad=True)([builder(record)])
+
+        def text(tokens: list[int]) -> str:
+            return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
+
+        start = time.perf_counter()
+        greedy = generate(policy, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                          prompt["tiles_per_sample"], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)[0]  # fmt: skip
+        seconds["greedy"] += time.perf_counter() - start
+        right["greedy"] += final_answer(text(greedy)) == qa["answer"]
+
+        start = time.perf_counter()
+        seeds = [args.seed + q * args.n + r for r in range(args.n)]
+        samples = sample_n(policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"], seeds,
+                           args.max_new_tokens, tokenizer.eos_id, args.temperature)  # fmt: skip
+        sampled = time.perf_counter() - start
+        texts = [text(tokens) for tokens in samples]
+        finals = [final_answer(t) for t in texts]
+        right["majority"] += finals[majority_vote(texts)] == qa["answer"]
+        right["oracle"] += qa["answer"] in finals
+
+        start = time.perf_counter()
+        critic_pixels = critic_builder(record)["pixel_values"]
+        scores = score_solutions(critic, critic_builder.tokenizer, critic_builder.options, qa["question"],
+                                 [split_steps(t) for t in texts], critic_pixels)  # fmt: skip
+        scored = time.perf_counter() - start
+        totals = [aggregate(row if split_steps(t) else []) for t, row in zip(texts, scores)]
+        best = max(range(args.n), key=lambda r: (totals[r], -r))
+        right["best_of"] += finals[best] == qa["answer"]
+        seconds["majority"] += sampled
+        seconds["oracle"] += sampled
+        seconds["best_of"] += sampled + scored
+
+    start = time.perf_counter()
+    accuracy, chance = step_accuracy(critic, critic_train_builder, ShapesWorld(tile, 0, "test"), args.step_samples)
+    step_seconds = time.perf_counter() - start
+    n, rows = args.questions, {"greedy": "greedy", "majority": f"majority vote @{args.n}",
+                               "best_of": f"Best-of-{args.n} (critic, mean)", "oracle": f"oracle @{args.n}"}  # fmt: skip
+    print(f"{n} held-out questions ({dict(kinds)}), {args.n} samples each at temperature {args.temperature}, "
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    print("| method | accuracy | wall time (s) |\n|---|---|---|")
+    for key, name in rows.items():
+        print(f"| {name} | {right[key] / n:.3f} | {seconds[key]:.1f} |")
+    print(f"| critic step accuracy ({args.step_samples} held-out step records) | {accuracy:.3f} (chance {chance:.3f}) "
+          f"| {step_seconds:.1f} |")  # fmt: skip
+    print(f"greedy wrong on {1 - right['greedy'] / n:.1%} of the questions")
+    return {"accuracy": {k: right[k] / n for k in rows}, "seconds": dict(seconds), "step_accuracy": accuracy,
+            "step_chance": chance}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
