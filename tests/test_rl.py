@@ -219,3 +219,21 @@ def test_the_real_size_rl_recipe_parses_and_builds_on_meta():
     assert isinstance(stage, RLStage) and stage.hparams.algorithm == "gspo" and stage.hparams.group_size == 16
     assert [type(r) for r in stage.rewards] == [ExactMatch] and stage.hparams.kl_weight == 0.0
     assert sum(p.numel() for p in stage.model.decoder.parameters()) > 4e8, "InternVL3-1B's decoder"
+
+
+def test_the_embedded_rl_recipe_runs_from_the_command_line(tmp_path):
+    import json
+    from pathlib import Path
+
+    from lit_internvl.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/rl.yaml"
+    main(["fit", "--config", str(recipe), "--model.init_args.init_from", "null", "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+          "false", "--data.init_args.train_size", "4", "--data.init_args.val_size", "4", "--data.init_args.batch_size",
+          "2", "--data.init_args.num_workers", "0", "--model.init_args.group_size", "2",
+          "--model.init_args.max_new_tokens", "4"])  # fmt: skip
+    report = json.loads(next(tmp_path.rglob("metrics.json")).read_text())["metrics"]
+    assert report["val/accuracy/locate"]["chance"] == pytest.approx(1 / 9)
+    assert report["val/accuracy/compare"]["chance"] == 0.5
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

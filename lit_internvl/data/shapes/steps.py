@@ -14,7 +14,8 @@ A corrupted solution gets one step wrong (a wrong count; a wrong colour or a wro
 it consistently, so its final answer may or may not be right. Labels come from the scene: a step is ``+``
 when it and every step before it are true (VisualPRM's "correct up to this step"), so the wrong step and all
 after it are ``-``. :class:`ShapesStepsDataModule` serves the policy's solutions (``task: solutions``, SFT) and
-the critic's step-labelled records (``task: steps``).
+the critic's step-labelled records (``task: steps``), and the questions as prompts for online RL
+(``task: prompts``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lit_internvl.data.shapes.world import COLOURS, REGIONS, SHAPES, ShapeObject
 
 ReasoningType = Literal["compare", "locate"]
 REASONING_TYPES: tuple[ReasoningType, ...] = get_args(ReasoningType)
-StepsTask = Literal["solutions", "steps"]
+StepsTask = Literal["solutions", "steps", "prompts"]
 
 
 def _count(n: int, colour: str) -> str:
@@ -142,7 +143,8 @@ class ShapesStepsDataModule(ShapesDataModule):
     """The multi-step shapes data (module docstring): ``task: solutions`` trains a policy to answer step by step
     (SFT; ``predict`` gives the test questions as prompts, ``meta`` holding the question and its answer);
     ``task: steps`` trains a critic (:class:`~lit_internvl.stages.CriticStage`) on correct and corrupted
-    solutions. Other arguments are :class:`~lit_internvl.data.ShapesDataModule`'s (84 px tiles of 9 tokens and
+    solutions; ``task: prompts`` gives the questions as prompts in every split (left-padded, ``meta`` holding the
+    answer and type; :class:`~lit_internvl.stages.RLStage`). Other arguments are :class:`~lit_internvl.data.ShapesDataModule`'s (84 px tiles of 9 tokens and
     the ``"shapes"`` tokenizer by default, an empty system message: the critic's conversation is long enough)."""
 
     def __init__(
@@ -165,7 +167,9 @@ class ShapesStepsDataModule(ShapesDataModule):
             num_workers=num_workers, seed=seed, tokens_per_tile=tokens_per_tile, system=system, tokenizer=tokenizer,
         )  # fmt: skip
         self.steps_task = task
-        self.question_types = None  # the SFT stage's one-word exact match per type does not apply to three steps
+        # The SFT stage's one-word exact match per type does not apply to three steps; for RL (prompts) the
+        # chance of a guessed final answer: one of the two colours, one of the nine regions.
+        self.question_types = {"compare": 1 / 2, "locate": 1 / len(REGIONS)} if task == "prompts" else None
 
     def _dataset(self, split: Split, size: int, generation: bool = False) -> Dataset:
         world = ShapesWorld(self.hparams.tile_size, self.hparams.seed, split)
