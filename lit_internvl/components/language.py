@@ -244,8 +244,9 @@ class Decoder(Transformer):
     """Causal language model.
 
     Contract (every decoder): ``forward(input_ids | inputs_embeds, attention_mask, positions,
-    document_ids) → hidden (B, T, hidden_size)``; ``head(hidden) → logits (B, T, vocab_size)``;
-    ``embed_tokens`` maps ids to ``(B, T, hidden_size)``.
+    document_ids) → hidden (B, T, hidden_size)``; ``head(hidden) → logits (B, T, vocab_size)``, a linear map by
+    ``head_weight (vocab_size, hidden_size)`` (which the chunked head + loss reads); ``embed_tokens`` maps ids to
+    ``(B, T, hidden_size)``.
     """
 
     def __init__(self, config: LanguageConfig | LanguagePreset = "tiny") -> None:
@@ -254,9 +255,13 @@ class Decoder(Transformer):
         self.hidden_size = config.hidden_size
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """``(vocab_size, hidden_size)``: the output head's weight (the embeddings' when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.head_weight)
 
 
 TextPooling = Literal["mean", "last"]

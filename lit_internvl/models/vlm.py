@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from lit_internvl.losses import HEAD_CHUNK_SIZE, IGNORE_INDEX, HeadBackend, linear_cross_entropy
+
 
 class ImageTokenMismatchError(ValueError):
     """The number of ``<IMG_CONTEXT>`` tokens in a sample disagrees with its images' features."""
@@ -120,6 +122,9 @@ class VisionLanguageModel(nn.Module):
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
         logits_at: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        head_chunk_size: int = HEAD_CHUNK_SIZE,
+        head_backend: HeadBackend = "chunked",
     ) -> torch.Tensor:
         """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``.
 
@@ -127,12 +132,25 @@ class VisionLanguageModel(nn.Module):
         logits ``(N, vocab)`` in row-major order: training needs them only where a target is
         supervised (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens
         are most of a multimodal sequence, so this skips most of the vocabulary projection.
+
+        With ``targets`` (``(B, T)`` next-token ids, -100 where not trained:
+        :func:`~lit_internvl.losses.next_token_targets`) it returns instead the ``(N,)`` float32 cross-entropies at
+        the N positions with a target, row-major: the head and the loss computed together in chunks of
+        ``head_chunk_size`` rows (:func:`~lit_internvl.losses.linear_cross_entropy`, ``head_backend``), so that the
+        ``(N, vocab)`` logits never exist at once. Inside ``forward``, so that a sharded head is gathered as usual.
         """
+        if targets is not None and logits_at is not None:
+            raise ValueError("Pass logits_at (logits at those positions) or targets (cross-entropies), not both")
         embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names)
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
         )
-        return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
+        if targets is None:
+            return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
+        supervised = targets != IGNORE_INDEX
+        return linear_cross_entropy(
+            hidden[supervised], self.decoder.head_weight, targets[supervised], head_chunk_size, head_backend
+        )
 
 
 def _names(rows: list[int], sample_names: Sequence[str] | None) -> str:

@@ -17,7 +17,7 @@ from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.distributed import data_parallel_mesh
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
-from lit_internvl.losses import LossReduction, supervised_positions
+from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
 from lit_internvl.models.vlm import VisionLanguageModel
 from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.stages.base import ModuleFactory, Stage, build
@@ -52,6 +52,9 @@ class VisionLanguageStage(Stage):
             ``lr · decay^(L − i)``, the embeddings ``lr · decay^(L + 1)``.
         loss_reduction: ``token``, ``sample`` or ``square`` (InternVL 2.5/3's default).
         all_reduce_loss: normalise the loss by the weight of the global batch.
+        head_chunk_size, head_backend: the training losses run the output head and the cross-entropy together over
+            chunks of this many supervised positions (:func:`~lit_internvl.losses.linear_cross_entropy`), so that
+            the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
         max_new_tokens, temperature, top_p: generation in ``predict``.
         stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
@@ -73,6 +76,8 @@ class VisionLanguageStage(Stage):
         vision_layer_decay: float = 1.0,
         loss_reduction: LossReduction = "square",
         all_reduce_loss: bool = False,
+        head_chunk_size: int = HEAD_CHUNK_SIZE,
+        head_backend: HeadBackend = "chunked",
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -175,14 +180,21 @@ class VisionLanguageStage(Stage):
 
     # -- the forward pass ---------------------------------------------------------------------
 
-    def forward_batch(self, batch: dict, model: nn.Module | None = None, logits_at: bool = True) -> torch.Tensor:
+    def forward_batch(
+        self, batch: dict, model: nn.Module | None = None, logits_at: bool = True, cross_entropy: bool = False
+    ) -> torch.Tensor:
         """Logits of ``model`` (default the policy) on a collated batch: ``(N, V)`` at the batch's N
-        supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``."""
+        supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``; with
+        ``cross_entropy`` the ``(N,)`` next-token cross-entropies there instead, the head and the loss computed in
+        chunks (``head_chunk_size``, ``head_backend``), for :func:`~lit_internvl.losses.reduce_token_losses`."""
+        h, document_ids = self.hparams, batch.get("document_ids")
+        at = supervised_positions(batch["labels"], document_ids) if logits_at and not cross_entropy else None
         return (model or self.model)(
             batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-            positions=batch["positions"], document_ids=batch.get("document_ids"),
-            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],
-            logits_at=supervised_positions(batch["labels"], batch.get("document_ids")) if logits_at else None,
+            positions=batch["positions"], document_ids=document_ids,
+            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"], logits_at=at,
+            targets=next_token_targets(batch["labels"], document_ids) if cross_entropy else None,
+            head_chunk_size=h.head_chunk_size, head_backend=h.head_backend,
         )  # fmt: skip
 
     # -- answering prompts --------------------------------------------------------------------
