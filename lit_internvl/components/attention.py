@@ -91,9 +91,9 @@ def attention(
     if backend == "flex":
         return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
     if backend == "varlen":
-        if mask is not None:
+        if isinstance(mask, VarlenMask):
             return _varlen(q, k, v, mask)
-        backend = "sdpa"  # no documents, no padding (make_mask gave None): one sequence a row, SDPA's flash path
+        backend = "sdpa"  # nothing masked (one sequence a row), or a dense mask (incremental decoding): SDPA
     if is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
         # flash kernels run here, and read the shared key/value heads without copying them
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -127,7 +127,7 @@ class VarlenMask:
 
     Attributes:
         cu_seqlens: ``(S + 1,)`` int32 offsets of the segments in the flattened ``B·T`` tokens.
-        max_length: the longest segment.
+        max_length: a bound on the longest segment (the next power of two, at most the row's length).
         causal: causal within each segment.
         keep: ``(B·T,)`` bool, False at padding (whose output is zeroed), or None when nothing is padding.
     """
@@ -266,7 +266,10 @@ def _varlen_mask(causal: bool, attention_mask: torch.Tensor | None, document_ids
     offsets = starts.flatten().nonzero().flatten()
     total = torch.tensor([keep.numel()], device=offsets.device)
     cu_seqlens = torch.cat([offsets, total]).to(torch.int32)
-    max_length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    # An upper bound is all the kernel needs: the next power of two (at most the row), so that compiled blocks see
+    # a few values of it rather than one per batch.
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_length = min(1 << (longest - 1).bit_length(), keep.shape[1])
     return VarlenMask(cu_seqlens, max_length, causal, None if bool(keep.all()) else keep.flatten())
 
 

@@ -226,6 +226,8 @@ class Transformer(nn.Module):
             )
         rope = self.rotary(positions)
         backend = self.attn_backend
+        if cache is not None and backend == "varlen":
+            backend = "sdpa"  # a few new queries over cached keys: a dense mask, which varlen passes on to SDPA
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
         mask = make_mask(

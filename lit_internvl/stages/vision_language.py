@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.data.tokenizer import IMG_CONTEXT
-from lit_internvl.distributed import data_parallel_mesh
+from lit_internvl.distributed import compile_blocks, data_parallel_mesh
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
@@ -55,6 +55,10 @@ class VisionLanguageStage(Stage):
         head_chunk_size, head_backend: the training losses run the output head and the cross-entropy together over
             chunks of this many supervised positions (:func:`~lit_internvl.losses.linear_cross_entropy`), so that
             the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
+        compile_blocks: ``torch.compile`` each transformer block, vision and decoder (regional compilation,
+            :func:`~lit_internvl.distributed.compile_blocks`); on in the GPU recipes.
+        length_multiple: pad the decoder's rows to a multiple of this many tokens, so that compiled blocks see a
+            bounded number of lengths (the padding is masked and its outputs dropped).
         max_new_tokens, temperature, top_p: generation in ``predict``.
         stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
@@ -78,6 +82,8 @@ class VisionLanguageStage(Stage):
         all_reduce_loss: bool = False,
         head_chunk_size: int = HEAD_CHUNK_SIZE,
         head_backend: HeadBackend = "chunked",
+        compile_blocks: bool = False,
+        length_multiple: int | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -178,6 +184,11 @@ class VisionLanguageStage(Stage):
             groups.setdefault(lr, []).append(param)
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
+    def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+        if self.hparams.compile_blocks:  # before checkpointing and sharding wrap the blocks
+            compile_blocks(model)
+        return super().parallelize(model, activation_checkpointing)
+
     # -- the forward pass ---------------------------------------------------------------------
 
     def forward_batch(
@@ -194,7 +205,7 @@ class VisionLanguageStage(Stage):
             positions=batch["positions"], document_ids=document_ids,
             tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"], logits_at=at,
             targets=next_token_targets(batch["labels"], document_ids) if cross_entropy else None,
-            head_chunk_size=h.head_chunk_size, head_backend=h.head_backend,
+            head_chunk_size=h.head_chunk_size, head_backend=h.head_backend, length_multiple=h.length_multiple,
         )  # fmt: skip
 
     # -- answering prompts --------------------------------------------------------------------
