@@ -1,5 +1,5 @@
 """Every GPU table of issue #19 in one run: MFU of InternVL3-1B on a packed row per attention backend, compiled or
-not, with the head + loss chunked or not; where its step's time goes (torch profiler); the matmul ceiling at the
+not, with the head + loss chunked or not, q/k/v and gate/up fused or not; where its step's time goes (torch profiler); the matmul ceiling at the
 model's own GEMM shapes; InternVL3-8B at full width and reduced depth, and with LoRA at full depth; torchao float8.
 
     PYTHONPATH=$PWD python benchmarks/gpu.py                    # on the GPU (benchmarks/gpu.sh runs this and the rest)
@@ -84,6 +84,7 @@ def mfu_worker(args) -> dict:
     from torch._dynamo.utils import counters
 
     from lit_internvl.components.attention import set_attention_backend
+    from lit_internvl.components.language import set_fused_projections
     from lit_internvl.distributed import compile_blocks
     from lit_internvl.flops import device_peak_flops, mfu, vlm_flops
     from lit_internvl.losses import language_model_loss, next_token_targets, reduce_token_losses, supervised_positions
@@ -102,8 +103,12 @@ def mfu_worker(args) -> dict:
 
         # the decoder's block matmuls (dimensions multiples of 16, as float8 GEMMs need); not the head or vision
         convert_to_float8_training(
-            model.decoder.layers, module_filter_fn=lambda m, name: m.in_features % 16 == 0 and m.out_features % 16 == 0
+            model.decoder.layers,
+            module_filter_fn=lambda m, name: (
+                isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0
+            ),
         )
+    set_fused_projections(model, args.fused)
     if args.compiled:
         compile_blocks(model, backend="inductor" if device == "cuda" else "aot_eager")
     batch, lengths, tiles = packed_batch(model, 1, tokens, device)
@@ -140,7 +145,7 @@ def mfu_worker(args) -> dict:
     graphs = counters["stats"]["unique_graphs"]
     result = {
         "model": args.model, "backend": args.backend, "compiled": args.compiled, "head": args.head,
-        "float8": args.float8, "tokens": sum(lengths), "documents": len(lengths), "tiles": tiles,
+        "float8": args.float8, "fused": args.fused, "tokens": sum(lengths), "documents": len(lengths), "tiles": tiles,
         "trainable_params": sum(p.numel() for p in trainable), "step_s": median, "step_times": times,
         "first_step_s": first_step_s, "tokens_per_s": sum(lengths) / median, "tflop_per_s": count.training / median / 1e12,
         # With LoRA most weights need no gradient (and the frozen vision no backward): training FLOPs overcount it.
@@ -313,6 +318,7 @@ def plan(tiny: bool, have_float8: bool, have_xformers: bool) -> list[list[str]]:
     runs = [
         ["--mode", "mfu", "--model", one, "--backend", fast, "--compiled", "--profile"],
         ["--mode", "ceiling", "--model", one],
+        ["--mode", "mfu", "--model", one, "--backend", fast, "--compiled", "--fused"],
         ["--mode", "mfu", "--model", one, "--backend", "sdpa"],  # the previous measurement's configuration
         ["--mode", "mfu", "--model", one, "--backend", fast],
         ["--mode", "mfu", "--model", one, "--backend", fast, "--head", "unchunked"],
@@ -351,17 +357,17 @@ def tables(results: list[dict], machine: str) -> str:
     out = [f"# benchmarks/gpu.py on {machine}", ""]
     mfus = [r for r in results if r.get("mode") == "mfu"]
     out += ["## MFU (one packed row, bf16 autocast, fused AdamW)", "",
-            "| model | backend | compiled | head | float8 | tokens (documents, tiles) | step (s) | first step (s) | "
+            "| model | backend | compiled | head | fused q/k/v, gate/up | float8 | tokens (documents, tiles) | step (s) | first step (s) | "
             "tokens/s | model TFLOP/s | MFU | peak memory (GiB) | graphs (after another batch) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in mfus:
         if "error" in r:
-            out.append(f"| {r['argv']} | | | | | | {r['error']} | | | | | | |")
+            out.append(f"| {r['argv']} | | | | | | | {r['error']} | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         graphs = f"{r['graphs']} ({r['graphs_after_other_batch']})" if r["compiled"] else "-"
         out.append(
-            f"| {r['model']} | {r['backend']} | {r['compiled']} | {r['head']} | {r['float8']} | {r['tokens']} "
+            f"| {r['model']} | {r['backend']} | {r['compiled']} | {r['head']} | {r['fused']} | {r['float8']} | {r['tokens']} "
             f"({r['documents']}, {r['tiles']}) | {r['step_s']:.3f} | {r['first_step_s']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {r['tflop_per_s']:.3g} | {mfu} | {gib(r['peak_bytes'])} | {graphs} |"
         )
@@ -404,6 +410,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head", default="chunked", choices=("chunked", "unchunked"), help=argparse.SUPPRESS)
     parser.add_argument("--float8", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

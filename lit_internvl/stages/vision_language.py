@@ -13,6 +13,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoints import MODEL_FACTS
+from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.distributed import compile_blocks, data_parallel_mesh
 from lit_internvl.inference.generate import generate
@@ -57,6 +58,8 @@ class VisionLanguageStage(Stage):
             the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
         compile_blocks: ``torch.compile`` each transformer block, vision and decoder (regional compilation,
             :func:`~lit_internvl.distributed.compile_blocks`); on in the GPU recipes.
+        fuse_projections: compute each decoder block's q/k/v and gate/up projections by one matmul each
+            (:func:`~lit_internvl.components.language.set_fused_projections`; the weights stay apart).
         length_multiple: pad the decoder's rows to a multiple of this many tokens, so that compiled blocks see a
             bounded number of lengths (the padding is masked and its outputs dropped).
         max_new_tokens, temperature, top_p: generation in ``predict``.
@@ -83,6 +86,7 @@ class VisionLanguageStage(Stage):
         head_chunk_size: int = HEAD_CHUNK_SIZE,
         head_backend: HeadBackend = "chunked",
         compile_blocks: bool = False,
+        fuse_projections: bool = False,
         length_multiple: int | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
@@ -185,6 +189,7 @@ class VisionLanguageStage(Stage):
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
     def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+        set_fused_projections(model, self.hparams.fuse_projections)
         if self.hparams.compile_blocks:  # before checkpointing and sharding wrap the blocks
             compile_blocks(model)
         return super().parallelize(model, activation_checkpointing)
