@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lit_internvl from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step's batch and timing helpers
 
-from train_step import _optimizer, _timed, packed_batch  # noqa: E402
+from train_step import _optimizer, _timed, packed_batch, run_worker  # noqa: E402
 
 # (label, preset, decoder layers (None: all), LoRA rank (None: full training), packed tokens)
 MODELS = {
@@ -336,19 +335,6 @@ def plan(tiny: bool, have_float8: bool, have_xformers: bool) -> list[list[str]]:
     return runs
 
 
-def run(argv: list[str], timeout: float) -> dict:
-    command = [sys.executable, __file__, "--worker", *argv]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
-    return {"error": (lines[-1] if lines else f"exit {done.returncode}, no output")[:300]}
-
-
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -438,7 +424,8 @@ def main() -> None:
             results.append({"mode": argv[1], "argv": " ".join(argv[2:]), "error": "skipped: the budget is spent"})
             continue
         start = time.monotonic()
-        result = run(argv + steps if argv[1] == "mfu" else argv + ["--device", device], min(args.timeout, left))
+        extra = steps if argv[1] == "mfu" else ["--device", device]
+        result = run_worker(argv + extra, min(args.timeout, left), script=__file__)
         result.setdefault("mode", argv[1])
         result["argv"], result["wall_s"] = " ".join(argv[2:]), time.monotonic() - start
         results.append(result)

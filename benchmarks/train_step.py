@@ -255,8 +255,9 @@ def peak_flops(device: str) -> float | None:
 # -- the driver ------------------------------------------------------------------------------------------------------
 
 
-def run_worker(argv: list[str], timeout: float) -> dict:
-    command = [sys.executable, __file__, "--worker", *argv]
+def run_worker(argv: list[str], timeout: float, script: str = __file__) -> dict:
+    """``script --worker argv`` in its own process: the dict its ``RESULT`` line holds, or ``{"error": ...}``."""
+    command = [sys.executable, script, "--worker", *argv]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -264,8 +265,8 @@ def run_worker(argv: list[str], timeout: float) -> dict:
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"error": tail[0][:200]}
+    lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+    return {"error": (lines[-1] if lines else f"exit {done.returncode}, no output")[:300]}
 
 
 def export_model(name: str, folder: Path) -> None:
