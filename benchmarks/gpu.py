@@ -170,7 +170,7 @@ PHASES = ("vision fwd", "connector fwd", "decoder fwd", "head + loss fwd", "head
 
 def kernel_class(name: str, backend: str) -> str:
     lower = name.lower()
-    if any(word in lower for word in ("flash", "fmha", "attention", "attn", "flex", "varlen")):
+    if any(word in lower for word in ("flash", "fmha", "mha", "sdpa", "attention", "attn", "flex", "varlen")):
         return "attention"
     if backend == "flex" and lower.startswith("triton_tem"):
         return "attention"
@@ -314,24 +314,25 @@ def plan(tiny: bool, have_float8: bool, have_xformers: bool) -> list[list[str]]:
     """The measurements in priority order (the budget may end the list early)."""
     one, eight, lora = ("tiny", "tiny", "tiny-LoRA") if tiny else ("1B", "8B-4L", "8B-LoRA")
     fast = "sdpa" if tiny else "varlen"  # varlen has CUDA kernels only
+    mfu = ["--mode", "mfu", "--model"]
     runs = [
-        ["--mode", "mfu", "--model", one, "--backend", fast, "--compiled", "--profile"],
+        [*mfu, one, "--backend", fast, "--compiled", "--profile"],
         ["--mode", "ceiling", "--model", one],
-        ["--mode", "mfu", "--model", one, "--backend", fast, "--compiled", "--fused"],
-        ["--mode", "mfu", "--model", one, "--backend", "sdpa"],  # the previous measurement's configuration
-        ["--mode", "mfu", "--model", one, "--backend", fast],
-        ["--mode", "mfu", "--model", one, "--backend", fast, "--head", "unchunked"],
-        ["--mode", "mfu", "--model", eight, "--backend", fast, "--compiled", "--profile"],
+        [*mfu, eight, "--backend", fast, "--compiled", "--profile"],
+        [*mfu, one, "--backend", "sdpa"],  # the configuration of the previous (H100) measurement
+        [*mfu, one, "--backend", fast],
+        [*mfu, one, "--backend", fast, "--compiled", "--fused"],
+        [*mfu, one, "--backend", fast, "--compiled", "--head", "unchunked"],
         ["--mode", "ceiling", "--model", eight],
-        ["--mode", "mfu", "--model", lora, "--backend", fast],
+        [*mfu, lora, "--backend", fast],
     ]
     if not tiny:
-        runs.insert(4, ["--mode", "mfu", "--model", one, "--backend", "flex"])
-        runs.append(["--mode", "mfu", "--model", one, "--backend", "flex", "--compiled"])
+        runs.insert(6, [*mfu, one, "--backend", "flex"])
+        runs.append([*mfu, one, "--backend", "flex", "--compiled"])
         if have_xformers:
-            runs.append(["--mode", "mfu", "--model", one, "--backend", "xformers"])
+            runs.append([*mfu, one, "--backend", "xformers"])
     if have_float8:
-        runs.append(["--mode", "mfu", "--model", one if tiny else eight, "--backend", fast, "--compiled", "--float8"])
+        runs.append([*mfu, one if tiny else eight, "--backend", fast, "--compiled", "--float8"])
     return runs
 
 
@@ -383,7 +384,7 @@ def tables(results: list[dict], machine: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal at tiny sizes")
-    parser.add_argument("--budget", type=float, default=300, help="seconds for all measurements together")
+    parser.add_argument("--budget", type=float, default=200, help="seconds for all measurements together")
     parser.add_argument("--timeout", type=float, default=150, help="seconds per measurement")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
