@@ -21,12 +21,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 fit: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 
-# stage 1 → stage 2 → SFT on the embedded default, each starting from the last one's checkpoint.
+# stage 1 → stage 2 → SFT on the embedded default, each starting from the last one's checkpoint, and beside it
+# InternVL3's path: NMP (everything trained together from scratch) → SFT from the NMP checkpoint.
 pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 	$(BIN)/python -m lit_internvl fit --config recipes/stage2.yaml
 	$(BIN)/python -m lit_internvl fit --config recipes/sft.yaml
+	$(BIN)/python -m lit_internvl fit --config recipes/nmp.yaml
+	$(BIN)/python -m lit_internvl fit --config recipes/sft.yaml --model.init_args.init_from runs/nmp/checkpoints/last.ckpt \
+		--trainer.default_root_dir runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft
+	$(BIN)/python -m lit_internvl report runs/nmp runs/sft_from_nmp
 
 # Lint and format findings fail the run before any test does (`make format` applies the fixes).
 test: $(STAMP)

@@ -282,3 +282,105 @@ def bco_pair_loss(
     mean of the rewards (TRL updates it with this batch's mean reward *before* using it)."""
     chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
     return -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+
+
+# -- online RL: group-relative advantages, GRPO and GSPO (verl's verl/trainer/ppo/core_algos.py) --------------
+
+PolicyLoss = Literal["grpo", "gspo"]
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """``(B, G)`` rewards of G answers to each of B prompts → advantages ``(r − mean_group) / (std_group + ε)``
+    (``std`` unbiased, as ``torch.std``; ``scale=False``: Dr. GRPO's ``r − mean_group``). A group of one answer
+    gets ``r`` (mean 0, std 1). As ``compute_grpo_outcome_advantage`` (core_algos.py L267-333)."""
+    if rewards.shape[1] == 1:
+        return rewards.clone()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+
+
+def _global_count(count: torch.Tensor, all_reduce: bool) -> tuple[torch.Tensor, int]:
+    """``count`` summed over the ranks (and the world size, which data-parallel gradient averaging divides out)."""
+    _, world_size = world()
+    if not all_reduce or world_size == 1:
+        return count, 1
+    count = count.detach().clone()
+    dist.all_reduce(count)
+    return count, world_size
+
+
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    kind: PolicyLoss = "gspo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_log_probs: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+    max_log_ratio: float = 10.0,
+    all_reduce: bool = False,
+    count: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy-gradient loss of N answers and its statistics.
+
+    Args:
+        log_probs, old_log_probs: ``(N, L)`` per-token log-probabilities of the answers under the policy being
+            trained and under the policy that sampled them (π_old; no gradient).
+        advantages: ``(N,)`` one per answer (:func:`group_advantages`), the same for each of its tokens.
+        mask: ``(N, L)`` 1 on answer tokens.
+        kind: ``"grpo"``: token ratio ``r_t = exp(clamp(log π − log π_old, ±20))``, loss
+            ``max(−A·r_t, −A·clip(r_t, 1 − ε_low, 1 + ε_high))`` averaged over every answer token of the batch
+            (verl's ``compute_policy_loss_vanilla`` L1160-1251, without its dual clip, and ``token-mean``), plus
+            ``kl_weight`` × the k3 estimate ``exp(ref − log π) − (ref − log π) − 1`` of KL(π ‖ π_ref) per token.
+            ``"gspo"``: the sequence ratio ``s = exp(mean_t(log π − log π_old))`` entering each token as
+            ``sg[s] · π_t / sg[π_t]`` (its log clamped at ``max_log_ratio``), clipped as above, averaged over each
+            answer's tokens and then over the answers (``seq-mean-token-mean``; ``compute_policy_loss_gspo``
+            L1254-1326).
+        all_reduce: normalise by the tokens (GRPO) or answers (GSPO) of all ranks, so that the ranks' mean
+            gradient is the gradient of the loss over the combined rollouts.
+        count: the answer tokens (GRPO) or answers (GSPO) to normalise by (default this batch's); a mini-batch of
+            a rollout passes the whole rollout's, so that the mini-batches' gradients add up to the rollout's.
+
+    Returns the loss and ``{"clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "kl"}``
+    (over this rank's answer tokens; ``kl`` is the k3 estimate to the reference, 0 without one).
+    """
+    mask = mask.to(log_probs.dtype)
+    adv = advantages[:, None].to(log_probs.dtype)
+    log_ratio = log_probs - old_log_probs
+    if kind == "grpo":
+        ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    elif kind == "gspo":
+        lengths = mask.sum(dim=1).clamp(min=1)
+        sequence = (log_ratio * mask).sum(dim=1) / lengths
+        ratio = torch.exp((log_probs - log_probs.detach() + sequence.detach()[:, None]).clamp(max=max_log_ratio))
+    else:
+        raise ValueError(f"Unknown policy loss {kind!r}; choose 'grpo' or 'gspo'")
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    kl = torch.zeros_like(per_token)
+    if ref_log_probs is not None and kl_weight:
+        delta = ref_log_probs - log_probs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + kl_weight * kl
+    lengths = mask.sum(dim=1)
+    if count is None:
+        count = mask.sum() if kind == "grpo" else (lengths > 0).to(mask.dtype).sum()
+    count, scale = _global_count(torch.as_tensor(count, dtype=mask.dtype, device=mask.device), all_reduce)
+    if kind == "grpo":
+        loss = (per_token * mask).sum() / count.clamp(min=1) * scale
+    else:
+        loss = ((per_token * mask).sum(dim=1) / (lengths + 1e-8)).sum() / count.clamp(min=1) * scale
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1)
+        real = mask.bool()
+        stats = {
+            "clip_fraction": ((clipped > unclipped).to(mask.dtype) * mask).sum() / count,
+            "ratio_mean": (ratio * mask).sum() / count,
+            "ratio_min": ratio[real].min() if real.any() else ratio.new_ones(()),
+            "ratio_max": ratio[real].max() if real.any() else ratio.new_ones(()),
+            "approx_kl": (-log_ratio * mask).sum() / count,
+            "kl": (kl * mask).sum() / count,
+        }
+    return loss, stats

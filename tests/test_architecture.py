@@ -203,7 +203,12 @@ def test_both_datamodules_satisfy_the_stage_data_contract(tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_prints_its_config(recipe, capsys, monkeypatch):
-    monkeypatch.setenv("INTERNVL_CHECKPOINT", "/nonexistent/InternVL")
+    for variable in (
+        "INTERNVL_CHECKPOINT",
+        "INTERNVIT_CHECKPOINT",
+        "QWEN_CHECKPOINT",
+    ):  # the real-size recipes' folders
+        monkeypatch.setenv(variable, f"/nonexistent/{variable}")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", recipe, "--data.init_args.train", "train.jsonl", "--print_config"]
              if "/internvl" in recipe else ["fit", "--config", recipe, "--print_config"])  # fmt: skip

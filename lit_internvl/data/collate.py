@@ -2,12 +2,13 @@
 
 Packing lays several samples end to end in one row (bounded by ``max_tokens`` and ``max_tiles_per_row``),
 first-fit in arrival order. Samples are never split, so an ``<img>…</img>`` span never is either.
-Each token carries its document id (attention stays inside a document) and a position that
-restarts at 0 with every document, so a packed row computes exactly what its samples would one
-by one.
+Each token carries its document id (attention stays inside a document) and its position within its
+document: the sample's own ``positions`` (V2PE, or a split document's part) when it has them, else
+``0..L−1``, so a packed row computes exactly what its samples would one by one.
 
 A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
-a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on.
+a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on; a split
+document ``{"parts": [sample, ...], "dropped": n}`` is its parts (its ``n`` dropped parts counted as skips).
 An image–caption pair is the sample of :mod:`lit_internvl.data.pairs` (image, ITC/ITM/ITG texts, a negative text).
 """
 
@@ -137,7 +138,9 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
-        samples = [s for s in samples if "skipped" not in s]
+        skipped["empty split part"] += sum(s.get("dropped", 0) for s in samples)
+        skipped = +skipped  # no zero counts
+        samples = [part for s in samples if "skipped" not in s for part in s.get("parts", [s])]
         if not samples:
             return {"skipped": dict(skipped), "input_ids": None}
         tiles = [0 if s.get("pixel_values") is None else s["pixel_values"].shape[0] for s in samples]
@@ -174,7 +177,8 @@ class Collator:
                 input_ids[r, span] = sample["input_ids"]
                 labels[r, span] = sample["labels"]
                 attention_mask[r, span] = 1
-                positions[r, span] = torch.arange(length, dtype=torch.float32)
+                own = sample.get("positions")
+                positions[r, span] = own if own is not None else torch.arange(length, dtype=torch.float32)
                 document_ids[r, span] = document
                 if tiles[i]:
                     pixel_values.append(sample["pixel_values"])

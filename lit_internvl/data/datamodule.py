@@ -10,13 +10,15 @@ from torch.utils.data import DataLoader
 from lit_internvl.data.collate import Collator, PairCollator
 from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, dataset_specs, is_shards
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
+from lit_internvl.data.mixture import Mixture, check_weights
 from lit_internvl.data.pairs import CaptionForms, JsonlPairs, PairBuilder, StreamingPairs, itc_ids, read_class_names
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
 from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
 from lit_internvl.data.templates import ChatTemplate, TemplateName
 from lit_internvl.data.tokenizer import load_tokenizer
+from lit_internvl.data.v2pe import V2PEMode, check_v2pe, eval_mode
 
-RecordsTask = Literal["chat", "pairs"]
+RecordsTask = Literal["chat", "pairs", "prompts"]
 
 
 class RecordsDataModule(SampleDataModule):
@@ -33,14 +35,24 @@ class RecordsDataModule(SampleDataModule):
       image is one ``tile_size`` tile: InternVL's random resized crop and flip for training (``augment``),
       a bicubic resize otherwise. Captions of one image share its ``caption_key``/``image_id``. Zero-shot
       classification uses ``class_names`` through each of ``prompt_templates``, in the ITC form (:meth:`text_ids`).
+    - ``"prompts"``: conversations as prompts to answer, in every split: the last answer left out (kept as
+      ``reference``; a record's ``meta`` travels with it), the assistant header ending the prompt, left-padded
+      (online RL: :class:`~lit_internvl.stages.RLStage`; a record ``{"image", "conversations": [question, answer],
+      "meta": {"answer": "..."}}``).
 
     Shards stream through litdata's ``StreamingDataLoader`` and jsonl records through a seeded
     sampler; both loaders' states are saved in Lightning checkpoints (:mod:`lit_internvl.data.resumable`):
     a resumed run reads exactly the samples an uninterrupted run would have read next. Bad
     records are skipped and counted (``data/skipped`` each epoch) unless ``strict``.
 
+    Several training sources (``train: [a.jsonl, b.json]`` with ``weights: [3, 1]``, NMP's interleaved 3 :
+    text-only 1) are one :class:`~lit_internvl.data.mixture.Mixture` of ``mixture_size`` samples an epoch in
+    those proportions, in a seeded order that a resumed run continues; several shard folders mix through
+    litdata's ``CombinedStreamingDataset`` with the same weights.
+
     Args:
-        train, val, test: data sources (``val`` and ``test`` optional).
+        train, val, test: data sources (``val`` and ``test`` optional); ``train`` may list several.
+        weights, mixture_size: the mixture of several ``train`` sources (None: alike; the sources' total).
         task: what a sample is (above).
         image_root: folder a jsonl file's image paths are relative to (default: the file's folder).
         tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
@@ -66,13 +78,17 @@ class RecordsDataModule(SampleDataModule):
         class_names: zero-shot classes of ``pairs``: a list, or a file of one name a line (label = line
             number from 0, the records' ``label``); None: no zero-shot.
         prompt_templates: how a class name becomes a prompt (None: ``["a photo of a {}."]``).
+        v2pe, split_long: V2PE positions (``"off"``, ``"random"``, ``{stride: S}``) and splitting over-long
+            interleaved/text records between images (:class:`~lit_internvl.data.samples.SampleOptions`);
+            ``v2pe_eval`` is what held-out samples use (None: the training setting, ``random`` → ``{stride: 64}``,
+            the reference's evaluation setting).
     """
 
     question_types = None  # no question types
 
     def __init__(
         self,
-        train: str,
+        train: str | list[str],
         val: str | None = None,
         test: str | None = None,
         task: RecordsTask = "chat",
@@ -107,23 +123,38 @@ class RecordsDataModule(SampleDataModule):
         augment: bool = True,
         class_names: str | list[str] | None = None,
         prompt_templates: list[str] | None = None,
+        weights: list[float] | None = None,
+        mixture_size: int | None = None,
+        v2pe: V2PEMode = "off",
+        v2pe_eval: V2PEMode | None = None,
+        split_long: bool = False,
     ) -> None:
         super().__init__()
+        sources = [train] if isinstance(train, str) else list(train)
+        if not sources:
+            raise ValueError("data.init_args.train lists no source")
+        check_weights(weights, len(sources), "data.init_args.weights")
+        if task == "pairs" and len(sources) > 1:
+            raise ValueError("data.init_args.train: pairs read one source (mixtures are for task: chat)")
+        if len({is_shards(source) for source in sources}) > 1:
+            raise ValueError("data.init_args.train mixes shard folders and jsonl/meta files; prepare them alike")
+        v2pe = check_v2pe(v2pe, "data.init_args.v2pe")
+        self.v2pe_eval = check_v2pe(v2pe_eval, "data.init_args.v2pe_eval") if v2pe_eval is not None else eval_mode(v2pe)
         if task not in get_args(RecordsTask):  # YAML is checked when parsed; Python callers here
             raise ValueError(f"Unknown records task {task!r}; available: {', '.join(map(repr, get_args(RecordsTask)))}")
         if pack and max_length > max_tokens:
             raise ValueError(
                 f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample"
             )
-        if pack and task == "pairs":
-            raise ValueError("pairs are not packed (each is one image and its captions); set pack: false")
+        if pack and task in ("pairs", "prompts"):
+            raise ValueError(f"task {task} is not packed; set pack: false")
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
             tokens_per_tile=tokens_per_tile, template=template, tile_size=tile_size, min_tiles=min_tiles,
             max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
-            max_image_pixels=max_image_pixels,
+            max_image_pixels=max_image_pixels, v2pe=v2pe, split_long=split_long,
         )  # fmt: skip
         self.caption_forms = CaptionForms(itc_prefix, itg_prefix, normalize, max_words)
         pairs = task == "pairs"
@@ -134,7 +165,10 @@ class RecordsDataModule(SampleDataModule):
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); only
         training samples are augmented."""
-        options = self.sample_options if train else replace(self.sample_options, jpeg_quality=None, augment=False)
+        options = (
+            self.sample_options if train
+            else replace(self.sample_options, jpeg_quality=None, augment=False, v2pe=self.v2pe_eval)
+        )  # fmt: skip
         return SampleBuilder(self.tokenizer, options, generation)
 
     def pair_builder(self, train: bool = False) -> PairBuilder:
@@ -153,26 +187,43 @@ class RecordsDataModule(SampleDataModule):
         h = self.hparams
         if h.task == "pairs":
             return PairCollator(self.tokenizer.pad_id)
+        if h.task == "prompts":
+            return Collator(self.tokenizer.pad_id, left_pad=True)
         return Collator(self.tokenizer.pad_id, h.pack, h.max_tokens, h.max_tiles_per_row)
 
     def _dataset(self, source: str, train: bool):
         h = self.hparams
         shuffle = h.shuffle and train
+        builder = self.sample_builder(train, generation=h.task == "prompts")
         if is_shards(source):
             if h.task == "pairs":
                 return StreamingPairs(
                     source, self.pair_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
                 )
-            return StreamingSamples(
-                source, self.sample_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
-            )
+            return StreamingSamples(source, builder, shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
         if h.task == "pairs":
             return JsonlPairs(dataset_specs(source, h.image_root, h.allow_absolute_paths), self.pair_builder(train))
-        return JsonlSamples(source, self.sample_builder(train), h.image_root, h.allow_absolute_paths)
+        return JsonlSamples(source, builder, h.image_root, h.allow_absolute_paths)
 
-    def _loader(self, source: str, train: bool):
+    def _mixture(self, sources: list[str]):
+        """Several training sources as one data set in the proportions of ``weights``."""
         h = self.hparams
-        dataset = self._dataset(source, train)
+        datasets = [self._dataset(source, train=True) for source in sources]
+        if is_shards(sources[0]):
+            from litdata import CombinedStreamingDataset
+
+            weights = check_weights(h.weights, len(sources))
+            return CombinedStreamingDataset(datasets, seed=h.seed, weights=weights, iterate_over_all=False)
+        return Mixture(datasets, h.weights, h.mixture_size, h.seed)
+
+    def _loader(self, source: str | list[str], train: bool):
+        h = self.hparams
+        if isinstance(source, str) or len(source) == 1:
+            source = source if isinstance(source, str) else source[0]
+            dataset = self._dataset(source, train)
+        else:
+            dataset = self._mixture(list(source))
+            source = source[0]
         # pairs: every rank gathers equal-sized batches for the contrastive loss
         drop_last = train and h.task == "pairs"
         options = dict(batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())

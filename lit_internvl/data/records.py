@@ -67,9 +67,11 @@ SKIP_REASONS: dict[str, str] = {
     "corrupt image": "read: any other image decoding failure",
     "over-long sample": "build: more tokens than max_length",
 }
-# The reason a packed batch drops a sample (lit_internvl.data.collate.Collator with pack: true).
+# The reasons a packed batch drops a sample (lit_internvl.data.collate.Collator with pack: true), or a split
+# document drops a part of itself (SampleOptions.split_long).
 PACKING_SKIP_REASONS: dict[str, str] = {
     "too many tiles": "collate: more tiles than max_tiles_per_row, so no packed row can hold it",
+    "empty split part": "build (split_long): a part of a document split between images with no trained token",
 }
 # The further reasons of image–caption data (RecordsDataModule task "pairs", lit_internvl.data.pairs).
 PAIR_SKIP_REASONS: dict[str, str] = {

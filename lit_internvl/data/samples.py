@@ -11,6 +11,11 @@
 - preference: the question answered with ``chosen`` is the sample; ``rejected`` holds the same
   question answered with the rejected response (for preference optimisation).
 
+With ``v2pe`` on, a sample also carries its float32 ``positions`` (:mod:`lit_internvl.data.v2pe`); without,
+the collator numbers each sample's tokens ``0..L−1``. With ``split_long``, an interleaved or text record longer
+than ``max_length`` becomes ``{"parts": [sample, ...], "dropped": n}``: parts cut between images, each keeping
+its slice of the document's positions (:func:`split_points`).
+
 Every ``<image>`` reserves ``tokens_per_tile × tiles`` ``<IMG_CONTEXT>`` slots, the number the
 model's connector gives for those tiles. A record that cannot become a sample raises
 :class:`~lit_internvl.data.records.BadRecord`; :meth:`SampleBuilder.safe` turns that into a
@@ -39,6 +44,8 @@ from lit_internvl.data.templates import (
     tokenize_conversation,
 )
 from lit_internvl.data.tiling import INTERNVL_JPEG_QUALITY, tile_sample
+from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.data.v2pe import V2PEMode, check_v2pe, image_runs, sample_positions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,11 @@ class SampleOptions:
         max_image_pixels: images of more pixels are bad records ("image too large"), checked on the
             file's header before decoding; the default is PIL's decompression-bomb threshold; None: no limit.
         strict: raise on a bad record instead of skipping it.
-        seed: seeds the augmentation, per record.
+        seed: seeds the augmentation and V2PE's strides, per record.
+        v2pe: ``"off"`` (positions ``0..L−1``), ``"random"`` (a stride S drawn per image, seeded per record) or
+            ``{"stride": S}``: :mod:`lit_internvl.data.v2pe`.
+        split_long: an interleaved or text record longer than ``max_length`` is split between images
+            into parts of at most ``max_length`` tokens (NMP), not skipped as "over-long sample".
     """
 
     tokens_per_tile: int
@@ -80,6 +91,11 @@ class SampleOptions:
     max_image_pixels: int | None = DEFAULT_MAX_PIXELS
     strict: bool = False
     seed: int = 0
+    v2pe: V2PEMode = "off"
+    split_long: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "v2pe", check_v2pe(self.v2pe, "v2pe"))
 
 
 class SampleBuilder:
@@ -155,12 +171,22 @@ class SampleBuilder:
                 extra = {"rejected": {"input_ids": torch.tensor(rejected_ids), "labels": torch.tensor(rejected_labels)}}
         except PlaceholderMismatchError as error:
             raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
+        context_id = self.tokenizer.token_to_id(IMG_CONTEXT)
+        # One rng a sequence, seeded by the record: the same strides in every worker, epoch and resumed run,
+        # and a preference pair's two answers see their images at the same positions.
+        positions = self.positions(ids, context_id, record.name)
+        if "rejected" in extra and positions is not None:
+            extra["rejected"]["positions"] = self.positions(
+                extra["rejected"]["input_ids"].tolist(), context_id, record.name
+            )
         longest = max(len(ids), len(extra["rejected"]["input_ids"]) if "rejected" in extra else 0)
+        if longest > o.max_length and o.split_long and record.kind in ("interleaved", "text") and not self.generation:
+            return self._split(record.name, ids, labels, positions, pixel_values, tiles_per_image, context_id)
         if longest > o.max_length:
             raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {o.max_length}")
         if not self.generation and all(label == IGNORE_INDEX for label in labels):
             raise BadRecord(record.name, "nothing to train", "no token of the sample is supervised")
-        return {
+        sample = {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "pixel_values": pixel_values if tiles_per_image else None,
@@ -168,6 +194,47 @@ class SampleBuilder:
             "meta": fields.get("meta"),
             **extra,
         }
+        if positions is not None:
+            sample["positions"] = positions
+        return sample
+
+    def positions(self, ids: list[int], context_id: int, name: str) -> torch.Tensor | None:
+        """The V2PE positions of one sequence (None when ``v2pe`` is off)."""
+        o = self.options
+        return sample_positions(ids, context_id, o.v2pe, random.Random(f"{o.seed}/v2pe/{name}"))
+
+    def _split(self, name, ids, labels, positions, pixel_values, tiles_per_image, context_id) -> dict:
+        """An over-long document as parts of at most ``max_length`` tokens cut between images; a part with no
+        trained target is dropped and counted (``"dropped"``)."""
+        runs = image_runs(ids, context_id)
+        try:
+            cuts = split_points(len(ids), runs, self.options.max_length)
+        except ValueError as error:
+            raise BadRecord(name, "over-long sample", str(error)) from None
+        if positions is None:
+            positions = torch.arange(len(ids), dtype=torch.float32)
+        first_tile = [sum(tiles_per_image[:i]) for i in range(len(tiles_per_image) + 1)]
+        parts, dropped = [], 0
+        for k, (start, end) in enumerate(zip(cuts[:-1], cuts[1:])):
+            part_labels = labels[start:end]
+            if all(label == IGNORE_INDEX for label in part_labels[1:]):  # the first label is no part's target
+                dropped += 1
+                continue
+            images = [i for i, (lo, hi) in enumerate(runs) if start <= lo and hi <= end]
+            part = {
+                "input_ids": torch.tensor(ids[start:end]),
+                "labels": torch.tensor(part_labels),
+                "positions": positions[start:end].clone(),
+                "pixel_values": pixel_values[first_tile[images[0]] : first_tile[images[-1] + 1]] if images else None,
+                "name": f"{name}#{k}",
+                "meta": None,
+            }
+            parts.append(part)
+        if not parts:
+            raise BadRecord(name, "nothing to train", "no part of the split document has a supervised token")
+        if dropped:
+            log.warning("%s: %d part(s) of the split document have nothing to train and are dropped", name, dropped)
+        return {"parts": parts, "dropped": dropped, "name": name}
 
     def jpeg_quality(self, record: Record) -> tuple[int, int] | None:
         """The JPEG augmentation range for ``record``: its dataset's ``data_augment`` decides when set
@@ -205,6 +272,30 @@ class SampleBuilder:
         ids.append(self.tokenizer.eos_id)
         labels.append(self.tokenizer.eos_id)
         return ids, labels
+
+
+def split_points(length: int, runs: list[tuple[int, int]], max_length: int) -> list[int]:
+    """Cut points ``[0, c1, …, length]`` of a document of ``length`` tokens into parts of at most ``max_length``,
+    never inside an image span: ``<img>`` (just before a run of ``runs``) through ``</img>`` (just after it).
+
+    As OpenGVLab's packed dataset (``internvl/train/dataset_packed.py``, ``split_buffer``, lines 253-337):
+    a part ends at ``max_length`` tokens, or before the ``<img>`` of the image that straddles that point.
+    Deliberate difference: the reference starts the next part at the next image, dropping the text between; here
+    the next part starts at the cut, so no text is lost (a part may then begin with text or hold no image).
+    """
+    spans = [(start - 1, end + 1) for start, end in runs]  # <img> … </img>, end exclusive
+    cuts = [0]
+    while length - cuts[-1] > max_length:
+        start, cut = cuts[-1], cuts[-1] + max_length
+        for lo, hi in spans:
+            if lo < cut < hi:  # the cut falls inside this image's span: cut before its <img>
+                if lo <= start:
+                    raise ValueError(f"an image span of {hi - lo} tokens does not fit max_length {max_length}")
+                cut = lo
+                break
+        cuts.append(cut)
+    cuts.append(length)
+    return cuts
 
 
 class SampleDataModule(L.LightningDataModule):

@@ -47,6 +47,6 @@ def answer(
     tokens = generate(
         model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
         max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), positions=batch["positions"],
     )[0]  # fmt: skip
     return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)

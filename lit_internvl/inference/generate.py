@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lit_internvl.components.language import KVCache
+from lit_internvl.data.v2pe import next_position
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
@@ -36,9 +37,13 @@ def generate(
     top_p: float = 1.0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    positions: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Continue left-padded prompts ``input_ids (B, T)`` (``attention_mask`` 1 on real tokens).
 
+    ``positions`` are the prompts' own (the collator's, V2PE's fractional image positions among them);
+    None numbers each prompt's tokens from 0. A new token takes ``ceil(last position) + 1``: one past the
+    text before it, as V2PE continues after an image span.
     Returns the new tokens of each row, up to and including ``eos_id`` or ``max_new_tokens``.
     Without the cache every step re-runs the whole sequence: the reference the cache is tested against.
     """
@@ -50,7 +55,9 @@ def generate(
     embeds = model.embed(input_ids, pixel_values, tiles_per_sample)
     decoder = model.decoder
     cache = KVCache(len(decoder.layers)) if use_cache else None
-    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0).float()
+    if positions is None:
+        positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0).float()
+    positions = positions.float()
     new_tokens = torch.empty(batch, 0, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     step_embeds, step_positions, mask = embeds, positions, attention_mask
@@ -64,11 +71,11 @@ def generate(
         if finished.all():
             break
         next_embed = decoder.embed_tokens(token[:, None]).to(embeds.dtype)
-        next_position = positions[:, -1:] + 1
-        positions = torch.cat((positions, next_position), dim=1)
+        step_position = next_position(positions[:, -1:])
+        positions = torch.cat((positions, step_position), dim=1)
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         embeds = torch.cat((embeds, next_embed), dim=1)
-        step_embeds, step_positions = (next_embed, next_position) if use_cache else (embeds, positions)
+        step_embeds, step_positions = (next_embed, step_position) if use_cache else (embeds, positions)
     out = []
     for row in new_tokens.tolist():
         out.append(row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)

@@ -31,6 +31,14 @@ class VisionLanguageModel(nn.Module):
         image_context_id: the tokenizer's id of ``<IMG_CONTEXT>``.
         tile_size: the side of the tiles the model reads (trains on, exports at); default the
             encoder's native ``config.image_size``. A stage sets it from its data in the handshake.
+
+    ``dummy_tile``: a batch without images still runs the vision encoder and connector, on one black tile whose
+    features enter the embeddings multiplied by zero. Under FSDP2 every rank all-gathers the encoder's
+    parameters in its forward and reduce-scatters their gradients in its backward; a rank that skipped the
+    encoder on a text-only batch would leave the others waiting in those collectives. InternVL does the same
+    with a dummy image and ``image_flags`` 0 for text-only samples (``internvl_chat_finetune.py``,
+    ``pure_text_get_item``; ``modeling_internvl_chat.py``, ``vit_embeds[image_flags == 1]``). A stage turns
+    it on when it trains on more than one process (:class:`~lit_internvl.stages.VisionLanguageStage`).
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class VisionLanguageModel(nn.Module):
                 )
             tile_size = config.image_size
         self.tile_size = tile_size
+        self.dummy_tile = False
 
     def tokens_per_tile(self, tile_size: int | None = None) -> int:
         """``<IMG_CONTEXT>`` tokens a prompt reserves per ``tile_size`` px tile (default :attr:`tile_size`)."""
@@ -70,11 +79,14 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
+        repeat_images: int = 1,
     ) -> torch.Tensor:
         """Token embeddings ``(B, T, D)`` with image features written over the ``<IMG_CONTEXT>`` slots.
 
         ``tiles_per_sample`` (tiles of each row, in the order of ``pixel_values``) lets a mismatch
-        name the sample (``sample_names[b]`` when given, else its row index).
+        name the sample (``sample_names[b]`` when given, else its row index). With ``repeat_images`` G, the
+        images (and ``tiles_per_sample``) are those of B / G samples, each serving G consecutive rows: the
+        vision tower runs once for the G answers of one prompt (online RL).
         """
         embeds = self.decoder.embed_tokens(input_ids)
         slots = input_ids == self.image_context_id
@@ -84,8 +96,17 @@ class VisionLanguageModel(nn.Module):
                 raise ImageTokenMismatchError(
                     f"{_names(rows, sample_names)} hold <IMG_CONTEXT> tokens but the batch has no images"
                 )
+            if self.dummy_tile:
+                tile = torch.zeros(1, 3, self.tile_size, self.tile_size, device=embeds.device)  # as the collator's
+                embeds = embeds + 0.0 * self.embed_images(tile).sum().to(embeds.dtype)
             return embeds
         features = self.embed_images(pixel_values)
+        if repeat_images > 1:
+            if tiles_per_sample is None:
+                raise ValueError("repeat_images needs tiles_per_sample, to know which tiles are whose")
+            per_sample = features.split(list(tiles_per_sample))
+            features = torch.cat([part for part in per_sample for _ in range(repeat_images)])
+            tiles_per_sample = [tiles for tiles in tiles_per_sample for _ in range(repeat_images)]
         self._check_counts(slots, features, tiles_per_sample, sample_names)
         features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(slots[..., None], features)
@@ -122,6 +143,7 @@ class VisionLanguageModel(nn.Module):
         tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
         logits_at: torch.Tensor | None = None,
+        repeat_images: int = 1,
         targets: torch.Tensor | None = None,
         head_chunk_size: int = HEAD_CHUNK_SIZE,
         head_backend: HeadBackend = "chunked",
@@ -145,7 +167,7 @@ class VisionLanguageModel(nn.Module):
         """
         if targets is not None and logits_at is not None:
             raise ValueError("Pass logits_at (logits at those positions) or targets (cross-entropies), not both")
-        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names)
+        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names, repeat_images)
         length = embeds.shape[1]
         if length_multiple:
             embeds, attention_mask, positions, document_ids = _pad_length(

@@ -1,14 +1,16 @@
 """One LightningModule per training stage, on two bases: dual-encoder stages (contrastive, generative)
-and vision-language-model stages (SFT, MPO, ...)."""
+and vision-language-model stages (SFT, MPO, NMP, RL, ...)."""
 
 from lit_internvl.stages.base import Stage
 from lit_internvl.stages.contrastive import ContrastiveStage
 from lit_internvl.stages.dual_encoder import DualEncoderStage
 from lit_internvl.stages.generative import GenerativeStage
 from lit_internvl.stages.mpo import MPOStage
+from lit_internvl.stages.nmp import NMPStage
+from lit_internvl.stages.rl import RLStage
 from lit_internvl.stages.sft import SFTStage
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 __all__ = [
-    "ContrastiveStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "SFTStage", "Stage", "VisionLanguageStage",
+    "ContrastiveStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "NMPStage", "RLStage", "SFTStage", "Stage", "VisionLanguageStage",
 ]  # fmt: skip

@@ -31,7 +31,10 @@ def read_init_weights(source: str, internvl1_kind: str = "g") -> dict[str, torch
     if source.startswith("hf:"):
         from lit_internvl.hf import read_vlm_state_dict
         from lit_internvl.hf.internvl1 import is_internvl1, read_internvl1_state_dict
+        from lit_internvl.hf.parts import part_of, read_part_state_dict
 
+        if part_of(source[3:]) is not None:  # a vision encoder or a text-only LLM released alone
+            return read_part_state_dict(source[3:])
         if is_internvl1(source[3:]):
             return read_internvl1_state_dict(source[3:], internvl1_kind)
         return read_vlm_state_dict(source[3:])
@@ -43,7 +46,8 @@ class Stage(L.LightningModule):
 
     Subclasses implement :meth:`build_model`; :meth:`configure_model` calls it once (so that FSDP can
     shard the network from the meta device), meets the data (:meth:`handshake`), then loads
-    ``init_from`` (a Lightning ``.ckpt`` of an earlier stage, a ``.safetensors`` file, or ``hf:/path``)
+    ``init_from`` (a Lightning ``.ckpt`` of an earlier stage, a ``.safetensors`` file, or ``hf:/path``; a list
+    loads each in turn, e.g. a vision encoder's folder and a text-only LLM's)
     by name after the prefix renames of ``init_from_rename``, reporting missing and unexpected keys.
     Subclasses report validation metrics under ``val/``; ``chance_levels`` holds the chance level of
     each such metric where one exists, for the end-of-fit report.
@@ -78,7 +82,7 @@ class Stage(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
         init_from_rename: dict[str, str] | None = None,
         activation_checkpointing: bool = False,
         attn_backend: Backend | None = None,
@@ -133,9 +137,9 @@ class Stage(L.LightningModule):
         if h.attn_backend is not None:
             set_attention_backend(model, h.attn_backend)
         self.handshake(model)
-        if h.init_from:
-            state = read_init_weights(h.init_from, self.internvl1_kind)
-            load_into(model, state, h.init_from, h.init_from_rename)
+        # Several sources load in turn (NMP: a vision encoder's folder, then a text-only LLM's).
+        for source in [h.init_from] if isinstance(h.init_from, str) else h.init_from or []:
+            load_into(model, read_init_weights(source, self.internvl1_kind), source, h.init_from_rename)
         self.prepare_model(model)
         self.model = self.parallelize(model, h.activation_checkpointing)
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
-from lit_internvl.distributed import compile_blocks, data_parallel_mesh
+from lit_internvl.distributed import compile_blocks, data_parallel_mesh, world
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
@@ -53,6 +53,9 @@ class VisionLanguageStage(Stage):
             ``lr · decay^(L − i)``, the embeddings ``lr · decay^(L + 1)``.
         loss_reduction: ``token``, ``sample`` or ``square`` (InternVL 2.5/3's default).
         all_reduce_loss: normalise the loss by the weight of the global batch.
+        dummy_tile: run the vision encoder on one zero-weighted black tile when a batch has no image
+            (:class:`~lit_internvl.models.vlm.VisionLanguageModel`), so that every rank's FSDP2 collectives
+            match; None: whenever more than one process trains.
         head_chunk_size, head_backend: the training losses run the output head and the cross-entropy together over
             chunks of this many supervised positions (:func:`~lit_internvl.losses.linear_cross_entropy`), so that
             the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
@@ -83,6 +86,7 @@ class VisionLanguageStage(Stage):
         vision_layer_decay: float = 1.0,
         loss_reduction: LossReduction = "square",
         all_reduce_loss: bool = False,
+        dummy_tile: bool | None = None,
         head_chunk_size: int = HEAD_CHUNK_SIZE,
         head_backend: HeadBackend = "chunked",
         compile_blocks: bool = False,
@@ -150,6 +154,7 @@ class VisionLanguageStage(Stage):
         if rows:
             grown = grow_vocabulary(model.decoder, rows)
             rank_zero_info(f"model.init_args.decoder: {grown}, for the tokens data.init_args.tokenizer added")
+        model.dummy_tile = h.dummy_tile if h.dummy_tile is not None else world()[1] > 1
         lora = LoraOptions(**h.lora) if h.lora else None
         lora_parts = set(lora.parts) if lora else set()
         for part in PARTS:
@@ -223,6 +228,7 @@ class VisionLanguageStage(Stage):
         answers = generate(
             self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
             max_new_tokens=h.max_new_tokens, eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p,
+            positions=batch["positions"],
         )  # fmt: skip
         out, cut = [], []
         for row, tokens in enumerate(answers):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, get_args
 
 from torch.utils.data import DataLoader, Dataset
 
 from lit_internvl.data.collate import Collator, PairCollator
+from lit_internvl.data.mixture import Mixture, check_weights
 from lit_internvl.data.pairs import CaptionForms, itc_ids
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, replicas
 from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
-from lit_internvl.data.shapes.datasets import ShapesPairs, ShapesPreference, ShapesVQA
+from lit_internvl.data.shapes.datasets import ShapesInterleaved, ShapesPairs, ShapesPreference, ShapesText, ShapesVQA
 from lit_internvl.data.shapes.world import QUESTION_TYPES, ShapesWorld, Split, class_names
 from lit_internvl.data.tokenizer import load_tokenizer
+from lit_internvl.data.v2pe import V2PEMode, check_v2pe, eval_mode
 
-ShapesTask = Literal["pairs", "vqa", "preference"]
+ShapesTask = Literal["pairs", "vqa", "preference", "nmp", "prompts"]
 
 
 class ShapesDataModule(SampleDataModule):
@@ -28,6 +31,12 @@ class ShapesDataModule(SampleDataModule):
     - ``"vqa"``: one-word questions about scenes of 1..``max_objects`` objects, in the
       ``internvl2_5`` chat template (SFT); :attr:`question_types` gives each type's chance level.
     - ``"preference"``: the same questions with a chosen (right) and a wrong (rejected) answer (MPO).
+    - ``"prompts"``: the ``vqa`` questions as prompts to answer, left-padded, ``meta`` holding each one's type and
+      answer, in every split (online RL, :class:`~lit_internvl.stages.RLStage`).
+    - ``"nmp"``: native multimodal pretraining's mixture: interleaved documents of ``images_per_document``
+      pictures, each followed by what it shows, and the world's text-only sentences, in the proportions of
+      ``weights`` (:class:`~lit_internvl.data.mixture.Mixture`); validation and test hold interleaved documents
+      only, of ``val_images_per_document`` pictures.
 
     Train, validation and test splits are different seeds of the same world, so held-out scenes
     are never seen in training. ``predict`` reads the test split; for ``vqa`` as prompts to answer.
@@ -49,6 +58,12 @@ class ShapesDataModule(SampleDataModule):
             validation and test ask only the one-word questions.
         tokenizer: ``"byte"`` or ``"shapes"``, which makes every word the world writes one token (a
             question and its answer take a third of the tokens); the model's vocabulary must hold its ids.
+        weights: ``nmp``: interleaved : text-only samples (InternVL3's token ratio is about 3 : 1).
+        images_per_document, val_images_per_document: ``nmp``: the fewest and most pictures of a training
+            document, and of a held-out one (None: as training).
+        v2pe, v2pe_eval: V2PE positions of training and of held-out samples (:mod:`lit_internvl.data.v2pe`;
+            ``v2pe_eval`` None: as training, ``random`` evaluated at ``{stride: 64}``).
+        pack, max_tokens: pack training samples into rows of at most ``max_tokens`` tokens (``nmp``).
     """
 
     def __init__(
@@ -69,8 +84,18 @@ class ShapesDataModule(SampleDataModule):
         itc_prefix: str = CaptionForms.itc_prefix,
         itg_prefix: str = CaptionForms.itg_prefix,
         normalize: bool = CaptionForms.normalize,
+        weights: list[float] = [3.0, 1.0],  # noqa: B006 - jsonargparse needs a literal default
+        images_per_document: tuple[int, int] = (1, 3),
+        val_images_per_document: tuple[int, int] | None = None,
+        v2pe: V2PEMode = "off",
+        v2pe_eval: V2PEMode | None = None,
+        pack: bool = False,
+        max_tokens: int = 1024,
     ) -> None:
         super().__init__()
+        check_weights(weights, 2, "data.init_args.weights")
+        v2pe = check_v2pe(v2pe, "data.init_args.v2pe")
+        self.v2pe_eval = check_v2pe(v2pe_eval, "data.init_args.v2pe_eval") if v2pe_eval is not None else eval_mode(v2pe)
         if task not in get_args(ShapesTask):  # YAML is checked when parsed; Python callers here
             raise ValueError(f"Unknown shapes task {task!r}; available: {', '.join(map(repr, get_args(ShapesTask)))}")
         if not 0.0 <= describe_ratio <= 1.0:
@@ -80,7 +105,7 @@ class ShapesDataModule(SampleDataModule):
         # A scene is one tile-sized image: one tile, no thumbnail. Generated records are never bad: strict.
         self.sample_options = SampleOptions(
             tokens_per_tile=tokens_per_tile, tile_size=tile_size, max_tiles=1, use_thumbnail=False, max_length=1024,
-            system=system, strict=True,
+            system=system, strict=True, v2pe=v2pe,
         )  # fmt: skip
         self.class_names = class_names()
         self.prompt_templates = list(prompt_templates) if prompt_templates is not None else ["a {}"]
@@ -90,8 +115,9 @@ class ShapesDataModule(SampleDataModule):
 
     def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
         """How this datamodule turns records into samples (``generation``: prompts to answer); no
-        augmentation, so ``train`` changes nothing."""
-        return SampleBuilder(self.tokenizer, self.sample_options, generation)
+        augmentation: ``train`` changes only V2PE's setting (``v2pe_eval`` for held-out samples)."""
+        options = self.sample_options if train else replace(self.sample_options, v2pe=self.v2pe_eval)
+        return SampleBuilder(self.tokenizer, options, generation)
 
     def text_ids(self, text: str) -> list[int]:
         """The ITC form of a zero-shot prompt (not normalised): what the stage embeds for a class."""
@@ -104,6 +130,12 @@ class ShapesDataModule(SampleDataModule):
             return ShapesPairs(world, size, self.tokenizer, self.caption_forms)
         if h.task == "preference":
             return ShapesPreference(world, size, self.sample_builder(split == "train"))
+        if h.task == "nmp":
+            builder = self.sample_builder(split == "train")
+            if split != "train":
+                return ShapesInterleaved(world, size, builder, h.val_images_per_document or h.images_per_document)
+            documents = ShapesInterleaved(world, size, builder, h.images_per_document)
+            return Mixture([documents, ShapesText(world, size, builder)], h.weights, size, h.seed)
         describe = h.describe_ratio if split == "train" else 0.0
         return ShapesVQA(world, size, self.sample_builder(split == "train", generation), h.max_objects, describe)
 
@@ -112,7 +144,10 @@ class ShapesDataModule(SampleDataModule):
         if self.hparams.task == "pairs":
             collate = PairCollator(self.tokenizer.pad_id)
         else:
-            collate = Collator(self.tokenizer.pad_id, left_pad=generation)
+            pack = self.hparams.pack and shuffle  # training rows only
+            collate = Collator(
+                self.tokenizer.pad_id, pack=pack, max_tokens=self.hparams.max_tokens, left_pad=generation
+            )
         options = dict(
             batch_size=self.hparams.batch_size, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate
         )
@@ -122,16 +157,20 @@ class ShapesDataModule(SampleDataModule):
             return ResumableDataLoader(dataset, sampler, drop_last=True, **options)
         return DataLoader(dataset, shuffle=False, **options)
 
+    def _split_loader(self, split: Split, size: int) -> DataLoader:
+        prompts = self.hparams.task == "prompts"
+        return self._loader(self._dataset(split, size, prompts), shuffle=split == "train", generation=prompts)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train", self.hparams.train_size), shuffle=True)
+        return self._split_loader("train", self.hparams.train_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val", self.hparams.val_size), shuffle=False)
+        return self._split_loader("val", self.hparams.val_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test", self.hparams.val_size), shuffle=False)
+        return self._split_loader("test", self.hparams.val_size)
 
     def predict_dataloader(self) -> DataLoader:
-        generation = self.hparams.task == "vqa"
+        generation = self.hparams.task in ("vqa", "prompts")
         dataset = self._dataset("test", self.hparams.val_size, generation)
         return self._loader(dataset, shuffle=False, generation=generation)

@@ -1,4 +1,5 @@
-"""Datasets of one split of the shapes world: image–caption pairs, questions, preference pairs."""
+"""Datasets of one split of the shapes world: image–caption pairs, questions, preference pairs, interleaved
+documents and text-only sentences."""
 
 from __future__ import annotations
 
@@ -95,3 +96,33 @@ class ShapesPreference(ShapesSplit):
         fields = {"question": f"{IMAGE_PLACEHOLDER}\n{pair['question']}", "chosen": pair["chosen"],
                   "rejected": pair["rejected"], "meta": {"type": pair["type"], "answer": pair["chosen"]}}  # fmt: skip
         return self.builder.safe(Record("preference", f"shapes-{self.world.split}:{index}", fields, [pair["image"]]))
+
+
+class ShapesInterleaved(ShapesSplit):
+    """Interleaved documents (:meth:`ShapesWorld.interleaved`) of ``images`` pictures each, a number drawn per
+    document from ``images = (fewest, most)`` (seeded by its index), built into samples by a :class:`SampleBuilder`."""
+
+    def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder, images: tuple[int, int]) -> None:
+        super().__init__(world, size)
+        fewest, most = images
+        if not 1 <= fewest <= most:
+            raise ValueError(f"images per document must be (fewest, most) with 1 <= fewest <= most, got {images}")
+        self.builder, self.images = builder, (fewest, most)
+
+    def sample(self, index: int) -> dict:
+        count = int(self.world.rng(index, "images").integers(self.images[0], self.images[1] + 1))
+        doc = self.world.interleaved(index, count)
+        record = Record("interleaved", f"shapes-{self.world.split}:doc{index}", {"texts": doc["texts"]}, doc["images"])
+        return self.builder.safe(record)
+
+
+class ShapesText(ShapesSplit):
+    """The world's text-only corpus (:meth:`ShapesWorld.sentence`), built into samples by a :class:`SampleBuilder`."""
+
+    def __init__(self, world: ShapesWorld, size: int, builder: SampleBuilder) -> None:
+        super().__init__(world, size)
+        self.builder = builder
+
+    def sample(self, index: int) -> dict:
+        record = Record("text", f"shapes-{self.world.split}:text{index}", {"text": self.world.sentence(index)}, [])
+        return self.builder.safe(record)

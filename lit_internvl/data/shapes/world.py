@@ -248,14 +248,15 @@ class ShapesWorld:
         }  # fmt: skip
 
     def interleaved(self, index: int, num_images: int = 2) -> dict:
-        """A short document: sentences about objects, each followed by its picture (``<image>``)."""
+        """A document of pictures, each followed by the sentence that says what it shows:
+        ``"<image> The image has a red circle at the top."`` — text a model can only predict from the picture
+        before it (native multimodal pretraining's interleaved data, :class:`~lit_internvl.stages.NMPStage`)."""
         rng = self.rng(index, "interleaved")
         images, texts = [], []
         for _ in range(num_images):
             obj = self.random_object(rng)
             images.append(self.render([obj], rng))
-            texts.append(f"Next, a {obj.name} at the {obj.region(self.image_size)}: {IMAGE_PLACEHOLDER}")
-        texts.append(f"That makes {num_images} pictures.")
+            texts.append(f"{IMAGE_PLACEHOLDER} The image has a {obj.name} at the {obj.region(self.image_size)}.")
         return {"images": images, "texts": texts}
 
     def sentence(self, index: int) -> str:
