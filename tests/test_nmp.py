@@ -225,10 +225,11 @@ def test_nmp_on_the_embedded_default_learns_the_documents_that_text_only_data_do
     from lit_internvl.cli import main
 
     def held_out_loss(overrides: list[str], steps: int) -> float:
-        cli = main(["--config", str(REPO / "recipes/nmp.yaml"), "--trainer.default_root_dir", str(tmp_path),
+        root = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        cli = main(["--config", str(REPO / "recipes/nmp.yaml"), "--trainer.default_root_dir", str(root),
                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.max_steps",
                     str(max(steps, 1)), "--trainer.val_check_interval", "1.0", "--data.init_args.val_size", "64",
-                    "--trainer.enable_checkpointing", "false", *overrides], run=False)  # fmt: skip
+                    *overrides], run=False)  # fmt: skip
         if steps:
             cli.trainer.fit(cli.model, cli.datamodule)
         (metrics,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
