@@ -161,3 +161,12 @@ def test_incremental_decoding_on_varlen_equals_the_full_forward(stand_in_varlen)
     rest = decoder(ids[:, 6:7], attention_mask=padding[:, :7], cache=cache)
     torch.testing.assert_close(first, full[:, :6], atol=1e-5, rtol=0)
     torch.testing.assert_close(rest[0], full[0, 6:7], atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_varlen_refuses_float32_on_a_gpu_with_a_message():
+    q, k, v = _qkv("cuda", requires_grad=False)
+    mask = make_mask("varlen", causal=True, attention_mask=PADDING.cuda(), document_ids=DOCUMENTS.cuda())
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        attention(q, k, v, mask, is_causal=True, backend="varlen")

@@ -141,6 +141,11 @@ class VarlenMask:
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: VarlenMask) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"attn_backend 'varlen' is flash attention, which runs in float16 or bfloat16, not {q.dtype}: train with "
+            "precision bf16-mixed (or 16-mixed), or choose 'sdpa' or 'flex'"
+        )
     batch, heads, length, dim = q.shape
     # (B, H, T, D) → (B·T, H, D): the tokens of every row end to end, each segment attending within itself.
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (q, k, v))
