@@ -100,3 +100,48 @@ def test_inductor_compiled_blocks_train_like_the_plain_ones():
     model = copy.deepcopy(reference)
     compile_blocks(model)
     _assert_same_step(model, reference, _packed_batch(40), atol=1e-4)
+
+
+def _fsdp_compiled_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: compiled blocks sharded by FSDP2 (as the GPU recipes run), one step on the batch."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = _vlm()
+    compile_blocks(model, backend="aot_eager")
+    model = parallelize(model, init_device_mesh("cpu", (2,)))
+    ids, pixels, positions, documents, labels = _packed_batch(40)  # the same batch on both ranks
+    losses = model(
+        ids, pixels, positions=positions, document_ids=documents, targets=next_token_targets(labels, documents)
+    )
+    loss = reduce_token_losses(losses, labels, documents, "square")
+    loss.backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # FSDP2 averaged the two ranks'
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp2_train_like_one_plain_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp_compiled.pt"
+    mp.spawn(_fsdp_compiled_worker, args=(port, str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    reference = _vlm()
+    ref_loss, ref_grads = _step(reference, _packed_batch(40))
+    torch.testing.assert_close(got["loss"], ref_loss, atol=1e-5, rtol=0)
+    for (name, _), expected in zip(reference.named_parameters(), ref_grads):
+        torch.testing.assert_close(got["grads"][name], expected, atol=1e-5, rtol=1e-4, msg=name)
