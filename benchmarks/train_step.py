@@ -6,7 +6,8 @@
 Both sides get the same configuration and the same weights (a randomly initialised model of ours is exported with
 ``lit_internvl.hf.export_vlm``; ours reads it back with ``load_vlm``, transformers with ``from_pretrained``), the same
 batch, and take the same step: forward, next-token cross-entropy averaged over the supervised tokens, backward,
-AdamW. lit_internvl runs its output head only at the supervised positions (``logits_at``, as ``SFTStage`` trains);
+AdamW. lit_internvl runs its output head only at the supervised positions, with the cross-entropy in chunks
+(``targets``, as ``SFTStage`` trains; ``--ours-backend``/``--ours-compile`` choose its attention and compilation);
 transformers' model projects every position onto the vocabulary, image tokens included. Each measurement runs in its own process, so that peak memory is its own: the peak resident set of the
 process on a CPU, torch's peak allocation on a GPU. Warm-up steps come first; a measurement's time is the median of
 its timed steps, and the two sides run in alternation for ``--rounds`` rounds (the fastest median of each is kept), so
@@ -18,10 +19,10 @@ architecture, random weights: one 448 px tile and 1024 tokens). On a GPU the sec
 rows of ``--packed-tokens`` tokens (documents of one tile and some text, positions restarting per document, attention
 within documents) in bf16 autocast with each attention backend, and reports tokens/s and MFU: the analytic model FLOPs
 of :mod:`lit_internvl.flops` (the head counted on every token, as MFU conventionally does) over the device's peak
-(989 TFLOP/s dense bf16 on an H100).
+(the project's table, :data:`lit_internvl.flops.PEAK_TFLOPS`: 989.4 TFLOP/s dense bf16 on an H100 or H200).
 
 The MFU table uses fused AdamW; ``--compile on`` (or ``both``) also ``torch.compile``s every transformer block.
-Imports only torch, transformers, lightning's table of peak FLOP/s and lit_internvl's components, models, hf, flops
+Imports only torch, transformers and lit_internvl's components, models, hf, flops
 and losses (the GPU image has no litdata, omegaconf or jsonargparse; lit_internvl need not be installed). With ``OUT``
 set in the environment, the tables and raw results are also written to ``$OUT/train_step.md`` and
 ``$OUT/train_step.json``.
@@ -45,9 +46,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # lit_internvl from this checkout, installed or not
 
 CONFIGS = {
-    # name: (preset, rows, tokens per row, tiles per row, text-token range)
+    # name: (preset, rows, tokens per row, tiles per row, text-token range[, padded: row r is r·tokens/(2·rows) shorter])
     "tiny": ("tiny", 4, 128, 1, (0, 256)),
     "InternVL3-1B": ("InternVL3-1B", 1, 1024, 1, (1000, 100_000)),
+    "InternVL3-1B-padded": ("InternVL3-1B", 8, 1024, 1, (1000, 100_000), True),
+    "tiny-padded": ("tiny", 4, 128, 1, (0, 256), True),  # the padded comparison's CPU rehearsal
 }
 BACKENDS = ("sdpa", "flex", "eager", "xformers")
 
@@ -56,16 +59,22 @@ BACKENDS = ("sdpa", "flex", "eager", "xformers")
 
 
 def comparison_batch(model, name: str, device: str) -> dict:
-    """Rows of ``tokens`` ids, each with its tiles' ``<IMG_CONTEXT>`` run after the first token; no padding."""
-    _, rows, tokens, tiles, (low, high) = CONFIGS[name]
+    """Rows of ``tokens`` ids, each with its tiles' ``<IMG_CONTEXT>`` run after the first token; padded configs'
+    row r has r·tokens/(2·rows) padding tokens on the right (id 0, masked, not trained)."""
+    _, rows, tokens, tiles, (low, high), *padded = CONFIGS[name]
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(low, high, (rows, tokens), generator=g)
     image_tokens = model.tokens_per_tile() * tiles
     ids[:, 1 : 1 + image_tokens] = model.image_context_id
-    labels = ids.masked_fill(ids == model.image_context_id, -100)
+    mask = torch.ones_like(ids)
+    if padded:
+        for row in range(rows):
+            mask[row, tokens - row * (tokens // (2 * rows)) :] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill((ids == model.image_context_id) | (mask == 0), -100)
     size = model.vision.config.image_size
     pixels = torch.randn(rows * tiles, 3, size, size, generator=g)
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -141,9 +150,11 @@ def _autocast(device: str):
 
 def worker(args) -> dict:
     """Train one side for ``warmup + steps`` steps; returns its timings."""
+    from lit_internvl.components.attention import set_attention_backend
+    from lit_internvl.distributed import compile_blocks
     from lit_internvl.flops import vlm_flops
     from lit_internvl.hf import build_vlm, load_vlm, read_config
-    from lit_internvl.losses import language_model_loss, supervised_positions
+    from lit_internvl.losses import next_token_targets, reduce_token_losses
 
     device = args.device
     if args.mode == "mfu":
@@ -165,14 +176,16 @@ def worker(args) -> dict:
             return model(**batch).loss
     else:
         model = load_vlm(args.folder, device=device).train()
+        set_attention_backend(model, args.backend or "sdpa")
+        if args.compiled:
+            compile_blocks(model)
+        targets = next_token_targets(batch["labels"])
 
-        supervised = supervised_positions(batch["labels"])
-
-        def forward_loss():  # as SFTStage: logits only where the loss reads them
-            logits = model(
-                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], logits_at=supervised
+        def forward_loss():  # as SFTStage: the head and the loss in chunks, where a target is supervised
+            losses = model(
+                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], targets=targets
             )
-            return language_model_loss(logits, batch["labels"], reduction="token")
+            return reduce_token_losses(losses, batch["labels"], reduction="token")
 
     optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args.optimizer)
 
@@ -196,28 +209,26 @@ def worker(args) -> dict:
 def mfu_worker(args, model) -> dict:
     """InternVL3-1B on packed rows in bf16 with one attention backend."""
     from lit_internvl.components.attention import set_attention_backend
+    from lit_internvl.distributed import compile_blocks
     from lit_internvl.flops import vlm_flops
-    from lit_internvl.losses import language_model_loss, supervised_positions
+    from lit_internvl.losses import next_token_targets, reduce_token_losses
 
     device = args.device
     set_attention_backend(model, args.backend)
     if args.compiled:
-        from lit_internvl.distributed import transformer_blocks
-
-        for _, block in transformer_blocks(model):
-            block.compile(dynamic=False)
+        compile_blocks(model)
     batch, lengths, tiles = packed_batch(model, args.rows, args.packed_tokens, device)
     count = vlm_flops(model, lengths, tiles)
     optimizer = _optimizer(model.parameters(), args.optimizer, fused=device == "cuda")
-    supervised = supervised_positions(batch["labels"], batch["document_ids"])
+    targets = next_token_targets(batch["labels"], batch["document_ids"])
 
     def step() -> float:
         with _autocast(device):
-            logits = model(
+            losses = model(
                 batch["input_ids"], batch["pixel_values"], positions=batch["positions"],
-                document_ids=batch["document_ids"], logits_at=supervised,
+                document_ids=batch["document_ids"], targets=targets,
             )  # fmt: skip
-            loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction="token")
+            loss = reduce_token_losses(losses, batch["labels"], batch["document_ids"], reduction="token")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -236,18 +247,17 @@ def mfu_worker(args, model) -> dict:
 
 
 def peak_flops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
+    from lit_internvl.flops import device_peak_flops
 
-    return get_available_flops(torch.device("cuda"), torch.bfloat16)
+    return device_peak_flops(torch.device(device), torch.bfloat16)
 
 
 # -- the driver ------------------------------------------------------------------------------------------------------
 
 
-def run_worker(argv: list[str], timeout: float) -> dict:
-    command = [sys.executable, __file__, "--worker", *argv]
+def run_worker(argv: list[str], timeout: float, script: str = __file__) -> dict:
+    """``script --worker argv`` in its own process: the dict its ``RESULT`` line holds, or ``{"error": ...}``."""
+    command = [sys.executable, script, "--worker", *argv]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -255,8 +265,8 @@ def run_worker(argv: list[str], timeout: float) -> dict:
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"error": tail[0][:200]}
+    lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+    return {"error": (lines[-1] if lines else f"exit {done.returncode}, no output")[:300]}
 
 
 def export_model(name: str, folder: Path) -> None:
@@ -368,6 +378,8 @@ def main() -> None:
         choices=("off", "on", "both"),
         help="GPU MFU table: torch.compile each transformer block (on), or measure both ways",
     )
+    parser.add_argument("--ours-backend", default="sdpa", help="comparison: lit_internvl's attention backend")
+    parser.add_argument("--ours-compile", action="store_true", help="comparison: compile lit_internvl's blocks")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     # worker mode (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -404,9 +416,10 @@ def main() -> None:
                 common += ["--threads", str(args.threads)]
             rounds = args.rounds if args.rounds is not None else (3 if args.device == "cpu" and not big_on_cpu else 1)
             runs: dict[str, list[dict]] = {"ours": [], "transformers": []}
+            ours = ["--backend", args.ours_backend] + (["--compiled"] if args.ours_compile else [])
             for _ in range(rounds):  # alternating, so that both sides see the same machine load
                 for mode in runs:
-                    result = run_worker(["--mode", mode, *common], args.timeout)
+                    result = run_worker(["--mode", mode, *common, *(ours if mode == "ours" else [])], args.timeout)
                     runs[mode].append(result)
                     print(f"{name} {mode}: {result}", file=sys.stderr, flush=True)
             for mode, tries in runs.items():

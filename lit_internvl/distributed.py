@@ -58,6 +58,21 @@ def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def compile_blocks(model: nn.Module, dynamic: bool | None = None, backend: str = "inductor") -> int:
+    """Regional compilation: ``torch.compile`` every transformer block of ``model`` in place (the one block class is
+    compiled once and reused for every layer of the same shapes, so compiling takes a block's time, not a model's);
+    returns how many blocks. Called before checkpointing and sharding wrap the blocks, as torchtitan orders them.
+
+    ``dynamic=None`` is torch's automatic dynamic shapes: a block is compiled for the first shapes it sees and once
+    more with symbolic sizes when they change (tiles per batch, rows, lengths), so a run compiles a bounded number of
+    graphs; padding the decoder's length to a multiple (``VisionLanguageModel(..., length_multiple=)``) keeps most
+    batches on the static graph."""
+    blocks = transformer_blocks(model)
+    for _, block in blocks:
+        block.compile(dynamic=dynamic, backend=backend)
+    return len(blocks)
+
+
 def parallelize(
     model: nn.Module,
     mesh=None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -147,3 +148,56 @@ def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
             pooling_attention = 2 * 2 * tokens * attn.q.out_features * tiles  # one query: scores, weighted sum
         return count + FlopCount(linear=2 * (image * tiles + text * len(lengths)), attention=pooling_attention)
     return None
+
+
+# -- the devices' peaks ------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "tf32", "bf16", "fp16", "fp8"]
+
+# Dense (no 2:4 sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (which print the sparse figure for
+# tf32/bf16/fp16/fp8: halved here). Lightning's table lacks "NVIDIA H200" and lists sparse figures for some chips, so
+# MFU is counted against this one. fp32 is the non-tensor-core peak; tf32 is what fp32 matmuls run at when torch
+# allows it (``torch.set_float32_matmul_precision("high")``). Keys are matched against the lower-cased device name in
+# this order (the first key all of whose words occur in it), so that the specific variants come before the family.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h200 nvl": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1670.5},
+    "h200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},  # SXM: an H100 SXM's compute
+    "h100 nvl": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5, "fp8": 1670.5},
+    "h100 pcie": {"fp32": 51.0, "tf32": 378.0, "bf16": 756.5, "fp16": 756.5, "fp8": 1513.0},
+    "h100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4, "fp8": 1978.9},  # SXM ("H100 80GB HBM3")
+    "a100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},  # SXM and PCIe alike; no fp8
+    "l40s": {"fp32": 91.6, "tf32": 183.0, "bf16": 362.1, "fp16": 362.1, "fp8": 733.0},
+    "l40": {"fp32": 90.5, "tf32": 90.5, "bf16": 181.0, "fp16": 181.0, "fp8": 362.0},
+    "l4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0, "fp16": 121.0, "fp8": 242.5},
+    "a10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "fp16": 125.0},
+}
+
+
+def peak_flops(device_name: str, precision: Precision) -> float | None:
+    """Dense peak FLOP/s of one device, by its name (``torch.cuda.get_device_name()``) and the precision of its
+    matmuls; None for a device or precision not in :data:`PEAK_TFLOPS`."""
+    words = set(device_name.lower().replace("-", " ").split())
+    for key, peaks in PEAK_TFLOPS.items():
+        if set(key.split()) <= words:
+            return peaks[precision] * 1e12 if precision in peaks else None
+    return None
+
+
+def matmul_precision(dtype: torch.dtype) -> Precision | None:
+    """The :data:`Precision` a compute dtype's matmuls run at (float32 as tf32 where torch allows it)."""
+    if dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "fp8"}.get(dtype)
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """:func:`peak_flops` of a CUDA device at the matmul precision of ``dtype``; None elsewhere (a CPU has no entry)."""
+    precision = matmul_precision(dtype)
+    if device.type != "cuda" or precision is None:
+        return None
+    return peak_flops(torch.cuda.get_device_name(device), precision)
+
+
+def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: the model's FLOPs per second over the device's peak (None without a peak)."""
+    return None if not peak else flops / seconds / peak

@@ -76,7 +76,28 @@ def language_model_loss(
     reduction: LossReduction = "square",
     all_reduce: bool = False,
 ) -> torch.Tensor:
-    """Next-token cross-entropy with InternVL's per-sample weighting of packed batches.
+    """Next-token cross-entropy of logits with InternVL's per-sample weighting (:func:`reduce_token_losses`).
+
+    Args:
+        logits: ``(B, T, V)`` at every position, or ``(N, V)`` at the N :func:`supervised_positions`
+            only (row-major, as ``model(..., logits_at=supervised_positions(labels, document_ids))``);
+        labels: ``(B, T)`` with -100 where not trained;
+        document_ids: ``(B, T)`` for packed rows, else each row is one sample.
+    """
+    targets = next_token_targets(labels, document_ids)
+    supervised = targets != IGNORE_INDEX
+    losses = F.cross_entropy(_supervised_logits(logits, supervised).float(), targets[supervised], reduction="none")
+    return reduce_token_losses(losses, labels, document_ids, reduction, all_reduce)
+
+
+def reduce_token_losses(
+    losses: torch.Tensor,
+    labels: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
+    reduction: LossReduction = "square",
+    all_reduce: bool = False,
+) -> torch.Tensor:
+    """InternVL's weighted mean of the per-token cross-entropies of packed batches.
 
     Each supervised token of a sample (a document of a packed row, or a whole row) with ``x``
     supervised tokens weighs ``1`` (``token``), ``1/x`` (``sample``) or ``1/√x`` (``square``, the
@@ -86,17 +107,17 @@ def language_model_loss(
     global batch counts alike whatever rank it landed on.
 
     Args:
-        logits: ``(B, T, V)`` at every position, or ``(N, V)`` at the N :func:`supervised_positions`
-            only (row-major, as ``model(..., logits_at=supervised_positions(labels, document_ids))``);
-        labels: ``(B, T)`` with -100 where not trained;
-        document_ids: ``(B, T)`` for packed rows, else each row is one sample.
+        losses: ``(N,)`` cross-entropies at the N :func:`supervised_positions`, row-major (from
+            :func:`linear_cross_entropy`, ``model(..., targets=...)``, or the logits as in :func:`language_model_loss`);
+        labels, document_ids: as :func:`language_model_loss`'s.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"Unknown loss reduction {reduction!r}; choose one of {REDUCTIONS}")
-    targets = next_token_targets(labels, document_ids)
-    supervised = targets != IGNORE_INDEX
-    logits = _supervised_logits(logits, supervised)
-    losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    supervised = supervised_positions(labels, document_ids)
+    if losses.shape != (int(supervised.sum()),):
+        raise ValueError(
+            f"Got {tuple(losses.shape)} token losses but the labels supervise {int(supervised.sum())} positions"
+        )
     if reduction == "token":
         weights = torch.ones_like(losses)
     else:
@@ -134,6 +155,96 @@ def _supervised_logits(logits: torch.Tensor, supervised: torch.Tensor) -> torch.
     return logits
 
 
+# -- the output head and its cross-entropy, in chunks ------------------------------------------------------------
+
+HeadBackend = Literal["chunked", "liger", "cce"]
+HEAD_BACKENDS = get_args(HeadBackend)
+HEAD_CHUNK_SIZE = 1024  # rows of logits a chunk: (1024, 151674) float32 is 0.6 GB, and a GEMM of 1024 rows is efficient
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK_SIZE,
+    backend: HeadBackend = "chunked",
+) -> torch.Tensor:
+    """``(N,)`` float32 cross-entropies of ``hidden @ weight.T`` against ``targets``, without the ``(N, V)`` logits.
+
+    The head and the loss are one computation over chunks of ``chunk_size`` rows: the forward keeps each row's
+    log-sum-exp only, the backward recomputes each chunk's logits and turns them into gradients at once (softmax
+    minus the one-hot target), so at most one chunk's logits exist at a time, in both directions. The matmuls run in
+    the autocast dtype when autocast is on (as ``F.linear`` would), the softmax in float32. A target of -100 gives
+    a loss of 0 and no gradient.
+
+    Args:
+        hidden: ``(N, D)`` final hidden states (e.g. at the supervised positions).
+        weight: ``(V, D)`` the output head's weight (``Decoder.head_weight``).
+        targets: ``(N,)`` token ids.
+        chunk_size: rows a chunk.
+        backend: ``chunked`` (this function), or the fused Triton kernels of ``liger`` (liger-kernel) or ``cce``
+            (cut-cross-entropy) when installed (GPU only; the ``gpu`` extra does not pull them in).
+    """
+    if backend not in HEAD_BACKENDS:
+        raise ValueError(f"Unknown head backend {backend!r}; choose one of {HEAD_BACKENDS}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        if backend == "liger":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="none").float()
+        if backend == "cce":
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            return cce(hidden, weight, targets, reduction="none").float()
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """:func:`linear_cross_entropy`'s ``chunked`` backend: saves the inputs and each row's log-sum-exp only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        valid = targets != IGNORE_INDEX
+        index = targets.clamp(min=0)[:, None]
+        lse = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        picked = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).float()  # (C, V), the only logits alive
+            picked[rows] = logits.gather(1, index[rows]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)  # log-sum-exp in place: no second (C, V) buffer
+            lse[rows] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(1)
+        ctx.save_for_backward(hidden, weight, index, valid, lse)
+        ctx.chunk_size = chunk_size
+        return torch.where(valid, lse - picked, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, index, valid, lse = ctx.saved_tensors
+        scale = torch.where(valid, grad_losses.float(), 0.0)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            # d loss / d logits = softmax − one-hot(target), times the upstream gradient of each row
+            grad_logits = (hidden[rows] @ weight.T).float().sub_(lse[rows, None]).exp_()
+            grad_logits.scatter_add_(1, index[rows], torch.full_like(index[rows], -1, dtype=torch.float32))
+            grad_logits = grad_logits.mul_(scale[rows, None]).to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight and grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden[rows])  # accumulated in place: no (V, D) temporary
+            elif need_weight:
+                grad_weight += (grad_logits.T @ hidden[rows]).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
 # -- preference optimisation (MPO: DPO-sigmoid + BCO-pair + SFT; TRL's formulas) ----------------
 
 
@@ -141,10 +252,15 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """``(B,)``: the sum over each row's supervised tokens (labels != -100, next-token shifted) of
     the log-probability the logits ``(B, T, V)`` give them."""
     targets = next_token_targets(labels)
-    token_logps = -F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
-    return token_logps.sum(dim=1)  # ignored positions contribute 0
+    supervised = targets != IGNORE_INDEX
+    return row_log_probs(F.cross_entropy(logits[supervised].float(), targets[supervised], reduction="none"), labels)
+
+
+def row_log_probs(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: minus the sum over each row of the ``(N,)`` cross-entropies at its supervised positions (row-major,
+    as ``model(..., targets=next_token_targets(labels))`` gives them): each row's sequence log-probability."""
+    rows = supervised_positions(labels).nonzero()[:, 0]
+    return -torch.zeros(labels.shape[0], device=losses.device, dtype=losses.dtype).index_add(0, rows, losses)
 
 
 def dpo_sigmoid_loss(

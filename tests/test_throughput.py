@@ -115,3 +115,60 @@ def test_dual_encoder_flops_equal_flop_counter_mode(image_pooling):
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         counted = _counted(lambda: model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
     assert batch_flops(model, batch).forward == counted
+
+
+# -- the peak table and MFU -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, precision, tflops",
+    [
+        ("NVIDIA H200", "bf16", 989.4),  # Lightning's table: None for this name
+        ("NVIDIA H200 NVL", "bf16", 835.5),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),  # SXM
+        ("NVIDIA H100 80GB HBM3", "fp8", 1978.9),
+        ("NVIDIA H100 PCIe", "fp16", 756.5),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100 80GB PCIe", "tf32", 156.0),
+        ("NVIDIA L40S", "bf16", 362.1),
+        ("NVIDIA L4", "bf16", 121.0),
+        ("NVIDIA A100-SXM4-40GB", "fp8", None),  # no fp8 on Ampere
+        ("NVIDIA GeForce GTX 1080", "bf16", None),
+    ],
+)
+def test_peak_table_finds_dense_peaks_by_device_name(name, precision, tflops):
+    from lit_internvl.flops import peak_flops
+
+    assert peak_flops(name, precision) == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def test_mfu_of_internvl3_1b_decoder_equals_a_hand_count():
+    """InternVL3-1B's decoder on one 8,192-token document for 0.1 s on an H200, counted by hand."""
+    from lit_internvl.flops import mfu, peak_flops, transformer_flops
+
+    # per layer: q and o 896², k and v 896·128, gate/up/down 3·896·4864; 24 layers; head 896·151,674
+    weights = 24 * (2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864) + 896 * 151674
+    attention = 24 * 4 * 8192 * 8192 * 896  # scores and weighted sum, 14 heads of 64
+    training = 3 * (2 * weights * 8192 + attention)
+    count = transformer_flops(LanguageConfig.from_name("InternVL3-1B"), [8192])
+    assert count.training == training
+    assert mfu(count.training, 0.1, peak_flops("NVIDIA H200", "bf16")) == pytest.approx(training / 0.1 / 989.4e12)
+    assert mfu(count.training, 0.1, None) is None
+
+
+def test_throughput_callback_reports_mfu_on_an_h200(monkeypatch):
+    """On "NVIDIA H200" in bf16 the callback's peak is the table's dense 989.4 TFLOP/s (the device is faked)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.trainer.states import RunningStage
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    trainer = SimpleNamespace(
+        precision_plugin=MixedPrecision("bf16-mixed", "cuda"), strategy=SimpleNamespace(root_device=torch.device("cuda")),
+        enable_validation=False, world_size=1, state=SimpleNamespace(stage=RunningStage.TRAINING),
+    )  # fmt: skip
+    callback = TrainingThroughput()
+    callback.setup(trainer, None, "fit")
+    assert callback.available_flops == pytest.approx(989.4e12)
+    assert callback._throughputs[RunningStage.TRAINING].available_flops == pytest.approx(989.4e12)

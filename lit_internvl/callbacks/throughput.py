@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import resource
 import sys
+import warnings
 
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
-from lit_internvl.flops import batch_flops
+from lit_internvl.flops import batch_flops, device_peak_flops
 
 
 def count_samples(batch: dict) -> int:
@@ -43,13 +45,13 @@ class TrainingThroughput(ThroughputMonitor):
     Logs, every ``log_every_n_steps`` once ``window_size`` steps are in the window:
     ``train/device/samples_per_sec`` (documents, packed or not), ``train/device/items_per_sec`` (real
     tokens per second), ``train/device/flops_per_sec`` and ``train/device/mfu`` (the analytic model FLOPs
-    of each batch from :mod:`lit_internvl.flops` over the device's peak; Lightning knows the peaks of
-    common GPUs for the trainer's precision, ``available_flops`` sets one), the same without ``device/``
-    summed over ranks, and ``train/peak_memory_gib`` of rank 0.
+    of each batch from :mod:`lit_internvl.flops` over the device's dense peak at the trainer's precision, from the
+    project's table :data:`~lit_internvl.flops.PEAK_TFLOPS`; ``available_flops`` sets one), the same without
+    ``device/`` summed over ranks, and ``train/peak_memory_gib`` of rank 0.
 
     Args:
         window_size: steps the rates are averaged over.
-        available_flops: peak FLOP/s of one device, when Lightning has no entry for it (e.g. a CPU).
+        available_flops: peak FLOP/s of one device, when the table has no entry for it (e.g. a CPU).
     """
 
     def __init__(self, window_size: int = 20, available_flops: float | None = None, **kwargs) -> None:
@@ -57,11 +59,16 @@ class TrainingThroughput(ThroughputMonitor):
         self.peak_flops = available_flops
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.peak_flops is not None:
-            self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.peak_flops
+        with warnings.catch_warnings():  # Lightning's "FLOPs not found for ..." is about the table replaced below
+            warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
+        # Lightning's own table does not know "NVIDIA H200" and lists sparse peaks for some chips: ours replaces it.
+        peak = self.peak_flops
+        if peak is None:
+            peak = device_peak_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.available_flops = peak
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         count = batch_flops(pl_module.model, batch) if isinstance(batch, dict) else None

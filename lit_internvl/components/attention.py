@@ -6,12 +6,16 @@ Every module that attends (vision encoder, decoder, text encoder, cross-attentio
 - ``sdpa``  (default): ``torch.nn.functional.scaled_dot_product_attention``; picks flash or
   memory-efficient kernels where the device has them.
 - ``eager``: the textbook softmax(q·kᵀ/√d)·v in float32, the reference the others are tested against.
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over variable-length documents, torch ≥
+  2.10, CUDA only): the documents of packed rows laid end to end with cumulative lengths, no mask at all; without
+  documents or padding it is SDPA's own flash path.
 - ``flex``: ``torch.nn.attention.flex_attention`` with a block mask (documents of a packed row
   skip each other's blocks entirely); compiled on GPU. No backward on CPU.
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalMask`` (GPU only; the
   ``gpu`` extra).
 
-Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
+Grouped key/value heads are read in place (``enable_gqa``) by ``sdpa``, ``varlen`` and ``flex``; ``eager`` and
+``xformers`` repeat them. Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
 boolean tensor, a flex ``BlockMask``, an xformers bias) and shared by every layer.
 
 The backend is chosen once per model: every module that attends keeps it in ``attn_backend``
@@ -22,13 +26,14 @@ that cannot run a backend lists the ones it can in ``attention_backends`` and re
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Backend = Literal["sdpa", "eager", "flex", "xformers"]
+Backend = Literal["sdpa", "eager", "flex", "varlen", "xformers"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
@@ -68,8 +73,8 @@ def attention(
         q: ``(B, H, Tq, D)`` queries.
         k, v: ``(B, Hkv, Tk, D)`` keys and values; ``H`` must be a multiple of ``Hkv`` (GQA).
         mask: for ``sdpa``/``eager`` a boolean tensor broadcastable to ``(B, H, Tq, Tk)``, True
-            where a query may attend, combined with ``is_causal``; for ``flex``/``xformers`` the
-            object :func:`make_mask` built (causality included).
+            where a query may attend, combined with ``is_causal``; for ``flex``/``varlen``/``xformers`` the
+            object :func:`make_mask` built (causality included), or None (no mask; causal by ``is_causal``).
         is_causal: hide keys that come after the query (for ``Tq == Tk``; with a KV cache the
             queries are the last ``Tq`` positions of ``Tk``).
         backend: one of :data:`BACKENDS`.
@@ -82,15 +87,22 @@ def attention(
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads")
+    gqa = num_heads != num_kv_heads
     if backend == "flex":
-        return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=num_heads != num_kv_heads)
+        return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if backend == "varlen":
+        if isinstance(mask, VarlenMask):
+            return _varlen(q, k, v, mask)
+        backend = "sdpa"  # nothing masked (one sequence a row), or a dense mask (incremental decoding): SDPA
     if is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
         # flash kernels run here, and read the shared key/value heads without copying them
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=num_heads != num_kv_heads)
-    if num_heads != num_kv_heads:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if gqa and backend != "sdpa":  # the references repeat them; SDPA reads them in place, mask or not
         repeat = num_heads // num_kv_heads
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
+    if backend == "xformers":  # its bias holds causality and the documents already
+        return _xformers(q, k, v, mask)
     if is_causal:
         causal = causal_mask(q.shape[2], k.shape[2], q.device)
         mask = causal if mask is None else mask & causal
@@ -100,15 +112,51 @@ def attention(
         # that every kernel stays finite in both directions, then zero its output.
         row_has_keys = mask.any(dim=-1, keepdim=True)
         mask = mask | ~row_has_keys
-    if backend == "xformers":
-        return _xformers(q, k, v, mask)
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     else:
         out = _eager(q, k, v, mask)
     if row_has_keys is not None:
         out = out.masked_fill(~row_has_keys, 0.0)
     return out
+
+
+@dataclass(frozen=True)
+class VarlenMask:
+    """The ``varlen`` backend's mask: the rows' segments (a document's tokens, or a run of padding) laid end to end.
+
+    Attributes:
+        cu_seqlens: ``(S + 1,)`` int32 offsets of the segments in the flattened ``B·T`` tokens.
+        max_length: a bound on the longest segment (the next power of two, at most the row's length).
+        causal: causal within each segment.
+        keep: ``(B·T,)`` bool, False at padding (whose output is zeroed), or None when nothing is padding.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_length: int
+    causal: bool
+    keep: torch.Tensor | None = None
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: VarlenMask) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"attn_backend 'varlen' is flash attention, which runs in float16 or bfloat16, not {q.dtype}: train with "
+            "precision bf16-mixed (or 16-mixed), or choose 'sdpa' or 'flex'"
+        )
+    batch, heads, length, dim = q.shape
+    # (B, H, T, D) → (B·T, H, D): the tokens of every row end to end, each segment attending within itself.
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (q, k, v))
+    window = (-1, 0) if mask.causal else (-1, -1)
+    out = varlen_attn(
+        q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_length, mask.max_length,
+        window_size=window, enable_gqa=heads != k.shape[1],
+    )  # fmt: skip
+    if mask.keep is not None:
+        out = out.masked_fill(~mask.keep[:, None, None], 0.0)
+    return out.reshape(batch, length, heads, dim).transpose(1, 2)
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,10 +186,11 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias) -> torch.
     import xformers.ops as xops
 
     batch, heads, length, dim = q.shape
-    # xformers wants (1, B·T, H, D) with the documents of every row laid end to end.
-    q, k, v = (t.transpose(1, 2).reshape(1, batch * length, heads, dim) for t in (q, k, v))
+    # xformers wants (B, T, H, D); with a block-diagonal bias (1, B·T, H, D), the documents of every row end to end.
+    rows = batch if bias is None else 1
+    q, k, v = (t.transpose(1, 2).reshape(rows, -1, heads, dim) for t in (q, k, v))
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
-    return out.reshape(batch, length, heads, dim).transpose(1, 2)
+    return out.reshape(batch, -1, heads, dim).transpose(1, 2)
 
 
 def make_mask(
@@ -157,6 +206,7 @@ def make_mask(
 
     - ``sdpa``/``eager``: boolean ``(B, 1, T|1, T)``, or None when nothing is masked (no padding, no
       documents); causality stays with ``is_causal``.
+    - ``varlen``: a :class:`VarlenMask` (causality included), or None when nothing is masked (as ``sdpa``).
     - ``flex``: a ``BlockMask`` (causality included).
     - ``xformers``: a block-diagonal bias over the rows laid end to end (causality included);
       padding must be marked by its own document id (the packing collator uses -1).
@@ -170,6 +220,8 @@ def make_mask(
             same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
             mask = same_document if mask is None else mask & same_document
         return mask
+    if backend == "varlen":
+        return _varlen_mask(causal, attention_mask, document_ids)
     reference = document_ids if document_ids is not None else attention_mask
     if reference is None:
         if length is None:
@@ -205,6 +257,25 @@ def make_mask(
         kind = fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
         return kind.from_seqlens(seqlens)
     raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _varlen_mask(causal: bool, attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None):
+    if document_ids is None and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    reference = document_ids if document_ids is not None else attention_mask
+    keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(reference, dtype=torch.bool)
+    ids = document_ids if document_ids is not None else torch.zeros_like(reference)
+    # A segment starts at each row's start and wherever the document or the padding changes.
+    starts = torch.ones_like(keep)
+    starts[:, 1:] = (ids[:, 1:] != ids[:, :-1]) | (keep[:, 1:] != keep[:, :-1])
+    offsets = starts.flatten().nonzero().flatten()
+    total = torch.tensor([keep.numel()], device=offsets.device)
+    cu_seqlens = torch.cat([offsets, total]).to(torch.int32)
+    # An upper bound is all the kernel needs: the next power of two (at most the row), so that compiled blocks see
+    # a few values of it rather than one per batch.
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_length = min(1 << (longest - 1).bit_length(), keep.shape[1])
+    return VarlenMask(cu_seqlens, max_length, causal, None if bool(keep.all()) else keep.flatten())
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_internvl.components.attention import Backend, attention, make_mask
-from lit_internvl.components.layers import RMSNorm
+from lit_internvl.components.layers import RMSNorm, fused_linear
 from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -134,6 +134,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.fuse_projections = False  # q, k, v by one matmul (set_fused_projections)
 
     def forward(
         self,
@@ -144,9 +145,11 @@ class SelfAttention(nn.Module):
         cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        q, k, v = fused_linear(x, projections) if self.fuse_projections else (p(x) for p in projections)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache[0].update(cache[1], k, v)
@@ -160,9 +163,24 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fuse_projections = False  # gate and up by one matmul (set_fused_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fuse_projections:
+            gate, up = fused_linear(x, [self.gate_proj, self.up_proj])
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def set_fused_projections(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Compute every decoder block's q/k/v and gate/up projections by one matmul each
+    (:func:`~lit_internvl.components.layers.fused_linear`); weights, names and checkpoints stay as they are.
+    Off by default: under FSDP2 the stacked copy a block saves for backward is not freed with the resharded weights."""
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, SwiGLU)):
+            module.fuse_projections = fused
+    return model
 
 
 class Block(nn.Module):
@@ -226,6 +244,8 @@ class Transformer(nn.Module):
             )
         rope = self.rotary(positions)
         backend = self.attn_backend
+        if cache is not None and backend == "varlen":
+            backend = "sdpa"  # a few new queries over cached keys: a dense mask, which varlen passes on to SDPA
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
         mask = make_mask(
@@ -244,8 +264,9 @@ class Decoder(Transformer):
     """Causal language model.
 
     Contract (every decoder): ``forward(input_ids | inputs_embeds, attention_mask, positions,
-    document_ids) → hidden (B, T, hidden_size)``; ``head(hidden) → logits (B, T, vocab_size)``;
-    ``embed_tokens`` maps ids to ``(B, T, hidden_size)``.
+    document_ids) → hidden (B, T, hidden_size)``; ``head(hidden) → logits (B, T, vocab_size)``, a linear map by
+    ``head_weight (vocab_size, hidden_size)`` (which the chunked head + loss reads); ``embed_tokens`` maps ids to
+    ``(B, T, hidden_size)``.
     """
 
     def __init__(self, config: LanguageConfig | LanguagePreset = "tiny") -> None:
@@ -254,9 +275,13 @@ class Decoder(Transformer):
         self.hidden_size = config.hidden_size
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """``(vocab_size, hidden_size)``: the output head's weight (the embeddings' when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.head_weight)
 
 
 TextPooling = Literal["mean", "last"]

@@ -1,4 +1,4 @@
-"""Small layers shared by the encoders and decoders: RMSNorm and stochastic depth."""
+"""Small layers shared by the encoders and decoders: RMSNorm, stochastic depth, and linear maps of one input fused."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
@@ -54,3 +55,21 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def fused_linear(x: torch.Tensor, layers: list[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """The outputs of several linear maps of the same input by one matmul over their stacked weights.
+
+    One GEMM ``N = Σ out_features`` wide instead of several narrow ones (the key and value maps of grouped-query
+    attention are 128 wide in InternVL3-1B; gate and up are two of the same shape), while the weights stay stored
+    apart, under the published checkpoints' names, so loading, exporting and LoRA targets do not change. The stacked
+    weight is a copy made each forward (autocast casts one anyway); layers that are not plain ``nn.Linear`` (a LoRA
+    wrapper) or that disagree about biases run one by one.
+    """
+    plain = all(type(layer) is nn.Linear for layer in layers)
+    biases = [layer.bias for layer in layers] if plain else []
+    if not plain or (any(b is None for b in biases) and not all(b is None for b in biases)):
+        return tuple(layer(x) for layer in layers)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from lit_internvl.losses import HEAD_CHUNK_SIZE, IGNORE_INDEX, HeadBackend, linear_cross_entropy
+
 
 class ImageTokenMismatchError(ValueError):
     """The number of ``<IMG_CONTEXT>`` tokens in a sample disagrees with its images' features."""
@@ -142,6 +144,10 @@ class VisionLanguageModel(nn.Module):
         sample_names: Sequence[str] | None = None,
         logits_at: torch.Tensor | None = None,
         repeat_images: int = 1,
+        targets: torch.Tensor | None = None,
+        head_chunk_size: int = HEAD_CHUNK_SIZE,
+        head_backend: HeadBackend = "chunked",
+        length_multiple: int | None = None,
     ) -> torch.Tensor:
         """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``.
 
@@ -149,12 +155,53 @@ class VisionLanguageModel(nn.Module):
         logits ``(N, vocab)`` in row-major order: training needs them only where a target is
         supervised (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens
         are most of a multimodal sequence, so this skips most of the vocabulary projection.
+
+        With ``targets`` (``(B, T)`` next-token ids, -100 where not trained:
+        :func:`~lit_internvl.losses.next_token_targets`) it returns instead the ``(N,)`` float32 cross-entropies at
+        the N positions with a target, row-major: the head and the loss computed together in chunks of
+        ``head_chunk_size`` rows (:func:`~lit_internvl.losses.linear_cross_entropy`, ``head_backend``), so that the
+        ``(N, vocab)`` logits never exist at once. Inside ``forward``, so that a sharded head is gathered as usual.
+
+        With ``length_multiple`` the decoder runs on rows padded to a multiple of it (padding masked, its outputs
+        dropped): compiled blocks then see a few lengths instead of one per batch.
         """
+        if targets is not None and logits_at is not None:
+            raise ValueError("Pass logits_at (logits at those positions) or targets (cross-entropies), not both")
         embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names, repeat_images)
+        length = embeds.shape[1]
+        if length_multiple:
+            embeds, attention_mask, positions, document_ids = _pad_length(
+                length_multiple, embeds, attention_mask, positions, document_ids
+            )
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
+        )[:, :length]
+        if targets is None:
+            return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
+        supervised = targets != IGNORE_INDEX
+        return linear_cross_entropy(
+            hidden[supervised], self.decoder.head_weight, targets[supervised], head_chunk_size, head_backend
         )
-        return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
+
+
+def _pad_length(multiple: int, embeds, attention_mask, positions, document_ids):
+    """The decoder's inputs padded on the right to a multiple of ``multiple`` tokens: padding masked out, its own
+    document (-1, as the packing collator's), positions continuing."""
+    batch, length = embeds.shape[:2]
+    pad = -length % multiple
+    if pad == 0:
+        return embeds, attention_mask, positions, document_ids
+    device = embeds.device
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    if positions is None:
+        positions = torch.arange(length, device=device, dtype=torch.float32).expand(batch, -1)
+    embeds = torch.nn.functional.pad(embeds, (0, 0, 0, pad))
+    attention_mask = torch.nn.functional.pad(attention_mask, (0, pad), value=0)
+    positions = torch.nn.functional.pad(positions, (0, pad), value=0.0)
+    if document_ids is not None:
+        document_ids = torch.nn.functional.pad(document_ids, (0, pad), value=-1)
+    return embeds, attention_mask, positions, document_ids
 
 
 def _names(rows: list[int], sample_names: Sequence[str] | None) -> str:

@@ -14,7 +14,13 @@ from torchmetrics import MeanMetric
 
 from lit_internvl.distributed import world
 from lit_internvl.lora import lora_disabled
-from lit_internvl.losses import bco_pair_loss, dpo_sigmoid_loss, language_model_loss, sequence_log_probs
+from lit_internvl.losses import (
+    bco_pair_loss,
+    dpo_sigmoid_loss,
+    reduce_token_losses,
+    row_log_probs,
+    supervised_positions,
+)
 from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
@@ -100,10 +106,23 @@ class MPOStage(VisionLanguageStage):
 
     @torch.no_grad()
     def reference_logits(self, inputs: dict) -> torch.Tensor:
+        """``(R, T, V)`` logits of the reference model."""
+        with self._reference_pass() as reference:
+            return self.forward_batch(inputs, reference, logits_at=False)
+
+    @torch.no_grad()
+    def reference_log_probs(self, inputs: dict) -> torch.Tensor:
+        """``(R,)`` sequence log-probabilities of the reference model, the head and loss in chunks."""
+        with self._reference_pass() as reference:
+            return row_log_probs(self.forward_batch(inputs, reference, cross_entropy=True), inputs["labels"])
+
+    @contextmanager
+    def _reference_pass(self):
         if self.hparams.lora:
             with lora_disabled(self.model), _eval_mode(self.model):
-                return self.forward_batch(inputs, logits_at=False)
-        return self.forward_batch(inputs, self.reference_model, logits_at=False)
+                yield self.model
+        else:
+            yield self.reference_model
 
     # -- the loss -----------------------------------------------------------------------------
 
@@ -148,9 +167,9 @@ class MPOStage(VisionLanguageStage):
         h = self.hparams
         inputs = self.concatenated(batch)
         rows = batch["input_ids"].shape[0]
-        logits = self.forward_batch(inputs, logits_at=False)
-        logps = sequence_log_probs(logits, inputs["labels"])
-        ref_logps = sequence_log_probs(self.reference_logits(inputs), inputs["labels"])
+        labels = inputs["labels"]
+        losses = self.forward_batch(inputs, cross_entropy=True)  # (N,), head + loss in chunks: no (N, vocab) logits
+        logps, ref_logps = row_log_probs(losses, labels), self.reference_log_probs(inputs)
         chosen, rejected, ref_chosen, ref_rejected = logps[:rows], logps[rows:], ref_logps[:rows], ref_logps[rows:]
         chosen_rewards = (h.beta * (chosen - ref_chosen)).detach()
         rejected_rewards = (h.beta * (rejected - ref_rejected)).detach()
@@ -160,8 +179,9 @@ class MPOStage(VisionLanguageStage):
             delta = self.bco_delta.clone()
         dpo = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, h.beta).mean()
         bco = bco_pair_loss(chosen, rejected, ref_chosen, ref_rejected, h.beta, delta).mean()
-        # The SFT term: the language-model loss of the chosen answers (the first `rows` rows).
-        sft = language_model_loss(logits[:rows], inputs["labels"][:rows], None, h.loss_reduction, h.all_reduce_loss)
+        # The SFT term: the language-model loss of the chosen answers (the first `rows` rows, so the first entries).
+        chosen_losses = losses[: int(supervised_positions(labels[:rows]).sum())]
+        sft = reduce_token_losses(chosen_losses, labels[:rows], None, h.loss_reduction, h.all_reduce_loss)
         loss = h.preference_weight * dpo + h.quality_weight * bco + h.generation_weight * sft
         return {
             "loss": loss, "dpo": dpo, "bco": bco, "sft": sft, "delta": delta,

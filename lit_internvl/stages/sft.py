@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric
 
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets
+from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets, reduce_token_losses
 from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
@@ -33,9 +33,9 @@ class SFTStage(VisionLanguageStage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         if batch["input_ids"] is None:  # every sample of the batch was a skipped bad record
             return None
-        logits = self.forward_batch(batch)
+        losses = self.forward_batch(batch, cross_entropy=True)  # head + loss in chunks: no (N, vocab) logits
         h = self.hparams
-        loss = language_model_loss(logits, batch["labels"], batch["document_ids"], h.loss_reduction, h.all_reduce_loss)
+        loss = reduce_token_losses(losses, batch["labels"], batch["document_ids"], h.loss_reduction, h.all_reduce_loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["sample_names"]))
         return loss
 

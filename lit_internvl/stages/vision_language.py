@@ -13,13 +13,14 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoints import MODEL_FACTS
+from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
-from lit_internvl.distributed import data_parallel_mesh, world
+from lit_internvl.distributed import compile_blocks, data_parallel_mesh, world
 from lit_internvl.inference.best_of_n import best_of_n
 from lit_internvl.inference.critic import Aggregate
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
-from lit_internvl.losses import LossReduction, supervised_positions
+from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
 from lit_internvl.models.vlm import VisionLanguageModel
 from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.stages.base import ModuleFactory, Stage, build
@@ -57,6 +58,15 @@ class VisionLanguageStage(Stage):
         dummy_tile: run the vision encoder on one zero-weighted black tile when a batch has no image
             (:class:`~lit_internvl.models.vlm.VisionLanguageModel`), so that every rank's FSDP2 collectives
             match; None: whenever more than one process trains.
+        head_chunk_size, head_backend: the training losses run the output head and the cross-entropy together over
+            chunks of this many supervised positions (:func:`~lit_internvl.losses.linear_cross_entropy`), so that
+            the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
+        compile_blocks: ``torch.compile`` each transformer block, vision and decoder (regional compilation,
+            :func:`~lit_internvl.distributed.compile_blocks`); on in the GPU recipes.
+        fuse_projections: compute each decoder block's q/k/v and gate/up projections by one matmul each
+            (:func:`~lit_internvl.components.language.set_fused_projections`; the weights stay apart).
+        length_multiple: pad the decoder's rows to a multiple of this many tokens, so that compiled blocks see a
+            bounded number of lengths (the padding is masked and its outputs dropped).
         max_new_tokens, temperature, top_p: generation in ``predict``.
         best_of, critic, critic_aggregate: with ``best_of`` N > 1, ``predict`` samples N answers per prompt (at
             ``temperature``, 1.0 if that is 0), scores each step of each with ``critic`` (a ``.ckpt`` of this
@@ -84,6 +94,11 @@ class VisionLanguageStage(Stage):
         loss_reduction: LossReduction = "square",
         all_reduce_loss: bool = False,
         dummy_tile: bool | None = None,
+        head_chunk_size: int = HEAD_CHUNK_SIZE,
+        head_backend: HeadBackend = "chunked",
+        compile_blocks: bool = False,
+        fuse_projections: bool = False,
+        length_multiple: int | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -191,16 +206,29 @@ class VisionLanguageStage(Stage):
             groups.setdefault(lr, []).append(param)
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
+    def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+        set_fused_projections(model, self.hparams.fuse_projections)
+        if self.hparams.compile_blocks:  # before checkpointing and sharding wrap the blocks
+            compile_blocks(model)
+        return super().parallelize(model, activation_checkpointing)
+
     # -- the forward pass ---------------------------------------------------------------------
 
-    def forward_batch(self, batch: dict, model: nn.Module | None = None, logits_at: bool = True) -> torch.Tensor:
+    def forward_batch(
+        self, batch: dict, model: nn.Module | None = None, logits_at: bool = True, cross_entropy: bool = False
+    ) -> torch.Tensor:
         """Logits of ``model`` (default the policy) on a collated batch: ``(N, V)`` at the batch's N
-        supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``."""
+        supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``; with
+        ``cross_entropy`` the ``(N,)`` next-token cross-entropies there instead, the head and the loss computed in
+        chunks (``head_chunk_size``, ``head_backend``), for :func:`~lit_internvl.losses.reduce_token_losses`."""
+        h, document_ids = self.hparams, batch.get("document_ids")
+        at = supervised_positions(batch["labels"], document_ids) if logits_at and not cross_entropy else None
         return (model or self.model)(
             batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-            positions=batch["positions"], document_ids=batch.get("document_ids"),
-            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],
-            logits_at=supervised_positions(batch["labels"], batch.get("document_ids")) if logits_at else None,
+            positions=batch["positions"], document_ids=document_ids,
+            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"], logits_at=at,
+            targets=next_token_targets(batch["labels"], document_ids) if cross_entropy else None,
+            head_chunk_size=h.head_chunk_size, head_backend=h.head_backend, length_multiple=h.length_multiple,
         )  # fmt: skip
 
     # -- answering prompts --------------------------------------------------------------------
