@@ -89,6 +89,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     torch.set_num_threads(1)
+    # An earlier test's seed_everything leaves PL_GLOBAL_SEED in the environment this rank inherits; Lightning's
+    # distributed set-up would then re-seed from it before the stage builds its connector, unlike one process.
+    os.environ.pop("PL_GLOBAL_SEED", None)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
     results = {}
