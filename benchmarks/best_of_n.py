@@ -27,8 +27,9 @@ from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.shapes.steps import ShapesSteps, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference import generate
-from lit_internvl.inference.best_of_n import final_answer, majority_vote, sample_n
+from lit_internvl.inference.best_of_n import majority_vote, sample_n
 from lit_internvl.inference.critic import aggregate, score_solutions, score_steps
+from lit_internvl.rewards import final_answer
 from lit_internvl.tools.chat import load_from_recipe
 
 

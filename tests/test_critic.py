@@ -13,10 +13,11 @@ from lit_internvl.data.records import BadRecord, DatasetSpec, SkipCounter, index
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.inference import generate
-from lit_internvl.inference.best_of_n import final_answer, majority_vote, sample_n
+from lit_internvl.inference.best_of_n import majority_vote, sample_n
 from lit_internvl.inference.critic import aggregate, critic_batch, score_steps
 from lit_internvl.losses import IGNORE_INDEX
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.rewards import final_answer
 
 RECORD = {
     "image": "scene.png",

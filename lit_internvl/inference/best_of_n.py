@@ -18,16 +18,13 @@ from collections.abc import Sequence
 
 import torch
 
-from lit_internvl.components.language import KVCache
 from lit_internvl.data.critic import split_steps
 from lit_internvl.data.samples import SampleOptions
 from lit_internvl.inference.critic import Aggregate, aggregate, score_solutions
-from lit_internvl.inference.generate import sample_next
+from lit_internvl.inference.rollout import sample_groups
+from lit_internvl.rewards import final_answer
 
-ANSWER_PREFIX = "Answer:"
 
-
-@torch.no_grad()
 def sample_n(
     model,
     input_ids: torch.Tensor,
@@ -38,52 +35,18 @@ def sample_n(
     eos_id: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    positions: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """``len(seeds)`` continuations of one prompt ``input_ids (1, T)`` (no padding) in one batch.
-
-    The image features and the prompt's keys and values are computed once, for one row, and shared by the N
-    rows; each row then samples with its own generator (``seeds[r]``) and stops at ``eos_id`` (included).
-    """
+    """``len(seeds)`` continuations of one prompt ``input_ids (1, T)`` (no padding) in one batch: the image
+    features and the prompt's keys and values computed once and shared, each row drawn with its own generator
+    (``seeds[r]``) and stopped at ``eos_id`` (included) — :func:`~lit_internvl.inference.rollout.sample_groups`
+    with one prompt. (Final answers: :func:`lit_internvl.rewards.final_answer`.)"""
     if input_ids.shape[0] != 1:
         raise ValueError(f"sample_n continues one prompt; got {input_ids.shape[0]} rows")
-    n, device, decoder = len(seeds), input_ids.device, model.decoder
-    generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-    embeds = model.embed(input_ids, pixel_values, tiles_per_sample)  # (1, T, D): the vision tower runs here, once
-    cache = KVCache(len(decoder.layers))
-    mask = torch.ones_like(input_ids)
-    positions = torch.arange(input_ids.shape[1], device=device, dtype=torch.float32)[None]
-    hidden = decoder(inputs_embeds=embeds, attention_mask=mask, positions=positions, cache=cache)
-    logits = decoder.head(hidden[:, -1]).expand(n, -1)  # (N, V), the same first distribution for every row
-    cache.select(torch.zeros(n, dtype=torch.long, device=device))  # the prompt's keys and values, N times
-    mask, positions = mask.expand(n, -1), positions.expand(n, -1)
-    out: list[list[int]] = [[] for _ in range(n)]
-    finished = [False] * n
-    for _ in range(max_new_tokens):
-        token = torch.full((n,), eos_id if eos_id is not None else 0, dtype=torch.long, device=device)
-        for r in range(n):  # row by row: each draw consumes only its own generator, as a lone run would
-            if not finished[r]:
-                token[r] = sample_next(logits[r : r + 1], temperature, top_p, generators[r])[0]
-                out[r].append(int(token[r]))
-                finished[r] = eos_id is not None and out[r][-1] == eos_id
-        if all(finished):
-            break
-        next_position = positions[:, -1:] + 1
-        positions = torch.cat((positions, next_position), dim=1)
-        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        next_embed = decoder.embed_tokens(token[:, None]).to(embeds.dtype)
-        hidden = decoder(inputs_embeds=next_embed, attention_mask=mask, positions=next_position, cache=cache)
-        logits = decoder.head(hidden[:, -1])
-    return out
-
-
-def final_answer(response: str) -> str:
-    """The final answer of a step-by-step response: its last step, less a leading ``Answer:`` (VisualPRM's
-    prompts ask for ``Final answer: ..``; the shapes world writes ``Answer: ...``), lower-cased, trimmed."""
-    steps = split_steps(response)
-    last = steps[-1] if steps else ""
-    if ANSWER_PREFIX.lower() in last.lower():
-        last = last[last.lower().rindex(ANSWER_PREFIX.lower()) + len(ANSWER_PREFIX) :]
-    return last.strip().rstrip(".").strip().lower()
+    return sample_groups(
+        model, input_ids, torch.ones_like(input_ids), pixel_values, tiles_per_sample, seeds, positions=positions,
+        max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, top_p=top_p,
+    )  # fmt: skip
 
 
 def majority_vote(responses: Sequence[str]) -> int:
@@ -118,7 +81,7 @@ def best_of_n(
     seeds = [seed + r for r in range(n)]
     tokens = sample_n(
         policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"], seeds,
-        eos_id=tokenizer.eos_id, **sampling,
+        eos_id=tokenizer.eos_id, positions=prompt.get("positions"), **sampling,
     )  # fmt: skip
     texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in tokens]
     steps = [split_steps(text) for text in texts]
