@@ -228,11 +228,7 @@ class RLStage(VisionLanguageStage):
     # -- evaluation: greedy accuracy per question type ----------------------------------------
 
     def setup(self, stage: str) -> None:
-        types = getattr(self.data, "question_types", None) or {}
-        for kind, chance in types.items():
-            self.chance_levels[f"val/accuracy/{kind}"] = chance
-        if types:
-            self.chance_levels["val/accuracy"] = sum(types.values()) / len(types)
+        self.type_metrics(self.accuracy, "accuracy")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch["input_ids"] is None:
@@ -256,12 +252,4 @@ class RLStage(VisionLanguageStage):
             self.accuracy[kind].update(correct(text, reference, meta))
 
     def on_validation_epoch_end(self) -> None:
-        values = []
-        for kind, metric in self.accuracy.items():
-            if metric.update_count:
-                value = metric.compute()
-                self.log(f"val/accuracy/{kind}", value)
-                values.append(value)
-            metric.reset()
-        if values:
-            self.log("val/accuracy", torch.stack(values).mean())
+        self.log_type_metrics(self.accuracy, "accuracy")

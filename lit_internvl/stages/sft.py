@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from torchmetrics import MeanMetric
 
 from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets, reduce_token_losses
 from lit_internvl.stages.base import ModuleFactory
@@ -42,13 +41,7 @@ class SFTStage(VisionLanguageStage):
     # -- evaluation ---------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        types = getattr(self.data, "question_types", None) or {}
-        for kind, chance in types.items():
-            if kind not in self.answer_accuracy:
-                self.answer_accuracy[kind] = MeanMetric()
-            self.chance_levels[f"val/answer_accuracy/{kind}"] = chance
-        if types:
-            self.chance_levels["val/answer_accuracy"] = sum(types.values()) / len(types)
+        self.type_metrics(self.answer_accuracy, "answer_accuracy")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch["input_ids"] is None:
@@ -69,12 +62,4 @@ class SFTStage(VisionLanguageStage):
                 self.answer_accuracy[meta["type"]].update(exact[row].float())
 
     def on_validation_epoch_end(self) -> None:
-        values = []
-        for kind, metric in self.answer_accuracy.items():
-            if metric.update_count:
-                value = metric.compute()
-                self.log(f"val/answer_accuracy/{kind}", value)
-                values.append(value)
-            metric.reset()
-        if values:
-            self.log("val/answer_accuracy", torch.stack(values).mean())
+        self.log_type_metrics(self.answer_accuracy, "answer_accuracy")

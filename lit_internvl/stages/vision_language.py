@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
 
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.components.language import set_fused_projections
@@ -230,6 +231,31 @@ class VisionLanguageStage(Stage):
             targets=next_token_targets(batch["labels"], document_ids) if cross_entropy else None,
             head_chunk_size=h.head_chunk_size, head_backend=h.head_backend, length_multiple=h.length_multiple,
         )  # fmt: skip
+
+    # -- accuracy per question type (SFT's exact match, RL's greedy answers) -------------------------
+
+    def type_metrics(self, metrics: nn.ModuleDict, name: str) -> None:
+        """One running mean in ``metrics`` for each of the data's ``question_types``, and their chance levels as
+        ``val/{name}/{type}`` and ``val/{name}`` (the mean over types)."""
+        types = getattr(self.data, "question_types", None) or {}
+        for kind, chance in types.items():
+            if kind not in metrics:
+                metrics[kind] = MeanMetric()
+            self.chance_levels[f"val/{name}/{kind}"] = chance
+        if types:
+            self.chance_levels[f"val/{name}"] = sum(types.values()) / len(types)
+
+    def log_type_metrics(self, metrics: nn.ModuleDict, name: str) -> None:
+        """Log each type's mean as ``val/{name}/{type}`` and their mean as ``val/{name}``; reset them."""
+        values = []
+        for kind, metric in metrics.items():
+            if metric.update_count:
+                value = metric.compute()
+                self.log(f"val/{name}/{kind}", value)
+                values.append(value)
+            metric.reset()
+        if values:
+            self.log(f"val/{name}", torch.stack(values).mean())
 
     # -- answering prompts --------------------------------------------------------------------
 
