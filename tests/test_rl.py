@@ -237,3 +237,38 @@ def test_the_embedded_rl_recipe_runs_from_the_command_line(tmp_path):
     assert report["val/accuracy/locate"]["chance"] == pytest.approx(1 / 9)
     assert report["val/accuracy/compare"]["chance"] == 0.5
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_answer_log_probs_equal_each_answer_scored_alone():
+    """The loss's log-probs (prompts left-padded, G answers after each, one vision pass a prompt) equal each
+    prompt + answer scored alone, unpadded, at the positions generation gave them (the first answer token at
+    ceil(last prompt position) + 1)."""
+    from lit_internvl.data.v2pe import next_position
+
+    stage = _rl_stage()
+    data = _prompts()
+    stage.use_data(data)
+    stage.configure_model()
+    model = stage.model.eval()
+    batch = next(iter(data.train_dataloader()))
+    g = stage.hparams.group_size
+    gen = torch.Generator().manual_seed(0)
+    answers = torch.randint(300, 390, (batch["input_ids"].shape[0] * g, 5), generator=gen)
+    mask = torch.ones_like(answers, dtype=torch.bool)
+    mask[1, 3:] = False  # answers of different lengths
+    with torch.no_grad():
+        got = stage.answer_log_probs(model, batch, answers, mask, range(batch["input_ids"].shape[0]))
+    tiles = batch["tiles_per_sample"]
+    for row in range(answers.shape[0]):
+        p = row // g
+        real = batch["attention_mask"][p].bool()
+        prompt, positions = batch["input_ids"][p][real], batch["positions"][p][real]
+        answer = answers[row][mask[row]]
+        ids = torch.cat([prompt, answer])[None]
+        pos = torch.cat([positions, next_position(positions[-1:]) + torch.arange(len(answer))])[None]
+        pixels = batch["pixel_values"][sum(tiles[:p]) : sum(tiles[: p + 1])]
+        with torch.no_grad():
+            logits = model(ids, pixels, positions=pos)[0].float() / stage.hparams.rollout_temperature
+        alone = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, answer[:, None]).squeeze(1)
+        assert (got[row][mask[row]] - alone).abs().max() <= 1e-5, row
+        assert (got[row][~mask[row]] == 0).all()
