@@ -269,6 +269,24 @@ def test_answer_log_probs_equal_each_answer_scored_alone():
         pixels = batch["pixel_values"][sum(tiles[:p]) : sum(tiles[: p + 1])]
         with torch.no_grad():
             logits = model(ids, pixels, positions=pos)[0].float() / stage.hparams.rollout_temperature
+        logits[:, stage.image_token_ids()] = float("-inf")  # the image tokens are never drawn
         alone = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, answer[:, None]).squeeze(1)
         assert (got[row][mask[row]] - alone).abs().max() <= 1e-5, row
         assert (got[row][~mask[row]] == 0).all()
+
+
+def test_rollouts_never_draw_a_banned_token():
+    from lit_internvl.inference.rollout import sample_groups
+
+    stage = _rl_stage()
+    data = _prompts()
+    stage.use_data(data)
+    stage.configure_model()
+    batch = next(iter(data.train_dataloader()))
+    banned = stage.image_token_ids()
+    args = (stage.model.eval(), batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+            batch["tiles_per_sample"], list(range(2 * 16)))  # fmt: skip
+    free = sample_groups(*args, max_new_tokens=12, temperature=50.0)  # nearly uniform: every token comes up
+    assert any(t in banned for row in free for t in row), "the test can fail: unbanned, they are drawn"
+    kept = sample_groups(*args, max_new_tokens=12, temperature=50.0, banned_tokens=banned)
+    assert not any(t in banned for row in kept for t in row)

@@ -39,9 +39,11 @@ def sample_groups(
     eos_id: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    banned_tokens: Sequence[int] = (),
 ) -> list[list[int]]:
     """``len(seeds) / B`` answers to each of the B left-padded prompts ``input_ids (B, T)``; returns the B·G
-    answers' tokens (up to and including ``eos_id``), prompt b's answers at rows ``b·G … b·G + G − 1``."""
+    answers' tokens (up to and including ``eos_id``), prompt b's answers at rows ``b·G … b·G + G − 1``.
+    ``banned_tokens`` are never drawn (their logits −∞; RL bans the image tokens, which an answer cannot hold)."""
     rows, device, decoder = input_ids.shape[0], input_ids.device, model.decoder
     if len(seeds) % rows:
         raise ValueError(f"{len(seeds)} seeds do not split into groups for {rows} prompts")
@@ -55,7 +57,13 @@ def sample_groups(
     cache = KVCache(len(decoder.layers))
     hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions.float(), cache=cache)
     repeat = torch.arange(rows, device=device).repeat_interleave(group)
-    logits = decoder.head(hidden[:, -1])[repeat]
+    banned = torch.tensor(list(banned_tokens), dtype=torch.long, device=device)
+
+    def head(states: torch.Tensor) -> torch.Tensor:
+        logits = decoder.head(states)
+        return logits.index_fill(-1, banned, float("-inf")) if len(banned) else logits
+
+    logits = head(hidden[:, -1])[repeat]
     cache.select(repeat)
     mask, positions = attention_mask[repeat], positions.float()[repeat]
     n = len(seeds)
@@ -75,14 +83,14 @@ def sample_groups(
         mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         step_embed = decoder.embed_tokens(token[:, None]).to(embeds.dtype)
         hidden = decoder(inputs_embeds=step_embed, attention_mask=mask, positions=step_position, cache=cache)
-        logits = decoder.head(hidden[:, -1])
+        logits = head(hidden[:, -1])
     return out
 
 
 class RolloutEngine(Protocol):
     """How an RL stage gets its answers: ``sample(model, batch, seeds, **sampling)`` → B·G token lists for the
     batch's B left-padded prompts (prompt b's answers at rows b·G …), ``sampling`` being ``max_new_tokens``,
-    ``eos_id``, ``temperature``, ``top_p``. An engine outside the process (vLLM) would also take the policy's
+    ``eos_id``, ``temperature``, ``top_p``, ``banned_tokens``. An engine outside the process (vLLM) would also take the policy's
     weights before each rollout; the built-in one samples the policy itself."""
 
     def sample(self, model, batch: dict, seeds: Sequence[int], **sampling) -> list[list[int]]: ...

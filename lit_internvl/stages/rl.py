@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from lit_internvl.data.v2pe import next_position
 from lit_internvl.distributed import unsharded, world
 from lit_internvl.inference.generate import generate
@@ -154,9 +155,16 @@ class RLStage(VisionLanguageStage):
             logits_at=supervised_positions(labels), repeat_images=g,
         )  # fmt: skip
         logits = logits.float() / max(self.hparams.rollout_temperature, 1e-6)
+        logits[:, self.image_token_ids()] = float("-inf")  # as the sampler: never drawn
         out = torch.zeros(answers.shape, dtype=torch.float32, device=answers.device)
         out[answer_mask] = torch.gather(F.log_softmax(logits, dim=-1), 1, answers[answer_mask][:, None]).squeeze(-1)
         return out
+
+    def image_token_ids(self) -> list[int]:
+        """``<img>``, ``</img>``, ``<IMG_CONTEXT>``: banned from answers (an answer holding ``<IMG_CONTEXT>`` would
+        claim image features it has none of), in sampling and in the log-probs alike."""
+        tokenizer = self.data.tokenizer
+        return [tokenizer.token_to_id(token) for token in (IMG_START, IMG_END, IMG_CONTEXT)]
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -172,6 +180,7 @@ class RLStage(VisionLanguageStage):
             tokens = self.engine.sample(
                 self.model, batch, self.rollout_seeds(prompts * g), max_new_tokens=h.max_new_tokens,
                 eos_id=tokenizer.eos_id, temperature=h.rollout_temperature, top_p=h.rollout_top_p,
+                banned_tokens=self.image_token_ids(),
             )  # fmt: skip
         texts = [
             tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in tokens
