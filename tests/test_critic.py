@@ -207,7 +207,7 @@ def _true_steps(qa: dict, size: int) -> list[str]:
 
 
 def test_multi_step_solutions_and_their_labels_follow_the_scene():
-    from lit_internvl.data.shapes.steps import corrupted, reasoning
+    from lit_internvl.data.shapes.steps import corrupted, label_from_scene, reasoning
     from lit_internvl.data.shapes.world import ShapesWorld
 
     world = ShapesWorld(84, 0, "val")
@@ -221,24 +221,27 @@ def test_multi_step_solutions_and_their_labels_follow_the_scene():
         wrong = next(i for i, (step, true) in enumerate(zip(steps, truth)) if step != true)
         assert labels == ["+"] * wrong + ["-"] * (3 - wrong), (steps, truth, labels)
         right_after_corruption += steps[-1] == truth[-1]
+        assert label_from_scene(qa, steps) == labels and label_from_scene(qa, truth) == ["+"] * 3
+        assert label_from_scene(qa, [*truth, "Answer: again"]) == ["+"] * 3 + ["-"]
     assert kinds == {"compare", "locate"}
     assert 0 < right_after_corruption < 60, "some corrupted solutions still reach the right answer, not all"
 
 
 # -- the stage and the commands ----------------------------------------------------------------------------------
 
-TINY = {"trainer": {"max_epochs": 1, "enable_progress_bar": False, "logger": False, "limit_val_batches": 1},
-        "data": {"train_size": 8, "val_size": 4, "batch_size": 4, "num_workers": 0}}  # fmt: skip
+TINY = {"trainer": {"max_epochs": 1, "max_steps": -1, "val_check_interval": 1.0, "enable_progress_bar": False, "logger": False,
+                    "limit_val_batches": 1}}  # fmt: skip
+TINY_SHAPES = {"train_size": 8, "val_size": 4, "batch_size": 4, "num_workers": 0}
 
 
-def _recipe(tmp_path: Path, name: str, **model) -> Path:
+def _recipe(tmp_path: Path, name: str, data: dict = TINY_SHAPES, **model) -> Path:
     import yaml
 
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / name).read_text())
     root = tmp_path / Path(name).stem
     recipe["trainer"].update(TINY["trainer"], default_root_dir=str(root))
     recipe["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(root / "checkpoints")
-    recipe["data"]["init_args"].update(TINY["data"])
+    recipe["data"]["init_args"].update(data)
     recipe["model"]["init_args"].update(max_new_tokens=6, **model)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(recipe))
@@ -253,7 +256,15 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     policy = _recipe(tmp_path, "sft_steps.yaml")
     main(["fit", "--config", str(policy)])
     policy_ckpt = tmp_path / "sft_steps" / "checkpoints" / "last.ckpt"
-    critic = _recipe(tmp_path, "critic.yaml", init_from=str(policy_ckpt))
+    import benchmarks.critic_data as critic_data
+
+    critic_data.main(["--policy", str(policy_ckpt), "--policy-config", str(policy), "--output", str(tmp_path / "data"),
+                      "--train-questions", "3", "--val-questions", "2", "--samples", "2"])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    assert {len(r["steps"]) == len(r["labels"]) for r in records} == {True} and len(records) >= 6
+    data = {"train": str(tmp_path / "data" / "train.jsonl"), "val": str(tmp_path / "data" / "val.jsonl"),
+            "batch_size": 4, "num_workers": 0}  # fmt: skip
+    critic = _recipe(tmp_path, "critic.yaml", data, init_from=str(policy_ckpt))
     cli = main(["fit", "--config", str(critic)])
     metrics = cli.trainer.callback_metrics
     assert {"val/step_accuracy", "val/ranking_accuracy", "val/loss"} <= set(metrics)

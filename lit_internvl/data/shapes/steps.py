@@ -104,6 +104,13 @@ def corrupted(world: ShapesWorld, index: int, sample: dict) -> tuple[list[str], 
     return steps, [GOOD] * wrong + [BAD] * (len(steps) - wrong)
 
 
+def label_from_scene(sample: dict, steps: list[str]) -> list[str]:
+    """Labels of any solution of ``sample`` (:func:`reasoning`), a policy's included: a question has one true
+    solution, so step k is ``+`` when the first k + 1 steps are the true solution's (a step past its end is ``-``)."""
+    truth = sample["steps"]
+    return [GOOD if steps[: k + 1] == truth[: k + 1] else BAD for k in range(len(steps))]
+
+
 class ShapesSolutions(ShapesSplit):
     """Multi-step questions as conversation records: the question, answered by the correct solution (its steps
     joined by blank lines). ``meta``: type, final answer, question (what Best-of-N's critic reads)."""

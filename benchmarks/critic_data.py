@@ -1,0 +1,80 @@
+"""The critic's training data on the embedded default: steps records of multi-step shapes questions, each with the
+correct solution, a corrupted one and the policy's own sampled solutions, every step labelled from the scene
+(lit_internvl.data.shapes.steps.label_from_scene), written as jsonl with PNG images for RecordsDataModule.
+
+    python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt --output runs/critic_data
+
+VisualPRM labels its policy's samples by Monte-Carlo continuations; a shapes question has one true solution, so
+here a sampled step is ``+`` exactly when the solution up to it is the true one. Sampling the policy is what makes
+the critic see the mistakes it will have to judge (answers that do not follow their own counts, say), which the
+corrupted solutions alone do not show it. Train and validation come from the world's train and val splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lit_internvl.data.collate import Collator
+from lit_internvl.data.critic import split_steps
+from lit_internvl.data.records import Record
+from lit_internvl.data.shapes.steps import corrupted, label_from_scene, reasoning
+from lit_internvl.data.shapes.world import ShapesWorld
+from lit_internvl.inference.best_of_n import sample_n
+from lit_internvl.tools.chat import load_from_recipe
+
+
+def write_split(policy, builder, split: str, questions: int, samples: int, temperature: float, folder: Path) -> Path:
+    """``folder/{split}.jsonl``: per question the correct, a corrupted and ``samples`` sampled solutions (distinct)."""
+    tokenizer, world = builder.tokenizer, ShapesWorld(builder.options.tile_size, 0, split)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.jsonl"
+    with open(path, "w") as f:
+        for q in range(questions):
+            qa = reasoning(world, q)
+            image = f"images/{split}_{q}.png"
+            qa["image"].save(folder / image)
+            record = Record("conversation", f"{split}:{q}", {"conversations": [{"from": "human", "value": qa["question"]}]},
+                            [qa["image"]])  # fmt: skip
+            prompt = Collator(tokenizer.pad_id, left_pad=True)([builder(record)])
+            drawn = sample_n(policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"],
+                             [q * samples + r for r in range(samples)], 40, tokenizer.eos_id, temperature)  # fmt: skip
+            texts = [
+                tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in drawn
+            ]
+            solutions = [qa["steps"], corrupted(world, q, qa)[0], *(split_steps(t) for t in texts)]
+            seen = set()
+            for steps in solutions:
+                if not steps or tuple(steps) in seen:
+                    continue
+                seen.add(tuple(steps))
+                line = {
+                    "image": image,
+                    "question": qa["question"],
+                    "steps": steps,
+                    "labels": label_from_scene(qa, steps),
+                }
+                f.write(json.dumps(line) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", required=True, help="the policy's .ckpt")
+    parser.add_argument("--policy-config", default="recipes/sft_steps.yaml")
+    parser.add_argument("--output", default="runs/critic_data")
+    parser.add_argument("--train-questions", type=int, default=2000)
+    parser.add_argument("--val-questions", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=4, help="policy samples per question")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    args = parser.parse_args(argv)
+    policy, builder = load_from_recipe(args.policy_config, args.policy)
+    policy.eval()
+    for split, count in (("train", args.train_questions), ("val", args.val_questions)):
+        path = write_split(policy, builder, split, count, args.samples, args.temperature, Path(args.output))
+        print(f"{path}: {sum(1 for _ in open(path))} steps records", flush=True)
+
+
+if __name__ == "__main__":
+    main()
