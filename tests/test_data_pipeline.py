@@ -41,7 +41,9 @@ def _batches(source, **overrides):
 @pytest.mark.parametrize("kind", KINDS)
 def test_prepare_stream_batch_round_trip(prepared, kind):
     jsonl, shards = prepared[kind]
-    streamed, direct = _batches(shards), _batches(jsonl)
+    # A steps record is the critic's conversation, VisualPRM's ~1,000-character system prompt included (bytes).
+    long = {"max_length": 4096} if kind == "steps" else {}
+    streamed, direct = _batches(shards, **long), _batches(jsonl, **long)
     assert sum(len(b["sample_names"]) for b in streamed) == 5
     for a, b in zip(streamed, direct, strict=True):
         assert a["sample_names"] == b["sample_names"]

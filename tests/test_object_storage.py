@@ -119,8 +119,10 @@ def test_prepare_to_s3_and_stream_back(endpoint, prepared, stream_cache, kind):
 
     # conversation through two (forked) loader workers, each with its own storage client
     workers = 2 if kind == "conversation" else 0
-    streamed = _batches(url, storage_options={"endpoint_url": endpoint}, num_workers=workers)
-    direct = _batches(jsonl)
+    # A steps record is the critic's conversation, VisualPRM's ~1,000-character system prompt included (bytes).
+    long = {"max_length": 4096} if kind == "steps" else {}
+    streamed = _batches(url, storage_options={"endpoint_url": endpoint}, num_workers=workers, **long)
+    direct = _batches(jsonl, **long)
     assert list(stream_cache.rglob("chunk-*.bin")), "chunks were downloaded from the server"
     assert sum(len(b["sample_names"]) for b in streamed) == 5
     for a, b in zip(streamed, direct, strict=True):
