@@ -273,9 +273,8 @@ class ShapesWorld:
 def write_records(
     folder: str | Path, kind: RecordKind, count: int, seed: int = 0, split: Split = "train", image_size: int = 56
 ) -> Path:
-    """Write ``count`` records of ``kind`` (pair, conversation, interleaved, text, preference, steps) as
-    ``folder/{kind}.jsonl`` with PNG images under ``folder/images/``; returns the jsonl path. ``steps`` records
-    alternate a multi-step question's correct solution and a corrupted one (:mod:`lit_internvl.data.shapes.steps`)."""
+    """Write ``count`` records of ``kind`` (pair, conversation, interleaved, text, preference) as
+    ``folder/{kind}.jsonl`` with PNG images under ``folder/images/``; returns the jsonl path."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(image_size, seed, split)
@@ -305,13 +304,6 @@ def write_records(
                 pref = world.preference(i)
                 texts = {k: pref[k] for k in ("question", "chosen", "rejected")}
                 record = {"image": save(pref["image"], f"pref_{i}.png"), **texts}
-            elif kind == "steps":
-                from lit_internvl.data.shapes.steps import GOOD, corrupted, reasoning  # steps builds on this module
-
-                qa = reasoning(world, i // 2)
-                steps, labels = (qa["steps"], [GOOD] * len(qa["steps"])) if i % 2 == 0 else corrupted(world, i // 2, qa)
-                record = {"image": save(qa["image"], f"steps_{i}.png"), "question": qa["question"], "steps": steps,
-                          "labels": labels}  # fmt: skip
             else:
                 raise ValueError(f"Unknown record kind {kind!r}")
             f.write(json.dumps(record) + "\n")
