@@ -61,24 +61,20 @@ def draw_strides(option: V2PEMode, images: int, rng: random.Random) -> list[int]
 
 def image_runs(input_ids: list[int], image_context_id: int) -> list[tuple[int, int]]:
     """``(start, end)`` of each run of consecutive ``<IMG_CONTEXT>`` tokens (one image), end exclusive."""
-    runs, start = [], None
-    for i, token in enumerate(input_ids):
-        if token == image_context_id and start is None:
-            start = i
-        elif token != image_context_id and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(input_ids)))
-    return runs
+    slots = torch.as_tensor(input_ids) == image_context_id
+    edges = torch.diff(torch.nn.functional.pad(slots.to(torch.int8), (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))  # +1 where a run starts, -1 one past where it ends
 
 
-def v2pe_positions(input_ids: list[int], image_context_id: int, strides: list[int]) -> torch.Tensor:
+def v2pe_positions(
+    input_ids: list[int], image_context_id: int, strides: list[int], runs: list[tuple[int, int]] | None = None
+) -> torch.Tensor:
     """The float32 positions ``(L,)`` of one document: image run i advances by ``strides[i] / 256`` a token.
 
-    A run must follow a text token (``<img>``): its tokens continue from that token's position.
+    A run must follow a text token (``<img>``): its tokens continue from that token's position. ``runs``: the
+    :func:`image_runs` of ``input_ids`` when the caller has them.
     """
-    runs = image_runs(input_ids, image_context_id)
+    runs = image_runs(input_ids, image_context_id) if runs is None else runs
     if len(runs) != len(strides):
         raise ValueError(f"{len(runs)} image runs in the sample but {len(strides)} strides")
     positions = torch.empty(len(input_ids), dtype=torch.float64)  # float64 while building, float32 at the end
@@ -100,8 +96,8 @@ def sample_positions(
     """The positions of one sample under ``option`` (None for ``off``: the collator's ``0..L−1``)."""
     if option == "off":
         return None
-    strides = draw_strides(option, len(image_runs(input_ids, image_context_id)), rng)
-    return v2pe_positions(input_ids, image_context_id, strides)
+    runs = image_runs(input_ids, image_context_id)
+    return v2pe_positions(input_ids, image_context_id, draw_strides(option, len(runs), rng), runs)
 
 
 def next_position(positions: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,6 @@ class NMPStage(SFTStage):
     def __init__(
         self, vision: ModuleFactory, connector: Callable[[int, int], nn.Module], decoder: ModuleFactory, **options
     ) -> None:
-        options.setdefault("loss_reduction", "square")
         super().__init__(vision, connector, decoder, **options)
 
     def setup(self, stage: str) -> None:
