@@ -5,7 +5,10 @@ correct solution, a corrupted one and the policy's own sampled solutions, every 
     python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt --output runs/critic_data
 
 VisualPRM labels its policy's samples by Monte-Carlo continuations; a shapes question has one true solution, so
-here a sampled step is ``+`` exactly when the solution up to it is the true one. Sampling the policy is what makes
+here a sampled step is ``+`` exactly when the solution up to it is the true one (``--labels scene``, the default).
+``--labels monte-carlo`` labels every solution by VisualPRM's rule instead
+(lit_internvl.inference.critic.monte_carlo_labels: a step is ``+`` when one of ``--mc-samples`` continuations of the
+policy from it reaches the right final answer), and prints how often the two labellings agree. Sampling the policy is what makes
 the critic see the mistakes it will have to judge (answers that do not follow their own counts, say), which the
 corrupted solutions alone do not show it. Train and validation come from the world's train and val splits.
 """
@@ -22,11 +25,15 @@ from lit_internvl.data.records import Record
 from lit_internvl.data.shapes.steps import corrupted, label_from_scene, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference.best_of_n import sample_n
+from lit_internvl.inference.critic import monte_carlo_labels
 from lit_internvl.tools.chat import load_from_recipe
 
 
-def write_split(policy, builder, split: str, questions: int, samples: int, temperature: float, folder: Path) -> Path:
-    """``folder/{split}.jsonl``: per question the correct, a corrupted and ``samples`` sampled solutions (distinct)."""
+def write_split(policy, builder, split: str, questions: int, samples: int, temperature: float, folder: Path,
+                labels: str = "scene", mc_samples: int = 8, agreement: list | None = None) -> Path:  # fmt: skip
+    """``folder/{split}.jsonl``: per question the correct, a corrupted and ``samples`` sampled solutions (distinct),
+    labelled from the scene or by Monte-Carlo continuations (``labels``; ``agreement`` collects, per step, whether
+    the two labellings agree)."""
     tokenizer, world = builder.tokenizer, ShapesWorld(builder.options.tile_size, 0, split)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}.jsonl"
@@ -44,17 +51,22 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
                 tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in drawn
             ]
             solutions = [qa["steps"], corrupted(world, q, qa)[0], *(split_steps(t) for t in texts)]
-            seen = set()
+            seen, distinct = set(), []
             for steps in solutions:
-                if not steps or tuple(steps) in seen:
-                    continue
-                seen.add(tuple(steps))
-                line = {
-                    "image": image,
-                    "question": qa["question"],
-                    "steps": steps,
-                    "labels": label_from_scene(qa, steps),
-                }
+                if steps and tuple(steps) not in seen:
+                    seen.add(tuple(steps))
+                    distinct.append(steps)
+            scene = [label_from_scene(qa, steps) for steps in distinct]
+            if labels == "monte-carlo":
+                mc = monte_carlo_labels(policy, tokenizer, builder(record), distinct, qa["answer"], mc_samples,
+                                        seed=q * 1000, max_new_tokens=40, temperature=temperature)  # fmt: skip
+                written = [row["labels"] for row in mc]
+                if agreement is not None:
+                    agreement += [a == b for x, y in zip(written, scene) for a, b in zip(x, y)]
+            else:
+                written = scene
+            for steps, step_labels in zip(distinct, written):
+                line = {"image": image, "question": qa["question"], "steps": steps, "labels": step_labels}
                 f.write(json.dumps(line) + "\n")
     return path
 
@@ -68,12 +80,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-questions", type=int, default=200)
     parser.add_argument("--samples", type=int, default=4, help="policy samples per question")
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--labels", choices=("scene", "monte-carlo"), default="scene")
+    parser.add_argument("--mc-samples", type=int, default=8, help="continuations a step prefix (monte-carlo)")
     args = parser.parse_args(argv)
     policy, builder = load_from_recipe(args.policy_config, args.policy)
     policy.eval()
     for split, count in (("train", args.train_questions), ("val", args.val_questions)):
-        path = write_split(policy, builder, split, count, args.samples, args.temperature, Path(args.output))
+        agreement: list[bool] = []
+        path = write_split(policy, builder, split, count, args.samples, args.temperature, Path(args.output),
+                           args.labels, args.mc_samples, agreement)  # fmt: skip
         print(f"{path}: {sum(1 for _ in open(path))} steps records", flush=True)
+        if agreement:
+            print(f"{split}: Monte-Carlo and scene labels agree on {sum(agreement) / len(agreement):.3f} of "
+                  f"{len(agreement)} steps", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

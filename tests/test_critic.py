@@ -14,7 +14,7 @@ from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
-from lit_internvl.inference.critic import aggregate, critic_batch, score_steps
+from lit_internvl.inference.critic import aggregate, critic_batch, monte_carlo_labels, score_steps
 from lit_internvl.losses import IGNORE_INDEX
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.rewards import final_answer
@@ -186,6 +186,59 @@ def test_n_in_one_batch_equal_n_seeded_samplings_and_the_vision_tower_runs_once(
         assert row == alone
     if temperature:
         assert len({tuple(row) for row in batched}) > 1, "different seeds draw different answers"
+
+
+# -- Monte-Carlo step labels (VisualPRM's rule) ----------------------------------------------------------------
+
+
+def _mc_prompt(model, tokenizer):
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.cat([torch.randint(0, 256, (4,), generator=generator),
+                     torch.full((model.tokens_per_tile(),), model.image_context_id)])  # fmt: skip
+    return {"input_ids": ids, "pixel_values": torch.randn(1, 3, model.tile_size, model.tile_size, generator=generator)}
+
+
+def test_monte_carlo_labels_follow_the_rule_with_its_early_stop():
+    """With no continuation drawn a prefix's score is whether it already states the right answer: the reference's
+    rule, hand-computed (a step is + when its score exceeds 0; after a zero every step is -)."""
+    tokenizer = ByteTokenizer()
+    model = _tiny_model(tokenizer)
+    prompt = _mc_prompt(model, tokenizer)
+    solutions = [["2 red", "1 blue", "Answer: red"], ["Answer: red", "so red"], ["Answer: blue"]]
+    early = monte_carlo_labels(model, tokenizer, prompt, solutions, "red", samples=2, max_new_tokens=0)
+    assert [row["scores"] for row in early] == [[0.0, 0.0, 0.0], [1.0, 0.0], [0.0]]
+    assert [row["labels"] for row in early] == [["-", "-", "-"], ["+", "-"], ["-"]]
+    late = monte_carlo_labels(model, tokenizer, prompt, solutions, "red", samples=2, max_new_tokens=0, early_stop=False)
+    assert [row["labels"] for row in late] == [["-", "-", "+"], ["+", "-"], ["-"]]
+
+
+def test_monte_carlo_labels_equal_lone_seeded_continuations_of_every_prefix():
+    tokenizer = ByteTokenizer()
+    model = _tiny_model(tokenizer)
+    prompt = _mc_prompt(model, tokenizer)
+    solutions, k, seed, new = [["2 red", "Answer: red"], ["x", "y", "z"]], 3, 7, 5
+    prefixes = ["2 red", "2 red\n\nAnswer: red", "x", "x\n\ny", "x\n\ny\n\nz"]
+    continued = []  # each prefix continued alone, seed by seed
+    for b, prefix in enumerate(prefixes):
+        ids = torch.cat([prompt["input_ids"], torch.tensor(tokenizer.encode(prefix))])[None]
+        for j in range(k):
+            row = generate(model, ids, None, prompt["pixel_values"], [1], max_new_tokens=new, eos_id=tokenizer.eos_id,
+                           temperature=1.0, generator=torch.Generator().manual_seed(seed + b * k + j))[0]  # fmt: skip
+            text = tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True)
+            continued.append(final_answer(prefix + text))
+    answer = continued[2 * k]  # what one continuation of "x" reaches: that prefix scores at least 1/k
+    scores = [sum(a == answer for a in continued[b * k : (b + 1) * k]) / k for b in range(len(prefixes))]
+    expected = []
+    for row in (scores[:2], scores[2:]):  # the early stop, written out: after a zero, every score is zero
+        dead, kept = False, []
+        for score in row:
+            kept.append(0.0 if dead else score)
+            dead = dead or score == 0
+        expected.append(kept)
+    got = monte_carlo_labels(model, tokenizer, prompt, solutions, answer, samples=k, seed=seed, max_new_tokens=new)
+    assert [row["scores"] for row in got] == expected
+    assert [row["labels"] for row in got] == [["+" if s > 0 else "-" for s in row] for row in expected]
+    assert got[1]["labels"][0] == "+"
 
 
 # -- the multi-step shapes data ----------------------------------------------------------------------------------

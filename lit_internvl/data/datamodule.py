@@ -148,7 +148,11 @@ class RecordsDataModule(SampleDataModule):
             )
         if pack and task in ("pairs", "prompts"):
             raise ValueError(f"task {task} is not packed; set pack: false")
-        self.save_hyperparameters()
+        # `train` (the sources) is kept out of the logged hyper-parameters: the stages have a `train` of their own
+        # (the parts they train), and Lightning refuses to log a model and a datamodule that share a key with two
+        # values. LightningCLI's config.yaml still records it.
+        self.save_hyperparameters(ignore=["train"])
+        self.train_sources = train
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
             tokens_per_tile=tokens_per_tile, template=template, tile_size=tile_size, min_tiles=min_tiles,
@@ -236,7 +240,7 @@ class RecordsDataModule(SampleDataModule):
         return DataLoader(dataset, shuffle=False, **options)
 
     def train_dataloader(self):
-        return self._loader(self.hparams.train, train=True)
+        return self._loader(self.train_sources, train=True)
 
     def val_dataloader(self):
         return self._loader(self.hparams.val, train=False) if self.hparams.val else []

@@ -16,9 +16,19 @@ from typing import Literal, get_args
 import torch
 
 from lit_internvl.data.collate import Collator
-from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, label_ids, tokenize_critic
+from lit_internvl.data.critic import (
+    BAD,
+    GOOD,
+    PRM_SYSTEM_PROMPT,
+    STEP_SEPARATOR,
+    critic_turns,
+    label_ids,
+    tokenize_critic,
+)
 from lit_internvl.data.samples import SampleOptions
-from lit_internvl.losses import supervised_positions
+from lit_internvl.inference.rollout import sample_groups
+from lit_internvl.losses import IGNORE_INDEX, supervised_positions
+from lit_internvl.rewards import final_answer
 
 Aggregate = Literal["mean", "min", "last"]
 AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
@@ -80,3 +90,70 @@ def score_solutions(
     device = next(critic.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return score_steps(critic, batch, plus_id, minus_id)
+
+
+@torch.no_grad()
+def monte_carlo_labels(
+    policy,
+    tokenizer,
+    prompt: dict,
+    solutions: Sequence[Sequence[str]],
+    answer: str,
+    samples: int = 16,
+    seed: int = 0,
+    threshold: float = 0.0,
+    early_stop: bool = True,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[dict]:
+    """VisualPRM's Monte-Carlo step labels of ``solutions`` (each a list of steps) to one prompt whose true final
+    answer is ``answer``: the policy continues every step prefix ``samples`` times, a prefix's score is the share of
+    continuations whose final answer (:func:`~lit_internvl.rewards.final_answer`) is right, and a step is ``+``
+    when its score exceeds ``threshold`` (0: at least one continuation right).
+
+    The reference (OpenGVLab/InternVL ``internvl_chat/tools/reasoning_data_pipeline/visualprm_data_pieline.py``,
+    ``build_mc_scores`` L174-251): the prefix ``steps[:k+1]`` joined by blank lines is the assistant's partial turn,
+    a continuation is appended to it as it is, ``--num-mc-sequences`` 16; with ``early_stop`` a step after a score
+    of 0 is not continued and scores 0 (L191-197, L246-247; ``visualprm_data_pipeline_postprocess.py``
+    ``item2conv_prm`` L20-44 turns scores into labels with ``--mc-threshold`` 0.0). Here every prefix of every
+    solution is continued in one batched generation (:func:`~lit_internvl.inference.rollout.sample_groups`, the
+    prompt's image once per prefix), prefix ``b``'s continuation ``j`` drawn with seed ``seed + b·samples + j``; early
+    stopping is then applied to the scores, which gives the reference's labels (a step after a zero is ``-``
+    whatever its continuations).
+
+    ``prompt`` is one prompt sample (``SampleBuilder(..., generation=True)`` of the question: ``input_ids`` ending in
+    the assistant's header, ``pixel_values``). Returns per solution ``{"steps", "labels", "scores"}``."""
+    if prompt.get("positions") is not None:
+        raise ValueError("monte_carlo_labels continues plain prompts; V2PE prompt positions are not supported")
+    prefixes = [STEP_SEPARATOR.join(steps[: k + 1]) for steps in solutions for k in range(len(steps))]
+    if not prefixes:
+        return [{"steps": list(steps), "labels": [], "scores": []} for steps in solutions]
+    rows = []
+    for i, prefix in enumerate(prefixes):
+        ids = torch.cat([torch.as_tensor(prompt["input_ids"]), torch.tensor(tokenizer.encode(prefix))])
+        rows.append({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "pixel_values": prompt.get("pixel_values"),
+                     "name": f"prefix {i}"})  # fmt: skip
+    batch = Collator(tokenizer.pad_id, left_pad=True)(rows)
+    device = next(policy.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    seeds = [seed + b * samples + j for b in range(len(prefixes)) for j in range(samples)]
+    drawn = sample_groups(
+        policy, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"], seeds,
+        positions=batch["positions"], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, temperature=temperature,
+        top_p=top_p,
+    )  # fmt: skip
+    right = [
+        final_answer(prefixes[r // samples] + tokenizer.decode([t for t in row if t != tokenizer.eos_id],
+                                                               skip_special_tokens=True)) == answer.strip().lower()
+        for r, row in enumerate(drawn)
+    ]  # fmt: skip
+    scores = [sum(right[b * samples : (b + 1) * samples]) / samples for b in range(len(prefixes))]
+    out, start = [], 0
+    for steps in solutions:
+        own, start = scores[start : start + len(steps)], start + len(steps)
+        if early_stop:
+            dead = next((k for k, score in enumerate(own) if score == 0), None)
+            own = own if dead is None else own[: dead + 1] + [0.0] * (len(own) - dead - 1)
+        out.append({"steps": list(steps), "labels": [GOOD if s > threshold else BAD for s in own], "scores": own})
+    return out
