@@ -28,7 +28,7 @@ from lit_internvl.data.shapes.steps import ShapesSteps, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
-from lit_internvl.inference.critic import aggregate, score_solutions, score_steps
+from lit_internvl.inference.critic import AGGREGATES, aggregate, score_solutions, score_steps
 from lit_internvl.rewards import final_answer
 from lit_internvl.tools.chat import load_from_recipe
 
@@ -102,18 +102,21 @@ def main(argv: list[str] | None = None) -> dict:
         scores = score_solutions(critic, critic_builder.tokenizer, critic_builder.options, qa["question"],
                                  [split_steps(t) for t in texts], critic_pixels)  # fmt: skip
         scored = time.perf_counter() - start
-        totals = [aggregate(row if split_steps(t) else []) for t, row in zip(texts, scores)]
-        best = max(range(args.n), key=lambda r: (totals[r], -r))
-        right["best_of"] += finals[best] == qa["answer"]
+        for how in AGGREGATES:
+            totals = [aggregate(row if split_steps(t) else [], how) for t, row in zip(texts, scores)]
+            best = max(range(args.n), key=lambda r: (totals[r], -r))
+            right[f"best_of/{how}"] += finals[best] == qa["answer"]
+            seconds[f"best_of/{how}"] += sampled + scored
         seconds["majority"] += sampled
         seconds["oracle"] += sampled
-        seconds["best_of"] += sampled + scored
 
     start = time.perf_counter()
     accuracy, chance = step_accuracy(critic, critic_train_builder, ShapesWorld(tile, 0, "test"), args.step_samples)
     step_seconds = time.perf_counter() - start
-    n, rows = args.questions, {"greedy": "greedy", "majority": f"majority vote @{args.n}",
-                               "best_of": f"Best-of-{args.n} (critic, mean)", "oracle": f"oracle @{args.n}"}  # fmt: skip
+    n = args.questions
+    rows = {"greedy": "greedy", "majority": f"majority vote @{args.n}",
+            **{f"best_of/{how}": f"Best-of-{args.n} (critic, {how} of the steps' P(+))" for how in AGGREGATES},
+            "oracle": f"oracle @{args.n}"}  # fmt: skip
     print(f"{n} held-out questions ({dict(kinds)}), {args.n} samples each at temperature {args.temperature}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print("| method | accuracy | wall time (s) |\n|---|---|---|")
