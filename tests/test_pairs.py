@@ -22,6 +22,7 @@ TINY = dict(tile_size=28, batch_size=4, shuffle=False, task="pairs")
 BATCH_KEYS = {
     "pixel_values", "input_ids", "attention_mask", "itm_ids", "itm_mask", "negative_ids", "negative_mask",
     "itg_ids", "itg_mask", "itg_labels", "label", "caption_key", "image_id", "sample_names", "skipped",
+    "skipped_records",
 }  # fmt: skip
 
 

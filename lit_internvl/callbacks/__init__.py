@@ -1,5 +1,6 @@
 """Lightning callbacks (YAML presets that use them live in the top-level callbacks/ folder)."""
 
 from lit_internvl.callbacks.metrics_report import MetricsReport
+from lit_internvl.callbacks.samples import SampleLogger
 
-__all__ = ["MetricsReport"]
+__all__ = ["MetricsReport", "SampleLogger"]

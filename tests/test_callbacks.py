@@ -1,0 +1,117 @@
+"""Each callback in a short fit, checked by what it wrote: TensorBoard event files holding the sample grid, an
+exported folder transformers loads, parameters frozen then trained by the optimiser, the bad-sample report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_internvl.callbacks import SampleLogger
+from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP, TextEncoder
+from lit_internvl.data import ShapesDataModule
+from lit_internvl.data.collate import Collator
+from lit_internvl.inference.generate import generate
+from lit_internvl.stages import ContrastiveStage, SFTStage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sft(**options) -> SFTStage:
+    torch.manual_seed(0)
+    return SFTStage(
+        vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"),
+        warmup_steps=1, max_new_tokens=3, **options,
+    )  # fmt: skip
+
+
+def _vqa(**options) -> ShapesDataModule:
+    return ShapesDataModule(task="vqa", tokenizer="shapes", train_size=8, val_size=4, batch_size=4, **options)
+
+
+def _trainer(tmp_path, callbacks, steps=2, logger=True, **options) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        logger=TensorBoardLogger(tmp_path, name="tb") if logger else False, callbacks=callbacks, **options,
+    )  # fmt: skip
+
+
+def _events(tmp_path) -> EventAccumulator:
+    files = list(tmp_path.glob("tb/*/events.out.tfevents.*"))
+    assert files, "no TensorBoard event file written"
+    events = EventAccumulator(str(files[0].parent), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+# -- the sample logger ----------------------------------------------------------------------------------------
+
+
+def test_sample_logger_writes_the_generated_answers_and_references_of_sft_under_each_image(tmp_path):
+    logger = SampleLogger(num_samples=3)
+    data = _vqa()
+    trainer = _trainer(tmp_path, [logger], limit_val_batches=1)
+    # Near its random init (two steps at a tiny rate) the model answers with varied tokens; trained, with the end token.
+    trainer.fit(_sft(learning_rate=1e-9), data)
+    events = _events(tmp_path)
+    images = events.Images("val/samples")
+    assert len(images) == 1 and images[0].step == 2  # one validation, at the end of the epoch
+    assert images[0].width == 3 * 168 and images[0].height > 168  # three cells with text under the images
+    text = events.Tensors("val/samples_text/text_summary")[0].tensor_proto.string_val[0].decode()
+    # the references are the validation samples' answers, and each row holds what the model generated
+    val = data._dataset("val", 4)
+    for index in range(3):
+        answer = val[index]["meta"]["answer"]
+        assert f"reference: {answer}" in text
+    assert [row["reference"] for row in logger.rows] == [val[i]["meta"]["answer"] for i in range(3)]
+    assert all(row["lines"][0] == f"answer: {row['answer']}" for row in logger.rows)
+    assert text.count("answer: ") == 3
+    # the prompt cut from each trained sample is the prompt the data builds for generation: same greedy tokens
+    stage = trainer.lightning_module
+    prompts = Collator(data.tokenizer.pad_id, left_pad=True)(
+        [data._dataset("val", 4, generation=True)[i] for i in range(3)]
+    )
+    expected = generate(
+        stage.model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
+        prompts["tiles_per_sample"], max_new_tokens=3, eos_id=data.tokenizer.eos_id, positions=prompts["positions"],
+    )  # fmt: skip
+    assert [row["tokens"] for row in logger.rows] == expected
+
+
+def test_sample_logger_lists_the_nearest_class_names_of_stage_1(tmp_path):
+    torch.manual_seed(0)
+    stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16)
+    logger = SampleLogger(num_samples=4, top_k=2)
+    data = ShapesDataModule(train_size=8, val_size=8, batch_size=8)
+    _trainer(tmp_path, [logger], steps=1, limit_val_batches=1).fit(stage, data)
+    events = _events(tmp_path)
+    assert len(events.Images("val/samples")) == 1
+    text = events.Tensors("val/samples_text/text_summary")[0].tensor_proto.string_val[0].decode()
+    classes = set(data.class_names)
+    for row in logger.rows:
+        assert row["truth"] in classes and len(row["nearest"]) == 2 and set(row["nearest"]) <= classes
+        assert f"true: {row['truth']}" in text
+    # the nearest are the argmax of the stage's own zero-shot scores on these images
+    with torch.no_grad():
+        batch = next(iter(data.val_dataloader()))
+        image = stage.model.encode_image(batch["pixel_values"][:4])
+        best = (image @ stage.class_embeddings.T).argmax(dim=-1).tolist()
+    assert [row["nearest"][0] for row in logger.rows] == [data.class_names[i] for i in best]
+
+
+def test_sample_logger_needs_tensorboard(tmp_path):
+    with pytest.raises(ValueError, match="trainer.logger"):
+        _trainer(tmp_path, [SampleLogger()], logger=False).fit(_sft(), _vqa())
