@@ -3,6 +3,7 @@ exported folder transformers loads, parameters frozen then trained by the optimi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -115,3 +116,48 @@ def test_sample_logger_lists_the_nearest_class_names_of_stage_1(tmp_path):
 def test_sample_logger_needs_tensorboard(tmp_path):
     with pytest.raises(ValueError, match="trainer.logger"):
         _trainer(tmp_path, [SampleLogger()], logger=False).fit(_sft(), _vqa())
+
+
+# -- the bad-sample report ------------------------------------------------------------------------------------
+
+
+def test_bad_sample_report_lists_every_skipped_record_with_its_reason_split_and_epoch(tmp_path):
+    from PIL import Image
+
+    from lit_internvl.callbacks import BadSampleReport
+    from lit_internvl.data import RecordsDataModule
+
+    def conversation(image: str, answer: str = "red") -> str:
+        turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": answer}]
+        return json.dumps({"image": image, "conversations": turns})
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "ok.png")
+    lines = [
+        conversation("ok.png"),
+        '{"image": "ok.png", "conversations": [',  # line 2: malformed JSON, dropped when the file is indexed
+        conversation("nowhere.png"),  # line 3: missing image, found when the sample is built
+        conversation("ok.png", "x" * 600),  # line 4: over-long sample
+        conversation("ok.png", "green"),
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    stage = SFTStage(
+        vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1
+    )
+    data = RecordsDataModule(
+        train=str(tmp_path / "data.jsonl"), val=str(tmp_path / "data.jsonl"), image_root=str(tmp_path),
+        tokens_per_tile=4, tile_size=56, max_tiles=1, batch_size=2, shuffle=False, max_length=512,
+    )  # fmt: skip
+    report = BadSampleReport()
+    _trainer(tmp_path, [report], steps=4, logger=False, max_epochs=2).fit(stage, data)
+    written = [json.loads(line) for line in Path(report.path).read_text().splitlines()]
+    found = {(r["split"], r["epoch"], r["when"], r["name"], r["reason"]) for r in written}
+    name = "data.jsonl:"  # as the skip logs name records: file and line
+    expected = {("train", 0, "scan", f"{name}2", "malformed JSON"), ("val", 0, "scan", f"{name}2", "malformed JSON")}
+    for split, epoch in (("train", 0), ("train", 1), ("val", 0), ("val", 1)):
+        expected |= {
+            (split, epoch, "batch", f"{name}3", "missing image"),
+            (split, epoch, "batch", f"{name}4", "over-long sample"),
+        }
+    assert found == expected and len(written) == len(expected)  # each once, none more
+    assert Path(report.path).parent == tmp_path

@@ -1,6 +1,7 @@
 """Lightning callbacks (YAML presets that use them live in the top-level callbacks/ folder)."""
 
+from lit_internvl.callbacks.bad_samples import BadSampleReport
 from lit_internvl.callbacks.metrics_report import MetricsReport
 from lit_internvl.callbacks.samples import SampleLogger
 
-__all__ = ["MetricsReport", "SampleLogger"]
+__all__ = ["BadSampleReport", "MetricsReport", "SampleLogger"]
