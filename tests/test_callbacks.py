@@ -32,10 +32,8 @@ def one_thread():
 
 def _sft(**options) -> SFTStage:
     torch.manual_seed(0)
-    return SFTStage(
-        vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"),
-        warmup_steps=1, max_new_tokens=3, **options,
-    )  # fmt: skip
+    options = {"warmup_steps": 1, "max_new_tokens": 3, **options}
+    return SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"), **options)  # fmt: skip
 
 
 def _vqa(**options) -> ShapesDataModule:
@@ -161,3 +159,64 @@ def test_bad_sample_report_lists_every_skipped_record_with_its_reason_split_and_
         }
     assert found == expected and len(written) == len(expected)  # each once, none more
     assert Path(report.path).parent == tmp_path
+
+
+# -- the freeze schedule ------------------------------------------------------------------------------------
+
+
+class _Watch(L.Callback):
+    """The vision encoder's weights, trainability and the optimiser's groups after every step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = {n: p.detach().clone() for n, p in pl_module.model.vision.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        vision = pl_module.model.vision
+        optimizer = trainer.optimizers[0]
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.steps.append({
+            "weights": {n: p.detach().clone() for n, p in vision.named_parameters()},
+            "trainable": all(p.requires_grad for p in vision.parameters()),
+            "in_optimizer": all(id(p) in in_optimizer for p in vision.parameters()),
+            "lrs": [g["lr"] for g in optimizer.param_groups],
+        })  # fmt: skip
+
+
+@pytest.mark.parametrize("when", [{"at_step": 2}, {"at_epoch": 1}])
+def test_freeze_schedule_trains_the_vision_encoder_from_the_switch_on_with_the_optimiser_stepping_it(tmp_path, when):
+    from lit_internvl.callbacks import FreezeSchedule
+
+    stage = _sft(train=["connector", "decoder"], learning_rate=1e-3, warmup_steps=0)
+    watch = _Watch()
+    schedule = FreezeSchedule(parts=["vision"], lr_factor=0.5, **when)
+    _trainer(tmp_path, [schedule, watch], steps=4, logger=False, limit_val_batches=0).fit(
+        stage, _vqa()
+    )  # 2 steps an epoch
+    before = watch.before
+    frozen, trained = watch.steps[:2], watch.steps[2:]
+    for step in frozen:
+        assert not step["trainable"] and not step["in_optimizer"]
+        assert all(torch.equal(before[n], w) for n, w in step["weights"].items())
+    previous = frozen[-1]["weights"]
+    for step in trained:
+        assert step["trainable"] and step["in_optimizer"]
+        moved = [n for n, w in step["weights"].items() if not torch.equal(previous[n], w)]
+        assert len(moved) == len(before), f"not stepped: {sorted(set(before) - set(moved))}"
+        previous = step["weights"]
+    # two new groups (matrices with weight decay, vectors without) at half the rate, on the stage's schedule
+    first, last = trained[0]["lrs"], trained[-1]["lrs"]
+    assert len(first) == len(frozen[-1]["lrs"]) + 2
+    assert first[-1] == pytest.approx(0.5 * first[0]) and last[-1] == pytest.approx(0.5 * last[0])
+    assert last[0] < first[0]  # the cosine moved on, the new groups with it
+
+
+def test_freeze_schedule_refuses_a_part_the_stage_already_trains(tmp_path):
+    from lit_internvl.callbacks import FreezeSchedule
+
+    with pytest.raises(ValueError, match="model.init_args.train"):
+        _trainer(tmp_path, [FreezeSchedule(["vision"], at_step=1)], logger=False).fit(_sft(), _vqa())
+    with pytest.raises(ValueError, match="exactly one of at_step"):
+        FreezeSchedule(["vision"])
