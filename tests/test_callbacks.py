@@ -220,3 +220,26 @@ def test_freeze_schedule_refuses_a_part_the_stage_already_trains(tmp_path):
         _trainer(tmp_path, [FreezeSchedule(["vision"], at_step=1)], logger=False).fit(_sft(), _vqa())
     with pytest.raises(ValueError, match="exactly one of at_step"):
         FreezeSchedule(["vision"])
+
+
+# -- export at the end of fit ----------------------------------------------------------------------------------
+
+
+def test_export_at_fit_end_writes_a_folder_transformers_loads_with_the_trained_weights(tmp_path):
+    from transformers import InternVLForConditionalGeneration
+
+    from lit_internvl.callbacks import ExportAtFitEnd
+
+    export = ExportAtFitEnd()
+    stage = _sft()
+    _trainer(tmp_path, [export], steps=2, limit_val_batches=0).fit(stage, _vqa())
+    assert Path(export.path) == tmp_path / "tb" / "version_0" / "hf"
+    exported = InternVLForConditionalGeneration.from_pretrained(export.path, attn_implementation="eager").eval()
+    model = stage.model.eval()
+    torch.manual_seed(1)
+    input_ids = torch.tensor([[5, 6] + [model.image_context_id] * model.tokens_per_tile() + [7, 8, 9]])
+    pixel_values = torch.randn(1, 3, model.tile_size, model.tile_size)
+    with torch.no_grad():
+        theirs = exported(input_ids=input_ids, pixel_values=pixel_values).logits
+        ours = model(input_ids, pixel_values)
+    assert (theirs - ours).abs().max() <= 1e-4  # the weights the run ended with, at the tile size it trained at
