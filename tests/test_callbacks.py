@@ -243,3 +243,38 @@ def test_export_at_fit_end_writes_a_folder_transformers_loads_with_the_trained_w
         theirs = exported(input_ids=input_ids, pixel_values=pixel_values).logits
         ours = model(input_ids, pixel_values)
     assert (theirs - ours).abs().max() <= 1e-4  # the weights the run ended with, at the tile size it trained at
+
+
+# -- the presets ------------------------------------------------------------------------------------------------
+
+
+def test_the_presets_add_their_callbacks_to_a_recipe_and_keep_its_checkpointing():
+    """``callbacks+:`` appends to the recipe's list (a plain ``callbacks:`` in a second config replaces it)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from lit_internvl.callbacks import BadSampleReport, ExportAtFitEnd, FreezeSchedule
+    from lit_internvl.callbacks.throughput import TrainingThroughput
+    from lit_internvl.cli import main
+
+    presets = sorted((REPO / "callbacks").glob("*.yaml"))
+    assert {p.name for p in presets} >= {"sample_logger.yaml", "export_at_end.yaml", "freeze_schedule.yaml",
+                                         "bad_sample_report.yaml", "monitoring.yaml", "lr_monitor.yaml"}  # fmt: skip
+    for preset in presets:
+        text = preset.read_text()
+        assert "callbacks+:" in text and f"--config callbacks/{preset.name}" in text, preset.name
+    configs = [REPO / "recipes/sft.yaml", *presets]
+    args = [a for c in configs for a in ("--config", str(c))] + ["--model.init_args.init_from", "null"]
+    cli = main(args, run=False)
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {
+        SampleLogger,
+        ExportAtFitEnd,
+        FreezeSchedule,
+        BadSampleReport,
+        TrainingThroughput,
+        LearningRateMonitor,
+    } <= kinds
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [Path(c.dirpath).parts[-3:] for c in checkpoints] == [("runs", "sft", "checkpoints")] and checkpoints[
+        0
+    ].save_last
