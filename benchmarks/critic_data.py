@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.critic import split_steps
 from lit_internvl.data.records import Record
@@ -38,7 +40,8 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}.jsonl"
     with open(path, "w") as f:
-        for q in range(questions):
+        # disable=None: a bar with counts and rates on a terminal, nothing when piped
+        for q in tqdm(range(questions), desc=f"{split}: sampling solutions", unit=" questions", disable=None):
             qa = reasoning(world, q)
             image = f"images/{split}_{q}.png"
             qa["image"].save(folder / image)

@@ -355,5 +355,8 @@ def test_a_sample_no_packed_row_can_hold_is_a_counted_skip_not_a_crash():
 
     batch = Collator(0, pack=True, max_tokens=32, max_tiles_per_row=4)([sample("a", 2), sample("b", 7), sample("c", 2)])
     assert batch["skipped"] == {"too many tiles": 1} and batch["sample_names"] == ["a+c"]
-    assert Collator(0, pack=True, max_tiles_per_row=4)([sample("b", 7)]) == {"skipped": {"too many tiles": 1},
-                                                                          "input_ids": None}  # fmt: skip
+    assert batch["skipped_records"] == [{"name": "b", "reason": "too many tiles"}]
+    assert Collator(0, pack=True, max_tiles_per_row=4)([sample("b", 7)]) == {
+        "skipped": {"too many tiles": 1}, "skipped_records": [{"name": "b", "reason": "too many tiles"}],
+        "input_ids": None,
+    }  # fmt: skip

@@ -22,6 +22,7 @@ TINY = dict(tile_size=28, batch_size=4, shuffle=False, task="pairs")
 BATCH_KEYS = {
     "pixel_values", "input_ids", "attention_mask", "itm_ids", "itm_mask", "negative_ids", "negative_mask",
     "itg_ids", "itg_mask", "itg_labels", "label", "caption_key", "image_id", "sample_names", "skipped",
+    "skipped_records",
 }  # fmt: skip
 
 
@@ -209,7 +210,7 @@ def test_a_meta_file_and_prepared_shards_give_the_same_pair_batches_as_jsonl(tmp
         for a, b in zip(batches, direct):
             _assert_contract(a, 4)
             assert a["sample_names"] == b["sample_names"]
-            for key in BATCH_KEYS - {"caption_key", "image_id", "sample_names", "skipped"}:
+            for key in BATCH_KEYS - {"caption_key", "image_id", "sample_names", "skipped", "skipped_records"}:
                 assert torch.equal(a[key], b[key]), (source.name, key)
             # shards key an image by its bytes, jsonl by its path: the same grouping
             same = a["caption_key"][:, None] == a["caption_key"][None, :]

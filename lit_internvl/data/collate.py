@@ -9,6 +9,7 @@ document: the sample's own ``positions`` (V2PE, or a split document's part) when
 A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
 a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on; a split
 document ``{"parts": [sample, ...], "dropped": n}`` is its parts (its ``n`` dropped parts counted as skips).
+Every batch lists its skips by name too (``skipped_records``, for :class:`~lit_internvl.callbacks.BadSampleReport`).
 An image–caption pair is the sample of :mod:`lit_internvl.data.pairs` (image, ITC/ITM/ITG texts, a negative text).
 """
 
@@ -46,20 +47,21 @@ class PairCollator:
       labels unshifted, -100 on the prefix and the padding;
     - ``label (B,)``: the class label (-1: none); ``caption_key (B,)``: rows with equal keys match each
       other; ``image_id (B,)``: which image a row shows (retrieval counts each image once);
-    - ``skipped``: a count of dropped samples by reason.
+    - ``skipped``: a count of dropped samples by reason; ``skipped_records``: each one's ``{"name", "reason"}``.
 
     Text is right-padded with ``pad_id`` (mask 0). A batch whose samples were all skipped is
-    ``{"skipped": ..., "input_ids": None}``.
+    ``{"skipped": ..., "skipped_records": ..., "input_ids": None}``.
     """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
+        records = skipped_records(samples)
+        skipped = Counter(record["reason"] for record in records)
         samples = [s for s in samples if "skipped" not in s]
         if not samples:
-            return {"skipped": dict(skipped), "input_ids": None}
+            return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
         input_ids, attention_mask = pad_ids([s["input_ids"] for s in samples], self.pad_id)
         itm_ids, itm_mask = pad_ids([s["itm_ids"] for s in samples], self.pad_id)
         negative_ids, negative_mask = pad_ids([s["negative_ids"] for s in samples], self.pad_id)
@@ -81,7 +83,16 @@ class PairCollator:
             "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "sample_names": [s.get("name") for s in samples],
             "skipped": dict(skipped),
+            "skipped_records": records,
         }
+
+
+def skipped_records(samples: list[dict]) -> list[dict]:
+    """``{"name", "reason"}`` of each sample that could not be built and of each dropped part of a split document."""
+    records = [{"name": s.get("name"), "reason": s["skipped"]} for s in samples if "skipped" in s]
+    for s in samples:
+        records += [{"name": s.get("name"), "reason": "empty split part"}] * s.get("dropped", 0)
+    return records
 
 
 def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles_per_row: int) -> list[list[int]]:
@@ -112,7 +123,7 @@ class Collator:
     Returns ``input_ids``, ``labels``, ``attention_mask``, ``positions`` (float32), ``document_ids``
     (packed only; padding gets -1), all ``(R, T)``; ``pixel_values`` ``(tiles, 3, H, W)`` in row order
     or None; ``tiles_per_sample`` and ``sample_names`` per row; ``skipped``, a count of dropped
-    samples by reason.
+    samples by reason, and ``skipped_records``, each one's ``{"name", "reason"}``.
 
     Args:
         pad_id: token id of padding.
@@ -137,12 +148,11 @@ class Collator:
         self.left_pad = left_pad
 
     def __call__(self, samples: list[dict]) -> dict:
-        skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
-        skipped["empty split part"] += sum(s.get("dropped", 0) for s in samples)
-        skipped = +skipped  # no zero counts
+        records = skipped_records(samples)
+        skipped = Counter(record["reason"] for record in records)
         samples = [part for s in samples if "skipped" not in s for part in s.get("parts", [s])]
         if not samples:
-            return {"skipped": dict(skipped), "input_ids": None}
+            return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
         tiles = [0 if s.get("pixel_values") is None else s["pixel_values"].shape[0] for s in samples]
         if self.pack and max(tiles) > self.max_tiles_per_row:  # no row could hold it: a counted skip, not a crash
             for sample, count in zip(samples, tiles):
@@ -150,10 +160,11 @@ class Collator:
                     log.warning("skipping %s: too many tiles: %d > max_tiles_per_row %d", sample.get("name"), count,
                                 self.max_tiles_per_row)  # fmt: skip
                     skipped["too many tiles"] += 1
+                    records.append({"name": sample.get("name"), "reason": "too many tiles"})
             keep = [i for i, count in enumerate(tiles) if count <= self.max_tiles_per_row]
             samples, tiles = [samples[i] for i in keep], [tiles[i] for i in keep]
             if not samples:
-                return {"skipped": dict(skipped), "input_ids": None}
+                return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
         preference = "rejected" in samples[0]
         if preference and self.pack:
             raise ValueError("Preference samples (chosen/rejected) cannot be packed; set pack: false")
@@ -195,6 +206,7 @@ class Collator:
             "tiles_per_sample": tiles_per_row,
             "sample_names": names,
             "skipped": dict(skipped),
+            "skipped_records": records,
         }
         if not self.pack:
             batch["meta"] = [s.get("meta") for s in samples]

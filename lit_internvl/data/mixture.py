@@ -83,6 +83,8 @@ class Mixture(Dataset):
     def skips(self) -> SkipCounter:
         total = SkipCounter()
         for dataset in self.datasets:
-            for reason, count in getattr(getattr(dataset, "skips", None), "counts", {}).items():
+            skips = getattr(dataset, "skips", None)
+            for reason, count in getattr(skips, "counts", {}).items():
                 total.counts[reason] += count
+            total.records += getattr(skips, "records", [])
         return total

@@ -326,13 +326,16 @@ def kept_lines(lines: int, repeat_time: float) -> tuple[int, int]:
 
 
 class SkipCounter:
-    """Counts skipped records by reason and logs each skip with the record's name."""
+    """Counts skipped records by reason, lists them (``records``: each one's ``{"name", "reason"}``) and logs each
+    skip with the record's name."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self.records: list[dict] = []
 
     def skip(self, error: BadRecord) -> None:
         self.counts[error.reason] += 1
+        self.records.append({"name": error.name, "reason": error.reason})
         log.warning("skipping %s", error)
 
     @property

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from lit_internvl.hf.config import export_tile_size, transformers_config
 from lit_internvl.hf.files import copy_tokenizer_files, save_sharded
@@ -39,7 +40,10 @@ def export_vlm(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(output))
-    save_sharded({k: v.cpu() for k, v in to_transformers_state_dict(state).items()}, output, max_shard_bytes)
+    tensors = to_transformers_state_dict(state)
+    # the copies to the CPU are the slow part of a large model's export (disable=None: a bar on a terminal only)
+    bar = tqdm(tensors.items(), desc=f"export → {output}", unit=" tensors", total=len(tensors), disable=None)
+    save_sharded({k: v.cpu() for k, v in bar}, output, max_shard_bytes)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, output)
     return output

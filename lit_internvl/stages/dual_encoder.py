@@ -98,7 +98,7 @@ class DualEncoderStage(Stage, ABC):
     def _metric_name(self, split: str, embedding: str, metric: str) -> str:
         return f"{split}/{metric}" if len(self.embedding_names) == 1 else f"{split}/{embedding}/{metric}"
 
-    def _evaluate(self, batch: dict, split: str) -> None:
+    def _evaluate(self, batch: dict, split: str) -> dict:
         images, text_emb = self.evaluate_batch(batch, split)
         labels = batch.get("label")
         labelled = labels >= 0 if labels is not None else None
@@ -109,6 +109,8 @@ class DualEncoderStage(Stage, ABC):
                 for metric in ("top1", "top5"):
                     if f"{name}/{metric}" in self.zero_shot:
                         self.zero_shot[f"{name}/{metric}"].update(logits, labels[labelled])
+        # Returned to the callbacks' on_*_batch_end (the sample logger's nearest captions), not kept.
+        return {"image_embeddings": images, "text_embeddings": text_emb}
 
     def _log_epoch(self, split: str) -> None:
         for name, recall in self.recall.items():
@@ -130,8 +132,9 @@ class DualEncoderStage(Stage, ABC):
     def on_validation_epoch_start(self) -> None:
         self._prepare_zero_shot()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        """The batch's metrics; returns its unit embeddings (``image_embeddings`` by name, ``text_embeddings``)."""
+        return self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

@@ -15,13 +15,16 @@ import json
 from pathlib import Path
 from typing import get_args
 
+from tqdm import tqdm
+
 from lit_internvl.scoring import Metric, score, score_table
 
 
 def read_predictions(path: str | Path) -> list[dict]:
     records = []
     with open(path) as f:
-        for number, line in enumerate(f, 1):
+        # disable=None: tqdm's own switch, a bar on a terminal and nothing in logs or tests
+        for number, line in enumerate(tqdm(f, desc="reading predictions", unit=" lines", disable=None), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))

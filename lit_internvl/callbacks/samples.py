@@ -1,0 +1,189 @@
+"""Validation samples in TensorBoard: a grid of the first K images of each validation, each with what the model
+made of it — the generated answer and the reference (SFT, MPO, RL), or the nearest class names or captions
+(the dual-encoder stages 1 and 2)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image, ImageDraw, ImageFont
+
+from lit_internvl.data.images import IMAGENET_MEAN, IMAGENET_STD
+from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.distributed import unsharded
+from lit_internvl.inference.generate import generate
+from lit_internvl.losses import IGNORE_INDEX
+
+
+def to_image(tile: torch.Tensor) -> Image.Image:
+    """A normalised ``(3, H, W)`` tile (ImageNet mean/std, as the data path writes it) → an RGB image."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = (tile.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+
+
+def sample_grid(cells: list[tuple[Image.Image, list[str]]], columns: int = 4, size: int = 160) -> np.ndarray:
+    """Images with lines of text under each, in rows of ``columns`` cells → ``(H, W, 3)`` uint8 (HWC)."""
+    font = ImageFont.load_default()
+    line_height, chars = 12, size // 6
+    wrapped = [[piece for line in lines for piece in textwrap.wrap(line, chars) or [""]] for _, lines in cells]
+    cell_height = size + 4 + line_height * max(len(lines) for lines in wrapped)
+    columns = min(columns, len(cells))
+    rows = -(-len(cells) // columns)
+    grid = Image.new("RGB", (columns * (size + 8), rows * (cell_height + 8)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, ((image, _), lines) in enumerate(zip(cells, wrapped)):
+        x, y = (index % columns) * (size + 8) + 4, (index // columns) * (cell_height + 8) + 4
+        grid.paste(image.resize((size, size), Image.Resampling.NEAREST), (x, y))
+        for k, line in enumerate(lines):
+            draw.text((x, y + size + 4 + k * line_height), line, fill="black", font=font)
+    return np.asarray(grid)
+
+
+def _last_run(labels: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, end)`` of the last run of supervised positions of a ``(T,)`` label row (the last answer)."""
+    supervised = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+    if not supervised:
+        return None
+    start = supervised[-1]
+    while start - 1 in supervised:
+        start -= 1
+    return start, supervised[-1] + 1
+
+
+class SampleLogger(L.Callback):
+    """Logs ``val/samples`` (an image grid) and ``val/samples_text`` (a table of the same) to TensorBoard after
+    the first batch of each validation (not the sanity check), for its first ``num_samples`` samples.
+
+    - Vision-language stages (SFT, MPO, RL): each sample's prompt — the sample up to its last answer (the chosen
+      one of a preference pair), or the whole prompt of a prompt batch — is answered greedily (the stage's
+      ``max_new_tokens`` unless ``max_new_tokens`` is set), under the reference (the last answer, or the batch's
+      ``reference``). The image drawn is a sample's last tile: the whole-image thumbnail when it has several.
+      Under FSDP2 every rank generates (the blocks gather their parameters together); rank 0 draws.
+    - Dual-encoder stages (stages 1 and 2): the ``top_k`` class names nearest each image (the stage's zero-shot
+      class embeddings) when the data names classes, else the nearest captions of the batch, with the true one;
+      the embeddings are those the validation step computed (no second forward pass).
+
+    Args:
+        num_samples: samples drawn (at most the first validation batch's).
+        top_k: nearest class names or captions listed per image.
+        max_new_tokens: answer length (None: the stage's ``max_new_tokens``).
+        columns: images per row of the grid.
+    """
+
+    def __init__(self, num_samples: int = 8, top_k: int = 3, max_new_tokens: int | None = None, columns: int = 4):
+        if num_samples < 1 or top_k < 1:
+            raise ValueError(f"SampleLogger: num_samples ({num_samples}) and top_k ({top_k}) must be at least 1")
+        self.num_samples, self.top_k, self.max_new_tokens, self.columns = num_samples, top_k, max_new_tokens, columns
+        self.rows: list[dict] = []  # the last samples logged: image, name and lines of text
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+            raise ValueError(
+                "SampleLogger writes to TensorBoard: set trainer.logger to lightning.pytorch.loggers.TensorBoardLogger "
+                "(the recipes do), or leave callbacks/sample_logger.yaml out"
+            )
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        if batch_idx or dataloader_idx or trainer.sanity_checking or batch.get("input_ids") is None:
+            return
+        if isinstance(outputs, dict) and "image_embeddings" in outputs:
+            self.rows = self.nearest(pl_module, batch, outputs)
+        else:
+            self.rows = self.answers(pl_module, batch)
+        if trainer.is_global_zero and self.rows:
+            self.log_rows(trainer)
+
+    # -- dual encoders: nearest class names or captions ----------------------------------------------------------
+
+    def nearest(self, pl_module, batch: dict, outputs: dict) -> list[dict]:
+        data, k = pl_module.data, self.num_samples
+        image_emb = list(outputs["image_embeddings"].values())[-1][:k]  # the last: InternVL-G's own, when several
+        prefix = getattr(getattr(data, "caption_forms", None), "itc_prefix", "") or ""
+        captions = [
+            data.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).removeprefix(prefix).strip()
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+        ]
+        classes = getattr(pl_module, "class_embeddings", None)
+        if classes is not None:
+            names, candidates, truths = list(data.class_names), classes, [int(x) for x in batch["label"][:k]]
+            title = "nearest classes"
+        else:
+            names, candidates, truths = captions, outputs["text_embeddings"], list(range(len(image_emb)))
+            title = "nearest captions"
+        scores = image_emb.float() @ candidates.float().T
+        top = scores.topk(min(self.top_k, scores.shape[1]), dim=-1)
+        rows = []
+        for row, (values, indices) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            truth = names[truths[row]] if truths[row] >= 0 else "(no label)"
+            lines = [f"true: {truth}", f"{title}:"] + [f"{names[i]} ({v:.2f})" for i, v in zip(indices, values)]
+            rows.append({"image": to_image(batch["pixel_values"][row]), "name": batch["sample_names"][row],
+                         "lines": lines, "truth": truth, "nearest": [names[i] for i in indices]})  # fmt: skip
+        return rows
+
+    # -- vision-language models: generated answers --------------------------------------------------------------
+
+    def answers(self, pl_module, batch: dict) -> list[dict]:
+        model, tokenizer = pl_module.model, pl_module.data.tokenizer
+        rows = min(self.num_samples, len(batch["input_ids"]))
+        first_tile = [0, *torch.tensor(batch["tiles_per_sample"]).cumsum(0).tolist()]
+        context_id, documents = tokenizer.token_to_id(IMG_CONTEXT), batch.get("document_ids")
+        prompts, references, images = [], [], []
+        for row in range(rows):
+            # A packed row's first document; an unpacked row's real tokens (either padding side).
+            keep = (documents[row] == 0) if documents is not None else batch["attention_mask"][row].bool()
+            ids, labels, positions = (
+                batch["input_ids"][row][keep],
+                batch["labels"][row][keep],
+                batch["positions"][row][keep],
+            )
+            answer = _last_run(labels)
+            reference = (batch.get("reference") or [None] * rows)[row]
+            if answer is not None:  # a trained sample: its prompt is everything before its last answer
+                if reference is None:
+                    reference = tokenizer.decode(ids[answer[0] : answer[1]].tolist(), skip_special_tokens=True)
+                ids, positions = ids[: answer[0]], positions[: answer[0]]
+            tiles = int((ids == context_id).sum()) // model.tokens_per_tile() if model.tile_size else 0
+            pixels = batch["pixel_values"][first_tile[row] : first_tile[row] + tiles] if tiles else None
+            prompts.append((ids, positions, pixels, tiles))
+            references.append(reference)
+            images.append(to_image(pixels[-1]) if tiles else Image.new("RGB", (32, 32), "lightgray"))
+        width = max(len(ids) for ids, *_ in prompts)
+        input_ids = torch.full((rows, width), tokenizer.pad_id, dtype=torch.long, device=pl_module.device)
+        mask = torch.zeros_like(input_ids)
+        positions = torch.zeros(rows, width, dtype=torch.float32, device=pl_module.device)
+        for row, (ids, pos, _, _) in enumerate(prompts):  # left-padded, as generation reads prompts
+            input_ids[row, width - len(ids) :], mask[row, width - len(ids) :] = ids, 1
+            positions[row, width - len(ids) :] = pos
+        pixels = [p for _, _, p, _ in prompts if p is not None]
+        max_new = self.max_new_tokens or pl_module.hparams.get("max_new_tokens", 32)
+        with unsharded(model):
+            generated = generate(
+                model, input_ids, mask, torch.cat(pixels) if pixels else None, [t for *_, t in prompts],
+                max_new_tokens=max_new, eos_id=tokenizer.eos_id, positions=positions,
+            )  # fmt: skip
+        out = []
+        for row, tokens in enumerate(generated):
+            answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
+            lines = [f"answer: {answer}", f"reference: {references[row]}"]
+            out.append({"image": images[row], "name": batch["sample_names"][row], "lines": lines,
+                        "answer": answer, "reference": references[row], "tokens": tokens})  # fmt: skip
+        return out
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    def log_rows(self, trainer) -> None:
+        grid = sample_grid([(row["image"], [str(row["name"]), *row["lines"]]) for row in self.rows], self.columns)
+        table = "| sample | " + " | ".join(f"line {i + 1}" for i in range(len(self.rows[0]["lines"]))) + " |\n"
+        table += "|---" * (1 + len(self.rows[0]["lines"])) + "|\n"
+        for row in self.rows:
+            table += f"| {row['name']} | " + " | ".join(line.replace("|", "/") for line in row["lines"]) + " |\n"
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/samples", grid, trainer.global_step, dataformats="HWC")
+                logger.experiment.add_text("val/samples_text", table, trainer.global_step)
