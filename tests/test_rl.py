@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.losses import group_advantages, policy_loss
 
 
@@ -206,6 +207,64 @@ def test_an_rl_run_killed_and_resumed_samples_and_trains_what_the_whole_run_does
     assert {"rl/reward", "rl/reward_std", "rl/answer_length", "rl/clip_fraction", "rl/no_signal", "rl/kl"} <= tags
     assert len(events.Scalars("rl/reward")) == 3, "the reward curve: one point a step"
     assert all(e.value > 0 for e in events.Scalars("rl/reward_std")), "every step had a signal to train on"
+
+
+def test_the_process_critic_is_an_optional_reward_model(tmp_path):
+    """With ``critic_reward_weight`` w an answer's reward is its rules' plus w × the critic's mean step P(+), each
+    answer's critic score equal to scoring it alone on its prompt's image and question."""
+    import lightning as L
+
+    from lit_internvl.checkpoints import read_state_dict
+    from lit_internvl.data.critic import split_steps
+    from lit_internvl.data.shapes.steps import ShapesStepsDataModule
+    from lit_internvl.inference.critic import aggregate, score_solutions
+    from lit_internvl.stages import RLStage
+
+    def data():
+        return ShapesStepsDataModule(task="prompts", batch_size=2, train_size=2, val_size=2)
+
+    torch.manual_seed(3)
+    critic = RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes")).use_data(
+        data()
+    )
+    critic.configure_model()
+    path = tmp_path / "critic.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in critic.model.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match="model.init_args.critic "):
+        RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"),
+                critic_reward_weight=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    stage = RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"), group_size=3,
+                    max_new_tokens=6, rollout_temperature=1.5, rewards=[AnswerLength()], critic=str(path),
+                    critic_reward_weight=0.5)  # fmt: skip
+    seen = {}
+    scored = stage.critic_rewards
+
+    def spy(batch, texts):
+        seen.update(batch=batch, texts=list(texts), scores=scored(batch, texts))
+        return seen["scores"]
+
+    stage.critic_rewards = spy
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = data()
+    trainer.fit(stage, module)
+    model = critic.model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), read_state_dict(str(path)).values()))
+    batch, texts = seen["batch"], seen["texts"]
+    assert len(texts) == 2 * 3
+    alone = []
+    for r, text in enumerate(texts):
+        b = r // 3
+        pixels = batch["pixel_values"][b : b + 1]  # one tile a shapes prompt
+        steps = split_steps(text)
+        row = score_solutions(model, module.tokenizer, module.sample_options, batch["meta"][b]["question"], [steps],
+                              pixels)[0]  # fmt: skip
+        alone.append(aggregate(row if steps else []))
+    assert seen["scores"].tolist() == pytest.approx(alone, abs=1e-5)
+    expected = sum(len(t) + 0.5 * c for t, c in zip(texts, alone)) / len(texts)
+    assert trainer.callback_metrics["rl/reward"].item() == pytest.approx(expected, rel=1e-5)
+    assert trainer.callback_metrics["rl/critic_reward"].item() == pytest.approx(sum(alone) / len(alone), rel=1e-5)
 
 
 def test_the_real_size_rl_recipe_parses_and_builds_on_meta():

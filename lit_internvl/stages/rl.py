@@ -11,9 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from lit_internvl.data.critic import split_steps
 from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from lit_internvl.data.v2pe import next_position
 from lit_internvl.distributed import unsharded, world
+from lit_internvl.inference.critic import aggregate, score_solutions
 from lit_internvl.inference.generate import generate
 from lit_internvl.inference.rollout import BuiltinSampler, RolloutEngine
 from lit_internvl.losses import IGNORE_INDEX, PolicyLoss, group_advantages, policy_loss, supervised_positions
@@ -58,6 +60,10 @@ class RLStage(VisionLanguageStage):
         rollout_temperature, rollout_top_p: sampling of the rollouts (``max_new_tokens`` bounds an answer).
         gradient_clip: the gradient-norm clip of each optimiser step (manual optimisation: not the Trainer's).
         rollout_engine: how answers are sampled (default :class:`~lit_internvl.inference.rollout.BuiltinSampler`).
+        critic_reward_weight: w > 0 adds w × the process critic's score of each answer to its reward (the critic
+            of the test-time scaling path as a reward model: ``critic``, a ``.ckpt`` of this architecture or
+            ``hf:/folder``, sharing the stage's tokenizer; the answer split on blank lines, its steps' P(``+``)
+            aggregated by ``critic_aggregate``, the prompt's ``meta["question"]`` and image read by the critic).
         seed: the rollout seeds' base.
     """
 
@@ -83,6 +89,7 @@ class RLStage(VisionLanguageStage):
         rollout_top_p: float = 1.0,
         gradient_clip: float | None = 1.0,
         rollout_engine: RolloutEngine | None = None,
+        critic_reward_weight: float = 0.0,
         seed: int = 0,
         learning_rate: float = 1e-5,
         **options,
@@ -99,6 +106,11 @@ class RLStage(VisionLanguageStage):
         if min(group_size, ppo_epochs, mini_batches, micro_batches) < 1:
             raise ValueError(
                 "model.init_args.group_size, ppo_epochs, mini_batches and micro_batches must be at least 1"
+            )
+        if critic_reward_weight and not options.get("critic"):
+            raise ValueError(
+                f"model.init_args.critic_reward_weight is {critic_reward_weight}: set model.init_args.critic to the "
+                "critic's .ckpt or hf:/folder"
             )
         self.engine = rollout_engine or BuiltinSampler()
         self._reference: list[nn.Module] = []  # kept out of the module tree, as MPOStage's
@@ -125,6 +137,26 @@ class RLStage(VisionLanguageStage):
             [sum(w * f(t, ref, meta) for w, f in zip(self.reward_weights, self.rewards))
              for t, ref, meta in zip(texts, references, metas)], dtype=torch.float32,
         )  # fmt: skip
+
+    def critic_rewards(self, batch: dict, texts: Sequence[str]) -> torch.Tensor:
+        """``(B·G,)`` the critic's score of each answer (``critic_aggregate`` of its steps' P(``+``); an answer with
+        no step scores 0), the G answers of prompt b scored in one critic batch on its tiles and
+        ``meta["question"]``."""
+        g, names = self.hparams.group_size, batch["sample_names"]
+        tiles = batch["tiles_per_sample"]
+        starts = [sum(tiles[:i]) for i in range(len(tiles) + 1)]
+        metas = batch.get("meta") or [None] * len(names)
+        scores = []
+        for b, name in enumerate(names):
+            question = (metas[b] or {}).get("question")
+            if question is None:
+                raise ValueError(f"{name}: model.init_args.critic_reward_weight needs the prompt's meta['question']")
+            pixels = None if batch["pixel_values"] is None else batch["pixel_values"][starts[b] : starts[b + 1]]
+            steps = [split_steps(text) for text in texts[b * g : (b + 1) * g]]
+            rows = score_solutions(self.critic_model(), self.data.tokenizer, self.data.sample_options, question, steps,
+                                   pixels)  # fmt: skip
+            scores += [aggregate(row if own else [], self.hparams.critic_aggregate) for row, own in zip(rows, steps)]
+        return torch.tensor(scores, dtype=torch.float32)
 
     def answer_log_probs(self, model: nn.Module, batch: dict, answers: torch.Tensor, answer_mask: torch.Tensor,
                          prompts: Sequence[int]) -> torch.Tensor:  # fmt: skip
@@ -187,7 +219,11 @@ class RLStage(VisionLanguageStage):
         ]
         references = [r for r in (batch.get("reference") or [None] * prompts) for _ in range(g)]
         metas = [m for m in (batch.get("meta") or [None] * prompts) for _ in range(g)]
-        rewards = self.score(texts, references, metas).to(self.device).view(prompts, g)
+        rewards = self.score(texts, references, metas)
+        if h.critic_reward_weight:
+            critic = self.critic_rewards(batch, texts)
+            rewards = rewards + h.critic_reward_weight * critic
+        rewards = rewards.to(self.device).view(prompts, g)
         advantages = group_advantages(rewards).flatten()
         length = max(max(len(row) for row in tokens), 1)
         answers = torch.full((prompts * g, length), tokenizer.pad_id, dtype=torch.long, device=self.device)
@@ -231,6 +267,8 @@ class RLStage(VisionLanguageStage):
             "answer_length": answer_mask.sum(dim=1).float().mean(), "no_signal": no_signal, "loss": loss.detach(),
             **stats,
         }  # fmt: skip
+        if h.critic_reward_weight:
+            logged["critic_reward"] = critic.mean()
         for name, value in logged.items():
             self.log(f"rl/{name}", value, prog_bar=name == "reward", batch_size=prompts)
 
