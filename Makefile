@@ -22,8 +22,8 @@ fit: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 
 # The embedded default's stages, each starting from the last one's checkpoint, a table after each:
-#   stage 1 → stage 2 → SFT → MPO;  InternVL3's NMP → SFT;  the step-by-step policy → its critic → online RL.
-# (RL starts from the step-by-step policy: the one-word SFT/MPO model is right on ≥ 0.99 of its questions.)
+#   stage 1 → stage 2 → SFT → MPO → online RL;  InternVL3's NMP → SFT;
+#   the step-by-step policy → its critic's data → the critic (from the SFT chat model) → Best-of-N.
 pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 	$(BIN)/python -m lit_internvl report runs/stage1
@@ -33,14 +33,17 @@ pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft
 	$(BIN)/python -m lit_internvl fit --config recipes/mpo.yaml
 	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft runs/mpo
+	$(BIN)/python -m lit_internvl fit --config recipes/rl.yaml
+	$(BIN)/python -m lit_internvl report runs/stage1 runs/stage2 runs/sft runs/mpo runs/rl
 	$(BIN)/python -m lit_internvl fit --config recipes/nmp.yaml
 	$(BIN)/python -m lit_internvl fit --config recipes/sft.yaml --model.init_args.init_from runs/nmp/checkpoints/last.ckpt \
 		--trainer.default_root_dir runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl report runs/nmp runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl fit --config recipes/sft_steps.yaml
+	$(BIN)/python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt
 	$(BIN)/python -m lit_internvl fit --config recipes/critic.yaml
-	$(BIN)/python -m lit_internvl fit --config recipes/rl.yaml
-	$(BIN)/python -m lit_internvl report runs/sft_steps runs/critic runs/rl
+	$(BIN)/python -m lit_internvl report runs/sft_steps runs/critic
+	$(BIN)/python benchmarks/best_of_n.py --policy runs/sft_steps/checkpoints/last.ckpt --critic runs/critic/checkpoints/last.ckpt
 
 # Lint and format findings fail the run before any test does (`make format` applies the fixes).
 test: $(STAMP)
