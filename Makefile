@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # CPU machines pin the CPU torch wheel; on a GPU machine run `make install CONSTRAINTS=/dev/null`.
 CONSTRAINTS ?= constraints.txt
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+# Extra arguments for `make fit` (e.g. FIT_ARGS="--trainer.max_steps 10"); tests/test_readme.py passes tiny ones.
+FIT_ARGS ?=
 
 .PHONY: install fit pipeline test test-slow format clean
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 fit: $(STAMP)
-	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
+	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml $(FIT_ARGS)
 
 # The embedded default's stages, each starting from the last one's checkpoint, a table after each:
 #   stage 1 → stage 2 → SFT → MPO → online RL;  InternVL3's NMP → SFT;

@@ -23,6 +23,7 @@ class MetricsReport(L.Callback):
 
     @staticmethod
     def _report(trainer: L.Trainer, pl_module: L.LightningModule, split: str, filename: str, title: str) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir  # every rank: under DDP/FSDP log_dir is a broadcast
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{split}/")}
@@ -34,7 +35,6 @@ class MetricsReport(L.Callback):
             "epoch": trainer.current_epoch,
             "metrics": {name: {"value": value, "chance": chance.get(name)} for name, value in metrics.items()},
         }
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, filename)
         with open(path, "w") as f:
