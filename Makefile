@@ -25,7 +25,7 @@ fit: $(STAMP)
 
 # The embedded default's stages, each starting from the last one's checkpoint, a table after each:
 #   stage 1 → stage 2 → SFT → MPO → online RL;  InternVL3's NMP → SFT;
-#   the step-by-step policy → its critic's data → the critic (from the SFT chat model) → Best-of-N.
+#   the step-by-step policy → its critic's data → the critic (from that policy) → Best-of-N.
 pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 	$(BIN)/python -m lit_internvl report runs/stage1

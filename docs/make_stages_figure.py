@@ -31,7 +31,7 @@ LAYOUT = {
     "nmp": (1, 1, "NMP (InternVL3)\ninterleaved + text"),
     "sft_steps": (2, 2, "SFT step by step\n(the policy)"),
     "critic": (3, 2, "critic (VisualPRM)\n+ Best-of-N"),
-    "rl": (3, 3, "online RL\nGSPO / GRPO"),
+    "rl": (4, 0, "online RL\nGSPO / GRPO"),
 }
 COLOURS = {0: "#dbe9f6", 1: "#e4f2dc", 2: "#fbe8d3", 3: "#f4dcdc"}
 
@@ -49,7 +49,7 @@ def chains(recipes: Path) -> list[tuple[str, str]]:
 
 def draw(output: Path) -> list[tuple[str, str]]:
     edges = chains(REPO / "recipes")
-    figure, axes = plt.subplots(figsize=(11, 5.2), dpi=110)
+    figure, axes = plt.subplots(figsize=(13.5, 5.2), dpi=110)
     width, height = 2.2, 0.8
 
     def centre(name: str) -> tuple[float, float]:
@@ -93,7 +93,7 @@ def draw(output: Path) -> list[tuple[str, str]]:
         "recipes/internvl3_*/ do.",
         fontsize=8, ha="left", va="center",
     )  # fmt: skip
-    axes.set_xlim(-1.3, 3 * 2.9 + 1.3)
+    axes.set_xlim(-1.3, 4 * 2.9 + 1.3)
     axes.set_ylim(-4.9, 0.7)
     axes.set_axis_off()
     axes.set_title("The embedded default's stages and how the recipes chain", fontsize=11)
