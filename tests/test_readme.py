@@ -312,7 +312,9 @@ def run_make_fit(sandbox: Sandbox, command: str) -> None:
 def check_make_dry_run(sandbox: Sandbox, command: str) -> None:
     """``make -n TARGET``: every line it would run is itself a README command with a runner (``$(BIN)/`` dropped)."""
     target = command.split()[1]
-    printed = sandbox.shell(f"make -n -f {REPO}/Makefile {target} STAMP= BIN=.venv/bin").stdout.replace("\\\n", " ")
+    printed = sandbox.shell(
+        f"make -n --no-print-directory -f {REPO}/Makefile {target} STAMP= BIN=.venv/bin"
+    ).stdout.replace("\\\n", " ")
     lines = [line.replace(".venv/bin/", "") for line in printed.splitlines() if line.strip()]
     assert lines, f"make -n {target} printed nothing"
     for line in lines:
