@@ -19,15 +19,9 @@ from lit_internvl.data.collate import Collator
 from lit_internvl.inference.generate import generate
 from lit_internvl.stages import ContrastiveStage, SFTStage
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sft(**options) -> SFTStage:

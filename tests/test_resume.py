@@ -46,6 +46,8 @@ ENDS = {
     "max_epochs": {"max_epochs": 2},
     "both": {"max_epochs": 2, "max_steps": STEPS},
 }
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,15 +68,6 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(outputs["loss"].item())
         self.names.append(batch["sample_names"])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine can make a tiny step 30× slower; one is plenty here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _stage(cls: type[SFTStage] = SFTStage) -> SFTStage:

@@ -66,14 +66,6 @@ def test_packed_documents_count_their_own_attention():
     assert count_samples(batch) == 3 and count_tokens(batch) == 38
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_throughput_callback_logs_tokens_samples_mfu_and_peak_memory(tmp_path, one_thread):
     torch.manual_seed(0)
     stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"),
