@@ -43,9 +43,21 @@ def step_probabilities(logits: torch.Tensor, labels: torch.Tensor, plus_id: int,
     return [row.tolist() for row in plus.split(counts)]
 
 
+def as_scored(batch: dict, plus_id: int) -> dict:
+    """A collated critic batch with every answer written ``+``, as scoring writes them: the critic reads the steps,
+    not the record's labels. With the labels in the context, the answer after a ``-`` is always ``-`` (a step is
+    correct only when all before it are), which a critic can copy instead of judging the step; its accuracy read
+    that way says nothing of what Best-of-N sees."""
+    input_ids = batch["input_ids"].clone()
+    input_ids[batch["labels"] != IGNORE_INDEX] = plus_id  # the labelled tokens are the answers themselves
+    return {**batch, "input_ids": input_ids}
+
+
 @torch.no_grad()
 def score_steps(critic, batch: dict, plus_id: int, minus_id: int) -> list[list[float]]:
-    """P(``+``) at every step of every row of a collated critic batch, in one forward pass of ``critic``."""
+    """P(``+``) at every step of every row of a collated critic batch, in one forward pass of ``critic``, the
+    answers read as ``+`` whatever the batch's labels (:func:`as_scored`)."""
+    batch = as_scored(batch, plus_id)
     logits = critic(
         batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
         positions=batch["positions"], tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric, SumMetric
 
 from lit_internvl.data.critic import GOOD, label_ids
-from lit_internvl.inference.critic import Aggregate, aggregate, step_probabilities
+from lit_internvl.inference.critic import Aggregate, aggregate, as_scored, step_probabilities
 from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets
 from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.sft import SFTStage
@@ -24,7 +25,16 @@ class CriticStage(SFTStage):
     is a chat model fine-tuned on its conversations. It starts, as VisualPRM starts from InternVL2.5-8B, from a chat
     model: ``init_from`` an SFT run's ``.ckpt`` or ``hf:/folder``.
 
-    Validation logs ``val/loss``; ``val/step_accuracy``, whether P(``+``) > 0.5 agrees with each step's label, beside
+    The answers before a step are, by default, read as ``+`` in training as in scoring (``context: plus``,
+    :func:`~lit_internvl.inference.critic.as_scored`): the critic must judge each step from the question, the image
+    and the steps. VisualPRM trains on its conversations as written, the labels in the context (``context:
+    labels``); there a step after a ``-`` is always ``-``, and a small critic learns to copy that instead of
+    reading the steps (on the embedded default: validation accuracy above chance with the labels in view, every
+    solution of a question scored alike with ``+`` in their place, which is what Best-of-N sees). A deliberate
+    difference, selectable.
+
+    Validation logs ``val/loss`` (in the training's context); ``val/step_accuracy``, whether P(``+``) > 0.5 agrees
+    with each step's label (the answers read as ``+``, as scoring reads them), beside
     its chance level, the share of the more common label (answering it always); and ``val/ranking_accuracy``: over
     every question with a fully correct and a flawed solution in the validation data (samples sharing
     ``meta["group"]``), the share of (correct, flawed) pairs whose scores (``aggregate`` of the steps) put the
@@ -32,6 +42,7 @@ class CriticStage(SFTStage):
 
     Args (beyond :class:`~lit_internvl.stages.vision_language.VisionLanguageStage`'s, which ``options`` passes on):
         aggregate: how a solution's score is made of its steps' P(``+``): ``mean`` (VisualPRM), ``min``, ``last``.
+        context: the answers the critic reads before each step in training: ``plus`` (as scored) or ``labels``.
     """
 
     def __init__(
@@ -40,13 +51,21 @@ class CriticStage(SFTStage):
         connector: Callable[[int, int], nn.Module],
         decoder: ModuleFactory,
         aggregate: Aggregate = "mean",
+        context: Literal["plus", "labels"] = "plus",
         **options,
     ) -> None:
+        if context not in ("plus", "labels"):
+            raise ValueError(f"context must be 'plus' or 'labels', got {context!r}")
         super().__init__(vision, connector, decoder, **options)
         self.step_accuracy = MeanMetric()
         self.good_steps, self.steps = SumMetric(), SumMetric()
         self.ranking_accuracy = MeanMetric()
         self._solutions: dict[str, list[tuple[bool, float]]] = defaultdict(list)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if batch["input_ids"] is not None and self.hparams.context == "plus":
+            batch = as_scored(batch, label_ids(self.data.tokenizer)[0])
+        return super().training_step(batch, batch_idx)
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -56,10 +75,11 @@ class CriticStage(SFTStage):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch["input_ids"] is None:
             return
-        logits = self.forward_batch(batch)
-        loss = language_model_loss(logits, batch["labels"], batch["document_ids"], "token")
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["sample_names"]))
         plus_id, minus_id = label_ids(self.data.tokenizer)
+        logits = self.forward_batch(as_scored(batch, plus_id))  # what scoring sees
+        trained = logits if self.hparams.context == "plus" else self.forward_batch(batch)
+        loss = language_model_loss(trained, batch["labels"], batch["document_ids"], "token")
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["sample_names"]))
         targets = next_token_targets(batch["labels"], batch["document_ids"])
         good = targets[targets != IGNORE_INDEX] == plus_id  # (N,) the labels, row-major as the logits
         scores = step_probabilities(logits, batch["labels"], plus_id, minus_id)
