@@ -10,13 +10,18 @@ here a sampled step is ``+`` exactly when the solution up to it is the true one 
 (lit_internvl.inference.critic.monte_carlo_labels: a step is ``+`` when one of ``--mc-samples`` continuations of the
 policy from it reaches the right final answer), and prints how often the two labellings agree. Sampling the policy is what makes
 the critic see the mistakes it will have to judge (answers that do not follow their own counts, say), which the
-corrupted solutions alone do not show it. Train and validation come from the world's train and val splits.
+corrupted solutions alone do not show it. ``--scene-questions`` more training questions (8,000 by default; no
+sampling, seconds) each add their correct solution and ``--mistakes`` of the wrong ones a model writes when it takes
+one object for another or miscounts by one (lit_internvl.data.shapes.steps.mistakes), so that a right and a wrong
+solution of the same scene differ only in what the image shows. Train and validation come from the world's train
+and val splits (validation: sampled questions only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,7 +29,7 @@ from tqdm import tqdm
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.critic import split_steps
 from lit_internvl.data.records import Record
-from lit_internvl.data.shapes.steps import corrupted, label_from_scene, reasoning
+from lit_internvl.data.shapes.steps import corrupted, label_from_scene, mistakes, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference.best_of_n import sample_n
 from lit_internvl.inference.critic import monte_carlo_labels
@@ -32,10 +37,12 @@ from lit_internvl.tools.chat import load_from_recipe
 
 
 def write_split(policy, builder, split: str, questions: int, samples: int, temperature: float, folder: Path,
-                labels: str = "scene", mc_samples: int = 8, agreement: list | None = None) -> Path:  # fmt: skip
+                labels: str = "scene", mc_samples: int = 8, agreement: list | None = None,
+                scene_questions: int = 0, scene_mistakes: int = 2) -> Path:  # fmt: skip
     """``folder/{split}.jsonl``: per question the correct, a corrupted and ``samples`` sampled solutions (distinct),
     labelled from the scene or by Monte-Carlo continuations (``labels``; ``agreement`` collects, per step, whether
-    the two labellings agree)."""
+    the two labellings agree); then ``scene_questions`` more questions, each with its correct solution and
+    ``scene_mistakes`` of :func:`~lit_internvl.data.shapes.steps.mistakes` (no sampling, labelled from the scene)."""
     tokenizer, world = builder.tokenizer, ShapesWorld(builder.options.tile_size, 0, split)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}.jsonl"
@@ -71,6 +78,21 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
             for steps, step_labels in zip(distinct, written):
                 line = {"image": image, "question": qa["question"], "steps": steps, "labels": step_labels}
                 f.write(json.dumps(line) + "\n")
+        for q in tqdm(range(questions, questions + scene_questions), desc=f"{split}: scene mistakes",
+                      unit=" questions", disable=None):  # fmt: skip
+            qa = reasoning(world, q)
+            image = f"images/{split}_{q}.png"
+            qa["image"].save(folder / image)
+            wrong = mistakes(world, q, qa)
+            wrong = random.Random(f"{split}/mistakes/{q}").sample(wrong, min(scene_mistakes, len(wrong)))
+            for steps in (qa["steps"], *wrong):
+                line = {
+                    "image": image,
+                    "question": qa["question"],
+                    "steps": steps,
+                    "labels": label_from_scene(qa, steps),
+                }
+                f.write(json.dumps(line) + "\n")
     return path
 
 
@@ -85,13 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--labels", choices=("scene", "monte-carlo"), default="scene")
     parser.add_argument("--mc-samples", type=int, default=8, help="continuations a step prefix (monte-carlo)")
+    parser.add_argument(
+        "--scene-questions",
+        type=int,
+        default=8000,
+        help="more training questions, each with its correct solution and --mistakes wrong ones",
+    )
+    parser.add_argument("--mistakes", type=int, default=2, help="wrong solutions a --scene-questions question")
     args = parser.parse_args(argv)
     policy, builder = load_from_recipe(args.policy_config, args.policy)
     policy.eval()
     for split, count in (("train", args.train_questions), ("val", args.val_questions)):
         agreement: list[bool] = []
         path = write_split(policy, builder, split, count, args.samples, args.temperature, Path(args.output),
-                           args.labels, args.mc_samples, agreement)  # fmt: skip
+                           args.labels, args.mc_samples, agreement,
+                           args.scene_questions if split == "train" else 0, args.mistakes)  # fmt: skip
         print(f"{path}: {sum(1 for _ in open(path))} steps records", flush=True)
         if agreement:
             print(f"{split}: Monte-Carlo and scene labels agree on {sum(agreement) / len(agreement):.3f} of "

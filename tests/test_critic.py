@@ -144,6 +144,30 @@ def test_one_forward_step_scores_equal_growing_prefix_scores():
             assert abs(row[k - 1] - expected) <= 1e-5, (k, row[k - 1], expected)
 
 
+def test_scoring_reads_every_earlier_answer_as_plus_whatever_the_labels():
+    """A steps record's own labels in the context would let a critic copy "-" after "-" (a step is right only when
+    all before it are): scoring, and so validation, writes "+" in their place, and scores a labelled record as it
+    scores the bare solution."""
+    from lit_internvl.inference.critic import as_scored
+
+    tokenizer = ByteTokenizer()
+    model = _tiny_model(tokenizer)
+    options = SampleOptions(tokens_per_tile=model.tokens_per_tile(), tile_size=model.tile_size, system="Judge.")
+    pixels = torch.randn(1, 3, model.tile_size, model.tile_size, generator=torch.Generator().manual_seed(4))
+    counts = [model.tokens_per_tile()]
+    plus, minus = label_ids(tokenizer)
+    ids, labels = tokenize_critic(critic_turns(RECORD["question"], RECORD["steps"], ["+", "-", "-"]), tokenizer,
+                                  "internvl2_5", counts, "Judge.")  # fmt: skip
+    labelled = {**critic_batch(tokenizer, options, RECORD["question"], [RECORD["steps"]], pixels),
+                "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}  # fmt: skip
+    answers = torch.tensor([labels]) != IGNORE_INDEX
+    assert torch.tensor([ids])[answers].tolist() == [plus, minus, minus]
+    assert as_scored(labelled, plus)["input_ids"][answers].tolist() == [plus] * 3
+    assert (as_scored(labelled, plus)["input_ids"][~answers] == torch.tensor([ids])[~answers]).all()
+    bare = critic_batch(tokenizer, options, RECORD["question"], [RECORD["steps"]], pixels)
+    assert score_steps(model, labelled, plus, minus) == score_steps(model, bare, plus, minus)
+
+
 def test_aggregates():
     assert aggregate([0.2, 0.8, 0.5]) == pytest.approx(0.5)
     assert aggregate([0.2, 0.8, 0.5], "min") == 0.2 and aggregate([0.2, 0.8, 0.5], "last") == 0.5
@@ -280,6 +304,38 @@ def test_multi_step_solutions_and_their_labels_follow_the_scene():
     assert 0 < right_after_corruption < 60, "some corrupted solutions still reach the right answer, not all"
 
 
+def test_mistakes_are_wrong_solutions_built_from_the_scene():
+    """Each of :func:`mistakes` is wrong somewhere and, from its first wrong step on, states what it began with; the
+    locate ones take another object of the scene for the named shape (its colour, its region or both)."""
+    from lit_internvl.data.shapes.steps import label_from_scene, mistakes, reasoning
+    from lit_internvl.data.shapes.world import ShapesWorld
+
+    world = ShapesWorld(84, 0, "train")
+    confusions = 0
+    for index in range(40):
+        qa = reasoning(world, index)
+        wrong = mistakes(world, index, qa)
+        assert len({tuple(m) for m in wrong}) == len(wrong) and qa["steps"] not in wrong
+        for steps in wrong:
+            labels = label_from_scene(qa, steps)
+            assert "-" in labels and labels == sorted(labels), (steps, labels)  # "+" then "-" ("+" < "-")
+            if qa["type"] == "compare":
+                n = [int(step.split()[0]) for step in steps[:2]]
+                if n[0] != n[1]:  # a tie may be answered by either colour
+                    a, b = qa["question"].split()[3], qa["question"].split()[5]
+                    assert steps[2] == f"Answer: {a if n[0] > n[1] else b}" or n == qa["facts"]["counts"]
+            else:
+                colour, region = steps[0].split()[-1], steps[1].split(" at the ")[1]
+                assert steps == _locate(qa["facts"]["shape"], colour, region)
+                others = [(o.colour, o.region(84)) for o in qa["objects"] if o.shape != qa["facts"]["shape"]]
+                confusions += (colour, region) in others
+    assert confusions > 0
+
+
+def _locate(shape: str, colour: str, region: str) -> list[str]:
+    return [f"the {shape} is {colour}", f"the {colour} {shape} is at the {region}", f"Answer: {region}"]
+
+
 # -- the stage and the commands ----------------------------------------------------------------------------------
 
 TINY = {"trainer": {"max_epochs": 1, "max_steps": -1, "val_check_interval": 1.0, "enable_progress_bar": False, "logger": False,
@@ -301,6 +357,37 @@ def _recipe(tmp_path: Path, name: str, data: dict = TINY_SHAPES, **model) -> Pat
     return path
 
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+@pytest.mark.parametrize("context", ["plus", "labels"])
+def test_the_critic_trains_on_plus_answers_by_default_and_validates_as_it_scores(context, monkeypatch):
+    from lit_internvl.data.shapes.steps import ShapesStepsDataModule
+    from lit_internvl.stages import CriticStage
+
+    data = ShapesStepsDataModule(task="steps", train_size=4, val_size=4, batch_size=4)
+    data.setup("fit")
+    stage = CriticStage(InternViT("tiny"), PixelShuffleMLP(128, 128), Decoder("tiny-shapes"), context=context)
+    stage.use_data(data)
+    stage.configure_model()
+    seen = []
+    forward = stage.forward_batch
+    monkeypatch.setattr(
+        stage, "forward_batch", lambda batch, **kw: seen.append(batch["input_ids"]) or forward(batch, **kw)
+    )
+    batch = next(iter(data.train_dataloader()))
+    plus, minus = label_ids(data.tokenizer)
+    answers = batch["labels"] != IGNORE_INDEX
+    assert (batch["input_ids"][answers] == minus).any()  # corrupted solutions: some "-" in the record
+    stage.training_step(batch, 0)
+    trained = seen[-1][answers]
+    assert (trained == plus).all() if context == "plus" else (trained == batch["input_ids"][answers]).all()
+    seen.clear()
+    stage.validation_step(batch, 0)
+    assert (seen[0][answers] == plus).all()  # the accuracies: as scoring reads the answers
+    assert len(seen) == (1 if context == "plus" else 2)  # val/loss: the training's own context
+    with pytest.raises(ValueError, match="context"):
+        CriticStage(InternViT("tiny"), PixelShuffleMLP(128, 128), Decoder("tiny-shapes"), context="scores")
+
+
 def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_best_of_n(tmp_path, capsys):
     """The README's critic section, with tiny overrides: fit the policy, fit the critic from it, predict with
     Best-of-N (every candidate and its step scores in predictions.jsonl), chat with --best-of, the benchmark."""
@@ -312,9 +399,9 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     import benchmarks.critic_data as critic_data
 
     critic_data.main(["--policy", str(policy_ckpt), "--policy-config", str(policy), "--output", str(tmp_path / "data"),
-                      "--train-questions", "3", "--val-questions", "2", "--samples", "2"])  # fmt: skip
+                      "--train-questions", "3", "--val-questions", "2", "--samples", "2", "--scene-questions", "2"])  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
-    assert {len(r["steps"]) == len(r["labels"]) for r in records} == {True} and len(records) >= 6
+    assert {len(r["steps"]) == len(r["labels"]) for r in records} == {True} and len(records) >= 6 + 2 * 3
     data = {"train": str(tmp_path / "data" / "train.jsonl"), "val": str(tmp_path / "data" / "val.jsonl"),
             "batch_size": 4, "num_workers": 0}  # fmt: skip
     critic = _recipe(tmp_path, "critic.yaml", data, init_from=str(policy_ckpt))

@@ -178,7 +178,7 @@ class Sandbox:
             if not (self.root / "runs/critic_data/train.jsonl").exists():
                 self.ensure("sft_steps")
                 self.script(["benchmarks/critic_data.py", "--policy", "runs/sft_steps/checkpoints/last.ckpt",
-                             "--train-questions", "2", "--val-questions", "2", "--samples", "1"])  # fmt: skip
+                             "--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"])  # fmt: skip
             return
         if name in ("sft_from_nmp",) or (self.root / "runs" / name / "checkpoints" / "last.ckpt").exists():
             return
@@ -297,7 +297,7 @@ def run_benchmark_script(sandbox: Sandbox, command: str) -> None:
     for arg in argv:
         for name in re.findall(r"^runs/([^/]+)/", arg):
             sandbox.ensure(name)
-    small = {"critic_data.py": ["--train-questions", "2", "--val-questions", "2", "--samples", "1"],
+    small = {"critic_data.py": ["--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"],
              "best_of_n.py": ["--questions", "2", "--n", "2", "--step-samples", "4", "--max-new-tokens", "8"]}  # fmt: skip
     argv += small[Path(argv[0]).name]
     sandbox.script(argv)

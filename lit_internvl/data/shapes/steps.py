@@ -104,6 +104,39 @@ def corrupted(world: ShapesWorld, index: int, sample: dict) -> tuple[list[str], 
     return steps, [GOOD] * wrong + [BAD] * (len(steps) - wrong)
 
 
+def mistakes(world: ShapesWorld, index: int, sample: dict) -> list[list[str]]:
+    """Every wrong solution of ``sample`` (:func:`reasoning`) of the kinds a policy makes, each consistent after its
+    first wrong step (labels: :func:`label_from_scene`). ``compare``: every other pair of counts 1–3 (a tie
+    answered by either colour), and the true counts with the wrong answer. ``locate``: the target given another
+    scene object's colour, or its region, or both (the two objects confused); a colour and a region of no
+    object in the scene. :func:`corrupted`'s wrong values are drawn at random; these are the ones a model that
+    confuses objects or miscounts by one writes."""
+    facts = sample["facts"]
+    if sample["type"] == "compare":
+        colours, true = facts["colours"], tuple(facts["counts"])
+        wrong = []
+        for counts in ((a, b) for a in (1, 2, 3) for b in (1, 2, 3) if (a, b) != true):
+            if counts[0] == counts[1]:
+                wrong += [
+                    [_count(counts[0], colours[0]), _count(counts[1], colours[1]), f"Answer: {c}"] for c in colours
+                ]
+            else:
+                wrong.append(_compare_steps(colours, list(counts)))
+        loser = colours[1] if true[0] > true[1] else colours[0]
+        return [*wrong, [*_compare_steps(colours, list(true))[:2], f"Answer: {loser}"]]
+    shape, colour, region = facts["shape"], facts["colour"], facts["region"]
+    others = [o for o in sample["objects"] if o.shape != shape]
+    regions = [o.region(world.image_size) for o in others]
+    absent = world.rng(index, "mistakes")
+    colour_elsewhere = str(absent.choice([c for c in COLOURS if c not in {o.colour for o in sample["objects"]}]))
+    empty = [r for r in REGIONS if r not in {region, *regions}]
+    wrong = [_locate_steps(shape, colour_elsewhere, region), _locate_steps(shape, colour, str(absent.choice(empty)))]
+    for other, where in zip(others, regions):
+        wrong += [_locate_steps(shape, other.colour, region), _locate_steps(shape, colour, where),
+                  _locate_steps(shape, other.colour, where)]  # fmt: skip
+    return wrong
+
+
 def label_from_scene(sample: dict, steps: list[str]) -> list[str]:
     """Labels of any solution of ``sample`` (:func:`reasoning`), a policy's included: a question has one true
     solution, so step k is ``+`` when the first k + 1 steps are the true solution's (a step past its end is ``-``)."""
