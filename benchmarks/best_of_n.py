@@ -24,7 +24,7 @@ from lit_internvl.data.collate import Collator
 from lit_internvl.data.critic import label_ids, split_steps
 from lit_internvl.data.records import Record
 from lit_internvl.data.samples import SampleBuilder
-from lit_internvl.data.shapes.steps import ShapesSteps, reasoning
+from lit_internvl.data.shapes.steps import ShapesSteps, label_from_scene, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     critic_train_builder = SampleBuilder(critic_builder.tokenizer, critic_builder.options)  # records, not prompts
     tokenizer, tile = builder.tokenizer, builder.options.tile_size
     world = ShapesWorld(tile, 0, "test")
-    right = Counter()
+    right = Counter()  # method → questions right; (method, type) → the same per question type
     seconds = Counter()
     kinds = Counter()
+    policy_steps = Counter()  # the critic on the policy's samples: steps, steps judged right, steps labelled +
     for q in range(args.questions):
         qa = reasoning(world, q)
         kinds[qa["type"]] += 1
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         greedy = generate(policy, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
                           prompt["tiles_per_sample"], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)[0]  # fmt: skip
         seconds["greedy"] += time.perf_counter() - start
-        right["greedy"] += final_answer(text(greedy)) == qa["answer"]
+        ok = {"greedy": final_answer(text(greedy)) == qa["answer"]}
 
         start = time.perf_counter()
         seeds = [args.seed + q * args.n + r for r in range(args.n)]
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         sampled = time.perf_counter() - start
         texts = [text(tokens) for tokens in samples]
         finals = [final_answer(t) for t in texts]
-        right["majority"] += finals[majority_vote(texts)] == qa["answer"]
-        right["oracle"] += qa["answer"] in finals
+        ok["majority"] = finals[majority_vote(texts)] == qa["answer"]
+        ok["oracle"] = qa["answer"] in finals
 
         start = time.perf_counter()
         critic_pixels = critic_builder(record)["pixel_values"]
@@ -105,8 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
         for how in AGGREGATES:
             totals = [aggregate(row if split_steps(t) else [], how) for t, row in zip(texts, scores)]
             best = max(range(args.n), key=lambda r: (totals[r], -r))
-            right[f"best_of/{how}"] += finals[best] == qa["answer"]
+            ok[f"best_of/{how}"] = finals[best] == qa["answer"]
             seconds[f"best_of/{how}"] += sampled + scored
+        for key, value in ok.items():
+            right[key] += value
+            right[key, qa["type"]] += value
+        for t, row in zip(texts, scores):
+            for label, p in zip(label_from_scene(qa, split_steps(t)), row if split_steps(t) else []):
+                policy_steps["steps"] += 1
+                policy_steps["right"] += (p > 0.5) == (label == "+")
+                policy_steps["good"] += label == "+"
         seconds["majority"] += sampled
         seconds["oracle"] += sampled
 
@@ -119,14 +128,21 @@ def main(argv: list[str] | None = None) -> dict:
             "oracle": f"oracle @{args.n}"}  # fmt: skip
     print(f"{n} held-out questions ({dict(kinds)}), {args.n} samples each at temperature {args.temperature}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print("| method | accuracy | wall time (s) |\n|---|---|---|")
+    types = sorted(kinds)
+    print(f"| method | accuracy | {' | '.join(types)} | wall time (s) |\n|---|---|{'---|' * len(types)}---|")
     for key, name in rows.items():
-        print(f"| {name} | {right[key] / n:.3f} | {seconds[key]:.1f} |")
-    print(f"| critic step accuracy ({args.step_samples} held-out step records) | {accuracy:.3f} (chance {chance:.3f}) "
-          f"| {step_seconds:.1f} |")  # fmt: skip
+        per_type = " | ".join(f"{right[key, kind] / kinds[kind]:.3f}" for kind in types)
+        print(f"| {name} | {right[key] / n:.3f} | {per_type} | {seconds[key]:.1f} |")
+    blank = " |" * len(types)
+    print(f"| critic step accuracy ({args.step_samples} held-out correct and corrupted solutions) | {accuracy:.3f} "
+          f"(chance {chance:.3f}) |{blank} {step_seconds:.1f} |")  # fmt: skip
+    share = policy_steps["good"] / max(policy_steps["steps"], 1)
+    on_samples = policy_steps["right"] / max(policy_steps["steps"], 1)
+    print(f"| critic step accuracy ({policy_steps['steps']} steps of the policy's samples above, scene labels) | "
+          f"{on_samples:.3f} (chance {max(share, 1 - share):.3f}) |{blank} (in Best-of) |")  # fmt: skip
     print(f"greedy wrong on {1 - right['greedy'] / n:.1%} of the questions")
     return {"accuracy": {k: right[k] / n for k in rows}, "seconds": dict(seconds), "step_accuracy": accuracy,
-            "step_chance": chance}  # fmt: skip
+            "step_chance": chance, "policy_step_accuracy": on_samples, "policy_step_chance": max(share, 1 - share)}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -418,7 +418,7 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     # critic) over the command line's.
     main(["predict", "--config", str(policy), "--model.init_args.init_from", str(policy_ckpt),
           "--model.init_args.best_of", "3", "--model.init_args.critic", str(critic_ckpt),
-          "--model.init_args.temperature", "1.0"])  # fmt: skip
+          "--model.init_args.critic_config", str(critic), "--model.init_args.temperature", "1.0"])  # fmt: skip
     lines = [json.loads(line) for line in (tmp_path / "sft_steps" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4
     for line in lines:

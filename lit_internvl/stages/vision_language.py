@@ -74,6 +74,8 @@ class VisionLanguageStage(Stage):
             stage's architecture, e.g. a :class:`~lit_internvl.stages.CriticStage` run's, or ``hf:/folder``) and
             returns the best by ``critic_aggregate`` of its steps' P(+), with every candidate and the majority
             vote (:mod:`lit_internvl.inference.best_of_n`); prompts need ``meta["question"]`` (what the critic reads).
+            ``critic_config``: the recipe a ``.ckpt`` critic was trained with, when its architecture is not this
+            stage's (a deeper decoder, say; the tokenizer and tiling must be this stage's).
         stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
 
@@ -105,6 +107,7 @@ class VisionLanguageStage(Stage):
         top_p: float = 1.0,
         best_of: int = 1,
         critic: str | None = None,
+        critic_config: str | None = None,
         critic_aggregate: Aggregate = "mean",
         **stage_options,
     ) -> None:
@@ -288,11 +291,23 @@ class VisionLanguageStage(Stage):
         return out
 
     def critic_model(self) -> nn.Module:
-        """The ``critic`` of Best-of-N, loaded once: an ``hf:`` folder, or a checkpoint of this stage's architecture."""
+        """The ``critic`` of Best-of-N, loaded once: an ``hf:`` folder, a checkpoint of ``critic_config``'s
+        architecture, or one of this stage's."""
         if not self._critic:
             from lit_internvl.checkpoints import read_state_dict
 
-            if self.hparams.critic.startswith("hf:"):
+            if self.hparams.critic_config and not self.hparams.critic.startswith("hf:"):
+                import random
+
+                import numpy as np
+
+                from lit_internvl.tools.chat import load_from_recipe
+
+                # The recipe's seed_everything would reseed this run's generators: keep them as they were.
+                states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+                critic = load_from_recipe(self.hparams.critic_config, self.hparams.critic)[0]
+                random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+            elif self.hparams.critic.startswith("hf:"):
                 from lit_internvl.hf import load_vlm
 
                 critic = load_vlm(self.hparams.critic.removeprefix("hf:"), image_context_id=self.model.image_context_id)
