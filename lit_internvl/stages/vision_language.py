@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -297,16 +298,9 @@ class VisionLanguageStage(Stage):
             from lit_internvl.checkpoints import read_state_dict
 
             if self.hparams.critic_config and not self.hparams.critic.startswith("hf:"):
-                import random
-
-                import numpy as np
-
-                from lit_internvl.tools.chat import load_from_recipe
-
-                # The recipe's seed_everything would reseed this run's generators: keep them as they were.
-                states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-                critic = load_from_recipe(self.hparams.critic_config, self.hparams.critic)[0]
-                random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+                critic = self.critic_stage(self.hparams.critic_config).build_model()
+                critic.tile_size = self.model.tile_size
+                critic.load_state_dict(read_state_dict(self.hparams.critic))
             elif self.hparams.critic.startswith("hf:"):
                 from lit_internvl.hf import load_vlm
 
@@ -317,6 +311,19 @@ class VisionLanguageStage(Stage):
                 critic.load_state_dict(read_state_dict(self.hparams.critic))
             self._critic = [critic.to(self.device).eval()]
         return self._critic[0]
+
+    def critic_stage(self, recipe: str) -> Stage:
+        """The stage of ``recipe``'s ``model:`` (a YAML recipe), built for this stage's data, its ``init_from`` unread:
+        what builds a critic of another architecture (``critic_config``)."""
+        import yaml
+        from jsonargparse import ArgumentParser
+
+        model = yaml.safe_load(Path(recipe).read_text())["model"]
+        model.setdefault("init_args", {})["init_from"] = None
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--model", type=Stage)
+        stage = parser.instantiate_classes(parser.parse_object({"model": model})).model
+        return stage.use_data(self.data)
 
     def predict_best_of(self, batch: dict) -> list[dict]:
         """Best-of-``best_of`` for each prompt of the batch (:meth:`predict_step` with ``best_of`` > 1)."""
