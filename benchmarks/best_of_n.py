@@ -100,19 +100,20 @@ def main(argv: list[str] | None = None) -> dict:
 
         start = time.perf_counter()
         critic_pixels = critic_builder(record)["pixel_values"]
-        scores = score_solutions(critic, critic_builder.tokenizer, critic_builder.options, qa["question"],
-                                 [split_steps(t) for t in texts], critic_pixels)  # fmt: skip
+        steps = [split_steps(t) for t in texts]
+        scores = score_solutions(critic, critic_builder.tokenizer, critic_builder.options, qa["question"], steps,
+                                 critic_pixels)  # fmt: skip
         scored = time.perf_counter() - start
         for how in AGGREGATES:
-            totals = [aggregate(row if split_steps(t) else [], how) for t, row in zip(texts, scores)]
+            totals = [aggregate(row if solution else [], how) for solution, row in zip(steps, scores)]
             best = max(range(args.n), key=lambda r: (totals[r], -r))
             ok[f"best_of/{how}"] = finals[best] == qa["answer"]
             seconds[f"best_of/{how}"] += sampled + scored
         for key, value in ok.items():
             right[key] += value
             right[key, qa["type"]] += value
-        for t, row in zip(texts, scores):
-            for label, p in zip(label_from_scene(qa, split_steps(t)), row if split_steps(t) else []):
+        for solution, row in zip(steps, scores):
+            for label, p in zip(label_from_scene(qa, solution), row if solution else []):
                 policy_steps["steps"] += 1
                 policy_steps["right"] += (p > 0.5) == (label == "+")
                 policy_steps["good"] += label == "+"

@@ -297,16 +297,13 @@ class VisionLanguageStage(Stage):
         if not self._critic:
             from lit_internvl.checkpoints import read_state_dict
 
-            if self.hparams.critic_config and not self.hparams.critic.startswith("hf:"):
-                critic = self.critic_stage(self.hparams.critic_config).build_model()
-                critic.tile_size = self.model.tile_size
-                critic.load_state_dict(read_state_dict(self.hparams.critic))
-            elif self.hparams.critic.startswith("hf:"):
+            if self.hparams.critic.startswith("hf:"):
                 from lit_internvl.hf import load_vlm
 
                 critic = load_vlm(self.hparams.critic.removeprefix("hf:"), image_context_id=self.model.image_context_id)
             else:
-                critic = self.build_model()
+                config = self.hparams.critic_config
+                critic = (self.critic_stage(config) if config else self).build_model()
                 critic.tile_size = self.model.tile_size
                 critic.load_state_dict(read_state_dict(self.hparams.critic))
             self._critic = [critic.to(self.device).eval()]
