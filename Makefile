@@ -25,7 +25,7 @@ fit: $(STAMP)
 
 # The embedded default's stages, each starting from the last one's checkpoint, a table after each:
 #   stage 1 → stage 2 → SFT → MPO → online RL;  InternVL3's NMP → SFT;
-#   the step-by-step policy → its critic's data → the critic (from that policy) → Best-of-N.
+#   the step-by-step policy → its critic's data; SFT → the critic's start → the critic → Best-of-N with both.
 pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl fit --config recipes/stage1.yaml
 	$(BIN)/python -m lit_internvl report runs/stage1
@@ -43,8 +43,9 @@ pipeline: $(STAMP)
 	$(BIN)/python -m lit_internvl report runs/nmp runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl fit --config recipes/sft_steps.yaml
 	$(BIN)/python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt
+	$(BIN)/python -m lit_internvl fit --config recipes/critic_base.yaml
 	$(BIN)/python -m lit_internvl fit --config recipes/critic.yaml
-	$(BIN)/python -m lit_internvl report runs/sft_steps runs/critic
+	$(BIN)/python -m lit_internvl report runs/sft_steps runs/critic_base runs/critic
 	$(BIN)/python benchmarks/best_of_n.py --policy runs/sft_steps/checkpoints/last.ckpt --critic runs/critic/checkpoints/last.ckpt
 
 # Lint and format findings fail the run before any test does (`make format` applies the fixes).

@@ -15,8 +15,9 @@ vote, Best-of-N and the oracle: their times are the sampling's, Best-of-N's plus
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 
@@ -48,6 +49,17 @@ def step_accuracy(critic, builder, world: ShapesWorld, samples: int, batch_size:
     return right / total, max(good, total - good) / total
 
 
+def paired(a: list[bool], b: list[bool]) -> dict:
+    """Method a against method b on the same questions: the questions only a gets right (``wins``), only b
+    (``losses``), and the exact two-sided sign test's p-value on those discordant questions (McNemar's exact test:
+    under "neither is better" each discordant question is a fair coin)."""
+    wins = sum(x and not y for x, y in zip(a, b))
+    losses = sum(y and not x for x, y in zip(a, b))
+    n, k = wins + losses, min(wins, losses)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"wins": wins, "losses": losses, "p": p}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", required=True, help="the policy's .ckpt")
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, tile = builder.tokenizer, builder.options.tile_size
     world = ShapesWorld(tile, 0, "test")
     right = Counter()  # method → questions right; (method, type) → the same per question type
+    outcomes = defaultdict(list)  # method → right or not, per question (the paired comparisons)
     seconds = Counter()
     kinds = Counter()
     policy_steps = Counter()  # the critic on the policy's samples: steps, steps judged right, steps labelled +
@@ -110,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             ok[f"best_of/{how}"] = finals[best] == qa["answer"]
             seconds[f"best_of/{how}"] += sampled + scored
         for key, value in ok.items():
+            outcomes[key].append(value)
             right[key] += value
             right[key, qa["type"]] += value
         for solution, row in zip(steps, scores):
@@ -142,8 +156,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| critic step accuracy ({policy_steps['steps']} steps of the policy's samples above, scene labels) | "
           f"{on_samples:.3f} (chance {max(share, 1 - share):.3f}) |{blank} (in Best-of) |")  # fmt: skip
     print(f"greedy wrong on {1 - right['greedy'] / n:.1%} of the questions")
+    pairs = {(a, b): paired(outcomes[a], outcomes[b])
+             for a, b in [("majority", "greedy"), *((f"best_of/{how}", "majority") for how in AGGREGATES)]}  # fmt: skip
+    print("\n| paired, same questions | right only by the first | right only by the second | sign test p |")
+    print("|---|---|---|---|")
+    for (a, b), pair in pairs.items():
+        print(f"| {rows[a]} vs {rows[b]} | {pair['wins']} | {pair['losses']} | {pair['p']:.3g} |")
     return {"accuracy": {k: right[k] / n for k in rows}, "seconds": dict(seconds), "step_accuracy": accuracy,
-            "step_chance": chance, "policy_step_accuracy": on_samples, "policy_step_chance": max(share, 1 - share)}  # fmt: skip
+            "step_chance": chance, "policy_step_accuracy": on_samples, "policy_step_chance": max(share, 1 - share),
+            "paired": {f"{a} vs {b}": pair for (a, b), pair in pairs.items()}}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -21,17 +21,18 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# recipe → (column, row, what it trains). Rows: InternVL 1's path, InternVL3's native pretraining, test-time
-# scaling and RL.
+# recipe → (column, row, what it trains, colour). Rows: InternVL 1's path, InternVL3's native pretraining, test-time
+# scaling and RL (the critic's start sits between the rows it joins).
 LAYOUT = {
-    "stage1": (0, 0, "stage 1\ncontrastive (InternVL-C)"),
-    "stage2": (1, 0, "stage 2\ngenerative (InternVL-G)"),
-    "sft": (2, 0, "SFT\nconversations"),
-    "mpo": (3, 0, "MPO\npreferences"),
-    "nmp": (1, 1, "NMP (InternVL3)\ninterleaved + text"),
-    "sft_steps": (2, 2, "SFT step by step\n(the policy)"),
-    "critic": (3, 2, "critic (VisualPRM)\n+ Best-of-N"),
-    "rl": (4, 0, "online RL\nGSPO / GRPO"),
+    "stage1": (0, 0, "stage 1\ncontrastive (InternVL-C)", 0),
+    "stage2": (1, 0, "stage 2\ngenerative (InternVL-G)", 0),
+    "sft": (2, 0, "SFT\nconversations", 0),
+    "mpo": (3, 0, "MPO\npreferences", 0),
+    "nmp": (1, 1, "NMP (InternVL3)\ninterleaved + text", 1),
+    "sft_steps": (2, 2, "SFT step by step\n(the policy)", 2),
+    "critic_base": (3, 1, "SFT step by step\n(the critic's start)", 2),
+    "critic": (4, 2, "critic (VisualPRM)\n+ Best-of-N", 2),
+    "rl": (4, 0, "online RL\nGSPO / GRPO", 0),
 }
 COLOURS = {0: "#dbe9f6", 1: "#e4f2dc", 2: "#fbe8d3", 3: "#f4dcdc"}
 
@@ -53,14 +54,14 @@ def draw(output: Path) -> list[tuple[str, str]]:
     width, height = 2.2, 0.8
 
     def centre(name: str) -> tuple[float, float]:
-        column, row, _ = LAYOUT[name]
+        column, row, _, _ = LAYOUT[name]
         return column * 2.9, -row * 1.25
 
-    for name, (_, row, label) in LAYOUT.items():
+    for name, (_, _, label, colour) in LAYOUT.items():
         x, y = centre(name)
         axes.add_patch(
             FancyBboxPatch(
-                (x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.05", fc=COLOURS[row], ec="#333"
+                (x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.05", fc=COLOURS[colour], ec="#333"
             )
         )
         axes.text(x, y + 0.1, label, ha="center", va="center", fontsize=9)
@@ -84,8 +85,14 @@ def draw(output: Path) -> list[tuple[str, str]]:
         color="#555",
         ha="left",
     )
+    # The critic's data are the policy's samples (a script, not an init_from).
     (x0, y0), (x1, y1) = centre("sft_steps"), centre("critic")
-    axes.text((x0 + x1) / 2, y0 + 0.5, "benchmarks/critic_data.py", fontsize=7, color="#555", ha="center")
+    axes.annotate(
+        "", xy=(x1 - width / 2 - 0.05, y1), xytext=(x0 + width / 2 + 0.05, y0),
+        arrowprops=dict(arrowstyle="->", lw=1.2, ls="--", color="#555"),
+    )  # fmt: skip
+    axes.text((x0 + x1) / 2, y0 + 0.12, "benchmarks/critic_data.py:\nthe policy's samples", fontsize=7, color="#555",
+              ha="center", va="bottom")  # fmt: skip
     axes.text(
         -1.2, -4.55,
         "Arrows: the next recipe's init_from is the previous run's runs/<name>/checkpoints/last.ckpt.\n"

@@ -389,8 +389,8 @@ def test_the_critic_trains_on_plus_answers_by_default_and_validates_as_it_scores
 
 
 def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_best_of_n(tmp_path, capsys):
-    """The README's critic section, with tiny overrides: fit the policy, fit the critic from it, predict with
-    Best-of-N (every candidate and its step scores in predictions.jsonl), chat with --best-of, the benchmark."""
+    """The README's critic section, with tiny overrides: fit the policy, the critic's start and the critic, predict
+    with Best-of-N (every candidate and its step scores in predictions.jsonl), chat with --best-of, the benchmark."""
     from lit_internvl.cli import main
 
     policy = _recipe(tmp_path, "sft_steps.yaml")
@@ -404,7 +404,12 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     assert {len(r["steps"]) == len(r["labels"]) for r in records} == {True} and len(records) >= 6 + 2 * 3
     data = {"train": str(tmp_path / "data" / "train.jsonl"), "val": str(tmp_path / "data" / "val.jsonl"),
             "batch_size": 4, "num_workers": 0}  # fmt: skip
-    critic = _recipe(tmp_path, "critic.yaml", data, init_from=str(policy_ckpt))
+    # The critic's start: recipes/sft.yaml's chat model in the README (tests/test_readme.py runs that chain); here
+    # the policy's checkpoint, as cheap and of the same architecture.
+    base = _recipe(tmp_path, "critic_base.yaml", init_from=str(policy_ckpt))
+    main(["fit", "--config", str(base)])
+    base_ckpt = tmp_path / "critic_base" / "checkpoints" / "last.ckpt"
+    critic = _recipe(tmp_path, "critic.yaml", data, init_from=str(base_ckpt))
     cli = main(["fit", "--config", str(critic)])
     metrics = cli.trainer.callback_metrics
     assert {"val/step_accuracy", "val/ranking_accuracy", "val/loss"} <= set(metrics)
@@ -448,8 +453,23 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
                              "--max-new-tokens", "6", "--step-samples", "4"])  # fmt: skip
     best_of = {"best_of/mean", "best_of/min", "best_of/last"}
     assert set(result["accuracy"]) == {"greedy", "majority", "oracle"} | best_of
+    assert set(result["paired"]) == {"majority vs greedy"} | {f"{key} vs majority" for key in best_of}
     assert result["accuracy"]["oracle"] >= max(result["accuracy"][key] for key in best_of | {"majority"})
     assert "| greedy |" in capsys.readouterr().out
+
+
+def test_the_benchmarks_paired_comparison_is_mcnemars_exact_test_on_the_discordant_questions():
+    from benchmarks.best_of_n import paired
+
+    # 1 question only the first gets right, 5 only the second, 4 both, 2 neither: under the null each of the 6
+    # discordant ones is a fair coin, so P(≤ 1 of 6 one way) × 2 = 2 (C(6,0) + C(6,1)) / 2^6 = 14/64.
+    a = [True] + [False] * 5 + [True] * 4 + [False] * 2
+    b = [False] + [True] * 5 + [True] * 4 + [False] * 2
+    assert paired(a, b) == {"wins": 1, "losses": 5, "p": pytest.approx(14 / 64)}
+    assert paired(b, a)["p"] == pytest.approx(14 / 64) and paired(b, a)["wins"] == 5
+    assert paired([True] * 3 + [False] * 3, [False] * 3 + [True] * 3)["p"] == 1.0  # balanced: capped at 1
+    assert paired([False] * 10, [True] * 10)["p"] == pytest.approx(2 / 2**10)
+    assert paired([True, False], [True, False]) == {"wins": 0, "losses": 0, "p": 1.0}  # nothing to tell apart
 
 
 def test_prepare_writes_steps_records_as_shards_that_read_back_as_the_jsonl(tmp_path):

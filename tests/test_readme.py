@@ -98,7 +98,7 @@ TINY_SHAPES = ["--data.init_args.train_size", "8", "--data.init_args.val_size", 
 TINY_RECORDS = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
 TINY = {
     "stage1": TINY_SHAPES, "stage2": TINY_SHAPES, "sft": TINY_SHAPES, "mpo": TINY_SHAPES, "nmp": TINY_SHAPES,
-    "sft_steps": TINY_SHAPES, "stage1_records": TINY_RECORDS, "stage2_records": TINY_RECORDS,
+    "sft_steps": TINY_SHAPES, "critic_base": TINY_SHAPES, "stage1_records": TINY_RECORDS, "stage2_records": TINY_RECORDS,
     "critic": TINY_RECORDS, "rl": [*TINY_SHAPES[:4], "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"],
 }  # fmt: skip
 
