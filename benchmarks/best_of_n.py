@@ -1,9 +1,10 @@
 """Best-of-N with a process-reward critic on held-out multi-step shapes questions: one table of accuracy for greedy
 decoding, majority vote over N samples, Best-of-N by the critic and the oracle (any of the N right), each with its
-wall time, and the critic's step accuracy beside its chance level.
+wall time, and the critic's step accuracy beside its chance level; then, as every row answers the same questions,
+the paired comparisons (majority vote against greedy, each Best-of-N against the vote) with McNemar's exact test.
 
     python benchmarks/best_of_n.py --policy runs/sft_steps/checkpoints/last.ckpt \\
-        --critic runs/critic/checkpoints/last.ckpt --questions 400 --n 8
+        --critic runs/critic/checkpoints/last.ckpt --questions 1000 --n 8 [--temperature 0.5]
 
 The policy is recipes/sft_steps.yaml's model, the critic recipes/critic.yaml's (``--policy-config``,
 ``--critic-config``). Questions are the test split of lit_internvl.data.shapes.steps (never trained on); a
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--critic", required=True, help="the critic's .ckpt")
     parser.add_argument("--policy-config", default="recipes/sft_steps.yaml")
     parser.add_argument("--critic-config", default="recipes/critic.yaml")
-    parser.add_argument("--questions", type=int, default=400)
+    parser.add_argument("--questions", type=int, default=1000)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--max-new-tokens", type=int, default=40)
