@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     critic_train_builder = SampleBuilder(critic_builder.tokenizer, critic_builder.options)  # records, not prompts
     tokenizer, tile = builder.tokenizer, builder.options.tile_size
     world = ShapesWorld(tile, 0, "test")
-    right = Counter()  # method → questions right; (method, type) → the same per question type
-    outcomes = defaultdict(list)  # method → right or not, per question (the paired comparisons)
+    outcomes = defaultdict(list)  # method → right or not, per question (accuracies and the paired comparisons)
+    right = Counter()  # (method, type) → questions of that type right
     seconds = Counter()
     kinds = Counter()
     policy_steps = Counter()  # the critic on the policy's samples: steps, steps judged right, steps labelled +
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict:
             seconds[f"best_of/{how}"] += sampled + scored
         for key, value in ok.items():
             outcomes[key].append(value)
-            right[key] += value
             right[key, qa["type"]] += value
         for solution, row in zip(steps, scores):
             for label, p in zip(label_from_scene(qa, solution), row if solution else []):
@@ -139,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy, chance = step_accuracy(critic, critic_train_builder, ShapesWorld(tile, 0, "test"), args.step_samples)
     step_seconds = time.perf_counter() - start
     n = args.questions
+    accuracies = {key: sum(outcomes[key]) / n for key in outcomes}
     rows = {"greedy": "greedy", "majority": f"majority vote @{args.n}",
             **{f"best_of/{how}": f"Best-of-{args.n} (critic, {how} of the steps' P(+))" for how in AGGREGATES},
             "oracle": f"oracle @{args.n}"}  # fmt: skip
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| method | accuracy | {' | '.join(types)} | wall time (s) |\n|---|---|{'---|' * len(types)}---|")
     for key, name in rows.items():
         per_type = " | ".join(f"{right[key, kind] / kinds[kind]:.3f}" for kind in types)
-        print(f"| {name} | {right[key] / n:.3f} | {per_type} | {seconds[key]:.1f} |")
+        print(f"| {name} | {accuracies[key]:.3f} | {per_type} | {seconds[key]:.1f} |")
     blank = " |" * len(types)
     print(f"| critic step accuracy ({args.step_samples} held-out correct and corrupted solutions) | {accuracy:.3f} "
           f"(chance {chance:.3f}) |{blank} {step_seconds:.1f} |")  # fmt: skip
@@ -156,14 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     on_samples = policy_steps["right"] / max(policy_steps["steps"], 1)
     print(f"| critic step accuracy ({policy_steps['steps']} steps of the policy's samples above, scene labels) | "
           f"{on_samples:.3f} (chance {max(share, 1 - share):.3f}) |{blank} (in Best-of) |")  # fmt: skip
-    print(f"greedy wrong on {1 - right['greedy'] / n:.1%} of the questions")
+    print(f"greedy wrong on {1 - accuracies['greedy']:.1%} of the questions")
     pairs = {(a, b): paired(outcomes[a], outcomes[b])
              for a, b in [("majority", "greedy"), *((f"best_of/{how}", "majority") for how in AGGREGATES)]}  # fmt: skip
     print("\n| paired, same questions | right only by the first | right only by the second | sign test p |")
     print("|---|---|---|---|")
     for (a, b), pair in pairs.items():
         print(f"| {rows[a]} vs {rows[b]} | {pair['wins']} | {pair['losses']} | {pair['p']:.3g} |")
-    return {"accuracy": {k: right[k] / n for k in rows}, "seconds": dict(seconds), "step_accuracy": accuracy,
+    return {"accuracy": {k: accuracies[k] for k in rows}, "seconds": dict(seconds), "step_accuracy": accuracy,
             "step_chance": chance, "policy_step_accuracy": on_samples, "policy_step_chance": max(share, 1 - share),
             "paired": {f"{a} vs {b}": pair for (a, b), pair in pairs.items()}}  # fmt: skip
 
