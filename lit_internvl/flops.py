@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from lit_internvl.batch import Views
 from lit_internvl.components.connectors import PixelShuffleMLP
 from lit_internvl.components.language import LanguageConfig
 from lit_internvl.components.vision import InternViTConfig
@@ -73,7 +74,7 @@ def vision_flops(config: InternViTConfig, tiles: int, height: int | None = None,
 
 def connector_flops(connector: nn.Module, tiles: int, patches: int) -> FlopCount:
     """The pixel-shuffle MLP exactly; another connector as 2 × its linear weights × its output tokens."""
-    tokens = connector.tokens_per_tile(patches)
+    tokens = connector.budgets(patches)[0] if hasattr(connector, "budgets") else connector.tokens_per_tile(patches)
     if isinstance(connector, PixelShuffleMLP):
         inner, text_dim = connector.fc1.in_features, connector.fc1.out_features
         return FlopCount(linear=tiles * 2 * tokens * (inner * text_dim + text_dim * text_dim))
@@ -118,19 +119,19 @@ def vlm_flops(model: nn.Module, lengths: Sequence[int], tiles: int, image_size: 
     return count
 
 
-def batch_flops(model: nn.Module, batch: dict) -> FlopCount | None:
-    """The FLOPs of ``model`` on a batch of lit_internvl's collators: a VisionLanguageModel on
+def batch_flops(model: nn.Module, batch: Views) -> FlopCount | None:
+    """The FLOPs of ``model`` on the first view of a batch of lit_internvl's collators: a VisionLanguageModel on
     conversation batches (packed or padded), or a DualEncoder on pair batches; None for other models."""
     from lit_internvl.models.dual_encoder import DualEncoder
     from lit_internvl.models.vlm import VisionLanguageModel
 
-    ids = batch.get("input_ids")
-    if ids is None:
+    if batch.empty:
         return None
-    pixels = batch.get("pixel_values")
+    view = batch.first
+    ids, pixels = view.input_ids, getattr(view, "pixel_values", None)
     tiles = 0 if pixels is None else int(pixels.shape[0])
     image_size = None if pixels is None else int(pixels.shape[-1])
-    lengths = document_lengths(batch.get("attention_mask"), batch.get("document_ids"), tuple(ids.shape))
+    lengths = document_lengths(view.attention_mask, getattr(view, "document_ids", None), tuple(ids.shape))
     if isinstance(model, VisionLanguageModel):
         return vlm_flops(model, lengths, tiles, image_size)
     towers = (getattr(model, "vision", None), getattr(model, "text_encoder", None))

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.distributed import world
 
 
@@ -48,7 +49,6 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-IGNORE_INDEX = -100
 LossReduction = Literal["token", "sample", "square"]
 REDUCTIONS = get_args(LossReduction)
 

@@ -122,7 +122,7 @@ def test_no_library_module_imports_a_command():
     [
         ("lit_internvl.components", ("models", "stages", "data", "hf", "tools", "inference")),
         ("lit_internvl.models", ("stages", "data", "hf", "tools", "inference")),
-        ("lit_internvl.data", ("stages", "models", "hf", "tools", "inference")),
+        ("lit_internvl.data", ("stages", "models", "hf", "tools", "inference", "losses")),
         ("lit_internvl.hf", ("stages", "tools", "inference")),
         ("lit_internvl.stages", ("tools",)),
     ],
@@ -134,6 +134,25 @@ def test_imports_point_down(layer, forbidden):
         if name.startswith(layer)
     }
     assert {name: t for name, t in upward.items() if t} == {}
+
+
+def _third_party_imports(name: str) -> set[str]:
+    """The top-level packages outside lit_internvl that module ``name`` imports anywhere in its file."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found - {"lit_internvl"}
+
+
+def test_no_stage_holds_a_yaml_parser():
+    """A stage is configured by its constructor; reading recipes is the CLI's (and lit_internvl.recipes') work."""
+    parsers = {"yaml", "jsonargparse", "omegaconf"}
+    holding = {n: sorted(_third_party_imports(n) & parsers) for n in MODULES if n.startswith("lit_internvl.stages")}
+    assert {n: p for n, p in holding.items() if p} == {}
+    assert {"yaml", "jsonargparse"} <= _third_party_imports("lit_internvl.recipes")  # the checker can see one
 
 
 def test_checkpoints_never_import_hf():
@@ -150,7 +169,7 @@ def _sft(**options) -> SFTStage:
 
 
 def _vqa(**options) -> ShapesDataModule:
-    return ShapesDataModule(**{"task": "vqa", "tokenizer": "shapes", "tile_size": 84, "tokens_per_tile": 9, **options})
+    return ShapesDataModule(**{"records": "questions", "tokenizer": "shapes", "tile_size": 84, **options})
 
 
 def test_handshake_sets_the_tile_size_and_the_image_context_id_from_the_data():
@@ -164,13 +183,10 @@ def test_handshake_sets_the_tile_size_and_the_image_context_id_from_the_data():
     assert checkpoint["lit_internvl_model"]["tile_size"] == 84
 
 
-def test_handshake_refuses_tokens_per_tile_the_connector_does_not_give_naming_both_keys():
-    stage = _sft().use_data(_vqa(tokens_per_tile=4))
-    with pytest.raises(ValueError) as error:
-        stage.configure_model()
-    message = str(error.value)
-    assert "data.init_args.tokens_per_tile is 4" in message and "data.init_args.tile_size 84" in message
-    assert "model.init_args.connector" in message and "gives 9 tokens per tile" in message
+def test_handshake_tells_the_data_the_connectors_budget_at_the_datas_tile_size():
+    stage = _sft().use_data(_vqa(tile_size=56))
+    stage.configure_model()
+    assert [(view.kind, view.budget) for view in stage.data.views] == [("conversation", 4)]  # 4×4 patches → 2×2
 
 
 def test_handshake_refuses_a_tokenizer_larger_than_the_vocabulary_naming_both_keys():
@@ -183,8 +199,8 @@ def test_handshake_refuses_a_tokenizer_larger_than_the_vocabulary_naming_both_ke
 
 def test_handshake_runs_before_any_step_through_the_cli(tmp_path):
     args = ["fit", "--config", "recipes/sft.yaml", "--model.init_args.init_from", "null",
-            "--data.init_args.tokens_per_tile", "4", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
-    with pytest.raises(ValueError, match="data.init_args.tokens_per_tile is 4"):
+            "--model.class_path", "lit_internvl.stages.MPOStage", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    with pytest.raises(ValueError, match="model MPOStage .* data.init_args.records 'questions'"):
         main(args)
 
 
@@ -230,7 +246,7 @@ def test_every_strategy_composes_with_a_recipe(strategy, capsys):
         ("--model.init_args.attn_backend=flsh", "sdpa"),
         ("--model.init_args.loss_reduction=squre", "square"),
         ("--model.init_args.train=[connector,decodr]", "decoder"),
-        ("--data.init_args.task=vqq", "preference"),
+        ("--data.init_args.records=questons", "preference"),
     ],
 )
 def test_a_wrong_choice_fails_at_parse_time_listing_the_valid_ones(override, listed, capsys):

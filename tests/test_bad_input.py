@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_internvl.data import RecordsDataModule, SampleBuilder, SampleOptions
+from lit_internvl.batch import Views
+from lit_internvl.data import SampleBuilder, SampleOptions
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS, UnusableImage, open_image
 from lit_internvl.data.prepare import prepare
 from lit_internvl.data.records import (
@@ -29,8 +30,10 @@ from lit_internvl.data.records import (
     resolve_image_path,
 )
 from lit_internvl.data.tokenizer import ByteTokenizer
+from lit_internvl.data.views import View
+from tests.tiny import record_of, records
 
-TINY = dict(tokens_per_tile=4, tile_size=56, max_tiles=1, batch_size=4, shuffle=False, max_length=512)
+TINY = dict(tile_size=56, max_tiles=1, batch_size=4, shuffle=False, max_length=512)
 
 
 # -- bad files, made here --------------------------------------------------------------------
@@ -147,7 +150,7 @@ def test_a_lenient_run_trains_to_the_end_and_counts_each_bad_record_once_by_name
     stage = SFTStage(
         vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1
     )
-    data = RecordsDataModule(train=str(path), image_root=str(images), **TINY)
+    data = records(train=str(path), image_root=str(images), **TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
@@ -166,7 +169,7 @@ def test_a_strict_run_stops_at_the_first_bad_record_naming_file_and_line(every_b
     path, images, numbers = every_bad_kind
     first = min(numbers, key=numbers.get)
     with pytest.raises(BadRecord, match=f"data.jsonl:2: {first}"):
-        list(RecordsDataModule(train=str(path), image_root=str(images), strict=True, **TINY).train_dataloader())
+        list(records(train=str(path), image_root=str(images), strict=True, **TINY).train_dataloader())
 
 
 @pytest.mark.parametrize("reason", list(SKIP_REASONS))
@@ -175,13 +178,13 @@ def test_each_bad_kind_alone_stops_a_strict_run_with_its_file_and_line(every_bad
     lines = path.read_bytes().split(b"\n")
     alone = tmp_path / "alone.jsonl"
     alone.write_bytes(b"\n".join([lines[0], lines[numbers[reason] - 1], lines[0]]) + b"\n")
-    data = RecordsDataModule(train=str(alone), image_root=str(images), strict=True, **TINY)
+    data = records(train=str(alone), image_root=str(images), strict=True, **TINY)
     with pytest.raises(BadRecord, match=f"alone.jsonl:2: {reason}:"):
         list(data.train_dataloader())
-    lenient = RecordsDataModule(train=str(alone), image_root=str(images), **TINY).train_dataloader()
+    lenient = records(train=str(alone), image_root=str(images), **TINY).train_dataloader()
     batches = list(lenient)
-    assert [n for b in batches for n in b["sample_names"]] == ["alone.jsonl:1", "alone.jsonl:3"]
-    counted = lenient.dataset.skips.counts + sum((Counter(b.get("skipped") or {}) for b in batches), Counter())
+    assert [n for b in batches for n in b["conversation"].sample_names] == ["alone.jsonl:1", "alone.jsonl:3"]
+    counted = lenient.dataset.skips.counts + sum((Counter(b.skipped) for b in batches), Counter())
     assert dict(counted) == {reason: 1}
 
 
@@ -229,10 +232,10 @@ def test_the_pixel_limit_is_ours_to_set_on_either_side_of_pils(monkeypatch):
 def test_the_pixel_limit_reaches_samples_from_the_datamodule(tmp_path):
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     (tmp_path / "d.jsonl").write_text(json.dumps(_conversation("big.png")) + "\n")
-    small = RecordsDataModule(train=str(tmp_path / "d.jsonl"), max_image_pixels=9_999, **TINY)
-    assert list(small.train_dataloader())[0]["skipped"] == {"image too large": 1}
-    ample = RecordsDataModule(train=str(tmp_path / "d.jsonl"), max_image_pixels=10_000, **TINY)
-    assert list(ample.train_dataloader())[0]["sample_names"] == ["d.jsonl:1"]
+    small = records(train=str(tmp_path / "d.jsonl"), max_image_pixels=9_999, **TINY)
+    assert list(small.train_dataloader())[0].skipped == {"image too large": 1}
+    ample = records(train=str(tmp_path / "d.jsonl"), max_image_pixels=10_000, **TINY)
+    assert list(ample.train_dataloader())[0]["conversation"].sample_names == ["d.jsonl:1"]
 
 
 @pytest.mark.parametrize(
@@ -260,10 +263,10 @@ def test_absolute_paths_are_an_explicit_choice(tmp_path):
     (tmp_path / "root").mkdir()
     jsonl = tmp_path / "root" / "d.jsonl"
     jsonl.write_text(json.dumps(_conversation(str(tmp_path / "elsewhere.png"))) + "\n")
-    refused = RecordsDataModule(train=str(jsonl), **TINY).train_dataloader()
+    refused = records(train=str(jsonl), **TINY).train_dataloader()
     assert len(refused.dataset) == 0 and dict(refused.dataset.skips.counts) == {"image outside root": 1}
-    allowed = RecordsDataModule(train=str(jsonl), allow_absolute_paths=True, **TINY).train_dataloader()
-    assert [n for b in allowed for n in b["sample_names"]] == ["d.jsonl:1"]
+    allowed = records(train=str(jsonl), allow_absolute_paths=True, **TINY).train_dataloader()
+    assert [n for b in allowed for n in b["conversation"].sample_names] == ["d.jsonl:1"]
     with pytest.raises(ValueError, match="outside the image root"):  # relative paths stay inside even so
         resolve_image_path("/r", "../x.png", allow_absolute=True)
 
@@ -274,19 +277,19 @@ def test_a_link_the_dataset_owner_put_inside_the_root_is_followed(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "images").symlink_to(tmp_path / "store")
     (tmp_path / "root" / "d.jsonl").write_text(json.dumps(_conversation("images/a.png")) + "\n")
-    loader = RecordsDataModule(train=str(tmp_path / "root" / "d.jsonl"), **TINY).train_dataloader()
-    assert [n for b in loader for n in b["sample_names"]] == ["d.jsonl:1"]
+    loader = records(train=str(tmp_path / "root" / "d.jsonl"), **TINY).train_dataloader()
+    assert [n for b in loader for n in b["conversation"].sample_names] == ["d.jsonl:1"]
 
 
 def test_a_byte_order_mark_is_utf8_and_latin1_is_not(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "ok.png")
     line = json.dumps(_conversation("ok.png", "rouge"))
     (tmp_path / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n" + line.encode("latin-1") + b"\n")
-    loader = RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader()
+    loader = records(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader()
     assert len(loader.dataset) == 2 and loader.dataset.skips.total == 0
     (tmp_path / "e.jsonl").write_bytes(line.replace("rouge", "rougé").encode("latin-1") + b"\n")
     with pytest.raises(BadRecord, match=r"e.jsonl:1: not UTF-8: byte \d+ \(0xe9\) is not UTF-8"):
-        RecordsDataModule(train=str(tmp_path / "e.jsonl"), strict=True, **TINY).train_dataloader()
+        records(train=str(tmp_path / "e.jsonl"), strict=True, **TINY).train_dataloader()
 
 
 @pytest.mark.parametrize(
@@ -297,17 +300,17 @@ def test_a_conversation_with_every_answer_empty_is_nothing_to_train(tmp_path, an
     Image.new("RGB", (40, 30)).save(tmp_path / "ok.png")
     turns = [t for a in answers for t in ({"from": "human", "value": "Colour?"}, {"from": "gpt", "value": a})]
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "ok.png", "conversations": turns}) + "\n")
-    dataset = RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
+    dataset = records(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
     assert len(dataset) == int(trains)
     assert dict(dataset.skips.counts) == ({} if trains else {"nothing to train": 1})
 
 
 def test_the_sample_builder_refuses_a_record_made_in_memory_with_nothing_to_train():
-    builder = SampleBuilder(ByteTokenizer(), SampleOptions(tokens_per_tile=4, tile_size=56))
+    builder = SampleBuilder(ByteTokenizer(), SampleOptions(tile_size=56), (View("conversation", 4),))
     record = Record("conversation", "memory:1", _conversation(None, "", question="Colour?"))
     assert builder.safe(record) == {"skipped": "nothing to train", "name": "memory:1"}
-    prompt = SampleBuilder(ByteTokenizer(), SampleOptions(tokens_per_tile=4, tile_size=56), generation=True)
-    assert "input_ids" in prompt.safe(record), "a prompt to answer has nothing to train by design"
+    prompt = SampleBuilder(ByteTokenizer(), SampleOptions(tile_size=56), (View("prompt", 4),))
+    assert "prompt" in prompt.safe(record)["views"], "a prompt to answer has nothing to train by design"
 
 
 def test_the_readme_table_lists_every_reason_with_its_counter():
@@ -322,8 +325,8 @@ def test_the_readme_table_lists_every_reason_with_its_counter():
 def test_an_image_path_that_is_a_folder_is_a_missing_image_not_a_crash(tmp_path):
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "d.jsonl").write_text(json.dumps(_conversation("folder.png")) + "\n")
-    batch = list(RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader())[0]
-    assert batch["skipped"] == {"missing image": 1}
+    batch = list(records(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader())[0]
+    assert batch.skipped == {"missing image": 1}
 
 
 @pytest.mark.parametrize(
@@ -333,7 +336,7 @@ def test_an_image_path_that_is_a_folder_is_a_missing_image_not_a_crash(tmp_path)
 )
 def test_json_that_python_cannot_read_is_malformed_json_not_a_crash(tmp_path, line):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
-    dataset = RecordsDataModule(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
+    dataset = records(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
     assert len(dataset) == 1 and dict(dataset.skips.counts) == {"malformed JSON": 1}
 
 
@@ -350,13 +353,15 @@ def test_a_sample_no_packed_row_can_hold_is_a_counted_skip_not_a_crash():
     from lit_internvl.data.collate import Collator
 
     def sample(name, tiles):
-        return {"input_ids": torch.arange(5), "labels": torch.arange(5), "pixel_values": torch.zeros(tiles, 3, 4, 4),
-                "name": name}  # fmt: skip
+        return record_of({"input_ids": torch.arange(5), "labels": torch.arange(5), "name": name, "budget": 1,
+                          "pixel_values": torch.zeros(tiles, 3, 4, 4)})  # fmt: skip
 
-    batch = Collator(0, pack=True, max_tokens=32, max_tiles_per_row=4)([sample("a", 2), sample("b", 7), sample("c", 2)])
-    assert batch["skipped"] == {"too many tiles": 1} and batch["sample_names"] == ["a+c"]
-    assert batch["skipped_records"] == [{"name": "b", "reason": "too many tiles"}]
-    assert Collator(0, pack=True, max_tiles_per_row=4)([sample("b", 7)]) == {
-        "skipped": {"too many tiles": 1}, "skipped_records": [{"name": "b", "reason": "too many tiles"}],
-        "input_ids": None,
-    }  # fmt: skip
+    views = (View("conversation", 1),)
+    batch = Collator(0, views, pack=True, max_tokens=32, max_tiles_per_row=4)(
+        [sample("a", 2), sample("b", 7), sample("c", 2)]
+    )
+    assert batch.skipped == {"too many tiles": 1} and batch["conversation"].sample_names == ["a+c"]
+    assert batch.skipped_records == [{"name": "b", "reason": "too many tiles"}]
+    assert Collator(0, views, pack=True, max_tiles_per_row=4)([sample("b", 7)]) == Views(
+        skipped={"too many tiles": 1}, skipped_records=[{"name": "b", "reason": "too many tiles"}]
+    )

@@ -17,6 +17,7 @@ from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP, TextEnc
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.collate import Collator
 from lit_internvl.inference.generate import generate
+from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import ContrastiveStage, SFTStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +32,7 @@ def _sft(**options) -> SFTStage:
 
 
 def _vqa(**options) -> ShapesDataModule:
-    return ShapesDataModule(task="vqa", tokenizer="shapes", train_size=8, val_size=4, batch_size=4, **options)
+    return ShapesDataModule(records="questions", tokenizer="shapes", train_size=8, val_size=4, batch_size=4, **options)
 
 
 def _trainer(tmp_path, callbacks, steps=2, logger=True, **options) -> L.Trainer:
@@ -65,21 +66,22 @@ def test_sample_logger_writes_the_generated_answers_and_references_of_sft_under_
     assert images[0].width == 3 * 168 and images[0].height > 168  # three cells with text under the images
     text = events.Tensors("val/samples_text/text_summary")[0].tensor_proto.string_val[0].decode()
     # the references are the validation samples' answers, and each row holds what the model generated
-    val = data._dataset("val", 4)
+    val = data._dataset("val", 4, data.views)
     for index in range(3):
-        answer = val[index]["meta"]["answer"]
+        answer = val[index]["views"]["conversation"]["meta"]["answer"]
         assert f"reference: {answer}" in text
-    assert [row["reference"] for row in logger.rows] == [val[i]["meta"]["answer"] for i in range(3)]
+    assert [row["reference"] for row in logger.rows] == [
+        val[i]["views"]["conversation"]["meta"]["answer"] for i in range(3)
+    ]
     assert all(row["lines"][0] == f"answer: {row['answer']}" for row in logger.rows)
     assert text.count("answer: ") == 3
     # the prompt cut from each trained sample is the prompt the data builds for generation: same greedy tokens
     stage = trainer.lightning_module
-    prompts = Collator(data.tokenizer.pad_id, left_pad=True)(
-        [data._dataset("val", 4, generation=True)[i] for i in range(3)]
-    )
+    views = data.prompt_views()
+    prompts = Collator(data.tokenizer.pad_id, views)([data._dataset("val", 4, views)[i] for i in range(3)])["prompt"]
     expected = generate(
-        stage.model, prompts["input_ids"], prompts["attention_mask"], prompts["pixel_values"],
-        prompts["tiles_per_sample"], max_new_tokens=3, eos_id=data.tokenizer.eos_id, positions=prompts["positions"],
+        stage.model, prompts.input_ids, prompts.attention_mask, prompts.images, max_new_tokens=3,
+        eos_id=data.tokenizer.eos_id, positions=prompts.positions,
     )  # fmt: skip
     assert [row["tokens"] for row in logger.rows] == expected
 
@@ -100,7 +102,7 @@ def test_sample_logger_lists_the_nearest_class_names_of_stage_1(tmp_path):
     # the nearest are the argmax of the stage's own zero-shot scores on these images
     with torch.no_grad():
         batch = next(iter(data.val_dataloader()))
-        image = stage.model.encode_image(batch["pixel_values"][:4])
+        image = stage.model.encode_image(batch["pair"].pixel_values[:4])
         best = (image @ stage.class_embeddings.T).argmax(dim=-1).tolist()
     assert [row["nearest"][0] for row in logger.rows] == [data.class_names[i] for i in best]
 
@@ -138,7 +140,7 @@ def test_bad_sample_report_lists_every_skipped_record_with_its_reason_split_and_
     )
     data = RecordsDataModule(
         train=str(tmp_path / "data.jsonl"), val=str(tmp_path / "data.jsonl"), image_root=str(tmp_path),
-        tokens_per_tile=4, tile_size=56, max_tiles=1, batch_size=2, shuffle=False, max_length=512,
+        tile_size=56, max_tiles=1, batch_size=2, shuffle=False, max_length=512,
     )  # fmt: skip
     report = BadSampleReport()
     _trainer(tmp_path, [report], steps=4, logger=False, max_epochs=2).fit(stage, data)
@@ -235,7 +237,7 @@ def test_export_at_fit_end_writes_a_folder_transformers_loads_with_the_trained_w
     pixel_values = torch.randn(1, 3, model.tile_size, model.tile_size)
     with torch.no_grad():
         theirs = exported(input_ids=input_ids, pixel_values=pixel_values).logits
-        ours = model(input_ids, pixel_values)
+        ours = model(input_ids, pixel_values, head=Logits())
     assert (theirs - ours).abs().max() <= 1e-4  # the weights the run ended with, at the tile size it trained at
 
 

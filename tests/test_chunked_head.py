@@ -24,6 +24,7 @@ from lit_internvl.losses import (
     supervised_positions,
 )
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import CrossEntropy, Logits
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
@@ -132,18 +133,18 @@ def _vlm_batch():
 
 
 def test_model_cross_entropies_train_like_its_logits():
-    """``model(..., targets=...)`` → ``reduce_token_losses`` equals ``model(..., logits_at=...)`` →
+    """``model(..., head=CrossEntropy(...))`` → ``reduce_token_losses`` equals ``model(..., head=Logits(...))`` →
     ``language_model_loss``, loss and every parameter's gradient (the tied head and embeddings included)."""
     ids, pixels, labels, document_ids = _vlm_batch()
     grads = []
     for chunked in (False, True):
         model = _vlm()
         if chunked:
-            out = model(ids, pixels, document_ids=document_ids, targets=next_token_targets(labels, document_ids),
-                        head_chunk_size=5)  # fmt: skip
+            out = model(ids, pixels, document_ids=document_ids,
+                        head=CrossEntropy(next_token_targets(labels, document_ids), chunk_size=5))  # fmt: skip
             loss = reduce_token_losses(out, labels, document_ids, "square")
         else:
-            out = model(ids, pixels, document_ids=document_ids, logits_at=supervised_positions(labels, document_ids))
+            out = model(ids, pixels, document_ids=document_ids, head=Logits(supervised_positions(labels, document_ids)))
             loss = language_model_loss(out, labels, document_ids, "square")
         loss.backward()
         grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -159,8 +160,8 @@ def test_row_log_probs_of_model_cross_entropies_equal_sequence_log_probs():
     ids, pixels, labels, _ = _vlm_batch()
     model = _vlm().eval()
     with torch.no_grad():
-        expected = sequence_log_probs(model(ids, pixels), labels)
-        got = row_log_probs(model(ids, pixels, targets=next_token_targets(labels), head_chunk_size=4), labels)
+        expected = sequence_log_probs(model(ids, pixels, head=Logits()), labels)
+        got = row_log_probs(model(ids, pixels, head=CrossEntropy(next_token_targets(labels), chunk_size=4)), labels)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.distributed import compile_blocks, parallelize
-from lit_internvl.losses import IGNORE_INDEX, next_token_targets, reduce_token_losses
+from lit_internvl.losses import next_token_targets, reduce_token_losses
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import CrossEntropy
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
@@ -50,7 +52,7 @@ def _step(model, batch, **options):
     """Loss and every parameter's gradient of one SFT step (chunked head + square-averaged loss)."""
     ids, pixels, positions, documents, labels = batch
     losses = model(ids, pixels, positions=positions, document_ids=documents,
-                   targets=next_token_targets(labels, documents), **options)  # fmt: skip
+                   head=CrossEntropy(next_token_targets(labels, documents)), **options)  # fmt: skip
     loss = reduce_token_losses(losses, labels, documents, "square")
     grads = torch.autograd.grad(loss, [p for p in model.parameters()])
     return loss.detach(), grads
@@ -117,7 +119,11 @@ def _fsdp_compiled_worker(rank: int, port: int, out: str) -> None:
     model = parallelize(model, init_device_mesh("cpu", (2,)))
     ids, pixels, positions, documents, labels = _packed_batch(40)  # the same batch on both ranks
     losses = model(
-        ids, pixels, positions=positions, document_ids=documents, targets=next_token_targets(labels, documents)
+        ids,
+        pixels,
+        positions=positions,
+        document_ids=documents,
+        head=CrossEntropy(next_token_targets(labels, documents)),
     )
     loss = reduce_token_losses(losses, labels, documents, "square")
     loss.backward()

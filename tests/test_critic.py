@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, label_ids, split_steps, tokenize_critic
 from lit_internvl.data.records import BadRecord, DatasetSpec, SkipCounter, index_records, parse_record, read_record
@@ -15,7 +16,6 @@ from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
 from lit_internvl.inference.critic import aggregate, critic_batch, monte_carlo_labels, score_steps
-from lit_internvl.losses import IGNORE_INDEX
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.rewards import final_answer
 

@@ -12,6 +12,7 @@ from lit_internvl.data.contract import StageData
 from lit_internvl.data.records import Record
 from lit_internvl.data.shapes import COLOURS, QUESTION_TYPES, REGIONS, SHAPES, ShapesWorld, class_names, vocabulary
 from lit_internvl.data.templates import ChatTemplate
+from tests.tiny import asked
 
 
 def test_byte_tokenizer_round_trips_text_and_special_tokens():
@@ -120,13 +121,13 @@ def test_scene_objects_lie_whole_inside_their_regions(image_size):
 
 
 def test_datamodule_batches():
-    dm = ShapesDataModule(train_size=8, val_size=4, batch_size=4)
-    batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape == (4, 3, 56, 56)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape
-    assert (batch["input_ids"][batch["attention_mask"] == 0] == dm.tokenizer.pad_id).all()
-    with pytest.raises(ValueError, match="Unknown shapes task .captions."):
-        ShapesDataModule(task="captions")
+    dm = asked(ShapesDataModule(train_size=8, val_size=4, batch_size=4), "pair")
+    batch = next(iter(dm.train_dataloader()))["pair"]
+    assert batch.pixel_values.shape == (4, 3, 56, 56)
+    assert batch.input_ids.shape == batch.attention_mask.shape
+    assert (batch.input_ids[batch.attention_mask == 0] == dm.tokenizer.pad_id).all()
+    with pytest.raises(ValueError, match="Unknown shapes records .pairs."):
+        ShapesDataModule(records="pairs")
 
 
 def test_descriptions_name_every_object_in_the_order_asked_for_and_only_in_training():
@@ -153,34 +154,36 @@ def test_descriptions_name_every_object_in_the_order_asked_for_and_only_in_train
     with pytest.raises(ValueError, match="reading"):
         world.description(world.scene(0)[0], "reading")
 
-    dm = ShapesDataModule(task="vqa", train_size=64, val_size=64, describe_ratio=1.0)
-    train, val = dm._dataset("train", 8), dm._dataset("val", 64)
-    assert {sample["meta"]["type"] for sample in train} == {"description"}  # iteration ends at len()
-    assert "description" not in {sample["meta"]["type"] for sample in val}
+    dm = asked(ShapesDataModule(records="questions", train_size=64, val_size=64, describe_ratio=1.0))
+    train, val = dm._dataset("train", 8, dm.views), dm._dataset("val", 64, dm.views)
+    meta = lambda sample: sample["views"]["conversation"]["meta"]  # noqa: E731
+    assert {meta(sample)["type"] for sample in train} == {"description"}  # iteration ends at len()
+    assert "description" not in {meta(sample)["type"] for sample in val}
     with pytest.raises(IndexError, match="index 8 is outside this train split of 8 samples"):
         train[8]
     with pytest.raises(ValueError, match="describe_ratio"):
-        ShapesDataModule(task="vqa", describe_ratio=1.5)
+        ShapesDataModule(records="questions", describe_ratio=1.5)
 
 
 def test_both_datamodules_are_what_a_stage_reads():
     """Both satisfy the StageData contract; their tile facts come from the one SampleOptions their samples are
-    built with."""
-    shapes, records = ShapesDataModule(tile_size=84, tokens_per_tile=9), RecordsDataModule(train="unread.jsonl")
-    for dm in (shapes, records):
+    built with, the budgets from the views a stage asked for."""
+    shapes = ShapesDataModule(records="questions", tile_size=84)
+    records = RecordsDataModule(train="unread.jsonl")
+    for dm, budget in ((shapes, 9), (records, 256)):
         assert isinstance(dm, StageData)
-        builder = dm.sample_builder(generation=True)
-        assert builder.options.tile_size == dm.tile_size and builder.options.tokens_per_tile == dm.tokens_per_tile
-        assert builder.generation and builder.tokenizer is dm.tokenizer
-    assert (shapes.tile_size, shapes.tokens_per_tile) == (84, 9)
-    assert (records.tile_size, records.tokens_per_tile) == (448, 256)
+        asked(dm, "prompt", budget=budget)
+        builder = dm.sample_builder()
+        assert builder.options.tile_size == dm.tile_size and [v.budget for v in builder.views] == [budget]
+        assert builder.prompt_only and builder.tokenizer is dm.tokenizer
+    assert (shapes.tile_size, records.tile_size) == (84, 448)
     assert shapes.class_names == class_names() and shapes.prompt_templates == ["a {}"]
     assert set(shapes.question_types) == set(QUESTION_TYPES)
-    assert records.class_names is None and records.prompt_templates is None and records.question_types is None
+    assert records.class_names is None and records.question_types is None
 
 
 def test_jpeg_augmentation_is_for_training_samples_only():
-    dm = RecordsDataModule(train="unread.jsonl", jpeg_quality=(75, 100))
+    dm = asked(RecordsDataModule(train="unread.jsonl", jpeg_quality=(75, 100)))
     assert dm.sample_builder(train=True).options.jpeg_quality == (75, 100)
     assert dm.sample_builder(train=False).options.jpeg_quality is None
 
@@ -188,9 +191,8 @@ def test_jpeg_augmentation_is_for_training_samples_only():
 @pytest.mark.parametrize(
     "datamodule, argument, bad",
     [
-        (ShapesDataModule, "task", "captions"),
+        (ShapesDataModule, "records", "pairs"),
         (RecordsDataModule, "template", "internvl25"),
-        (RecordsDataModule, "task", "pair"),
     ],
 )
 def test_a_misspelt_choice_fails_when_the_config_is_parsed(datamodule, argument, bad):
@@ -210,5 +212,5 @@ def test_a_recipe_can_spell_out_its_own_chat_template():
     dm = parser.instantiate_classes(config).data
     assert dm.sample_options.template == ChatTemplate(**template)
     turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
-    sample = dm.sample_builder()(Record("conversation", "data.jsonl:1", {"conversations": turns}))
-    assert dm.tokenizer.decode(sample["input_ids"]) == "<s>S</e><u>q</e><a>a</e>"
+    sample = asked(dm).sample_builder()(Record("conversation", "data.jsonl:1", {"conversations": turns}))
+    assert dm.tokenizer.decode(sample["views"]["conversation"]["input_ids"]) == "<s>S</e><u>q</e><a>a</e>"

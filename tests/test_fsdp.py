@@ -66,7 +66,9 @@ def _trainer(tmp: Path, max_steps: int = STEPS, **kwargs) -> L.Trainer:
 
 
 def _data(batch_size: int) -> ShapesDataModule:
-    return ShapesDataModule(task="vqa", train_size=16, val_size=4, batch_size=batch_size, system="Answer in one word.")
+    return ShapesDataModule(
+        records="questions", train_size=16, val_size=4, batch_size=batch_size, system="Answer in one word."
+    )
 
 
 def _pixels() -> torch.Tensor:

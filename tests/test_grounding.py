@@ -11,7 +11,7 @@ import torch
 from litdata import StreamingDataset
 from PIL import Image
 
-from lit_internvl.data import RecordsDataModule, SampleBuilder, SampleOptions
+from lit_internvl.data import SampleBuilder, SampleOptions
 from lit_internvl.data.grounding import BoxError, convert_record, convert_text, to_grid
 from lit_internvl.data.records import (
     BadRecord,
@@ -23,7 +23,9 @@ from lit_internvl.data.records import (
     index_records,
 )
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.data.views import View
 from lit_internvl.tools.prepare import main as prepare_main
+from tests.tiny import records
 
 WIDTH, HEIGHT = 640, 480
 # Two boxes of one image 640 × 480, in each scale. On the grid, round(1000·v/size), halves up:
@@ -96,11 +98,11 @@ def test_a_box_outside_the_image_is_a_named_counted_bad_record(tmp_path, caplog,
 
 def test_boxes_are_checked_when_a_jsonl_file_is_read_directly(tmp_path):
     jsonl = _write(tmp_path, _record(BOXES["1000"]), _record([[0, 0, 1001, 10]]), _record([[5, 0, 4, 10]]))
-    dataset = RecordsDataModule(train=jsonl, tokens_per_tile=4, tile_size=56).train_dataloader().dataset
+    dataset = records(train=jsonl, tile_size=56).train_dataloader().dataset
     assert len(dataset) == 1
     assert dict(dataset.skips.counts) == {"box outside image": 1, "malformed box": 1}
     with pytest.raises(BadRecord, match="ground.jsonl:2: box outside image"):
-        RecordsDataModule(train=jsonl, tokens_per_tile=4, tile_size=56, strict=True).train_dataloader()
+        records(train=jsonl, tile_size=56, strict=True).train_dataloader()
 
 
 @pytest.mark.parametrize(
@@ -152,8 +154,9 @@ def test_tiling_leaves_the_boxes_alone(tmp_path):
     context = ByteTokenizer().token_to_id(IMG_CONTEXT)
     samples = {}
     for max_tiles in (1, 12):
-        options = SampleOptions(tokens_per_tile=4, tile_size=56, max_tiles=max_tiles, max_length=4096)
-        samples[max_tiles] = SampleBuilder(ByteTokenizer(), options)(record)
+        options = SampleOptions(tile_size=56, max_tiles=max_tiles, max_length=4096)
+        views = (View("conversation", 4),)
+        samples[max_tiles] = SampleBuilder(ByteTokenizer(), options, views)(record)["views"]["conversation"]
     tiles = {m: s["pixel_values"].shape[0] for m, s in samples.items()}
     assert tiles == {1: 1, 12: 13}
     text = {m: s["input_ids"][s["input_ids"] != context] for m, s in samples.items()}

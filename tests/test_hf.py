@@ -37,6 +37,7 @@ from lit_internvl.hf import (
     transformers_config,
 )
 from lit_internvl.models.builders import INTERNVL_PRESETS, internvl, vlm_from_configs
+from lit_internvl.models.vlm import Logits
 from lit_internvl.tools.export import main as export_main
 
 IMAGE_TOKEN = 145  # <IMG_CONTEXT> of the test tokenizer below
@@ -106,13 +107,13 @@ def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def _max_diff(reference, ours, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> float:
     with torch.no_grad():
         expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits
-        return (expected - ours(input_ids, pixel_values)).abs().max().item()
+        return (expected - ours(input_ids, pixel_values, head=Logits())).abs().max().item()
 
 
 def _greedy(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding without a KV cache: re-run the whole sequence for every new token."""
     for _ in range(steps):
-        next_token = model(input_ids, pixel_values)[:, -1].argmax(-1, keepdim=True)
+        next_token = model(input_ids, pixel_values, head=Logits())[:, -1].argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
     return input_ids
 
@@ -121,7 +122,7 @@ def _assert_same_as_transformers(reference, ours, label: str) -> float:
     input_ids, pixel_values = _inputs()
     with torch.no_grad():
         expected = reference(input_ids=input_ids, pixel_values=pixel_values).logits
-        got = ours(input_ids, pixel_values)
+        got = ours(input_ids, pixel_values, head=Logits())
         diff = (expected - got).abs().max().item()
         print(f"\n[{label}] max |Δlogit| = {diff:.2e} (logit scale {expected.abs().max().item():.2f})")
         assert diff <= TOLERANCE, f"{label}: logits differ by {diff}"

@@ -13,11 +13,11 @@ import torch
 from litdata import StreamingDataset
 from PIL import Image
 
-from lit_internvl.data import RecordsDataModule
 from lit_internvl.data.prepare import prepare
 from lit_internvl.data.records import decode_record, kept_lines, read_meta, read_record
+from tests.tiny import records
 
-TINY = dict(tokens_per_tile=4, tile_size=56, batch_size=50, shuffle=False, max_length=512)
+TINY = dict(tile_size=56, batch_size=50, shuffle=False, max_length=512)
 
 
 def _dataset(folder, lines: int, size=(168, 56), blank: tuple[int, ...] = ()) -> str:
@@ -42,8 +42,8 @@ def _meta(tmp_path, entries: dict) -> str:
 
 
 def _names(meta: str, **options) -> list[str]:
-    loader = RecordsDataModule(train=meta, **{**TINY, **options}).train_dataloader()
-    return [name for batch in loader for name in batch["sample_names"]]
+    loader = records(train=meta, **{**TINY, **options}).train_dataloader()
+    return [name for batch in loader for name in batch["conversation"].sample_names]
 
 
 def test_max_dynamic_patch_replaces_the_global_max_tiles_even_upwards(tmp_path):
@@ -54,9 +54,9 @@ def test_max_dynamic_patch_replaces_the_global_max_tiles_even_upwards(tmp_path):
         "global": {"root": "b", "annotation": _dataset(tmp_path / "b", 1)},
         "lowered": {"root": "c", "annotation": _dataset(tmp_path / "c", 1), "max_dynamic_patch": 1},
     }
-    loader = RecordsDataModule(train=_meta(tmp_path, meta), max_tiles=2, **TINY).train_dataloader()
+    loader = records(train=_meta(tmp_path, meta), max_tiles=2, **TINY).train_dataloader()
     batch = next(iter(loader))
-    assert batch["tiles_per_sample"] == [4, 3, 1]
+    assert batch["conversation"].tiles_per_sample == [4, 3, 1]
 
 
 @pytest.mark.parametrize(
@@ -111,14 +111,14 @@ def test_data_augment_turns_the_jpeg_augmentation_on_or_off_per_dataset(tmp_path
         "unset": {"root": "c", "annotation": _dataset(tmp_path / "c", 1)},
     }
     path = _meta(tmp_path, meta)
-    data = RecordsDataModule(train=path, val=path, jpeg_quality=global_quality, max_tiles=1, **TINY)
+    data = records(train=path, val=path, jpeg_quality=global_quality, max_tiles=1, **TINY)
     train, val = data.train_dataloader().dataset, data.val_dataloader().dataset
-    records = dict(zip(meta, (read_record(item) for item in train.items)))
-    assert {name: train.builder.jpeg_quality(r) for name, r in records.items()} == expected
-    assert {name: val.builder.jpeg_quality(r) for name, r in records.items()} == dict.fromkeys(meta), "never in val"
+    by_name = dict(zip(meta, (read_record(item) for item in train.items)))
+    assert {name: train.builder.jpeg_quality(r) for name, r in by_name.items()} == expected
+    assert {name: val.builder.jpeg_quality(r) for name, r in by_name.items()} == dict.fromkeys(meta), "never in val"
     # What that means for the pixels: the same image, re-encoded only where augmentation is on.
-    pixels = dict(zip(meta, (train[i]["pixel_values"] for i in range(3))))
-    plain = val[0]["pixel_values"]
+    pixels = dict(zip(meta, (train[i]["views"]["conversation"]["pixel_values"] for i in range(3))))
+    plain = val[0]["views"]["conversation"]["pixel_values"]
     for name, quality in expected.items():
         assert torch.equal(pixels[name], plain) == (quality is None), name
 

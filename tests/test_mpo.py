@@ -95,7 +95,7 @@ def _stage(**kwargs) -> MPOStage:
 
 def _data(**kwargs):
     return ShapesDataModule(
-        task="preference", train_size=8, val_size=4, batch_size=4, system="Answer in one word.", **kwargs
+        records="preference", train_size=8, val_size=4, batch_size=4, system="Answer in one word.", **kwargs
     )
 
 

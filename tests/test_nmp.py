@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_internvl.data import RecordsDataModule, ShapesDataModule
+from lit_internvl.batch import IGNORE_INDEX
+from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.mixture import Mixture, slot_counts
 from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
-from lit_internvl.losses import IGNORE_INDEX
 from lit_internvl.stages import NMPStage
 from tests.recipes import stage_on_meta
+from tests.tiny import asked, records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,20 +34,25 @@ def _stage(data) -> NMPStage:
 
 
 def test_the_nmp_loss_is_the_square_weighted_text_loss_by_hand():
-    data = ShapesDataModule(task="nmp", tokenizer="shapes", batch_size=6, train_size=24, pack=True, max_tokens=160,
+    data = ShapesDataModule(records="documents", tokenizer="shapes", batch_size=6, train_size=24, pack=True, max_tokens=160,
                             v2pe="random")  # fmt: skip
-    batch = next(iter(data.train_dataloader()))
     stage = _stage(data)
+    whole = next(iter(data.train_dataloader()))
     assert stage.hparams.loss_reduction == "square" and all(p.requires_grad for p in stage.model.parameters())
-    loss = stage.training_step(batch, 0)
+    loss = stage.training_step(whole, 0)
+    batch = whole["conversation"]
     tokenizer = data.tokenizer
     image_ids = {tokenizer.token_to_id(t) for t in (IMG_START, IMG_CONTEXT, IMG_END)}
     with torch.no_grad():
         logits = stage.forward_batch(batch, logits_at=False)
     # By hand: every document of every row, its text targets, weight 1/√(its targets).
     total, weights, kinds = 0.0, 0.0, set()
-    for row in range(batch["input_ids"].shape[0]):
-        ids, labels, docs = batch["input_ids"][row], batch["labels"][row], batch["document_ids"][row]
+    for row in range(batch.input_ids.shape[0]):
+        ids, labels, docs = (
+            batch.input_ids[row],
+            batch.labels[row],
+            batch.document_ids[row],
+        )
         for doc in docs.unique().tolist():
             if doc < 0:
                 continue
@@ -66,8 +72,8 @@ def test_the_nmp_loss_is_the_square_weighted_text_loss_by_hand():
             weights += weight * len(terms)
     assert kinds == {True, False}, "the batch packs interleaved and text-only documents"
     assert loss.item() == pytest.approx(total / weights, rel=1e-5)
-    token_mean = F.cross_entropy(logits[batch["labels"].roll(-1, 1) != IGNORE_INDEX].float(),
-                                 batch["labels"].roll(-1, 1)[batch["labels"].roll(-1, 1) != IGNORE_INDEX])  # fmt: skip
+    targets = batch.labels.roll(-1, 1)
+    token_mean = F.cross_entropy(logits[targets != IGNORE_INDEX].float(), targets[targets != IGNORE_INDEX])
     assert abs(token_mean.item() - loss.item()) > 1e-4, "square weights differ from the token mean"
 
 
@@ -91,17 +97,17 @@ def _records(tmp_path: Path) -> tuple[str, str]:
     return str(write_records(tmp_path / "docs", "interleaved", 40)), str(write_records(tmp_path / "text", "text", 40))
 
 
-TINY = dict(tile_size=56, tokens_per_tile=4, max_tiles=1, use_thumbnail=False, batch_size=4)
+TINY = dict(tile_size=56, max_tiles=1, use_thumbnail=False, batch_size=4)
 
 
 def test_a_records_mixture_resumes_mid_epoch_with_the_same_sequence(tmp_path):
     docs, text = _records(tmp_path)
 
     def loader():
-        data = RecordsDataModule(train=[docs, text], weights=[3, 1], mixture_size=64, seed=2, **TINY)
+        data = records(train=[docs, text], weights=[3, 1], mixture_size=64, seed=2, **TINY)
         return data.train_dataloader()
 
-    whole = [batch["sample_names"] for batch in loader()]
+    whole = [batch["conversation"].sample_names for batch in loader()]
     names = [n for batch in whole for n in batch]
     kinds = [("text" in n.split(":")[0]) for n in names]
     assert len(names) == 64 and sum(kinds) == 16, "3 : 1 exactly over the epoch"
@@ -112,7 +118,7 @@ def test_a_records_mixture_resumes_mid_epoch_with_the_same_sequence(tmp_path):
     state = first.state_dict()
     resumed = loader()
     resumed.load_state_dict(state)
-    assert [batch["sample_names"] for batch in resumed] == whole[5:]
+    assert [batch["conversation"].sample_names for batch in resumed] == whole[5:]
 
 
 def test_a_shards_mixture_streams_through_litdata_in_proportion(tmp_path):
@@ -121,9 +127,9 @@ def test_a_shards_mixture_streams_through_litdata_in_proportion(tmp_path):
     docs, text = _records(tmp_path)
     prepare(["--input", docs, "--output", str(tmp_path / "docs_shards")])
     prepare(["--input", text, "--output", str(tmp_path / "text_shards")])
-    data = RecordsDataModule(train=[str(tmp_path / "docs_shards"), str(tmp_path / "text_shards")], weights=[3, 1],
+    data = records(train=[str(tmp_path / "docs_shards"), str(tmp_path / "text_shards")], weights=[3, 1],
                              **TINY)  # fmt: skip
-    names = [n for batch in data.train_dataloader() for n in batch["sample_names"]]
+    names = [n for batch in data.train_dataloader() for n in batch["conversation"].sample_names]
     text_share = sum("text" in n for n in names) / len(names)
     assert len(names) >= 20 and 0.1 <= text_share <= 0.4, (len(names), text_share)
 
@@ -131,9 +137,9 @@ def test_a_shards_mixture_streams_through_litdata_in_proportion(tmp_path):
 def test_mixture_options_name_the_option(tmp_path):
     docs, text = _records(tmp_path)
     with pytest.raises(ValueError, match="data.init_args.weights"):
-        RecordsDataModule(train=[docs, text], weights=[1], **TINY)
+        records(train=[docs, text], weights=[1], **TINY)
     with pytest.raises(ValueError, match="data.init_args.v2pe"):
-        RecordsDataModule(train=docs, v2pe="sometimes", **TINY)
+        records(train=docs, v2pe="sometimes", **TINY)
 
 
 def test_the_embedded_nmp_recipe_builds_and_its_data_mixes_documents_and_text():
@@ -145,10 +151,10 @@ def test_the_embedded_nmp_recipe_builds_and_its_data_mixes_documents_and_text():
     assert isinstance(stage, NMPStage) and stage.hparams.train == ["vision", "connector", "decoder"]
     assert all(p.requires_grad for p in stage.model.parameters())
     assert cli.datamodule.hparams.v2pe == "random" and cli.datamodule.hparams.weights == [3, 1]
-    data = ShapesDataModule(task="nmp", tokenizer="shapes", train_size=40, val_size=8, batch_size=8,
+    data = ShapesDataModule(records="documents", tokenizer="shapes", train_size=40, val_size=8, batch_size=8,
                             val_images_per_document=(6, 8), v2pe="random")  # fmt: skip
-    val = next(iter(data.val_dataloader()))
-    assert all(6 <= tiles <= 8 for tiles in val["tiles_per_sample"]), "held-out documents of 6-8 pictures"
+    val = next(iter(asked(data).val_dataloader()))["conversation"]
+    assert all(6 <= tiles <= 8 for tiles in val.tiles_per_sample), "held-out documents of 6-8 pictures"
     assert data.sample_builder(train=False).options.v2pe == {"stride": 64}, "random strides evaluate at 64"
 
 

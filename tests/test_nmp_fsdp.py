@@ -35,7 +35,7 @@ def _stage() -> NMPStage:
 
 
 def _samples(kind: str, step: int) -> list[dict]:
-    data = ShapesDataModule(task="nmp", tokenizer="shapes", v2pe="random")
+    data = ShapesDataModule(records="documents", tokenizer="shapes", v2pe="random")
     world, builder = ShapesWorld(56), data.sample_builder(train=True)
     split = ShapesText(world, 100, builder) if kind == "text" else ShapesInterleaved(world, 100, builder, (1, 2))
     return [split[step * PER_RANK + i] for i in range(PER_RANK)]
@@ -45,7 +45,7 @@ class FixedBatches(ShapesDataModule):
     """Each step's batch given in advance: rank 0 text-only, rank 1 interleaved (``ranks``), or both together."""
 
     def __init__(self, ranks: tuple[str, ...]) -> None:
-        super().__init__(task="nmp", tokenizer="shapes", v2pe="random")
+        super().__init__(records="documents", tokenizer="shapes", v2pe="random")
         self.ranks = ranks
 
     def train_dataloader(self):

@@ -3,7 +3,7 @@ server mode, on loopback) and ``RecordsDataModule`` streams them back, batch for
 batches read from the jsonl itself.
 
 The endpoint reaches litdata only through ``storage_options`` (``prepare --storage-options``,
-``RecordsDataModule(storage_options=...)``): no ``AWS_ENDPOINT_URL`` is set, so options that got
+``records(storage_options=...)``): no ``AWS_ENDPOINT_URL`` is set, so options that got
 lost on the way would send requests to AWS and fail (within the deadline) instead of passing.
 """
 
@@ -20,16 +20,16 @@ import litdata.streaming.downloader as litdata_downloader  # noqa: E402
 import litdata.utilities.dataset_utilities as litdata_cache  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
-from lit_internvl.data import RecordsDataModule  # noqa: E402
 from lit_internvl.data.records import KINDS  # noqa: E402
 from lit_internvl.data.shapes import write_records  # noqa: E402
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer  # noqa: E402
 from lit_internvl.tools.prepare import main as prepare_main  # noqa: E402
+from tests.tiny import records
 
 BUCKET = "lit-internvl-test"
 # The kinds write_records generates; steps records (the critic's) round-trip through prepare in tests/test_critic.py.
 WRITTEN = [kind for kind in KINDS if kind != "steps"]
-TINY = dict(tokens_per_tile=4, tile_size=56, max_tiles=4, batch_size=3, shuffle=False, max_length=512)
+TINY = dict(tile_size=56, max_tiles=4, batch_size=3, shuffle=False, max_length=512)
 
 
 @contextlib.contextmanager
@@ -106,8 +106,8 @@ def stream_cache(tmp_path, monkeypatch):
     return tmp_path / "stream-cache"
 
 
-def _batches(source, **overrides):
-    dm = RecordsDataModule(train=str(source), **{**TINY, **overrides})
+def _batches(source, *views, **overrides):
+    dm = records(*views, train=str(source), **{**TINY, **overrides})
     with deadline(45):
         return list(dm.train_dataloader())
 
@@ -121,18 +121,20 @@ def test_prepare_to_s3_and_stream_back(endpoint, prepared, stream_cache, kind):
 
     # conversation through two (forked) loader workers, each with its own storage client
     workers = 2 if kind == "conversation" else 0
-    streamed = _batches(url, storage_options={"endpoint_url": endpoint}, num_workers=workers)
-    direct = _batches(jsonl)
+    views = ("chosen", "rejected") if kind == "preference" else ("conversation",)
+    streamed = _batches(url, *views, storage_options={"endpoint_url": endpoint}, num_workers=workers)
+    direct = _batches(jsonl, *views)
     assert list(stream_cache.rglob("chunk-*.bin")), "chunks were downloaded from the server"
-    assert sum(len(b["sample_names"]) for b in streamed) == 5
-    for a, b in zip(streamed, direct, strict=True):
-        assert a["sample_names"] == b["sample_names"]
+    assert sum(len(b[views[0]].sample_names) for b in streamed) == 5
+    for whole_a, whole_b in zip(streamed, direct, strict=True):
+        a, b = whole_a[views[0]], whole_b[views[0]]
+        assert a.sample_names == b.sample_names
         for key in ("input_ids", "labels", "attention_mask"):
-            assert torch.equal(a[key], b[key]), key
-        assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
-        if a["pixel_values"] is not None:
-            assert torch.equal(a["pixel_values"], b["pixel_values"])
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert (a.pixel_values is None) == (b.pixel_values is None)
+        if a.pixel_values is not None:
+            assert torch.equal(a.pixel_values, b.pixel_values)
             context = ByteTokenizer().token_to_id(IMG_CONTEXT)
-            assert (a["input_ids"] == context).sum(dim=1).tolist() == [4 * t for t in a["tiles_per_sample"]]
+            assert (a.input_ids == context).sum(dim=1).tolist() == [4 * t for t in a.tiles_per_sample]
         if kind == "preference":
-            assert torch.equal(a["rejected"]["input_ids"], b["rejected"]["input_ids"])
+            assert torch.equal(whole_a["rejected"].input_ids, whole_b["rejected"].input_ids)

@@ -8,13 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.collate import Collator, first_fit
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss, supervised_positions
+from lit_internvl.data.views import View
+from lit_internvl.losses import language_model_loss, supervised_positions
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import Logits
+from tests.tiny import record_of
 
 TOKENIZER = ByteTokenizer()
+VIEWS = (View("conversation", 4),)
 
 
 def _model(backend: str) -> VisionLanguageModel:
@@ -30,7 +35,8 @@ def _sample(text: str, tiles: int, answer_from: int, seed: int) -> dict:
     labels = [IGNORE_INDEX] * answer_from + ids[answer_from:]
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(tiles, 3, 56, 56, generator=generator) if tiles else None
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels, "name": f"s{seed}"}
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels, "name": f"s{seed}",
+            "budget": 4}  # fmt: skip
 
 
 SAMPLES = [
@@ -42,7 +48,7 @@ SAMPLES = [
 
 
 def _one_by_one(model, sample):
-    logits = model(sample["input_ids"][None], sample["pixel_values"])
+    logits = model(sample["input_ids"][None], sample["pixel_values"], head=Logits())
     return logits[0]
 
 
@@ -56,23 +62,25 @@ def test_first_fit_respects_token_and_tile_bounds():
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
 def test_packed_logits_equal_samples_one_by_one(backend):
     model = _model(backend)
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles_per_row=4)(SAMPLES)
-    assert batch["input_ids"].shape[0] < len(SAMPLES), "some samples share a row"
+    batch = Collator(TOKENIZER.pad_id, VIEWS, pack=True, max_tokens=64, max_tiles_per_row=4)(
+        [record_of(s) for s in SAMPLES]
+    )
+    assert batch["conversation"].input_ids.shape[0] < len(SAMPLES), "some samples share a row"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex on CPU warns that it runs unfused
         packed = model(
-            batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-            positions=batch["positions"], document_ids=batch["document_ids"], tiles_per_sample=batch["tiles_per_sample"],
+            batch["conversation"].input_ids, batch["conversation"].images, attention_mask=batch["conversation"].attention_mask,
+            positions=batch["conversation"].positions, document_ids=batch["conversation"].document_ids, head=Logits(),
         )  # fmt: skip
         reference = [_one_by_one(model, s) for s in SAMPLES]
     seen = 0
-    for r in range(batch["input_ids"].shape[0]):
-        ids = batch["document_ids"][r]
+    for r in range(batch["conversation"].input_ids.shape[0]):
+        ids = batch["conversation"].document_ids[r]
         for document in ids.unique():
             if document < 0:
                 continue
             span = ids == document
-            row_ids = batch["input_ids"][r, span]
+            row_ids = batch["conversation"].input_ids[r, span]
             match = [i for i, s in enumerate(SAMPLES) if torch.equal(s["input_ids"], row_ids)]
             assert len(match) == 1
             assert (packed[r, span] - reference[match[0]]).abs().max() <= 1e-5
@@ -85,17 +93,21 @@ def test_packed_logits_equal_samples_one_by_one(backend):
 @pytest.mark.parametrize("logits_at", ["every position", "supervised positions"])
 def test_packed_loss_and_gradients_equal_samples_one_by_one(backend, reduction, logits_at):
     model = _model(backend)
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64, max_tiles_per_row=4)(SAMPLES)
-    supervised = supervised_positions(batch["labels"], batch["document_ids"])
+    batch = Collator(TOKENIZER.pad_id, VIEWS, pack=True, max_tokens=64, max_tiles_per_row=4)(
+        [record_of(s) for s in SAMPLES]
+    )
+    supervised = supervised_positions(batch["conversation"].labels, batch["conversation"].document_ids)
     logits = model(
-        batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-        positions=batch["positions"], document_ids=batch["document_ids"], tiles_per_sample=batch["tiles_per_sample"],
-        logits_at=supervised if logits_at == "supervised positions" else None,
+        batch["conversation"].input_ids, batch["conversation"].images, attention_mask=batch["conversation"].attention_mask,
+        positions=batch["conversation"].positions, document_ids=batch["conversation"].document_ids,
+        head=Logits(supervised if logits_at == "supervised positions" else None),
     )  # fmt: skip
     assert logits.shape[0] == (
-        int(supervised.sum()) if logits_at == "supervised positions" else batch["input_ids"].shape[0]
+        int(supervised.sum()) if logits_at == "supervised positions" else batch["conversation"].input_ids.shape[0]
     )
-    packed_loss = language_model_loss(logits, batch["labels"], batch["document_ids"], reduction)
+    packed_loss = language_model_loss(
+        logits, batch["conversation"].labels, batch["conversation"].document_ids, reduction
+    )
     packed_grads = torch.autograd.grad(packed_loss, list(model.parameters()), allow_unused=True)
 
     # The same loss by hand: per-sample summed cross-entropy and supervised-token counts.

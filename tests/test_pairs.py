@@ -5,20 +5,23 @@ files, prepared shards and the shapes world."""
 
 import json
 import logging
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lit_internvl.batch import Views
 from lit_internvl.data import RecordsDataModule, ShapesDataModule
 from lit_internvl.data.pairs import CaptionForms, caption_sample, itc_ids, normalize_caption, pair_image
 from lit_internvl.data.records import BadRecord, parse_record
 from lit_internvl.data.tokenizer import ByteTokenizer
 from lit_internvl.tools.prepare import main as prepare_main
+from tests.tiny import asked
 
 END, PAD = 258, 256  # the byte tokenizer's <|im_end|> and <|endoftext|>
-TINY = dict(tile_size=28, batch_size=4, shuffle=False, task="pairs")
+TINY = dict(tile_size=28, batch_size=4, shuffle=False)
 BATCH_KEYS = {
     "pixel_values", "input_ids", "attention_mask", "itm_ids", "itm_mask", "negative_ids", "negative_mask",
     "itg_ids", "itg_mask", "itg_labels", "label", "caption_key", "image_id", "sample_names", "skipped",
@@ -129,12 +132,29 @@ def _assert_contract(batch, size, tile=28):
 
 
 def _all(loader):
-    return [b for b in loader]
+    return [_fields(b) for b in loader]
+
+
+def _fields(batch: Views) -> dict:
+    """A pair loader's batch read as one dict: the pair view's fields, the negative view's texts, the skips."""
+    if batch.empty:
+        return {"skipped": batch.skipped, "skipped_records": batch.skipped_records}
+    negative = batch["negative"]
+    return {
+        **{f.name: getattr(batch["pair"], f.name) for f in fields(batch["pair"])},
+        "negative_ids": negative.input_ids, "negative_mask": negative.attention_mask,
+        "skipped": batch.skipped, "skipped_records": batch.skipped_records,
+    }  # fmt: skip
+
+
+def pairs(**options) -> RecordsDataModule:
+    """Image–caption records asked for pairs and ITM's negatives, as stage 2 asks."""
+    return asked(RecordsDataModule(**options), "pair", "negative")
 
 
 def test_jsonl_pairs_give_one_sample_per_caption_and_one_key_per_image(tmp_path):
     path = _write(tmp_path, _grouped_records())
-    dm = RecordsDataModule(train=str(path), val=str(path), **TINY)
+    dm = pairs(train=str(path), val=str(path), **TINY)
     batches = _all(dm.val_dataloader())
     for b in batches:
         _assert_contract(b, len(b["label"]))
@@ -165,9 +185,9 @@ def test_the_negative_is_another_images_caption_drawn_repeatably(tmp_path):
     path = _write(tmp_path, _grouped_records())
 
     def draws(seed):
-        dm = RecordsDataModule(train=str(path), val=str(path), seed=seed, **TINY)
+        dm = pairs(train=str(path), val=str(path), seed=seed, **TINY)
         rows = []
-        for b in dm.val_dataloader():
+        for b in map(_fields, dm.val_dataloader()):
             rows += [
                 (_text(b, "itm", i), _text(b, "negative", i), int(b["caption_key"][i])) for i in range(len(b["label"]))
             ]
@@ -184,14 +204,14 @@ def test_the_negative_is_another_images_caption_drawn_repeatably(tmp_path):
 
 def test_training_images_are_cropped_repeatably_and_evaluation_images_resized(tmp_path):
     path = _write(tmp_path, _grouped_records())
-    dm = RecordsDataModule(train=str(path), val=str(path), **TINY)
+    dm = pairs(train=str(path), val=str(path), **TINY)
     train = _all(dm.train_dataloader())
     assert [len(b["label"]) for b in train] == [4, 4, 4], "15 samples: the short last batch is dropped"
-    again = _all(RecordsDataModule(train=str(path), **TINY).train_dataloader())
+    again = _all(pairs(train=str(path), **TINY).train_dataloader())
     assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(train, again))
     val = _all(dm.val_dataloader())
     assert not torch.equal(train[0]["pixel_values"], val[0]["pixel_values"])
-    plain = _all(RecordsDataModule(train=str(path), augment=False, **TINY).train_dataloader())
+    plain = _all(pairs(train=str(path), augment=False, **TINY).train_dataloader())
     assert torch.equal(plain[0]["pixel_values"], val[0]["pixel_values"])
     resized = pair_image(Image.open(tmp_path / "img0.png"), 28)
     assert torch.equal(val[0]["pixel_values"][0], resized)
@@ -203,9 +223,9 @@ def test_a_meta_file_and_prepared_shards_give_the_same_pair_batches_as_jsonl(tmp
     shards = tmp_path / "shards"
     summary = prepare_main(["--input", str(path), "--image-root", str(path.parent), "--output", str(shards)])
     assert summary["written"] == 15 and summary["skipped_on_encode"] == 0, "one item per caption"
-    direct = _all(RecordsDataModule(train=str(path), **TINY).train_dataloader())
+    direct = _all(pairs(train=str(path), **TINY).train_dataloader())
     for source in (tmp_path / "meta.json", shards):
-        batches = _all(RecordsDataModule(train=str(source), **TINY).train_dataloader())
+        batches = _all(pairs(train=str(source), **TINY).train_dataloader())
         assert len(batches) == len(direct) == 3
         for a, b in zip(batches, direct):
             _assert_contract(a, 4)
@@ -226,8 +246,8 @@ def test_a_bad_pair_record_is_skipped_by_name_and_counted(tmp_path, caplog):
     path = _write(tmp_path, records)
     (tmp_path / "img5.png").write_bytes(b"not a png")
     with caplog.at_level(logging.WARNING):
-        dm = RecordsDataModule(train=str(path), **{**TINY, "batch_size": 6})
-        batch = next(iter(dm.train_dataloader()))
+        dm = pairs(train=str(path), **{**TINY, "batch_size": 6})
+        batch = _fields(next(iter(dm.train_dataloader())))
     assert batch["sample_names"] == ["pairs.jsonl:1", "pairs.jsonl:5"]
     _assert_contract(batch, 2)
     assert batch["skipped"] == {"missing image": 1, "empty caption": 1, "malformed record": 1, "not an image": 1}
@@ -235,48 +255,48 @@ def test_a_bad_pair_record_is_skipped_by_name_and_counted(tmp_path, caplog):
     assert "pairs.jsonl:3: empty caption" in caplog.text and "pairs.jsonl:7: not a pair" in caplog.text
     strict = dict(TINY, batch_size=6, strict=True)
     with pytest.raises(BadRecord, match="pairs.jsonl:7: not a pair"):
-        RecordsDataModule(train=str(path), **strict).train_dataloader()
+        pairs(train=str(path), **strict).train_dataloader()
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(BadRecord, match="pairs.jsonl:2: missing image"):
-        list(RecordsDataModule(train=str(path), **strict).train_dataloader())
+        list(pairs(train=str(path), **strict).train_dataloader())
 
 
 def test_pairs_need_two_images_for_a_negative(tmp_path):
     path = _write(tmp_path, [{"image": "img0.png", "texts": ["a", "b"]}], images=1)
     with pytest.raises(ValueError, match="at least two images"):
-        RecordsDataModule(train=str(path), **TINY).train_dataloader()
+        pairs(train=str(path), **TINY).train_dataloader()
 
 
 def test_zero_shot_classes_come_from_a_file_or_a_list(tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nsea lion\n")
-    dm = RecordsDataModule(train="unread.jsonl", task="pairs", class_names=str(names))
+    dm = RecordsDataModule(train="unread.jsonl", class_names=str(names))
     assert dm.class_names == ["cat", "dog", "sea lion"] and dm.prompt_templates == ["a photo of a {}."]
-    listed = RecordsDataModule(train="unread.jsonl", task="pairs", class_names=["cat"], prompt_templates=["{}"])
+    listed = RecordsDataModule(train="unread.jsonl", class_names=["cat"], prompt_templates=["{}"])
     assert listed.class_names == ["cat"] and listed.prompt_templates == ["{}"]
     assert dm.tokenizer.decode(dm.text_ids("a photo of a Cat.")) == "summarize:a photo of a Cat.<|im_end|>"
     names.write_text("cat\n\ndog\n")
     with pytest.raises(ValueError, match="line"):
-        RecordsDataModule(train="unread.jsonl", task="pairs", class_names=str(names))
+        RecordsDataModule(train="unread.jsonl", class_names=str(names))
     chat = RecordsDataModule(train="unread.jsonl")
-    assert chat.class_names is None and chat.prompt_templates is None
-    with pytest.raises(ValueError, match="not packed"):
-        RecordsDataModule(train="unread.jsonl", task="pairs", pack=True)
+    assert chat.class_names is None
+    with pytest.raises(ValueError, match="only a single conversation view is packed"):
+        asked(RecordsDataModule(train="unread.jsonl", pack=True), "pair")
 
 
 def test_a_test_source_gives_a_test_loader_for_both_tasks(tmp_path):
     path = _write(tmp_path, _grouped_records())
-    pairs = RecordsDataModule(train=str(path), test=str(path), **TINY)
-    assert sum(len(b["label"]) for b in pairs.test_dataloader()) == 15, "evaluation keeps every sample"
-    assert RecordsDataModule(train=str(path)).test_dataloader() == []
+    data = pairs(train=str(path), test=str(path), **TINY)
+    assert sum(len(b["pair"].label) for b in data.test_dataloader()) == 15, "evaluation keeps every sample"
+    assert pairs(train=str(path)).test_dataloader() == []
 
 
 # -- shapes ---------------------------------------------------------------------------------------
 
 
 def test_shapes_pairs_give_the_pair_batch_with_negatives_of_another_caption_key():
-    dm = ShapesDataModule(tile_size=28, train_size=16, val_size=16, batch_size=8)
-    batch = next(iter(dm.val_dataloader()))
+    dm = asked(ShapesDataModule(tile_size=28, train_size=16, val_size=16, batch_size=8), "pair", "negative")
+    batch = _fields(next(iter(dm.val_dataloader())))
     _assert_contract(batch, 8)
     assert torch.equal(batch["image_id"], torch.arange(8))
     tokenizer = dm.tokenizer
@@ -289,20 +309,20 @@ def test_shapes_pairs_give_the_pair_batch_with_negatives_of_another_caption_key(
     assert tokenizer.decode(dm.text_ids("a red circle")) == "summarize:a red circle<|im_end|>"
     plain = ShapesDataModule(tile_size=28, val_size=4, batch_size=4, itc_prefix="", prompt_templates=["{}", "a {}"])
     assert plain.prompt_templates == ["{}", "a {}"]
-    first = next(iter(plain.val_dataloader()))
+    first = _fields(next(iter(asked(plain, "pair", "negative").val_dataloader())))
     assert torch.equal(first["input_ids"], first["itm_ids"]), "no prefix: the ITC text is the ITM text"
 
 
 def test_a_resumed_pair_loader_continues_with_the_same_crops_and_negatives(tmp_path):
     path = _write(tmp_path, _grouped_records())
     options = dict(TINY, shuffle=True, batch_size=3)
-    whole = _all(RecordsDataModule(train=str(path), **options).train_dataloader())
-    first = RecordsDataModule(train=str(path), **options).train_dataloader()
+    whole = _all(pairs(train=str(path), **options).train_dataloader())
+    first = pairs(train=str(path), **options).train_dataloader()
     iterator = iter(first)
     next(iterator), next(iterator)
-    resumed = RecordsDataModule(train=str(path), **options).train_dataloader()
+    resumed = pairs(train=str(path), **options).train_dataloader()
     resumed.load_state_dict(first.state_dict())
-    rest = _all(resumed)
+    rest = [_fields(b) for b in resumed]
     assert len(rest) == len(whole) - 2
     for a, b in zip(rest, whole[2:], strict=True):
         assert a["sample_names"] == b["sample_names"]

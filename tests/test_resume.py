@@ -17,7 +17,6 @@ process continues with ``--ckpt_path``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -37,6 +36,7 @@ from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.stages import SFTStage
 from lit_internvl.tools.prepare import main as prepare_main
+from tests.tiny import asked
 
 STEPS = 6  # 4 batches per epoch: steps 0-3 are epoch 0, 4-5 epoch 1
 # What ends the run: all three give the same 6 steps (the second epoch cut at its third batch for the first
@@ -67,7 +67,7 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(outputs["loss"].item())
-        self.names.append(batch["sample_names"])
+        self.names.append(batch.first.sample_names)
 
 
 def _stage(cls: type[SFTStage] = SFTStage) -> SFTStage:
@@ -95,7 +95,9 @@ def _fit(make_data, root, kill_at=None, ckpt_path=None, ends="max_steps", stage=
 
 
 def _shapes() -> ShapesDataModule:
-    return ShapesDataModule(task="vqa", train_size=16, val_size=4, batch_size=4, system="Answer in one word.")
+    return asked(
+        ShapesDataModule(records="questions", train_size=16, val_size=4, batch_size=4, system="Answer in one word.")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_killed_sft_run_on_shapes_resumes_exactly(tmp_path, kill_at, ends):
 def _records(shards):
     def records() -> RecordsDataModule:
         return RecordsDataModule(
-            train=str(shards), tokens_per_tile=4, tile_size=56, max_tiles=1, use_thumbnail=False, batch_size=2,
+            train=str(shards), tile_size=56, max_tiles=1, use_thumbnail=False, batch_size=2,
             max_length=512, shuffle=True,
         )  # fmt: skip
 
@@ -173,8 +175,7 @@ class StepLog(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        # Pair batches carry no names: the digest of their token ids stands for the samples.
-        samples = batch.get("sample_names") or hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()
+        samples = batch.first.sample_names
         with open(self.path, "a") as f:  # json writes a float's repr: read back, it is the same float32 loss
             f.write(json.dumps({"step": trainer.global_step, "loss": loss.item(), "samples": samples}) + "\n")
 
@@ -255,7 +256,7 @@ def test_sft_recipe_on_prepared_shards_killed_mid_epoch_resumes_exactly(tmp_path
     # recipe's tokenizer, tile size and tokens per tile.
     data = {
         "class_path": "lit_internvl.data.RecordsDataModule",
-        "init_args": {"train": str(shards), "tokenizer": "shapes", "tile_size": 84, "tokens_per_tile": 9,
+        "init_args": {"train": str(shards), "tokenizer": "shapes", "tile_size": 84,
                       "max_tiles": 1, "use_thumbnail": False, "batch_size": 2, "max_length": 512, "num_workers": 1},
     }  # fmt: skip
     _check_cli_resume(tmp_path, "sft.yaml", {"model": _TINY_SFT_MODEL, "data": data}, steps=4, kill_at=2)
@@ -271,4 +272,6 @@ def test_loader_state_excludes_the_batch_lightning_fetched_ahead():
     assert loader.state_dict()["batches"] == 1  # what a checkpoint after step 0 must hold
     resumed = _shapes().train_dataloader()
     resumed.load_state_dict(loader.state_dict())
-    assert [b["sample_names"] for b in resumed] == [b["sample_names"] for b in list(_shapes().train_dataloader())[1:]]
+    assert [b["conversation"].sample_names for b in resumed] == [
+        b["conversation"].sample_names for b in list(_shapes().train_dataloader())[1:]
+    ]

@@ -16,6 +16,7 @@ from lit_internvl.inference import generate, sample_next
 from lit_internvl.lora import add_lora, lora_disabled, merge_lora
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.stages import SFTStage
+from tests.tiny import asked
 
 TOKENIZER = ByteTokenizer()
 
@@ -28,19 +29,23 @@ def _vlm(seed: int = 0) -> VisionLanguageModel:
 
 
 def _prompts():
-    dm = ShapesDataModule(task="vqa", batch_size=3, val_size=3, system="Answer in one word.")
-    return next(iter(dm.predict_dataloader()))
+    dm = ShapesDataModule(records="questions", batch_size=3, val_size=3, system="Answer in one word.")
+    return next(iter(asked(dm, "prompt").predict_dataloader()))["prompt"]
 
 
 def _generate(model, batch, **kwargs):
     return generate(
-        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"], **kwargs
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.images,
+        **kwargs,
     )
 
 
 def test_generation_with_cache_equals_generation_without():
     model, batch = _vlm(), _prompts()
-    assert (batch["attention_mask"][:, 0] == 0).any(), "the prompts are left-padded to different lengths"
+    assert (batch.attention_mask[:, 0] == 0).any(), "the prompts are left-padded to different lengths"
     greedy = _generate(model, batch, max_new_tokens=12)
     assert greedy == _generate(model, batch, max_new_tokens=12, use_cache=False)
     sampled = [_generate(model, batch, max_new_tokens=12, temperature=1.0, top_p=0.9, use_cache=cache,
@@ -52,12 +57,12 @@ def test_generation_with_cache_equals_generation_without():
 def test_left_padding_does_not_change_the_answer():
     model, batch = _vlm(), _prompts()
     together = _generate(model, batch, max_new_tokens=8)
-    for row in range(batch["input_ids"].shape[0]):
-        keep = batch["attention_mask"][row] == 1
+    for row in range(batch.input_ids.shape[0]):
+        keep = batch.attention_mask[row] == 1
         alone = generate(
             model,
-            batch["input_ids"][row][keep][None],
-            pixel_values=batch["pixel_values"][row : row + 1],
+            batch.input_ids[row][keep][None],
+            images=batch.pixel_values[row : row + 1],
             max_new_tokens=8,
         )
         assert alone[0] == together[row]
@@ -95,13 +100,13 @@ def test_lora_merged_and_unmerged_give_the_same_logits():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if "lora_" in n
     }
-    inputs = (batch["input_ids"], batch["pixel_values"])
+    inputs = (batch.input_ids, batch.images)
     with torch.no_grad():
-        adapted = model(*inputs, attention_mask=batch["attention_mask"])
+        adapted = model(*inputs, attention_mask=batch.attention_mask)
         with lora_disabled(model):
-            base = model(*inputs, attention_mask=batch["attention_mask"])
+            base = model(*inputs, attention_mask=batch.attention_mask)
         merge_lora(model)
-        merged = model(*inputs, attention_mask=batch["attention_mask"])
+        merged = model(*inputs, attention_mask=batch.attention_mask)
     assert (adapted - base).abs().max() > 1e-3
     assert (adapted - merged).abs().max() <= 1e-5
     assert not any("lora_" in n for n in model.state_dict())
@@ -117,7 +122,7 @@ def _stage(**kwargs) -> SFTStage:
 
 def _fit(stage, tmp_path, steps=2, **data_options):
     data = ShapesDataModule(
-        task="vqa", train_size=16, val_size=8, batch_size=8, system="Answer in one word.", **data_options
+        records="questions", train_size=16, val_size=8, batch_size=8, system="Answer in one word.", **data_options
     )
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
@@ -195,7 +200,7 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
             "decoder": {"class_path": "lit_internvl.components.Decoder", "init_args": {"config": "tiny"}},
             "max_new_tokens": 4}},
         "data": {"class_path": "lit_internvl.data.ShapesDataModule", "init_args": {
-            "task": "vqa", "train_size": 8, "val_size": 4, "batch_size": 4, "system": "Answer in one word."}},
+            "records": "questions", "train_size": 8, "val_size": 4, "batch_size": 4, "system": "Answer in one word."}},
     }  # fmt: skip
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -222,7 +227,6 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
     assert cut_warned == (not all(line["finished"] for line in lines))
 
     image = tmp_path / "scene.png"
-    ShapesDataModule(task="vqa")._dataset("test", 1)  # the world renders scenes; save one
     from lit_internvl.data.shapes import ShapesWorld
 
     ShapesWorld(split="test").vqa(0)["image"].save(image)

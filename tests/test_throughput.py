@@ -11,14 +11,18 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.flop_counter import FlopCounterMode
 
+from lit_internvl.batch import PairBatch, Views
 from lit_internvl.callbacks.throughput import TrainingThroughput, count_samples, count_tokens
 from lit_internvl.components import Decoder, InternViT, InternViTConfig, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.data.views import View
 from lit_internvl.flops import batch_flops, document_lengths, vlm_flops
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import SFTStage
+from tests.tiny import record_of
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
@@ -44,22 +48,22 @@ def test_flop_count_equals_flop_counter_mode_forward_and_training():
     pixels = torch.randn(2, 3, 56, 56)
     count = vlm_flops(model, [40, 40], tiles=2)
     assert count.attention > 0 and count.no_input_grad > 0
-    assert _counted(lambda: model(ids, pixels)) == count.forward
-    assert _counted(lambda: model(ids, pixels).float().sum().backward()) == count.training
+    assert _counted(lambda: model(ids, pixels, head=Logits())) == count.forward
+    assert _counted(lambda: model(ids, pixels, head=Logits()).float().sum().backward()) == count.training
 
 
 def test_packed_documents_count_their_own_attention():
     """A packed row costs what its documents cost one by one, not the square of the row."""
     model = _vlm()
     documents = [torch.randint(0, 256, (n,)) for n in (7, 19, 12)]
-    alone = sum(_counted(lambda d=d: model(d[None])) for d in documents)
-    samples = [{"input_ids": d, "labels": d, "pixel_values": None, "name": f"doc{i}"} for i, d in enumerate(documents)]
-    batch = Collator(pad_id=0, pack=True, max_tokens=64)(samples)
-    assert batch["input_ids"].shape[0] == 1 and document_lengths(batch["attention_mask"], batch["document_ids"]) == [
-        7,
-        19,
-        12,
+    alone = sum(_counted(lambda d=d: model(d[None], head=Logits())) for d in documents)
+    samples = [
+        record_of({"input_ids": d, "labels": d, "pixel_values": None, "name": f"doc{i}", "budget": 4})
+        for i, d in enumerate(documents)
     ]
+    batch = Collator(0, (View("conversation", 4),), pack=True, max_tokens=64)(samples)
+    row = batch["conversation"]
+    assert row.input_ids.shape[0] == 1 and document_lengths(row.attention_mask, row.document_ids) == [7, 19, 12]
     assert batch_flops(model, batch).forward == alone
     whole_row = vlm_flops(model, [38], tiles=0).forward
     assert whole_row > alone
@@ -70,7 +74,7 @@ def test_throughput_callback_logs_tokens_samples_mfu_and_peak_memory(tmp_path, o
     torch.manual_seed(0)
     stage = SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"),
                      image_context_id=CONTEXT, warmup_steps=1)  # fmt: skip
-    data = ShapesDataModule(task="vqa", train_size=16, val_size=4, batch_size=4)
+    data = ShapesDataModule(records="questions", train_size=16, val_size=4, batch_size=4)
     peak = 1e12  # a CPU has no entry in Lightning's table of peak FLOP/s
     trainer = L.Trainer(
         accelerator="cpu", max_steps=4, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1,
@@ -101,12 +105,14 @@ def test_dual_encoder_flops_equal_flop_counter_mode(image_pooling):
         TextEncoder(LanguageConfig.from_name("tiny", attn_backend="eager")),
         image_pooling=image_pooling,
     )
-    batch = {"pixel_values": torch.randn(3, 3, 56, 56), "input_ids": torch.randint(0, 256, (3, 20))}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    pixels, ids = torch.randn(3, 3, 56, 56), torch.randint(0, 256, (3, 20))
+    mask = torch.ones_like(ids)
     # The math kernel runs attention pooling's scaled_dot_product_attention as matmuls the counter sees.
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        counted = _counted(lambda: model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
-    assert batch_flops(model, batch).forward == counted
+        counted = _counted(lambda: model(pixels, ids, mask))
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    pairs = PairBatch(pixels, ids, mask, empty, empty, empty, empty, empty, empty, empty, empty, ["a", "b", "c"])
+    assert batch_flops(model, Views({"pair": pairs})).forward == counted
 
 
 # -- the peak table and MFU -------------------------------------------------------------------------------------

@@ -17,16 +17,39 @@ from lit_internvl.data.records import Record
 from lit_internvl.data.samples import SampleBuilder, SampleOptions, split_points
 from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_START, ByteTokenizer
 from lit_internvl.data.v2pe import RANDOM_STRIDES, check_v2pe, image_runs
+from lit_internvl.data.views import View
 from lit_internvl.inference.generate import generate
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import Logits
+from tests.tiny import record_of
 
 TOKENIZER = ByteTokenizer()
 CONTEXT = TOKENIZER.token_to_id(IMG_CONTEXT)
 
 
-def _builder(v2pe, **options) -> SampleBuilder:
-    options = dict(tokens_per_tile=4, tile_size=56, max_tiles=4, use_thumbnail=True, strict=True) | options
-    return SampleBuilder(TOKENIZER, SampleOptions(v2pe=v2pe, **options))
+def _builder(v2pe, **options):
+    """Records → their conversation view at 4 tokens a tile (a split document: its parts, each that view)."""
+    options = dict(tile_size=56, max_tiles=4, use_thumbnail=True, strict=True) | options
+    builder = SampleBuilder(TOKENIZER, SampleOptions(v2pe=v2pe, **options), (View("conversation", 4),))
+
+    def build(record: Record) -> dict:
+        out = builder(record)
+        if "parts" in out:
+            return {**out, "parts": [part["views"]["conversation"] for part in out["parts"]]}
+        return out["views"]["conversation"]
+
+    return build
+
+
+def _collate(samples: list[dict], prompt: bool = False, whole: bool = False, **options):
+    """Samples of :func:`_builder` in one batch (``prompt``: left-padded, as prompts to answer); ``whole``: the
+    loader's :class:`~lit_internvl.batch.Views`, skips and all."""
+    view = View("prompt" if prompt else "conversation", 4)
+    records = [
+        {**s, "parts": [record_of(p) for p in s["parts"]]} if "parts" in s else record_of(s, view.name) for s in samples
+    ]
+    views = Collator(TOKENIZER.pad_id, (view,), **options)(records)
+    return views if whole else views[view.name]
 
 
 def _document(name: str = "doc") -> Record:
@@ -77,7 +100,7 @@ def test_the_sample_is_what_the_hand_computed_lists_assume():
     assert sample["pixel_values"].shape[0] == 4, "2 tiles + a thumbnail, then 1 tile"
     assert [end - start for start, end in image_runs(ids, CONTEXT)] == [12, 4]
     assert TOKENIZER.decode(ids[:3]) == "ab" + IMG_START and TOKENIZER.decode(ids[-2:-1]) == "d"
-    assert "positions" not in sample, "off: the collator numbers the tokens"
+    assert sample["positions"] is None, "off: the collator numbers the tokens"
 
 
 @pytest.mark.parametrize("stride", [256, 64, 1])
@@ -93,10 +116,10 @@ def test_positions_of_a_packed_hand_written_sample_equal_the_hand_computed_list(
     ids = document["input_ids"].tolist()
     assert document["positions"].tolist() == _reference_positions(ids, [3, 1], [stride, stride]).tolist()
     # Packed after a second document, each restarts and keeps its own positions through collation.
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=64)([document, text])
-    assert batch["positions"].dtype == torch.float32
-    assert batch["positions"][0, : len(expected) + 3].tolist() == expected + [0, 1, 2]
-    assert batch["document_ids"][0, : len(expected) + 3].tolist() == [0] * len(expected) + [1, 1, 1]
+    batch = _collate(pack=True, max_tokens=64, samples=[document, text])
+    assert batch.positions.dtype == torch.float32
+    assert batch.positions[0, : len(expected) + 3].tolist() == expected + [0, 1, 2]
+    assert batch.document_ids[0, : len(expected) + 3].tolist() == [0] * len(expected) + [1, 1, 1]
 
 
 def test_random_strides_are_drawn_per_image_and_seeded_per_record():
@@ -136,15 +159,15 @@ def _model() -> VisionLanguageModel:
 
 def test_delta_one_gives_the_logits_of_plain_rope_exactly():
     model = _model()
-    plain = Collator(TOKENIZER.pad_id)([_builder("off")(_document())])
-    v2pe = Collator(TOKENIZER.pad_id)([_builder({"stride": 256})(_document())])
-    assert torch.equal(plain["positions"], v2pe["positions"])
+    plain = _collate(samples=[_builder("off")(_document())])
+    v2pe = _collate(samples=[_builder({"stride": 256})(_document())])
+    assert torch.equal(plain.positions, v2pe.positions)
     with torch.no_grad():
-        a = model(plain["input_ids"], plain["pixel_values"], positions=plain["positions"])
-        b = model(v2pe["input_ids"], v2pe["pixel_values"], positions=v2pe["positions"])
-        c = model(plain["input_ids"], plain["pixel_values"])  # the decoder's own 0..L-1
-        fractional = Collator(TOKENIZER.pad_id)([_builder({"stride": 16})(_document())])
-        d = model(fractional["input_ids"], fractional["pixel_values"], positions=fractional["positions"])
+        a = model(plain.input_ids, plain.images, positions=plain.positions, head=Logits())
+        b = model(v2pe.input_ids, v2pe.images, positions=v2pe.positions, head=Logits())
+        c = model(plain.input_ids, plain.images, head=Logits())  # the decoder's own 0..L-1
+        fractional = _collate(samples=[_builder({"stride": 16})(_document())])
+        d = model(fractional.input_ids, fractional.images, positions=fractional.positions, head=Logits())
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.allclose(a, d), "fractional positions change the logits (the test can fail)"
 
@@ -153,18 +176,22 @@ def test_positions_survive_bf16_autocast_bit_exact():
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     model = _model()
-    batch = Collator(TOKENIZER.pad_id)([_builder({"stride": 1})(_document())])
+    batch = _collate(samples=[_builder({"stride": 1})(_document())])
     batch = MixedPrecision("bf16-mixed", "cpu").convert_input(batch)  # what Lightning does to a batch
-    assert batch["positions"].dtype == torch.float32
+    assert batch.positions.dtype == torch.float32
     seen = []
     hook = model.decoder.rotary.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(batch["input_ids"], batch["pixel_values"], positions=batch["positions"])
+        model(
+            batch.input_ids,
+            batch.images,
+            positions=batch.positions,
+        )
     hook.remove()
     (positions, (cos, sin)), *_ = seen
-    assert positions.dtype == torch.float32 and torch.equal(positions, batch["positions"])
+    assert positions.dtype == torch.float32 and torch.equal(positions, batch.positions)
     assert cos.dtype == torch.float32
-    angles = batch["positions"].double()[..., None] * model.decoder.rotary.inv_freq.double()
+    angles = batch.positions.double()[..., None] * model.decoder.rotary.inv_freq.double()
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     assert (cos.double() - angles.cos()).abs().max() < 1e-6, "the angles are float32, not bf16-rounded"
     assert torch.bfloat16 != positions.dtype and torch.tensor(2 + 1 / 256, dtype=torch.bfloat16).item() == 2.0, (
@@ -176,9 +203,14 @@ def test_cached_generation_equals_uncached_and_continues_the_v2pe_positions():
     model = _model()
     prompts = [_builder({"stride": 64})(_document(f"p{i}")) for i in range(2)]
     prompts[1] = _builder({"stride": 16})(_document("p1"))
-    batch = Collator(TOKENIZER.pad_id, left_pad=True)(prompts)
-    kwargs = dict(max_new_tokens=6, positions=batch["positions"])
-    args = (model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"])
+    batch = _collate(prompt=True, samples=prompts)
+    kwargs = dict(max_new_tokens=6, positions=batch.positions)
+    args = (
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.images,
+    )
     cached, uncached = generate(*args, **kwargs), generate(*args, use_cache=False, **kwargs)
     assert cached == uncached
     # By hand: the answer's tokens take the positions after the prompt's last (text) position, one by one.
@@ -189,15 +221,14 @@ def test_cached_generation_equals_uncached_and_continues_the_v2pe_positions():
         pixels = prompts[row]["pixel_values"]
         for token in tokens:
             with torch.no_grad():
-                logits = model(torch.tensor([ids]), pixels, positions=torch.tensor([positions]))
+                logits = model(torch.tensor([ids]), pixels, positions=torch.tensor([positions]), head=Logits())
             assert logits[0, -1].argmax().item() == token
             ids, positions = ids + [token], positions + [positions[-1] + 1]
         assert len(ids) == length + len(tokens)
-    off = Collator(TOKENIZER.pad_id, left_pad=True)([_builder("off")(_document("p0"))])
-    plain = generate(model, off["input_ids"], off["attention_mask"], off["pixel_values"], off["tiles_per_sample"],
-                     max_new_tokens=6)  # fmt: skip
-    assert plain == generate(model, off["input_ids"], off["attention_mask"], off["pixel_values"],
-                             off["tiles_per_sample"], max_new_tokens=6, positions=off["positions"])  # fmt: skip
+    off = _collate(prompt=True, samples=[_builder("off")(_document("p0"))])
+    plain = generate(model, off.input_ids, off.attention_mask, off.images, max_new_tokens=6)
+    assert plain == generate(model, off.input_ids, off.attention_mask, off.images, max_new_tokens=6,
+                             positions=off.positions)  # fmt: skip
 
 
 def test_split_points_cut_between_images_never_inside_a_span():
@@ -218,8 +249,8 @@ def test_an_over_long_document_is_split_between_images_keeping_its_positions():
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
     assert torch.equal(torch.cat([p["positions"] for p in parts]), whole["positions"]), "each part keeps its own"
     assert [p["pixel_values"].shape[0] for p in parts] == [3, 1]
-    batch = Collator(TOKENIZER.pad_id, pack=True, max_tokens=20)([split])
-    assert batch["tiles_per_sample"] == [3, 1] and batch["positions"][1, 0].item() == whole["positions"][18].item()
+    batch = _collate(pack=True, max_tokens=20, samples=[split])
+    assert batch.tiles_per_sample == [3, 1] and batch.positions[1, 0].item() == whole["positions"][18].item()
     # A part with nothing to train is dropped and counted.
     masked = _builder("off", max_length=6, split_long=True)
     record = Record("interleaved", "img-only", {"texts": ["<image>", "<image> more text here"]},
@@ -227,7 +258,6 @@ def test_an_over_long_document_is_split_between_images_keeping_its_positions():
     sample = masked(record)  # <img>4</img> ' ' <img>4</img> " more text here" <eos>: 29 tokens
     assert [len(p["input_ids"]) for p in sample["parts"]] == [6, 6, 4], "the trained text"
     assert sample["dropped"] == 3, "the two image spans alone and the ' ' between them (no target within)"
-    assert Collator(TOKENIZER.pad_id)([sample])["skipped"] == {"empty split part": 3}
-    assert _builder("off", max_length=6, strict=False).safe(record)["skipped"] == "over-long sample", (
-        "off without split_long"
-    )
+    assert _collate(samples=[sample], whole=True).skipped == {"empty split part": 3}
+    safe = SampleBuilder(TOKENIZER, SampleOptions(max_length=6, tile_size=56), (View("conversation", 4),)).safe
+    assert safe(record)["skipped"] == "over-long sample", "off without split_long"

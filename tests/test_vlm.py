@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from lit_internvl.batch import Images
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data.collate import pad_ids
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.models import ImageTokenMismatchError, VisionLanguageModel
+from lit_internvl.models.vlm import Logits
 
 TOKENIZER = ByteTokenizer()
 CONTEXT_ID = TOKENIZER.token_to_id(IMG_CONTEXT)
@@ -50,7 +52,7 @@ def test_user_connector_forward_and_backward():
     input_ids = torch.stack([_prompt(1, 4), _prompt(1, 4, "and now it?")])
     pixel_values = torch.randn(2, 3, 56, 56)
 
-    logits = model(input_ids, pixel_values, tiles_per_sample=[1, 1])
+    logits = model(input_ids, Images.uniform(pixel_values, [1, 1], 4), head=Logits())
     assert logits.shape == (2, input_ids.shape[1], Decoder("tiny").config.vocab_size)
     logits.logsumexp(-1).mean().backward()
     assert model.connector.proj.weight.grad.abs().sum() > 0
@@ -64,8 +66,8 @@ def test_image_features_are_spliced_at_the_context_slots_in_order():
     input_ids, _ = pad_ids([_prompt(2, tokens), _prompt(1, tokens)], TOKENIZER.pad_id)
     pixel_values = torch.randn(3, 3, 56, 56)
 
-    embeds = model.embed(input_ids, pixel_values, tiles_per_sample=[2, 1])
-    features = model.embed_images(pixel_values).reshape(-1, model.decoder.hidden_size)
+    embeds = model.embed(input_ids, Images.uniform(pixel_values, [2, 1], 4))
+    features = model.embed_images(pixel_values)
     slots = (input_ids == CONTEXT_ID).nonzero()
     torch.testing.assert_close(embeds[slots[:, 0], slots[:, 1]], features)
     text = input_ids != CONTEXT_ID
@@ -76,7 +78,7 @@ def test_token_count_mismatch_names_the_sample():
     model = _model()
     input_ids = torch.stack([_prompt(1, 4), torch.cat([_prompt(1, 3), torch.tensor([32])])])
     with pytest.raises(ImageTokenMismatchError, match=r"'dog\.jpg#7' has 3 <IMG_CONTEXT> tokens .* give 4"):
-        model(input_ids, torch.randn(2, 3, 56, 56), tiles_per_sample=[1, 1], sample_names=["cat.jpg#1", "dog.jpg#7"])
+        model(input_ids, Images.uniform(torch.randn(2, 3, 56, 56), [1, 1], 4), sample_names=["cat.jpg#1", "dog.jpg#7"])
     with pytest.raises(ImageTokenMismatchError, match="7 <IMG_CONTEXT> tokens"):
         model(input_ids, torch.randn(2, 3, 56, 56))
     with pytest.raises(ImageTokenMismatchError, match="no images"):

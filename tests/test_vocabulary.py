@@ -18,6 +18,7 @@ from lit_internvl.data.shapes import write_records
 from lit_internvl.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from lit_internvl.hf import export_vlm
 from lit_internvl.models.builders import internvl
+from lit_internvl.models.vlm import Logits
 from lit_internvl.models.vocabulary import grow_vocabulary
 from lit_internvl.stages import SFTStage
 from lit_internvl.tools.export import main as export_main
@@ -51,7 +52,7 @@ def test_two_new_tokens_keep_the_old_logits_and_start_at_the_old_mean(tie):
     old_head = old if tie else model.decoder.lm_head.weight.detach().double().clone()
     input_ids, pixel_values = _inputs(model, 272)
     with torch.no_grad():
-        before = model(input_ids, pixel_values)
+        before = model(input_ids, pixel_values, head=Logits())
 
     message = grow_vocabulary(model.decoder, 2)
     assert "272 to 274" in message
@@ -67,8 +68,8 @@ def test_two_new_tokens_keep_the_old_logits_and_start_at_the_old_mean(tie):
         assert decoder.lm_head.weight.shape == (274, 128)
         assert torch.allclose(decoder.lm_head.weight[272:].double(), old_head.mean(0).expand(2, -1), atol=1e-7)
     with torch.no_grad():
-        after = model(input_ids, pixel_values)
-        with_new = model(torch.cat([input_ids, torch.tensor([[272], [273]])], dim=1), pixel_values)
+        after = model(input_ids, pixel_values, head=Logits())
+        with_new = model(torch.cat([input_ids, torch.tensor([[272], [273]])], dim=1), pixel_values, head=Logits())
     assert after.shape[-1] == 274
     diff = (after[..., :272] - before).abs().max().item()
     print(f"\n[{'tied' if tie else 'untied'}] old ids' logits after growing by two: max |Δ| = {diff:.1e}")
@@ -89,7 +90,9 @@ def test_the_grown_model_exports_and_loads_in_transformers(tmp_path):
     input_ids, pixel_values = _inputs(model, 274)  # new ids among the inputs
     input_ids[0, -1], input_ids[1, -1] = 272, 273
     with torch.no_grad():
-        diff = exported(input_ids=input_ids, pixel_values=pixel_values).logits - model(input_ids, pixel_values)
+        diff = exported(input_ids=input_ids, pixel_values=pixel_values).logits - model(
+            input_ids, pixel_values, head=Logits()
+        )
     print(f"\n[grown export] max |Δlogit| vs transformers = {diff.abs().max().item():.1e}")
     assert diff.abs().max().item() <= TOLERANCE
 
@@ -97,7 +100,7 @@ def test_the_grown_model_exports_and_loads_in_transformers(tmp_path):
 def _records(tmp_path, tokenizer: str, add_tokens=None) -> RecordsDataModule:
     jsonl = write_records(tmp_path / "records", "conversation", count=4)
     return RecordsDataModule(
-        train=str(jsonl), tokenizer=tokenizer, add_tokens=add_tokens, tokens_per_tile=4, tile_size=56, max_tiles=1,
+        train=str(jsonl), tokenizer=tokenizer, add_tokens=add_tokens, tile_size=56, max_tiles=1,
         use_thumbnail=False, batch_size=2, max_length=512, shuffle=False,
     )  # fmt: skip
 
@@ -163,7 +166,9 @@ def test_export_command_reads_a_grown_checkpoint(tmp_path):
     assert exported.get_input_embeddings().weight.shape[0] == 274
     input_ids, pixel_values = _inputs(model, 274)
     with torch.no_grad():
-        diff = exported(input_ids=input_ids, pixel_values=pixel_values).logits - model(input_ids, pixel_values)
+        diff = exported(input_ids=input_ids, pixel_values=pixel_values).logits - model(
+            input_ids, pixel_values, head=Logits()
+        )
     assert diff.abs().max().item() <= TOLERANCE
 
 
@@ -171,7 +176,7 @@ def test_a_tokenizer_folder_with_more_ids_than_the_decoder_grows_it(tmp_path):
     """The folder's 146 ids fit a decoder of 146; HFTokenizer adds the 6 InternVL tokens it lacks (<quad>, …):
     the decoder grows by exactly those 6."""
     folder = _tokenizer_folder(tmp_path / "tok")
-    data = RecordsDataModule(train=str(tmp_path / "unused.jsonl"), tokenizer=str(folder), tokens_per_tile=4,
+    data = RecordsDataModule(train=str(tmp_path / "unused.jsonl"), tokenizer=str(folder),
                              tile_size=56)  # fmt: skip
     assert data.tokenizer.vocab_size == 152
     torch.manual_seed(0)

@@ -7,6 +7,8 @@ import os
 
 import lightning as L
 
+from lit_internvl.batch import Views
+
 
 def _scan_records(loader) -> list[dict]:
     """The records a loader's data set dropped when it indexed its files (malformed lines never reach a batch)."""
@@ -60,9 +62,9 @@ class BadSampleReport(L.Callback):
             self._write_scan(trainer, "val", trainer.val_dataloaders)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, dict):
-            self._write(trainer, "train", "batch", batch.get("skipped_records") or [])
+        if isinstance(batch, Views):
+            self._write(trainer, "train", "batch", batch.skipped_records)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        if isinstance(batch, dict) and not trainer.sanity_checking:
-            self._write(trainer, "val", "batch", batch.get("skipped_records") or [])
+        if isinstance(batch, Views) and not trainer.sanity_checking:
+            self._write(trainer, "val", "batch", batch.skipped_records)

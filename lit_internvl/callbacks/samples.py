@@ -12,11 +12,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
 
+from lit_internvl.batch import IGNORE_INDEX, Images
 from lit_internvl.data.images import IMAGENET_MEAN, IMAGENET_STD
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.distributed import unsharded
 from lit_internvl.inference.generate import generate
-from lit_internvl.losses import IGNORE_INDEX
 
 
 def to_image(tile: torch.Tensor) -> Image.Image:
@@ -90,8 +90,9 @@ class SampleLogger(L.Callback):
             )
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
-        if batch_idx or dataloader_idx or trainer.sanity_checking or batch.get("input_ids") is None:
+        if batch_idx or dataloader_idx or trainer.sanity_checking or batch.empty:
             return
+        batch = batch.first
         if isinstance(outputs, dict) and "image_embeddings" in outputs:
             self.rows = self.nearest(pl_module, batch, outputs)
         else:
@@ -107,11 +108,11 @@ class SampleLogger(L.Callback):
         prefix = getattr(getattr(data, "caption_forms", None), "itc_prefix", "") or ""
         captions = [
             data.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).removeprefix(prefix).strip()
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+            for ids, mask in zip(batch.input_ids, batch.attention_mask)
         ]
         classes = getattr(pl_module, "class_embeddings", None)
         if classes is not None:
-            names, candidates, truths = list(data.class_names), classes, [int(x) for x in batch["label"][:k]]
+            names, candidates, truths = list(data.class_names), classes, [int(x) for x in batch.label[:k]]
             title = "nearest classes"
         else:
             names, candidates, truths = captions, outputs["text_embeddings"], list(range(len(image_emb)))
@@ -122,7 +123,7 @@ class SampleLogger(L.Callback):
         for row, (values, indices) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             truth = names[truths[row]] if truths[row] >= 0 else "(no label)"
             lines = [f"true: {truth}", f"{title}:"] + [f"{names[i]} ({v:.2f})" for i, v in zip(indices, values)]
-            rows.append({"image": to_image(batch["pixel_values"][row]), "name": batch["sample_names"][row],
+            rows.append({"image": to_image(batch.pixel_values[row]), "name": batch.sample_names[row],
                          "lines": lines, "truth": truth, "nearest": [names[i] for i in indices]})  # fmt: skip
         return rows
 
@@ -130,29 +131,28 @@ class SampleLogger(L.Callback):
 
     def answers(self, pl_module, batch: dict) -> list[dict]:
         model, tokenizer = pl_module.model, pl_module.data.tokenizer
-        rows = min(self.num_samples, len(batch["input_ids"]))
-        first_tile = [0, *torch.tensor(batch["tiles_per_sample"]).cumsum(0).tolist()]
-        context_id, documents = tokenizer.token_to_id(IMG_CONTEXT), batch.get("document_ids")
+        rows = min(self.num_samples, batch.rows)
+        context_id, documents = tokenizer.token_to_id(IMG_CONTEXT), batch.document_ids
         prompts, references, images = [], [], []
         for row in range(rows):
             # A packed row's first document; an unpacked row's real tokens (either padding side).
-            keep = (documents[row] == 0) if documents is not None else batch["attention_mask"][row].bool()
-            ids, labels, positions = (
-                batch["input_ids"][row][keep],
-                batch["labels"][row][keep],
-                batch["positions"][row][keep],
-            )
+            keep = (documents[row] == 0) if documents is not None else batch.attention_mask[row].bool()
+            ids, labels, positions = batch.input_ids[row][keep], batch.labels[row][keep], batch.positions[row][keep]
             answer = _last_run(labels)
-            reference = (batch.get("reference") or [None] * rows)[row]
+            reference = (batch.reference or [None] * rows)[row]
             if answer is not None:  # a trained sample: its prompt is everything before its last answer
                 if reference is None:
                     reference = tokenizer.decode(ids[answer[0] : answer[1]].tolist(), skip_special_tokens=True)
                 ids, positions = ids[: answer[0]], positions[: answer[0]]
-            tiles = int((ids == context_id).sum()) // model.tokens_per_tile() if model.tile_size else 0
-            pixels = batch["pixel_values"][first_tile[row] : first_tile[row] + tiles] if tiles else None
-            prompts.append((ids, positions, pixels, tiles))
+            tiles = batch.tiles_per_sample[row] if documents is None else _first_document_tiles(ids, context_id, batch)
+            images_of_row = batch.images.rows([row]) if tiles and batch.images is not None else None
+            if images_of_row is not None and tiles != batch.tiles_per_sample[row]:  # a packed row's first document
+                images_of_row = Images(images_of_row.pixel_values[:tiles], [tiles], images_of_row.budgets[:tiles])
+            prompts.append((ids, positions, images_of_row, tiles))
             references.append(reference)
-            images.append(to_image(pixels[-1]) if tiles else Image.new("RGB", (32, 32), "lightgray"))
+            images.append(
+                to_image(images_of_row.pixel_values[-1]) if images_of_row else Image.new("RGB", (32, 32), "lightgray")
+            )
         width = max(len(ids) for ids, *_ in prompts)
         input_ids = torch.full((rows, width), tokenizer.pad_id, dtype=torch.long, device=pl_module.device)
         mask = torch.zeros_like(input_ids)
@@ -160,18 +160,22 @@ class SampleLogger(L.Callback):
         for row, (ids, pos, _, _) in enumerate(prompts):  # left-padded, as generation reads prompts
             input_ids[row, width - len(ids) :], mask[row, width - len(ids) :] = ids, 1
             positions[row, width - len(ids) :] = pos
-        pixels = [p for _, _, p, _ in prompts if p is not None]
+        own = [p for _, _, p, _ in prompts if p is not None]
+        images_all = None
+        if own:
+            images_all = Images(
+                torch.cat([p.pixel_values for p in own]), [t for *_, t in prompts], [b for p in own for b in p.budgets]
+            )
         max_new = self.max_new_tokens or pl_module.hparams.get("max_new_tokens", 32)
         with unsharded(model):
             generated = generate(
-                model, input_ids, mask, torch.cat(pixels) if pixels else None, [t for *_, t in prompts],
-                max_new_tokens=max_new, eos_id=tokenizer.eos_id, positions=positions,
-            )  # fmt: skip
+                model, input_ids, mask, images_all, max_new_tokens=max_new, eos_id=tokenizer.eos_id, positions=positions
+            )
         out = []
         for row, tokens in enumerate(generated):
             answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
             lines = [f"answer: {answer}", f"reference: {references[row]}"]
-            out.append({"image": images[row], "name": batch["sample_names"][row], "lines": lines,
+            out.append({"image": images[row], "name": batch.sample_names[row], "lines": lines,
                         "answer": answer, "reference": references[row], "tokens": tokens})  # fmt: skip
         return out
 
@@ -187,3 +191,9 @@ class SampleLogger(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/samples", grid, trainer.global_step, dataformats="HWC")
                 logger.experiment.add_text("val/samples_text", table, trainer.global_step)
+
+
+def _first_document_tiles(ids: torch.Tensor, context_id: int, batch) -> int:
+    """The tiles of a packed row's first document: its ``<IMG_CONTEXT>`` slots over the row's per-tile budget."""
+    budget = batch.images.budgets[0] if batch.images is not None else 0
+    return int((ids == context_id).sum()) // budget if budget else 0

@@ -8,6 +8,7 @@ from collections import Counter
 import lightning as L
 import torch.distributed as dist
 
+from lit_internvl.batch import Views
 from lit_internvl.distributed import world
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ class SkippedSamples(L.Callback):
         self.counts: Counter = Counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, dict):
-            self.counts.update(batch.get("skipped") or {})
+        if isinstance(batch, Views):
+            self.counts.update(batch.skipped)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         counts = Counter(self.counts)

@@ -10,25 +10,21 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
+from lit_internvl.batch import Views
 from lit_internvl.flops import batch_flops, device_peak_flops
 
 
-def count_samples(batch: dict) -> int:
-    """Samples of a batch: the documents of packed rows (their names are joined by ``+``), else its rows."""
-    if batch.get("input_ids") is None:  # every sample of the batch was a skipped bad record
+def count_samples(batch: Views) -> int:
+    """Samples of a batch (its first view): the documents of packed rows (their names are joined by ``+``), else
+    its rows."""
+    if batch.empty:  # every sample of the batch was a skipped bad record
         return 0
-    names = batch.get("sample_names")
-    if names is not None:
-        return sum(len(name.split("+")) for name in names)
-    return len(batch["input_ids"])
+    return sum(len(name.split("+")) for name in batch.first.sample_names)
 
 
-def count_tokens(batch: dict) -> int:
-    """Real tokens of a batch (padding excluded): the attention mask's sum."""
-    if batch.get("input_ids") is None:
-        return 0
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+def count_tokens(batch: Views) -> int:
+    """Real tokens of a batch (every view, padding excluded): the attention masks' sum."""
+    return sum(int(view.attention_mask.sum()) for view in batch.views.values())
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -71,7 +67,7 @@ class TrainingThroughput(ThroughputMonitor):
             throughput.available_flops = peak
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        count = batch_flops(pl_module.model, batch) if isinstance(batch, dict) else None
+        count = batch_flops(pl_module.model, batch) if isinstance(batch, Views) else None
         # ThroughputMonitor reads the module's ``flops_per_batch``: this batch's (packed lengths differ).
         pl_module.flops_per_batch = None if count is None else count.training
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -5,6 +5,12 @@ Contract (every connector, built-in or a user's own): built as ``Connector(visio
 features are an image encoder's output (cls token first, then a square grid of P patches,
 row-major); ``tokens_per_tile(P) → T`` says how many tokens a tile becomes before any image is seen,
 so that prompts can reserve ``<IMG_CONTEXT>`` slots.
+
+A connector that can give a tile more than one visual budget (InternVL3.5-Flash: 256 or 64 tokens a 448 px tile)
+declares them instead: ``budgets(P) → (T1, T2, …)`` (the first is the default) and
+``forward(features, budget=T) → (N, T, text_dim)``. The data reserves each tile's slots at its budget, and one
+batch may mix budgets (:class:`~lit_internvl.models.VisionLanguageModel` runs each group of tiles through the
+connector at its budget).
 """
 
 from __future__ import annotations
@@ -77,3 +83,31 @@ class LinearProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(_patch_grid(features).flatten(1, 2))
+
+
+class MultiBudgetConnector(nn.Module):
+    """One :class:`PixelShuffleMLP` per downsample ratio, a tile's budget choosing which: with ratios 0.5 and 0.25
+    a 448 px tile becomes 256 or 64 tokens (InternVL3.5-Flash's ``mlp1`` and ``mlp2`` have this shape of choice;
+    its released ``mlp2`` is deeper, a later component of its own), a 112 px tile of the tiny tower 16 or 4.
+
+    Args:
+        vision_dim, text_dim: as every connector.
+        downsample_ratios: one projector each, the first the default budget's.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, downsample_ratios: tuple[float, ...] = (0.5, 0.25)) -> None:
+        super().__init__()
+        if len(set(downsample_ratios)) != len(downsample_ratios) or not downsample_ratios:
+            raise ValueError(f"downsample_ratios must be distinct, got {downsample_ratios}")
+        self.projectors = nn.ModuleList(PixelShuffleMLP(vision_dim, text_dim, ratio) for ratio in downsample_ratios)
+
+    def budgets(self, num_patches: int) -> tuple[int, ...]:
+        return tuple(projector.tokens_per_tile(num_patches) for projector in self.projectors)
+
+    def forward(self, features: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        budgets = self.budgets(features.shape[1] - 1)
+        if budget is None:
+            budget = budgets[0]
+        if budget not in budgets:
+            raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
+        return self.projectors[budgets.index(budget)](features)

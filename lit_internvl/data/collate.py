@@ -6,11 +6,12 @@ Each token carries its document id (attention stays inside a document) and its p
 document: the sample's own ``positions`` (V2PE, or a split document's part) when it has them, else
 ``0..L−1``, so a packed row computes exactly what its samples would one by one.
 
-A sample is ``{"input_ids": (L,), "labels": (L,), "pixel_values": (tiles, 3, H, W) | None, "name"}``;
-a sample that could not be built is ``{"skipped": reason, "name"}`` and is counted, not trained on; a split
-document ``{"parts": [sample, ...], "dropped": n}`` is its parts (its ``n`` dropped parts counted as skips).
-Every batch lists its skips by name too (``skipped_records``, for :class:`~lit_internvl.callbacks.BadSampleReport`).
-An image–caption pair is the sample of :mod:`lit_internvl.data.pairs` (image, ITC/ITM/ITG texts, a negative text).
+A record's samples are ``{"views": {view name: sample}, "name"}`` (:class:`~lit_internvl.data.samples.SampleBuilder`),
+each view collated into its own typed batch (:mod:`lit_internvl.batch`); a record that could not be built is
+``{"skipped": reason, "name"}`` and is counted, not trained on; a split document ``{"parts": [...], "dropped": n}``
+is its parts (its ``n`` dropped parts counted as skips). Every batch lists its skips by name too
+(``skipped_records``, for :class:`~lit_internvl.callbacks.BadSampleReport`). An image–caption pair is the sample of
+:mod:`lit_internvl.data.pairs` (image, ITC/ITM/ITG texts, and a negative text when the stage asks for one).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections import Counter
 
 import torch
 
-from lit_internvl.losses import IGNORE_INDEX
+from lit_internvl.batch import IGNORE_INDEX, Batch, Images, PairBatch, TextBatch, Views
+from lit_internvl.data.views import View
 
 log = logging.getLogger(__name__)
 
@@ -37,54 +39,43 @@ def pad_ids(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, t
 
 
 class PairCollator:
-    """Image–caption pair samples (:mod:`lit_internvl.data.pairs`) → the pair batch of the dual-encoder stages:
+    """Image–caption pair samples (:mod:`lit_internvl.data.pairs`) → :class:`~lit_internvl.batch.Views` of the
+    ``pair`` view (a :class:`~lit_internvl.batch.PairBatch`) and, with ``negative``, the ``negative`` view
+    (a :class:`~lit_internvl.batch.TextBatch` of the ITM text of another image's caption, row for row).
+    Text is right-padded with ``pad_id`` (mask 0)."""
 
-    - ``pixel_values (B, 3, S, S)``: one tile per image;
-    - ``input_ids``/``attention_mask (B, T)``: the ITC text (``"summarize:"`` + caption + end);
-    - ``itm_ids``/``itm_mask``: the ITM text of the sample's caption; ``negative_ids``/``negative_mask``: the
-      ITM text of another image's caption;
-    - ``itg_ids``/``itg_mask``/``itg_labels``: the ITG text (``"English caption:"`` + caption + end), its
-      labels unshifted, -100 on the prefix and the padding;
-    - ``label (B,)``: the class label (-1: none); ``caption_key (B,)``: rows with equal keys match each
-      other; ``image_id (B,)``: which image a row shows (retrieval counts each image once);
-    - ``skipped``: a count of dropped samples by reason; ``skipped_records``: each one's ``{"name", "reason"}``.
+    def __init__(self, pad_id: int, negative: bool = False) -> None:
+        self.pad_id, self.negative = pad_id, negative
 
-    Text is right-padded with ``pad_id`` (mask 0). A batch whose samples were all skipped is
-    ``{"skipped": ..., "skipped_records": ..., "input_ids": None}``.
-    """
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Views:
         records = skipped_records(samples)
-        skipped = Counter(record["reason"] for record in records)
+        skipped = dict(Counter(record["reason"] for record in records))
         samples = [s for s in samples if "skipped" not in s]
         if not samples:
-            return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
+            return Views(skipped=skipped, skipped_records=records)
         input_ids, attention_mask = pad_ids([s["input_ids"] for s in samples], self.pad_id)
         itm_ids, itm_mask = pad_ids([s["itm_ids"] for s in samples], self.pad_id)
-        negative_ids, negative_mask = pad_ids([s["negative_ids"] for s in samples], self.pad_id)
         itg_ids, itg_mask = pad_ids([s["itg_ids"] for s in samples], self.pad_id)
         itg_labels, _ = pad_ids([s["itg_labels"] for s in samples], IGNORE_INDEX)
-        return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "itm_ids": itm_ids,
-            "itm_mask": itm_mask,
-            "negative_ids": negative_ids,
-            "negative_mask": negative_mask,
-            "itg_ids": itg_ids,
-            "itg_mask": itg_mask,
-            "itg_labels": itg_labels,
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "caption_key": torch.tensor([s["caption_key"] for s in samples], dtype=torch.long),
-            "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
-            "sample_names": [s.get("name") for s in samples],
-            "skipped": dict(skipped),
-            "skipped_records": records,
+        views = {
+            "pair": PairBatch(
+                pixel_values=torch.stack([s["pixel_values"] for s in samples]),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                itm_ids=itm_ids,
+                itm_mask=itm_mask,
+                itg_ids=itg_ids,
+                itg_mask=itg_mask,
+                itg_labels=itg_labels,
+                label=torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                caption_key=torch.tensor([s["caption_key"] for s in samples], dtype=torch.long),
+                image_id=torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+                sample_names=[s.get("name") for s in samples],
+            )  # fmt: skip
         }
+        if self.negative:
+            views["negative"] = TextBatch(*pad_ids([s["negative_ids"] for s in samples], self.pad_id))
+        return Views(views, skipped, records)
 
 
 def skipped_records(samples: list[dict]) -> list[dict]:
@@ -118,56 +109,58 @@ def first_fit(lengths: list[int], tiles: list[int], max_tokens: int, max_tiles_p
 
 
 class Collator:
-    """Samples → a batch for :class:`~lit_internvl.models.VisionLanguageModel`.
-
-    Returns ``input_ids``, ``labels``, ``attention_mask``, ``positions`` (float32), ``document_ids``
-    (packed only; padding gets -1), all ``(R, T)``; ``pixel_values`` ``(tiles, 3, H, W)`` in row order
-    or None; ``tiles_per_sample`` and ``sample_names`` per row; ``skipped``, a count of dropped
-    samples by reason, and ``skipped_records``, each one's ``{"name", "reason"}``.
+    """Samples → :class:`~lit_internvl.batch.Views`: each view collated into a
+    :class:`~lit_internvl.batch.Batch` (its fields and shapes are written there).
 
     Args:
         pad_id: token id of padding.
-        pack: lay samples end to end (first fit); else one sample per row.
+        views: the views of the samples (:mod:`lit_internvl.data.views`); a ``prompt`` view is left-padded (prompts
+            to generate from), the others right-padded.
+        pack: lay samples end to end (first fit); else one sample per row. Only a single conversation view packs.
         max_tokens, max_tiles_per_row: bounds of a packed row (tokens; tiles of all its images together).
-        left_pad: pad on the left (prompts to generate from), not packed.
 
     Unpacked batches also carry each sample's ``meta`` and ``reference`` (lists, one per row).
     """
 
     def __init__(
-        self,
-        pad_id: int,
-        pack: bool = False,
-        max_tokens: int = 4096,
+        self, pad_id: int, views: tuple[View, ...], pack: bool = False, max_tokens: int = 4096,
         max_tiles_per_row: int = 64,
-        left_pad: bool = False,
-    ) -> None:
-        if pack and left_pad:
-            raise ValueError("left_pad is for generation prompts, which are not packed")
-        self.pad_id, self.pack, self.max_tokens, self.max_tiles_per_row = pad_id, pack, max_tokens, max_tiles_per_row
-        self.left_pad = left_pad
+    ) -> None:  # fmt: skip
+        if pack and [view.kind for view in views] != ["conversation"]:
+            raise ValueError(f"only a single conversation view is packed, not {[view.name for view in views]}")
+        self.pad_id, self.views, self.pack = pad_id, tuple(views), pack
+        self.max_tokens, self.max_tiles_per_row = max_tokens, max_tiles_per_row
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict]) -> Views:
         records = skipped_records(samples)
         skipped = Counter(record["reason"] for record in records)
         samples = [part for s in samples if "skipped" not in s for part in s.get("parts", [s])]
+        if samples and self.pack:
+            samples = self._fitting(samples, skipped, records)
         if not samples:
-            return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
+            return Views(skipped=dict(skipped), skipped_records=records)
+        views = {view.name: self.collate([s["views"][view.name] for s in samples], view) for view in self.views}
+        return Views(views, dict(skipped), records)
+
+    def _fitting(self, samples: list[dict], skipped: Counter, records: list[dict]) -> list[dict]:
+        """The samples a packed row can hold; one of more tiles than ``max_tiles_per_row`` is a counted skip."""
+        keep = []
+        for sample in samples:
+            pixels = next(iter(sample["views"].values()))["pixel_values"]
+            count = 0 if pixels is None else pixels.shape[0]
+            if count > self.max_tiles_per_row:
+                log.warning("skipping %s: too many tiles: %d > max_tiles_per_row %d", sample.get("name"), count,
+                            self.max_tiles_per_row)  # fmt: skip
+                skipped["too many tiles"] += 1
+                records.append({"name": sample.get("name"), "reason": "too many tiles"})
+            else:
+                keep.append(sample)
+        return keep
+
+    def collate(self, samples: list[dict], view: View) -> Batch:
+        """One view's samples → its :class:`~lit_internvl.batch.Batch`."""
+        left_pad = view.kind == "prompt"
         tiles = [0 if s.get("pixel_values") is None else s["pixel_values"].shape[0] for s in samples]
-        if self.pack and max(tiles) > self.max_tiles_per_row:  # no row could hold it: a counted skip, not a crash
-            for sample, count in zip(samples, tiles):
-                if count > self.max_tiles_per_row:
-                    log.warning("skipping %s: too many tiles: %d > max_tiles_per_row %d", sample.get("name"), count,
-                                self.max_tiles_per_row)  # fmt: skip
-                    skipped["too many tiles"] += 1
-                    records.append({"name": sample.get("name"), "reason": "too many tiles"})
-            keep = [i for i, count in enumerate(tiles) if count <= self.max_tiles_per_row]
-            samples, tiles = [samples[i] for i in keep], [tiles[i] for i in keep]
-            if not samples:
-                return {"skipped": dict(skipped), "skipped_records": records, "input_ids": None}
-        preference = "rejected" in samples[0]
-        if preference and self.pack:
-            raise ValueError("Preference samples (chosen/rejected) cannot be packed; set pack: false")
         if self.pack:
             rows = first_fit([len(s["input_ids"]) for s in samples], tiles, self.max_tokens, self.max_tiles_per_row)
         else:
@@ -179,9 +172,9 @@ class Collator:
         attention_mask = torch.zeros(shape, dtype=torch.long)
         positions = torch.zeros(shape, dtype=torch.float32)
         document_ids = torch.full(shape, -1, dtype=torch.long)
-        pixel_values, tiles_per_row, names = [], [], []
+        pixel_values, budgets, tiles_per_row, names = [], [], [], []
         for r, row in enumerate(rows):
-            start = width - sum(len(samples[i]["input_ids"]) for i in row) if self.left_pad else 0
+            start = width - sum(len(samples[i]["input_ids"]) for i in row) if left_pad else 0
             for document, i in enumerate(row):
                 sample, length = samples[i], len(samples[i]["input_ids"])
                 span = slice(start, start + length)
@@ -193,25 +186,14 @@ class Collator:
                 document_ids[r, span] = document
                 if tiles[i]:
                     pixel_values.append(sample["pixel_values"])
+                    budgets += [sample["budget"]] * tiles[i]
                 start += length
             tiles_per_row.append(sum(tiles[i] for i in row))
             names.append("+".join(str(samples[i].get("name", i)) for i in row))
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "positions": positions,
-            "document_ids": document_ids if self.pack else None,
-            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-            "tiles_per_sample": tiles_per_row,
-            "sample_names": names,
-            "skipped": dict(skipped),
-            "skipped_records": records,
-        }
-        if not self.pack:
-            batch["meta"] = [s.get("meta") for s in samples]
-            batch["reference"] = [s.get("reference") for s in samples]
-        if preference:
-            rejected = Collator(self.pad_id)([{**s["rejected"], "pixel_values": None} for s in samples])
-            batch["rejected"] = {k: rejected[k] for k in ("input_ids", "labels", "attention_mask", "positions")}
-        return batch
+        images = Images(torch.cat(pixel_values), tiles_per_row, budgets) if pixel_values else None
+        return Batch(
+            input_ids=input_ids, labels=labels, attention_mask=attention_mask, positions=positions,
+            document_ids=document_ids if self.pack else None, images=images, sample_names=names,
+            meta=None if self.pack else [s.get("meta") for s in samples],
+            reference=None if self.pack else [s.get("reference") for s in samples],
+        )  # fmt: skip

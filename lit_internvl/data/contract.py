@@ -1,10 +1,11 @@
 """What a stage expects of its datamodule, written down once.
 
 A stage reads these attributes when it builds its model (the model–data handshake: vocabulary,
-``<IMG_CONTEXT>`` id, tokens per tile at the data's tile size) and when it evaluates (class names
-for zero-shot, question types for per-type accuracy). Both built-in datamodules satisfy it; a
-user's own datamodule needs only what its stage reads (``tokenizer`` always; the rest may be None). The
-batch of the dual-encoder stages is written down once, in :class:`~lit_internvl.data.collate.PairCollator`.
+``<IMG_CONTEXT>`` id, tile size), tells the data the views it trains on with their visual budgets
+(:meth:`StageData.use_views`), and reads the rest when it evaluates (class names for zero-shot, question types for
+per-type accuracy). The built-in datamodules satisfy it; a user's own datamodule needs only what its stage reads
+(``tokenizer`` always; the rest may be None). What the loaders yield is written down once, in
+:mod:`lit_internvl.batch`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ class StageData(Protocol):
     Attributes:
         tokenizer: turns text into the ids the model embeds.
         tile_size: side in pixels of the image tiles the data yields (None: no images).
-        tokens_per_tile: ``<IMG_CONTEXT>`` slots reserved per tile (None: no images); the model's
-            connector must give exactly this many at ``tile_size``.
         class_names: classes for zero-shot evaluation (None: no zero-shot); class ``i`` is the ``label`` ``i``
             of the pair batch.
         prompt_templates: how a class name becomes a prompt (``["a {}"]``: one prompt per class; several:
@@ -45,13 +44,18 @@ class StageData(Protocol):
 
     tokenizer: Tokenizer
     tile_size: int | None
-    tokens_per_tile: int | None
     class_names: list[str] | None
     prompt_templates: list[str] | None
     question_types: dict[str, float] | None
 
-    def sample_builder(self, train: bool = False, generation: bool = False):
-        """The :class:`~lit_internvl.data.samples.SampleBuilder` that turns records into samples."""
+    def use_views(self, views: tuple, stage: str = "the stage") -> None:
+        """Give batches of these :class:`~lit_internvl.data.views.View` s (budgets set), or raise
+        :class:`~lit_internvl.data.views.ViewError` naming ``stage`` and the data when the records cannot."""
+        ...
+
+    def sample_builder(self, train: bool = False, views: tuple | None = None):
+        """The :class:`~lit_internvl.data.samples.SampleBuilder` that turns records into samples of ``views``
+        (default the stage's)."""
         ...
 
     def text_ids(self, text: str) -> list[int]:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, STEP_LABELS
 from lit_internvl.data.templates import ChatTemplate, TemplateName, conversation_segments, get_template
-from lit_internvl.losses import IGNORE_INDEX
 
 PRM_SYSTEM_PROMPT = """
 You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will provide a problem statement followed by the first step of the solution process. For each subsequent turn, I will give you a new step in the solution. Your role is to assess whether the solution process is correct up to the current step.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal, get_args
 
 from torch.utils.data import DataLoader
 
@@ -13,32 +12,31 @@ from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.mixture import Mixture, check_weights
 from lit_internvl.data.pairs import CaptionForms, JsonlPairs, PairBuilder, StreamingPairs, itc_ids, read_class_names
 from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableStreamingDataLoader, replicas
-from lit_internvl.data.samples import SampleBuilder, SampleDataModule, SampleOptions
+from lit_internvl.data.samples import SampleDataModule, SampleOptions
 from lit_internvl.data.templates import ChatTemplate, TemplateName
 from lit_internvl.data.tokenizer import load_tokenizer
 from lit_internvl.data.v2pe import V2PEMode, check_v2pe, eval_mode
-
-RecordsTask = Literal["chat", "pairs", "prompts"]
+from lit_internvl.data.views import View
 
 
 class RecordsDataModule(SampleDataModule):
     """Vision-language training data from records: a jsonl file, an InternVL meta file, or litdata
     shards written by ``python -m lit_internvl prepare`` (a folder or an ``s3://`` URL).
 
-    Tasks:
+    What a sample is, the stage says (its views, :mod:`lit_internvl.data.views`):
 
-    - ``"chat"``: every record kind through the chat template (:class:`~lit_internvl.data.samples.SampleBuilder`),
-      batched by :class:`~lit_internvl.data.collate.Collator` (SFT, MPO, NMP).
-    - ``"pairs"``: image–caption records ``{"image", "text"}`` or ``{"image", "texts": [...]}`` (optional
-      ``"label": int``), one sample per caption, in the pair batch of
-      :class:`~lit_internvl.data.collate.PairCollator` (stages 1 and 2; :mod:`lit_internvl.data.pairs`). Each
+    - vision-language views (``conversation``: SFT, NMP, the critic; ``chosen`` + ``rejected``: MPO; ``prompt``:
+      online RL) take every record kind through the chat template
+      (:class:`~lit_internvl.data.samples.SampleBuilder`), batched by :class:`~lit_internvl.data.collate.Collator`;
+      a record that cannot give a view (a conversation asked for ``rejected``) is a bad record. The ``prompt`` view
+      leaves the last answer out (kept as ``reference``; a record's ``meta`` travels with it), the assistant header
+      ending the prompt, left-padded (e.g. ``{"image", "conversations": [question, answer], "meta": {"answer": ...}}``).
+    - the ``pair`` view (stages 1 and 2, with ``negative`` for stage 2's ITM): image–caption records
+      ``{"image", "text"}`` or ``{"image", "texts": [...]}`` (optional ``"label": int``), one sample per caption,
+      in the pair batch of :class:`~lit_internvl.data.collate.PairCollator` (:mod:`lit_internvl.data.pairs`). Each
       image is one ``tile_size`` tile: InternVL's random resized crop and flip for training (``augment``),
       a bicubic resize otherwise. Captions of one image share its ``caption_key``/``image_id``. Zero-shot
       classification uses ``class_names`` through each of ``prompt_templates``, in the ITC form (:meth:`text_ids`).
-    - ``"prompts"``: conversations as prompts to answer, in every split: the last answer left out (kept as
-      ``reference``; a record's ``meta`` travels with it), the assistant header ending the prompt, left-padded
-      (online RL: :class:`~lit_internvl.stages.RLStage`; a record ``{"image", "conversations": [question, answer],
-      "meta": {"answer": "..."}}``).
 
     Shards stream through litdata's ``StreamingDataLoader`` and jsonl records through a seeded
     sampler; both loaders' states are saved in Lightning checkpoints (:mod:`lit_internvl.data.resumable`):
@@ -53,29 +51,29 @@ class RecordsDataModule(SampleDataModule):
     Args:
         train, val, test: data sources (``val`` and ``test`` optional); ``train`` may list several.
         weights, mixture_size: the mixture of several ``train`` sources (None: alike; the sources' total).
-        task: what a sample is (above).
         image_root: folder a jsonl file's image paths are relative to (default: the file's folder).
         tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
             tokenizer folder.
         add_tokens: special tokens to add to the tokenizer; a vision-language stage grows its decoder's
             embeddings and head for them (:mod:`lit_internvl.models.vocabulary`).
-        tokens_per_tile, template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system,
+        template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system,
             pair_prompt, jpeg_quality, strict, seed: the :class:`~lit_internvl.data.samples.SampleOptions`
-            of every sample (``jpeg_quality`` augments training samples only); ``tokens_per_tile`` must
-            equal the model's. ``pairs`` reads ``tile_size``, ``strict`` and ``seed`` of them.
-        pack: pack samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles (chat).
+            of every sample (``jpeg_quality`` augments training samples only). The ``pair`` view reads
+            ``tile_size``, ``strict`` and ``seed`` of them.
+        pack: pack training samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles (a
+            single ``conversation`` view).
         batch_size, num_workers, shuffle: loading (``shuffle``: training data only, seeded by ``seed``);
-            ``pairs`` drops a last short training batch (every rank gathers equal-sized batches).
+            ``pair`` drops a last short training batch (every rank gathers equal-sized batches).
         storage_options: passed to the object-storage client (e.g. ``{"endpoint_url": ...}``).
         max_image_pixels: larger images are bad records ("image too large"), checked before decoding
             (default PIL's decompression-bomb threshold; None: no limit).
         allow_absolute_paths: records may name images by absolute path (relative ones must stay
             inside the image root either way).
         itc_prefix, itg_prefix, normalize, max_words: the :class:`~lit_internvl.data.pairs.CaptionForms`
-            of ``pairs`` (InternVL's by default).
-        augment: ``pairs`` training images get InternVL's random resized crop (scale 0.5–1) and flip,
+            of ``pair`` (InternVL's by default).
+        augment: ``pair`` training images get InternVL's random resized crop (scale 0.5–1) and flip,
             seeded by ``(seed, index)``.
-        class_names: zero-shot classes of ``pairs``: a list, or a file of one name a line (label = line
+        class_names: zero-shot classes of ``pair``: a list, or a file of one name a line (label = line
             number from 0, the records' ``label``); None: no zero-shot.
         prompt_templates: how a class name becomes a prompt (None: ``["a photo of a {}."]``).
         v2pe, split_long: V2PE positions (``"off"``, ``"random"``, ``{stride: S}``) and splitting over-long
@@ -91,12 +89,10 @@ class RecordsDataModule(SampleDataModule):
         train: str | list[str],
         val: str | None = None,
         test: str | None = None,
-        task: RecordsTask = "chat",
         image_root: str | None = None,
         tokenizer: str = "byte",
         add_tokens: list[str] | None = None,
         template: TemplateName | ChatTemplate = "internvl2_5",
-        tokens_per_tile: int = 256,
         tile_size: int = 448,
         min_tiles: int = 1,
         max_tiles: int = 12,
@@ -134,20 +130,14 @@ class RecordsDataModule(SampleDataModule):
         if not sources:
             raise ValueError("data.init_args.train lists no source")
         check_weights(weights, len(sources), "data.init_args.weights")
-        if task == "pairs" and len(sources) > 1:
-            raise ValueError("data.init_args.train: pairs read one source (mixtures are for task: chat)")
         if len({is_shards(source) for source in sources}) > 1:
             raise ValueError("data.init_args.train mixes shard folders and jsonl/meta files; prepare them alike")
         v2pe = check_v2pe(v2pe, "data.init_args.v2pe")
         self.v2pe_eval = check_v2pe(v2pe_eval, "data.init_args.v2pe_eval") if v2pe_eval is not None else eval_mode(v2pe)
-        if task not in get_args(RecordsTask):  # YAML is checked when parsed; Python callers here
-            raise ValueError(f"Unknown records task {task!r}; available: {', '.join(map(repr, get_args(RecordsTask)))}")
         if pack and max_length > max_tokens:
             raise ValueError(
                 f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample"
             )
-        if pack and task in ("pairs", "prompts"):
-            raise ValueError(f"task {task} is not packed; set pack: false")
         # `train` (the sources) is kept out of the logged hyper-parameters: the stages have a `train` of their own
         # (the parts they train), and Lightning refuses to log a model and a datamodule that share a key with two
         # values. LightningCLI's config.yaml still records it.
@@ -155,64 +145,66 @@ class RecordsDataModule(SampleDataModule):
         self.train_sources = train
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
-            tokens_per_tile=tokens_per_tile, template=template, tile_size=tile_size, min_tiles=min_tiles,
+            template=template, tile_size=tile_size, min_tiles=min_tiles,
             max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
             max_image_pixels=max_image_pixels, v2pe=v2pe, split_long=split_long,
         )  # fmt: skip
+        self.eval_options = replace(self.sample_options, jpeg_quality=None, augment=False, v2pe=self.v2pe_eval)
+        self.pack = pack
         self.caption_forms = CaptionForms(itc_prefix, itg_prefix, normalize, max_words)
-        pairs = task == "pairs"
-        self.class_names = read_class_names(class_names) if pairs else None
+        self.class_names = read_class_names(class_names)
         templates = prompt_templates if prompt_templates is not None else ["a photo of a {}."]
-        self.prompt_templates = list(templates) if pairs else None
+        self.prompt_templates = list(templates)
 
-    def sample_builder(self, train: bool = False, generation: bool = False) -> SampleBuilder:
-        """How this datamodule turns records into samples (``generation``: prompts to answer); only
-        training samples are augmented."""
-        options = (
-            self.sample_options if train
-            else replace(self.sample_options, jpeg_quality=None, augment=False, v2pe=self.v2pe_eval)
-        )  # fmt: skip
-        return SampleBuilder(self.tokenizer, options, generation)
+    @property
+    def pairs(self) -> bool:
+        """The stage reads image–caption pairs (the ``pair`` view)."""
+        return any(view.kind == "pair" for view in self.views)
+
+    def use_views(self, views: tuple[View, ...], stage: str = "the stage") -> None:
+        super().use_views(views, stage)
+        if self.pairs and not isinstance(self.train_sources, str) and len(self.train_sources) > 1:
+            raise ValueError("data.init_args.train: pairs read one source (mixtures are for conversation views)")
 
     def pair_builder(self, train: bool = False) -> PairBuilder:
         """How ``pairs`` records become pair samples; only training images are augmented."""
         o = self.sample_options
         augment = self.hparams.augment and train
+        negative = any(view.kind == "negative" for view in self.views)
         return PairBuilder(
-            self.tokenizer, self.caption_forms, o.tile_size, augment, o.seed, o.strict, o.max_image_pixels
+            self.tokenizer, self.caption_forms, o.tile_size, augment, o.seed, o.strict, o.max_image_pixels, negative
         )
 
     def text_ids(self, text: str) -> list[int]:
         """The ITC form of a zero-shot prompt (not normalised): what the stage embeds for a class."""
         return itc_ids(text, self.tokenizer, self.caption_forms)
 
-    def collator(self) -> Collator | PairCollator:
+    def collator(self, views: tuple[View, ...], train: bool) -> Collator | PairCollator:
         h = self.hparams
-        if h.task == "pairs":
-            return PairCollator(self.tokenizer.pad_id)
-        if h.task == "prompts":
-            return Collator(self.tokenizer.pad_id, left_pad=True)
-        return Collator(self.tokenizer.pad_id, h.pack, h.max_tokens, h.max_tiles_per_row)
+        if self.pairs:
+            return PairCollator(self.tokenizer.pad_id, negative=any(view.kind == "negative" for view in views))
+        # Every split packs alike (a held-out loss over packed rows is the training loss's reduction).
+        return Collator(self.tokenizer.pad_id, views, self.pack, h.max_tokens, h.max_tiles_per_row)
 
-    def _dataset(self, source: str, train: bool):
+    def _dataset(self, source: str, train: bool, views: tuple[View, ...]):
         h = self.hparams
         shuffle = h.shuffle and train
-        builder = self.sample_builder(train, generation=h.task == "prompts")
         if is_shards(source):
-            if h.task == "pairs":
+            if self.pairs:
                 return StreamingPairs(
                     source, self.pair_builder(train), shuffle=shuffle, seed=h.seed, storage_options=h.storage_options
                 )
+            builder = self.sample_builder(train, views)
             return StreamingSamples(source, builder, shuffle=shuffle, seed=h.seed, storage_options=h.storage_options)
-        if h.task == "pairs":
+        if self.pairs:
             return JsonlPairs(dataset_specs(source, h.image_root, h.allow_absolute_paths), self.pair_builder(train))
-        return JsonlSamples(source, builder, h.image_root, h.allow_absolute_paths)
+        return JsonlSamples(source, self.sample_builder(train, views), h.image_root, h.allow_absolute_paths)
 
     def _mixture(self, sources: list[str]):
         """Several training sources as one data set in the proportions of ``weights``."""
         h = self.hparams
-        datasets = [self._dataset(source, train=True) for source in sources]
+        datasets = [self._dataset(source, True, self.views) for source in sources]
         if is_shards(sources[0]):
             from litdata import CombinedStreamingDataset
 
@@ -220,17 +212,17 @@ class RecordsDataModule(SampleDataModule):
             return CombinedStreamingDataset(datasets, seed=h.seed, weights=weights, iterate_over_all=False)
         return Mixture(datasets, h.weights, h.mixture_size, h.seed)
 
-    def _loader(self, source: str | list[str], train: bool):
-        h = self.hparams
+    def _loader(self, source: str | list[str], train: bool, views: tuple[View, ...] | None = None):
+        h, views = self.hparams, views or self.views
         if isinstance(source, str) or len(source) == 1:
             source = source if isinstance(source, str) else source[0]
-            dataset = self._dataset(source, train)
+            dataset = self._dataset(source, train, views)
         else:
             dataset = self._mixture(list(source))
             source = source[0]
         # pairs: every rank gathers equal-sized batches for the contrastive loss
-        drop_last = train and h.task == "pairs"
-        options = dict(batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator())
+        drop_last = train and self.pairs
+        options = dict(batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=self.collator(views, train))
         if is_shards(source):
             return ResumableStreamingDataLoader(dataset, drop_last=drop_last, **options)
         options["persistent_workers"] = h.num_workers > 0

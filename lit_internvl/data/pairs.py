@@ -9,8 +9,8 @@ the ITM form of a caption of another image (the negative):
        ├─► ITM: caption + end                       (itm_ids; the negative: another image's caption)
        └─► ITG: "English caption:" + caption + end  (itg_ids; itg_labels -100 on the prefix, unshifted)
 
-A sample is ``{"pixel_values" (3, S, S), "input_ids", "itm_ids", "negative_ids", "itg_ids", "itg_labels"
-(L,) each, "label", "caption_key", "image_id", "name"}``; :class:`~lit_internvl.data.collate.PairCollator`
+A sample is ``{"pixel_values" (3, S, S), "input_ids", "itm_ids", "negative_ids" (only when the stage asks for the
+``negative`` view), "itg_ids", "itg_labels" (L,) each, "label", "caption_key", "image_id", "name"}``; :class:`~lit_internvl.data.collate.PairCollator`
 pads them into the pair batch. Records (jsonl, meta files, prepared shards) give one sample per caption:
 ``{"image": path, "text": caption}`` or ``{"image": path, "texts": [captions]}``, optionally ``"label": int``.
 """
@@ -33,6 +33,7 @@ from litdata import StreamingDataset
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS, to_tensor
 from lit_internvl.data.records import (
@@ -44,7 +45,6 @@ from lit_internvl.data.records import (
     open_images,
     read_record,
 )
-from lit_internvl.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def usable(caption, forms: CaptionForms) -> bool:
 def pair_sample(
     pixel_values: torch.Tensor,
     caption: str,
-    negative: str,
+    negative: str | None,
     tokenizer: Tokenizer,
     forms: CaptionForms,
     label: int,
@@ -152,12 +152,14 @@ def pair_sample(
     image_id: int,
     name: str,
 ) -> dict:
-    """One pair sample (the module docstring's layout), from an image tensor and two captions."""
+    """One pair sample (the module docstring's layout), from an image tensor and its caption, and the ``negative``
+    caption when the stage reads one (None: no ``negative_ids``)."""
     texts = {key: torch.tensor(ids) for key, ids in caption_sample(caption, tokenizer, forms).items()}
+    if negative is not None:
+        texts["negative_ids"] = torch.tensor(itm_ids(negative, tokenizer, forms))
     return {
         "pixel_values": pixel_values,
         **texts,
-        "negative_ids": torch.tensor(itm_ids(negative, tokenizer, forms)),
         "label": label,
         "caption_key": caption_key,
         "image_id": image_id,
@@ -240,9 +242,9 @@ class PairBuilder:
 
     def __init__(
         self, tokenizer: Tokenizer, forms: CaptionForms, tile_size: int, augment: bool = False, seed: int = 0,
-        strict: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        strict: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, negative: bool = False,
     ) -> None:  # fmt: skip
-        self.tokenizer, self.forms, self.tile_size = tokenizer, forms, tile_size
+        self.tokenizer, self.forms, self.tile_size, self.negative = tokenizer, forms, tile_size, negative
         self.augment, self.seed, self.strict, self.max_pixels = augment, seed, strict, max_pixels
 
     def safe(self, make: Callable[[], dict]) -> dict:
@@ -256,9 +258,10 @@ class PairBuilder:
             return {"skipped": error.reason, "name": error.name}
 
     def __call__(
-        self, record: Record, caption: int, negative: str, caption_key: int, image_id: int, index: int
+        self, record: Record, caption: int, negative: str | None, caption_key: int, image_id: int, index: int
     ) -> dict:
-        """Sample of ``record``'s caption number ``caption`` with the ``negative`` caption (an ITM text)."""
+        """Sample of ``record``'s caption number ``caption`` with the ``negative`` caption (an ITM text; None when
+        the stage reads none)."""
         text = record_captions(record)[caption]
         if not usable(text, self.forms):
             raise BadRecord(record.name, "empty caption", f"caption {caption} {text!r} has no words")
@@ -320,7 +323,7 @@ class JsonlPairs(Dataset):
             sources = [str(spec.annotation) for spec in specs]
             raise ValueError(
                 f"{sources}: pairs need records of at least two images (the ITM negative is another image's "
-                f"caption), found {len(groups)} ({self.skips.total} record(s) skipped; task 'chat' reads conversations)"
+                f"caption), found {len(groups)} ({self.skips.total} record(s) skipped; a vision-language stage reads conversations)"
             )
         self.item_of, self.caption_of = np.asarray(item_of, np.int64), np.asarray(caption_of, np.int32)
         self.group_of = np.asarray(group_of, np.int64)
@@ -347,11 +350,11 @@ class JsonlPairs(Dataset):
 
     def _sample(self, index: int) -> dict:
         record = self._record(index)
-        negative = self.negative(index)
+        negative = self.negative(index) if self.builder.negative else ""
         if negative is None:
             raise BadRecord(record.name, "no negative caption", f"no other image's caption in {NEGATIVE_DRAWS} draws")
         group = int(self.group_of[index])
-        return self.builder(record, int(self.caption_of[index]), negative, group, group, index)
+        return self.builder(record, int(self.caption_of[index]), negative or None, group, group, index)
 
     def __getitem__(self, index: int) -> dict:
         return self.builder.safe(lambda: self._sample(index))
@@ -392,10 +395,10 @@ class StreamingPairs(StreamingDataset):
         if record.kind != "pair" or len(record.images) != 1:
             raise BadRecord(record.name, "not a pair", f"a {record.kind} record with {len(record.images)} image(s)")
         group = image_key(record.images[0])
-        negative = self.negative(position, group)
+        negative = self.negative(position, group) if self.builder.negative else ""
         if negative is None:
             raise BadRecord(record.name, "no negative caption", f"no other image's caption in {NEGATIVE_DRAWS} draws")
-        return self.builder(record, 0, negative, group, group, position)
+        return self.builder(record, 0, negative or None, group, group, position)
 
     def __getitem__(self, index) -> dict:
         return self.builder.safe(lambda: self._sample(index))

@@ -1,24 +1,26 @@
 """Records → training samples: images tiled, text templated and tokenized, labels masked.
 
-:class:`SampleBuilder`, set by one :class:`SampleOptions`, is the one function from a
-:class:`~lit_internvl.data.records.Record` to a sample
-``{"input_ids" (L,), "labels" (L,), "pixel_values" (tiles, 3, S, S) | None, "name"}``:
+:class:`SampleBuilder`, set by one :class:`SampleOptions` and the stage's views
+(:mod:`lit_internvl.data.views`), is the one function from a :class:`~lit_internvl.data.records.Record` to
+``{"views": {view name: sample}, "name"}``, a sample being
+``{"input_ids" (L,), "labels" (L,), "pixel_values" (tiles, 3, S, S) | None, "budget", "name", "meta"}``:
 
 - conversation: the chat template's masks (only the assistant's answers are trained);
 - pair: a conversation whose question is the image and whose answer is the caption;
 - interleaved: the document's text is trained, its image spans are not;
 - text: every token (plus the end token) is trained;
-- preference: the question answered with ``chosen`` is the sample; ``rejected`` holds the same
-  question answered with the rejected response (for preference optimisation);
+- preference: the question answered with ``chosen`` (the ``conversation`` and ``chosen`` views) or with
+  ``rejected`` (the ``rejected`` view), for preference optimisation;
 - steps: the critic's conversation, one ``+``/``-`` answer per step trained (:mod:`lit_internvl.data.critic`).
 
 With ``v2pe`` on, a sample also carries its float32 ``positions`` (:mod:`lit_internvl.data.v2pe`); without,
 the collator numbers each sample's tokens ``0..L−1``. With ``split_long``, an interleaved or text record longer
-than ``max_length`` becomes ``{"parts": [sample, ...], "dropped": n}``: parts cut between images, each keeping
-its slice of the document's positions (:func:`split_points`).
+than ``max_length`` becomes ``{"parts": [{"views": ...}, ...], "dropped": n}``: parts cut between images, each
+keeping its slice of the document's positions (:func:`split_points`). The ``prompt`` view leaves the last answer
+out (kept as ``reference``) and ends with the assistant header.
 
-Every ``<image>`` reserves ``tokens_per_tile × tiles`` ``<IMG_CONTEXT>`` slots, the number the
-model's connector gives for those tiles. A record that cannot become a sample raises
+Every ``<image>`` reserves ``budget × tiles`` ``<IMG_CONTEXT>`` slots, the number the model's connector gives
+for those tiles at the view's budget. A record that cannot become a sample raises
 :class:`~lit_internvl.data.records.BadRecord`; :meth:`SampleBuilder.safe` turns that into a
 ``{"skipped": reason}`` entry that the collator counts (or re-raises with ``strict``).
 """
@@ -33,12 +35,12 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, tokenize_critic
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, BadRecord, Record, check_something_to_train, open_images
 from lit_internvl.data.templates import (
-    IGNORE_INDEX,
     ChatTemplate,
     PlaceholderMismatchError,
     TemplateName,
@@ -49,6 +51,15 @@ from lit_internvl.data.templates import (
 from lit_internvl.data.tiling import INTERNVL_JPEG_QUALITY, tile_sample
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.data.v2pe import V2PEMode, check_v2pe, image_runs, sample_positions
+from lit_internvl.data.views import (
+    RECORD_VIEWS,
+    VIEW_KINDS,
+    VISION_LANGUAGE,
+    View,
+    ViewError,
+    check_offered,
+    describe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +70,6 @@ class SampleOptions:
     :class:`SampleBuilder` share.
 
     Args:
-        tokens_per_tile: ``<IMG_CONTEXT>`` tokens per tile (the model's ``tokens_per_tile`` at ``tile_size``).
         template: a registered chat template's name, or a custom :class:`~lit_internvl.data.templates.ChatTemplate`.
         tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset's
             ``max_dynamic_patch`` replaces ``max_tiles`` (lower or higher), as in InternVL.
@@ -80,7 +90,6 @@ class SampleOptions:
             into parts of at most ``max_length`` tokens (NMP), not skipped as "over-long sample".
     """
 
-    tokens_per_tile: int
     template: TemplateName | ChatTemplate = "internvl2_5"
     tile_size: int = 448
     min_tiles: int = 1
@@ -102,20 +111,26 @@ class SampleOptions:
 
 
 class SampleBuilder:
-    """Turns records into samples for a vision-language model.
+    """Turns records into samples for a vision-language model, one sample per view of the record.
 
     Args:
         tokenizer: :class:`~lit_internvl.data.tokenizer.ByteTokenizer` or ``HFTokenizer``.
         options: tiling, template and length settings.
-        generation: build prompts to answer: a conversation's last answer is left out (kept as
-            ``reference``) and the assistant header ends the prompt.
+        views: the vision-language views to build (:mod:`lit_internvl.data.views`), each with its budget set.
         image_root: folder that records' relative image paths start from.
+
+    A record becomes ``{"views": {view name: sample}, "name"}``; the images are tiled once and shared by every
+    view, each view reserving ``budget × tiles`` ``<IMG_CONTEXT>`` slots per image.
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, options: SampleOptions, generation: bool = False, image_root: str | None = None
+        self, tokenizer: Tokenizer, options: SampleOptions, views: tuple[View, ...], image_root: str | None = None
     ) -> None:
-        self.tokenizer, self.options, self.generation, self.image_root = tokenizer, options, generation, image_root
+        unset = [view.name for view in views if view.budget is None]
+        if unset or not views:
+            raise ValueError(f"SampleBuilder needs views with a budget set (unset: {unset or 'no views'})")
+        self.tokenizer, self.options, self.views, self.image_root = tokenizer, options, tuple(views), image_root
+        self.prompt_only = all(view.kind == "prompt" for view in views)
 
     def safe(self, record: Record | BadRecord) -> dict:
         """:meth:`__call__`, with a bad record logged and returned as ``{"skipped": reason, "name"}``."""
@@ -131,8 +146,11 @@ class SampleBuilder:
 
     def __call__(self, record: Record) -> dict:
         o = self.options
-        if not self.generation:  # records made in memory were never scanned
+        if not self.prompt_only:  # records made in memory were never scanned
             check_something_to_train(record)
+        missing = [view.kind for view in self.views if view.kind not in RECORD_VIEWS[record.kind]]
+        if missing:
+            raise BadRecord(record.name, "no such view", f"a {record.kind} record has no {', '.join(missing)} view")
         images = open_images(record, self.image_root, o.max_image_pixels)
         # InternVL: a meta file's max_dynamic_patch replaces the global max_num, even upwards
         # (internvl_chat_finetune.py, build_datasets, lines 722-726).
@@ -144,71 +162,76 @@ class SampleBuilder:
             # Seeded per record, so the augmentation does not depend on which worker builds it.
             rng=random.Random(f"{o.seed}/{record.name}") if jpeg_quality else None,
         )  # fmt: skip
-        counts = [tiles * o.tokens_per_tile for tiles in tiles_per_image]
-        fields = record.fields
-        extra: dict = {}
-        try:
-            if record.kind in ("conversation", "pair"):
-                if record.kind == "pair":
-                    question = IMAGE_PLACEHOLDER + (f"\n{o.pair_prompt}" if o.pair_prompt else "")
-                    caption = fields["text"] if "text" in fields else fields["texts"][0]  # several: the first
-                    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]
-                else:
-                    turns = fields["conversations"]
-                    if record.is_video:
-                        turns = expand_video_placeholder(turns, len(images))
-                if self.generation:
-                    extra["reference"] = turns[-1]["value"] if turns[-1]["from"] == "gpt" else None
-                    turns = turns[:-1] if turns[-1]["from"] == "gpt" else turns
-                ids, labels = tokenize_conversation(
-                    turns, self.tokenizer, o.template, counts, o.system, add_generation_prompt=self.generation
-                )
-            elif record.kind == "interleaved":
-                ids, labels = self._interleaved(fields["texts"], counts)
-            elif record.kind == "text":
-                ids = self.tokenizer.encode(fields["text"]) + [self.tokenizer.eos_id]
-                labels = list(ids)
-            elif record.kind == "steps":
-                ids, labels, extra["meta"] = self._steps(record, counts)
-            else:
-                ids, labels = self._answered(fields["question"], fields["chosen"], counts)
-                rejected_ids, rejected_labels = self._answered(fields["question"], fields["rejected"], counts)
-                extra = {"rejected": {"input_ids": torch.tensor(rejected_ids), "labels": torch.tensor(rejected_labels)}}
-        except PlaceholderMismatchError as error:
-            raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
         context_id = self.tokenizer.token_to_id(IMG_CONTEXT)
-        # One rng a sequence, seeded by the record: the same strides in every worker, epoch and resumed run,
-        # and a preference pair's two answers see their images at the same positions.
-        positions = self.positions(ids, context_id, record.name)
-        if "rejected" in extra and positions is not None:
-            extra["rejected"]["positions"] = self.positions(
-                extra["rejected"]["input_ids"].tolist(), context_id, record.name
-            )
-        longest = max(len(ids), len(extra["rejected"]["input_ids"]) if "rejected" in extra else 0)
-        if longest > o.max_length and o.split_long and record.kind in ("interleaved", "text") and not self.generation:
-            return self._split(record.name, ids, labels, positions, pixel_values, tiles_per_image, context_id)
+        built = {}
+        for view in self.views:
+            counts = [tiles * view.budget for tiles in tiles_per_image]
+            try:
+                ids, labels, extra = self._tokens(record, view.kind, counts, len(images))
+            except PlaceholderMismatchError as error:
+                raise BadRecord(record.name, "placeholder mismatch", str(error)) from None
+            # One rng a sequence, seeded by the record: the same strides in every worker, epoch and resumed run,
+            # and every view of a record (a preference pair's two answers) sees its images at the same positions.
+            built[view.name] = (view, ids, labels, extra, self.positions(ids, context_id, record.name))
+        longest = max(len(ids) for _, ids, *_ in built.values())
+        splittable = len(self.views) == 1 and self.views[0].kind == "conversation"
+        if longest > o.max_length and o.split_long and record.kind in ("interleaved", "text") and splittable:
+            view, ids, labels, _, positions = built[self.views[0].name]
+            return self._split(record.name, view, ids, labels, positions, pixel_values, tiles_per_image, context_id)
         if longest > o.max_length:
             raise BadRecord(record.name, "over-long sample", f"{longest} tokens > max_length {o.max_length}")
-        if not self.generation and all(label == IGNORE_INDEX for label in labels):
-            raise BadRecord(record.name, "nothing to train", "no token of the sample is supervised")
-        sample = {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": pixel_values if tiles_per_image else None,
-            "name": record.name,
-            "meta": fields.get("meta"),
-            **extra,
-        }
-        if positions is not None:
-            sample["positions"] = positions
-        return sample
+        samples = {}
+        for name, (view, ids, labels, extra, positions) in built.items():
+            if view.kind != "prompt" and all(label == IGNORE_INDEX for label in labels):
+                raise BadRecord(record.name, "nothing to train", "no token of the sample is supervised")
+            samples[name] = {
+                "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": pixel_values if tiles_per_image else None, "budget": view.budget,
+                "name": record.name, "meta": record.fields.get("meta"), "positions": positions, **extra,
+            }  # fmt: skip
+        return {"views": samples, "name": record.name}
+
+    def _tokens(self, record: Record, kind: str, counts: list[int], images: int) -> tuple[list[int], list[int], dict]:
+        """``(ids, labels, extra)`` of ``record`` seen as ``kind`` (``extra``: a prompt's ``reference``)."""
+        fields, prompt = record.fields, kind == "prompt"
+        if record.kind == "preference":
+            if kind == "rejected":
+                return (*self._answered(fields["question"], fields["rejected"], counts), {})
+            if prompt:
+                return (*self._answered(fields["question"], None, counts), {"reference": fields["chosen"]})
+            return (*self._answered(fields["question"], fields["chosen"], counts), {})
+        if record.kind in ("conversation", "pair"):
+            if record.kind == "pair":
+                o = self.options
+                question = IMAGE_PLACEHOLDER + (f"\n{o.pair_prompt}" if o.pair_prompt else "")
+                caption = fields["text"] if "text" in fields else fields["texts"][0]  # several: the first
+                turns = [{"from": "human", "value": question}, {"from": "gpt", "value": caption}]
+            else:
+                turns = fields["conversations"]
+                if record.is_video:
+                    turns = expand_video_placeholder(turns, images)
+            extra = {}
+            if prompt:
+                extra["reference"] = turns[-1]["value"] if turns[-1]["from"] == "gpt" else None
+                turns = turns[:-1] if turns[-1]["from"] == "gpt" else turns
+            ids, labels = tokenize_conversation(
+                turns, self.tokenizer, self.options.template, counts, self.options.system, add_generation_prompt=prompt
+            )
+            return ids, labels, extra
+        if record.kind == "interleaved":
+            return (*self._interleaved(fields["texts"], counts), {})
+        if record.kind == "text":
+            ids = self.tokenizer.encode(fields["text"]) + [self.tokenizer.eos_id]
+            return ids, list(ids), {}
+        ids, labels, meta = self._steps(record, counts)
+        return ids, labels, {"meta": meta}
 
     def positions(self, ids: list[int], context_id: int, name: str) -> torch.Tensor | None:
         """The V2PE positions of one sequence (None when ``v2pe`` is off)."""
         o = self.options
         return sample_positions(ids, context_id, o.v2pe, random.Random(f"{o.seed}/v2pe/{name}"))
 
-    def _split(self, name, ids, labels, positions, pixel_values, tiles_per_image, context_id) -> dict:
+    def _split(self, name, view, ids, labels, positions, pixel_values, tiles_per_image, context_id) -> dict:
         """An over-long document as parts of at most ``max_length`` tokens cut between images; a part with no
         trained target is dropped and counted (``"dropped"``)."""
         runs = image_runs(ids, context_id)
@@ -231,10 +254,11 @@ class SampleBuilder:
                 "labels": torch.tensor(part_labels),
                 "positions": positions[start:end].clone(),
                 "pixel_values": pixel_values[first_tile[images[0]] : first_tile[images[-1] + 1]] if images else None,
+                "budget": view.budget,
                 "name": f"{name}#{k}",
                 "meta": None,
             }
-            parts.append(part)
+            parts.append({"views": {view.name: part}, "name": part["name"]})
         if not parts:
             raise BadRecord(name, "nothing to train", "no part of the split document has a supervised token")
         if dropped:
@@ -253,11 +277,17 @@ class SampleBuilder:
             return o.jpeg_quality or INTERNVL_JPEG_QUALITY
         return o.jpeg_quality
 
-    def _answered(self, question: str, answer: str, counts: list[int]) -> tuple[list[int], list[int]]:
+    def _answered(self, question: str, answer: str | None, counts: list[int]) -> tuple[list[int], list[int]]:
+        """The question answered with ``answer``; None: the question as a prompt to answer."""
         if IMAGE_PLACEHOLDER not in question and counts:
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        return tokenize_conversation(turns, self.tokenizer, self.options.template, counts, self.options.system)
+        turns = [{"from": "human", "value": question}]
+        if answer is not None:
+            turns.append({"from": "gpt", "value": answer})
+        return tokenize_conversation(
+            turns, self.tokenizer, self.options.template, counts, self.options.system,
+            add_generation_prompt=answer is None,
+        )  # fmt: skip
 
     def _steps(self, record: Record, counts: list[int]) -> tuple[list[int], list[int], dict]:
         """The critic's conversation (:mod:`lit_internvl.data.critic`), VisualPRM's system prompt unless ``system``
@@ -322,15 +352,65 @@ def _identity(image) -> str:
 
 
 class SampleDataModule(L.LightningDataModule):
-    """A datamodule whose samples a :class:`SampleBuilder` makes with ``self.sample_options``: the tile facts
-    the model–data handshake reads (:class:`~lit_internvl.data.contract.StageData`) come from those options."""
+    """A source of records whose samples a :class:`SampleBuilder` makes with ``self.sample_options``
+    (``self.eval_options`` for held-out splits): the tile facts the model–data handshake reads
+    (:class:`~lit_internvl.data.contract.StageData`) come from those options, and the views come from the stage.
+
+    In the handshake the stage asks for its views (:meth:`use_views`); a view the records cannot give fails there,
+    naming the stage and :attr:`source` (YAML key and value). Loaders build exactly those views, nothing else.
+    """
 
     sample_options: SampleOptions
+    eval_options: SampleOptions
+    #: Whether training rows are packed (a datamodule with a ``pack`` option sets it).
+    pack: bool = False
+    requested: tuple[View, ...] | None = None
 
     @property
     def tile_size(self) -> int:
         return self.sample_options.tile_size
 
     @property
-    def tokens_per_tile(self) -> int:
-        return self.sample_options.tokens_per_tile
+    def source(self) -> str:
+        """What a view error names: the data's class and the YAML key that says what its records are."""
+        return f"data {type(self).__name__}"
+
+    def offered_views(self) -> frozenset[str]:
+        """The view kinds these records can give (:mod:`lit_internvl.data.views`)."""
+        return frozenset(VIEW_KINDS)
+
+    def use_views(self, views: tuple[View, ...], stage: str = "the stage") -> None:
+        """Give the loaders' batches these ``views`` (budgets set); a :class:`~lit_internvl.data.views.ViewError`
+        naming ``stage`` and :attr:`source` when the records cannot give one of them."""
+        views = tuple(views)
+        check_offered(views, self.offered_views(), stage, self.source)
+        kinds = {view.kind for view in views}
+        if kinds & {"pair", "negative"} and kinds & VISION_LANGUAGE:
+            raise ViewError(f"{stage} asks for {describe(views)}: pair views and conversation views do not mix")
+        if self.pack and [view.kind for view in views] != ["conversation"]:
+            raise ViewError(
+                f"data.init_args.pack is true, but {stage} trains on {describe(views)}: only a single conversation "
+                "view is packed; set pack: false"
+            )
+        self.requested = views
+
+    @property
+    def views(self) -> tuple[View, ...]:
+        """The views the stage asked for (:meth:`use_views`)."""
+        if self.requested is None:
+            raise ViewError(
+                f"{type(self).__name__} has not been asked for any view: a stage asks in its handshake, or call "
+                "datamodule.use_views(views) yourself"
+            )
+        return self.requested
+
+    def prompt_views(self) -> tuple[View, ...]:
+        """``predict``'s view: the prompt, at the budget of the stage's first vision-language view."""
+        budget = next((view.budget for view in self.views if view.kind in VISION_LANGUAGE), None)
+        return (View("prompt", budget),)
+
+    def sample_builder(self, train: bool = False, views: tuple[View, ...] | None = None) -> SampleBuilder:
+        """How records become samples of ``views`` (default the stage's vision-language views); only training
+        samples are augmented."""
+        views = tuple(view for view in (views or self.views) if view.kind in VISION_LANGUAGE)
+        return SampleBuilder(self.tokenizer, self.sample_options if train else self.eval_options, views)

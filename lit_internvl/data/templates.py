@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.records import IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER
 from lit_internvl.data.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
-from lit_internvl.losses import IGNORE_INDEX
 
 # The registered templates (:data:`TEMPLATES`), so that a misspelt name fails when a recipe is parsed.
 TemplateName = Literal["internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat"]

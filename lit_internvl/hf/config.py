@@ -307,7 +307,7 @@ def transformers_config(model: VisionLanguageModel, max_position_embeddings: int
         vision_config=_vision_config(vision, tile_size),
         text_config=_text_config(language, max_position_embeddings),
         image_token_id=model.image_context_id,
-        image_seq_length=model.tokens_per_tile(tile_size),
+        image_seq_length=model.budgets(tile_size)[0],
         downsample_ratio=1 / model.connector.factor,
         vision_feature_layer=vision.select_layer,
         tie_word_embeddings=language.tie_embeddings,

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lit_internvl.batch import Batch, Images
 from lit_internvl.data.critic import split_steps
 from lit_internvl.data.samples import SampleOptions
 from lit_internvl.inference.critic import Aggregate, aggregate, score_solutions
@@ -28,8 +29,7 @@ from lit_internvl.rewards import final_answer
 def sample_n(
     model,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    tiles_per_sample: list[int] | None,
+    images: Images | torch.Tensor | None,
     seeds: Sequence[int],
     max_new_tokens: int = 32,
     eos_id: int | None = None,
@@ -44,7 +44,7 @@ def sample_n(
     if input_ids.shape[0] != 1:
         raise ValueError(f"sample_n continues one prompt; got {input_ids.shape[0]} rows")
     return sample_groups(
-        model, input_ids, torch.ones_like(input_ids), pixel_values, tiles_per_sample, seeds, positions=positions,
+        model, input_ids, torch.ones_like(input_ids), images, seeds, positions=positions,
         max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, top_p=top_p,
     )  # fmt: skip
 
@@ -80,8 +80,8 @@ def best_of_n(
     """
     seeds = [seed + r for r in range(n)]
     tokens = sample_n(
-        policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"], seeds,
-        eos_id=tokenizer.eos_id, positions=prompt.get("positions"), **sampling,
+        policy, prompt["input_ids"], prompt.get("images"), seeds, eos_id=tokenizer.eos_id,
+        positions=prompt.get("positions"), **sampling,
     )  # fmt: skip
     texts = [tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in tokens]
     steps = [split_steps(text) for text in texts]
@@ -95,3 +95,23 @@ def best_of_n(
     majority = majority_vote(texts)
     return {"answer": texts[best], "best": best, "majority": majority, "majority_answer": texts[majority],
             "candidates": candidates}  # fmt: skip
+
+
+def best_of_n_rows(policy, tokenizer, batch: Batch, critic, critic_options: SampleOptions, **options) -> list[dict]:
+    """:func:`best_of_n` for each prompt of a collated ``prompt`` batch (left-padded), the critic reading the
+    prompt's own tiles and ``meta["question"]``; ``options``: :func:`best_of_n`'s. Returns per prompt
+    ``{"name", "reference", "meta", **best_of_n(...)}``."""
+    out = []
+    for row, name in enumerate(batch.sample_names):
+        meta = (batch.meta or [None] * batch.rows)[row] or {}
+        if "question" not in meta:
+            raise ValueError(f"{name}: model.init_args.best_of needs the prompt's question in meta['question']")
+        real = batch.attention_mask[row] == 1  # the prompt without its left padding
+        images = batch.images.rows([row]) if batch.images is not None else None
+        prompt = {"input_ids": batch.input_ids[row][real][None], "images": images}
+        pixels = None if images is None else images.pixel_values
+        result = best_of_n(policy, tokenizer, prompt, meta["question"], critic, tokenizer, critic_options, pixels,
+                           **options)  # fmt: skip
+        reference = (batch.reference or [None] * batch.rows)[row]
+        out.append({"name": name, "reference": reference, "meta": meta, **result})
+    return out

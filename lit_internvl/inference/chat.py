@@ -12,6 +12,7 @@ from lit_internvl.data.collate import Collator
 from lit_internvl.data.records import Record
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.tokenizer import IMG_CONTEXT, HFTokenizer
+from lit_internvl.data.views import View
 from lit_internvl.inference.generate import generate
 from lit_internvl.models.vlm import VisionLanguageModel
 
@@ -25,8 +26,8 @@ def load_hf_chat_model(folder: str | Path) -> tuple[VisionLanguageModel, SampleB
     tokenizer = HFTokenizer(folder)
     model = load_vlm(folder, image_context_id=tokenizer.token_to_id(IMG_CONTEXT))
     template = read_config(folder, image_context_id=model.image_context_id).template or "internvl2_5"
-    options = SampleOptions(tokens_per_tile=model.tokens_per_tile(), tile_size=model.tile_size, template=template)
-    return model, SampleBuilder(tokenizer, options, generation=True)
+    options = SampleOptions(tile_size=model.tile_size, template=template)
+    return model, SampleBuilder(tokenizer, options, (View("prompt", model.budgets()[0]),))
 
 
 def answer(
@@ -43,10 +44,10 @@ def answer(
     question, or one per image in front of it), with the builder's template and tiling."""
     record = Record("conversation", "chat", {"conversations": [{"from": "human", "value": question}]}, list(images))
     tokenizer = builder.tokenizer
-    batch = Collator(tokenizer.pad_id, left_pad=True)([builder(record)])
+    batch = Collator(tokenizer.pad_id, builder.views)([builder(record)])[builder.views[0].name]
     tokens = generate(
-        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
-        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p,
-        generator=torch.Generator().manual_seed(seed), positions=batch["positions"],
+        model, batch.input_ids, batch.attention_mask, batch.images, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed),
+        positions=batch.positions,
     )[0]  # fmt: skip
     return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)

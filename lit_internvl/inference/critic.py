@@ -10,11 +10,15 @@ Best-of-N; ``min``; ``last``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Literal, get_args
 
 import torch
+import torch.nn as nn
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from lit_internvl.batch import IGNORE_INDEX, Batch
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.critic import (
     BAD,
@@ -26,8 +30,10 @@ from lit_internvl.data.critic import (
     tokenize_critic,
 )
 from lit_internvl.data.samples import SampleOptions
+from lit_internvl.data.views import View
 from lit_internvl.inference.rollout import sample_groups
-from lit_internvl.losses import IGNORE_INDEX, supervised_positions
+from lit_internvl.losses import supervised_positions
+from lit_internvl.models.vlm import Logits
 from lit_internvl.rewards import final_answer
 
 Aggregate = Literal["mean", "min", "last"]
@@ -43,27 +49,41 @@ def step_probabilities(logits: torch.Tensor, labels: torch.Tensor, plus_id: int,
     return [row.tolist() for row in plus.split(counts)]
 
 
-def as_scored(batch: dict, plus_id: int) -> dict:
+def as_scored(batch: Batch, plus_id: int) -> Batch:
     """A collated critic batch with every answer written ``+``, as scoring writes them: the critic reads the steps,
     not the record's labels. With the labels in the context, the answer after a ``-`` is always ``-`` (a step is
     correct only when all before it are), which a critic can copy instead of judging the step; its accuracy read
     that way says nothing of what Best-of-N sees."""
-    input_ids = batch["input_ids"].clone()
-    input_ids[batch["labels"] != IGNORE_INDEX] = plus_id  # the labelled tokens are the answers themselves
-    return {**batch, "input_ids": input_ids}
+    input_ids = batch.input_ids.clone()
+    input_ids[batch.labels != IGNORE_INDEX] = plus_id  # the labelled tokens are the answers themselves
+    return replace(batch, input_ids=input_ids)
 
 
 @torch.no_grad()
-def score_steps(critic, batch: dict, plus_id: int, minus_id: int) -> list[list[float]]:
+def score_steps(critic, batch: Batch, plus_id: int, minus_id: int) -> list[list[float]]:
     """P(``+``) at every step of every row of a collated critic batch, in one forward pass of ``critic``, the
     answers read as ``+`` whatever the batch's labels (:func:`as_scored`)."""
     batch = as_scored(batch, plus_id)
     logits = critic(
-        batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-        positions=batch["positions"], tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"],
-        logits_at=supervised_positions(batch["labels"]),
+        batch.input_ids, batch.images, attention_mask=batch.attention_mask, positions=batch.positions,
+        sample_names=batch.sample_names, head=Logits(supervised_positions(batch.labels)),
     )  # fmt: skip
-    return step_probabilities(logits, batch["labels"], plus_id, minus_id)
+    return step_probabilities(logits, batch.labels, plus_id, minus_id)
+
+
+def load_critic(source: str, like: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A critic from ``source``: ``hf:/folder`` (either InternVL layout, with ``like``'s ``<IMG_CONTEXT>`` id), or a
+    ``.ckpt``/``.safetensors`` of the architecture ``build()`` makes, reading tiles of ``like``'s size."""
+    from lit_internvl.checkpoints import read_state_dict
+
+    if source.startswith("hf:"):
+        from lit_internvl.hf import load_vlm
+
+        return load_vlm(source.removeprefix("hf:"), image_context_id=like.image_context_id)
+    critic = build()
+    critic.tile_size = like.tile_size
+    critic.load_state_dict(read_state_dict(source))
+    return critic
 
 
 def aggregate(scores: Sequence[float], how: Aggregate = "mean") -> float:
@@ -76,21 +96,24 @@ def aggregate(scores: Sequence[float], how: Aggregate = "mean") -> float:
 
 
 def critic_batch(
-    tokenizer, options: SampleOptions, question: str, steps: Sequence[Sequence[str]], pixel_values: torch.Tensor | None
-) -> dict:
+    tokenizer, options: SampleOptions, question: str, steps: Sequence[Sequence[str]],
+    pixel_values: torch.Tensor | None, budget: int,
+) -> Batch:  # fmt: skip
     """The critic's batch for several step-split solutions of one question about one image (its tiles
-    ``pixel_values``, shared by every row), the answers all ``+`` (:func:`score_steps` reads them, not their labels).
-    The system message is ``options.system`` (None: VisualPRM's prompt), the template ``options.template``."""
+    ``pixel_values``, shared by every row, ``budget`` tokens each), the answers all ``+`` (:func:`score_steps` reads
+    them, not their labels). The system message is ``options.system`` (None: VisualPRM's prompt), the template
+    ``options.template``."""
     tiles = 0 if pixel_values is None else pixel_values.shape[0]
-    counts = [tiles * options.tokens_per_tile] if tiles else []
+    counts = [tiles * budget] if tiles else []
     system = PRM_SYSTEM_PROMPT if options.system is None else options.system
     samples = []
     for i, solution in enumerate(steps):
         turns = critic_turns(question, solution or [""], images=len(counts))
         ids, labels = tokenize_critic(turns, tokenizer, options.template, counts, system)
         samples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "name": f"candidate {i}",
-                        "pixel_values": pixel_values})  # fmt: skip
-    return Collator(tokenizer.pad_id)(samples)
+                        "pixel_values": pixel_values, "budget": budget})  # fmt: skip
+    view = View("conversation", budget)
+    return Collator(tokenizer.pad_id, (view,)).collate(samples, view)
 
 
 def score_solutions(
@@ -98,10 +121,8 @@ def score_solutions(
 ) -> list[list[float]]:
     """P(``+``) per step of each solution (a list of steps; an empty one scores as one empty step)."""
     plus_id, minus_id = label_ids(tokenizer)
-    batch = critic_batch(tokenizer, options, question, steps, pixel_values)
-    device = next(critic.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return score_steps(critic, batch, plus_id, minus_id)
+    batch = critic_batch(tokenizer, options, question, steps, pixel_values, critic.budgets()[0])
+    return score_steps(critic, move_data_to_device(batch, next(critic.parameters()).device), plus_id, minus_id)
 
 
 @torch.no_grad()
@@ -134,7 +155,7 @@ def monte_carlo_labels(
     stopping is then applied to the scores, which gives the reference's labels (a step after a zero is ``-``
     whatever its continuations).
 
-    ``prompt`` is one prompt sample (``SampleBuilder(..., generation=True)`` of the question: ``input_ids`` ending in
+    ``prompt`` is one prompt sample (the ``prompt`` view of a :class:`~lit_internvl.data.samples.SampleBuilder`: ``input_ids`` ending in
     the assistant's header, ``pixel_values``). Returns per solution ``{"steps", "labels", "scores"}``."""
     if prompt.get("positions") is not None:
         raise ValueError("monte_carlo_labels continues plain prompts; V2PE prompt positions are not supported")
@@ -145,15 +166,15 @@ def monte_carlo_labels(
     for i, prefix in enumerate(prefixes):
         ids = torch.cat([torch.as_tensor(prompt["input_ids"]), torch.tensor(tokenizer.encode(prefix))])
         rows.append({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "pixel_values": prompt.get("pixel_values"),
-                     "name": f"prefix {i}"})  # fmt: skip
-    batch = Collator(tokenizer.pad_id, left_pad=True)(rows)
-    device = next(policy.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                     "budget": policy.budgets()[0], "name": f"prefix {i}"})  # fmt: skip
+    view = View("prompt", policy.budgets()[0])
+    batch = move_data_to_device(
+        Collator(tokenizer.pad_id, (view,)).collate(rows, view), next(policy.parameters()).device
+    )
     seeds = [seed + b * samples + j for b in range(len(prefixes)) for j in range(samples)]
     drawn = sample_groups(
-        policy, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"], seeds,
-        positions=batch["positions"], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, temperature=temperature,
-        top_p=top_p,
+        policy, batch.input_ids, batch.attention_mask, batch.images, seeds, positions=batch.positions,
+        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p,
     )  # fmt: skip
     right = [
         final_answer(prefixes[r // samples] + tokenizer.decode([t for t in row if t != tokenizer.eos_id],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from lit_internvl.batch import Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
 
@@ -29,8 +30,7 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    tiles_per_sample: list[int] | None = None,
+    images: Images | torch.Tensor | None = None,
     max_new_tokens: int = 32,
     eos_id: int | None = None,
     temperature: float = 0.0,
@@ -39,7 +39,8 @@ def generate(
     generator: torch.Generator | None = None,
     positions: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """Continue left-padded prompts ``input_ids (B, T)`` (``attention_mask`` 1 on real tokens).
+    """Continue left-padded prompts ``input_ids (B, T)`` (``attention_mask`` 1 on real tokens) and their
+    ``images`` (:class:`~lit_internvl.batch.Images`, or bare tiles at the default budget).
 
     ``positions`` are the prompts' own (the collator's, V2PE's fractional image positions among them);
     None numbers each prompt's tokens from 0. A new token takes ``ceil(last position) + 1``: one past the
@@ -52,7 +53,7 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("Prompts must be left-padded: the last column of attention_mask has padding")
-    embeds = model.embed(input_ids, pixel_values, tiles_per_sample)
+    embeds = model.embed(input_ids, images)
     decoder = model.decoder
     cache = KVCache(len(decoder.layers)) if use_cache else None
     if positions is None:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from lit_internvl.batch import Batch, Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
 from lit_internvl.inference.generate import sample_next
@@ -31,8 +32,7 @@ def sample_groups(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    tiles_per_sample: list[int] | None,
+    images: Images | torch.Tensor | None,
     seeds: Sequence[int],
     positions: torch.Tensor | None = None,
     max_new_tokens: int = 32,
@@ -41,7 +41,7 @@ def sample_groups(
     top_p: float = 1.0,
     banned_tokens: Sequence[int] = (),
 ) -> list[list[int]]:
-    """``len(seeds) / B`` answers to each of the B left-padded prompts ``input_ids (B, T)``; returns the B·G
+    """``len(seeds) / B`` answers to each of the B left-padded prompts ``input_ids (B, T)`` and their ``images``; returns the B·G
     answers' tokens (up to and including ``eos_id``), prompt b's answers at rows ``b·G … b·G + G − 1``.
     ``banned_tokens`` are never drawn (their logits −∞; RL bans the image tokens, which an answer cannot hold)."""
     rows, device, decoder = input_ids.shape[0], input_ids.device, model.decoder
@@ -53,7 +53,7 @@ def sample_groups(
     if positions is None:
         positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0).float()
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-    embeds = model.embed(input_ids, pixel_values, tiles_per_sample)  # the vision tower runs here, once a prompt
+    embeds = model.embed(input_ids, images)  # the vision tower runs here, once a prompt
     cache = KVCache(len(decoder.layers))
     hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions.float(), cache=cache)
     repeat = torch.arange(rows, device=device).repeat_interleave(group)
@@ -93,14 +93,13 @@ class RolloutEngine(Protocol):
     ``eos_id``, ``temperature``, ``top_p``, ``banned_tokens``. An engine outside the process (vLLM) would also take the policy's
     weights before each rollout; the built-in one samples the policy itself."""
 
-    def sample(self, model, batch: dict, seeds: Sequence[int], **sampling) -> list[list[int]]: ...
+    def sample(self, model, batch: Batch, seeds: Sequence[int], **sampling) -> list[list[int]]: ...
 
 
 class BuiltinSampler:
     """:func:`sample_groups` on the policy itself (KV cache; CPU and GPU)."""
 
-    def sample(self, model, batch: dict, seeds: Sequence[int], **sampling) -> list[list[int]]:
+    def sample(self, model, batch: Batch, seeds: Sequence[int], **sampling) -> list[list[int]]:
         return sample_groups(
-            model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
-            seeds, positions=batch.get("positions"), **sampling,
-        )  # fmt: skip
+            model, batch.input_ids, batch.attention_mask, batch.images, seeds, positions=batch.positions, **sampling
+        )

@@ -4,7 +4,7 @@
 
     pixel_values ─► vision ─► connector ─┐  tokens (tiles·T, D)
                                          ▼  spliced at the <IMG_CONTEXT> positions
-    input_ids ───► decoder.embed_tokens ─► inputs_embeds ─► decoder ─► head ─► logits
+    input_ids ───► decoder.embed_tokens ─► inputs_embeds ─► decoder ─► hidden ─► head (logits, or the loss)
 
 This is the one place where image features enter the text sequence.
 """
@@ -12,11 +12,14 @@ This is the one place where image features enter the text sequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from lit_internvl.losses import HEAD_CHUNK_SIZE, IGNORE_INDEX, HeadBackend, linear_cross_entropy
+from lit_internvl.batch import IGNORE_INDEX, Images
+from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, linear_cross_entropy
 
 
 class ImageTokenMismatchError(ValueError):
@@ -64,33 +67,73 @@ class VisionLanguageModel(nn.Module):
         self.tile_size = tile_size
         self.dummy_tile = False
 
-    def tokens_per_tile(self, tile_size: int | None = None) -> int:
-        """``<IMG_CONTEXT>`` tokens a prompt reserves per ``tile_size`` px tile (default :attr:`tile_size`)."""
+    def budgets(self, tile_size: int | None = None) -> tuple[int, ...]:
+        """The ``<IMG_CONTEXT>`` tokens a ``tile_size`` px tile (default :attr:`tile_size`) can become: the
+        connector's budgets (``connector.budgets(P)`` when it declares several, else ``tokens_per_tile(P)``),
+        the first being the default."""
         side = (self.tile_size if tile_size is None else tile_size) // self.vision.patch_size
-        return self.connector.tokens_per_tile(side * side)
+        patches = side * side
+        if hasattr(self.connector, "budgets"):
+            return tuple(self.connector.budgets(patches))
+        return (self.connector.tokens_per_tile(patches),)
 
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(tiles, 3, H, W)`` → ``(tiles, tokens_per_tile, D)`` in the decoder's embedding space."""
-        return self.connector(self.vision(pixel_values))
+    def tokens_per_tile(self, tile_size: int | None = None) -> int:
+        """The default budget: ``<IMG_CONTEXT>`` tokens a tile becomes unless it asks for another."""
+        return self.budgets(tile_size)[0]
+
+    def as_images(self, images: Images | torch.Tensor | None) -> Images | None:
+        """``images``, with bare tiles ``(tiles, 3, H, W)`` read as one row's tiles at the default budget."""
+        if images is None or isinstance(images, Images):
+            return images
+        return Images.uniform(images, [images.shape[0]], self.budgets()[0])
+
+    def embed_images(self, images: Images | torch.Tensor) -> torch.Tensor:
+        """The tiles' features ``(Σ budgets, D)`` in the decoder's embedding space, tile after tile: each tile's
+        vision features through the connector at that tile's budget (one connector call per budget)."""
+        images = self.as_images(images)
+        features = self.vision(images.pixel_values)
+        budgets = torch.tensor(images.budgets)
+        kinds = budgets.unique().tolist()
+        if len(kinds) == 1:
+            return self._connect(features, kinds[0]).flatten(0, 1)
+        # Several budgets: each group of tiles through its connector, then the tiles back in their order.
+        per_tile: list[torch.Tensor | None] = [None] * len(images.budgets)
+        for budget in kinds:
+            index = (budgets == budget).nonzero().flatten()
+            for i, tokens in zip(index.tolist(), self._connect(features[index.to(features.device)], budget)):
+                per_tile[i] = tokens
+        return torch.cat(per_tile)
+
+    def _connect(self, features: torch.Tensor, budget: int) -> torch.Tensor:
+        """``(tiles, 1 + P, C)`` → ``(tiles, budget, D)``; a single-budget connector is called as it always was."""
+        if hasattr(self.connector, "budgets"):
+            return self.connector(features, budget=budget)
+        tokens = self.connector(features)
+        if tokens.shape[1] != budget:
+            raise ImageTokenMismatchError(
+                f"model.init_args.connector {type(self.connector).__name__} gives {tokens.shape[1]} tokens a tile, "
+                f"the images ask for {budget}"
+            )
+        return tokens
 
     def embed(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        tiles_per_sample: Sequence[int] | None = None,
+        images: Images | torch.Tensor | None = None,
         sample_names: Sequence[str] | None = None,
         repeat_images: int = 1,
     ) -> torch.Tensor:
         """Token embeddings ``(B, T, D)`` with image features written over the ``<IMG_CONTEXT>`` slots.
 
-        ``tiles_per_sample`` (tiles of each row, in the order of ``pixel_values``) lets a mismatch
-        name the sample (``sample_names[b]`` when given, else its row index). With ``repeat_images`` G, the
-        images (and ``tiles_per_sample``) are those of B / G samples, each serving G consecutive rows: the
-        vision tower runs once for the G answers of one prompt (online RL).
+        ``images`` (:class:`~lit_internvl.batch.Images`: each row's tiles and each tile's budget) lets a
+        mismatch name the sample (``sample_names[b]`` when given, else its row index); bare tiles are the tiles of
+        every row at the default budget. With ``repeat_images`` G, the images are those of B / G samples, each
+        serving G consecutive rows: the vision tower runs once for the G answers of one prompt (online RL).
         """
         embeds = self.decoder.embed_tokens(input_ids)
         slots = input_ids == self.image_context_id
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        images = self.as_images(images)
+        if images is None or images.pixel_values.shape[0] == 0:
             if slots.any():
                 rows = slots.any(dim=1).nonzero().flatten().tolist()
                 raise ImageTokenMismatchError(
@@ -100,74 +143,58 @@ class VisionLanguageModel(nn.Module):
                 tile = torch.zeros(1, 3, self.tile_size, self.tile_size, device=embeds.device)  # as the collator's
                 embeds = embeds + 0.0 * self.embed_images(tile).sum().to(embeds.dtype)
             return embeds
-        features = self.embed_images(pixel_values)
+        features = self.embed_images(images)
+        tokens = images.tokens_per_sample()
         if repeat_images > 1:
-            if tiles_per_sample is None:
-                raise ValueError("repeat_images needs tiles_per_sample, to know which tiles are whose")
-            per_sample = features.split(list(tiles_per_sample))
+            per_sample = features.split(tokens)
             features = torch.cat([part for part in per_sample for _ in range(repeat_images)])
-            tiles_per_sample = [tiles for tiles in tiles_per_sample for _ in range(repeat_images)]
-        self._check_counts(slots, features, tiles_per_sample, sample_names)
-        features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
-        return embeds.masked_scatter(slots[..., None], features)
+            tokens = [count for count in tokens for _ in range(repeat_images)]
+        self._check_counts(slots, tokens, images, sample_names, repeat_images)
+        return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
 
-    def _check_counts(self, slots, features, tiles_per_sample, sample_names) -> None:
-        tokens_per_tile = features.shape[1]
+    def _check_counts(self, slots, tokens, images: Images, sample_names, repeat_images: int) -> None:
         slot_counts = slots.sum(dim=1).tolist()
-        if tiles_per_sample is not None:
-            if len(tiles_per_sample) != len(slot_counts) or sum(tiles_per_sample) != features.shape[0]:
+        if len(tokens) == 1 and len(slot_counts) > 1:  # bare tiles: every row's, counted together
+            if sum(slot_counts) != tokens[0]:
                 raise ImageTokenMismatchError(
-                    f"tiles_per_sample {list(tiles_per_sample)} does not describe {len(slot_counts)} samples "
-                    f"and {features.shape[0]} tiles"
+                    f"The batch has {sum(slot_counts)} <IMG_CONTEXT> tokens (per sample: {slot_counts}) but its "
+                    f"{len(images.budgets)} tile(s) give {tokens[0]} image features"
                 )
-            for row, (count, tiles) in enumerate(zip(slot_counts, tiles_per_sample)):
-                if count != tiles * tokens_per_tile:
-                    raise ImageTokenMismatchError(
-                        f"{_names([row], sample_names)} has {count} <IMG_CONTEXT> tokens but its {tiles} "
-                        f"tile(s) give {tiles * tokens_per_tile} image features ({tokens_per_tile} per tile)"
-                    )
-        elif sum(slot_counts) != features.shape[0] * tokens_per_tile:
+            return
+        if len(tokens) != len(slot_counts):
             raise ImageTokenMismatchError(
-                f"The batch has {sum(slot_counts)} <IMG_CONTEXT> tokens (per sample: {slot_counts}) but its "
-                f"{features.shape[0]} tile(s) give {features.shape[0] * tokens_per_tile} image features"
+                f"the images describe {len(tokens) // repeat_images} sample(s) (tiles_per_sample "
+                f"{list(images.tiles_per_sample)}), the batch has {len(slot_counts) // repeat_images}"
             )
+        for row, (count, expected) in enumerate(zip(slot_counts, tokens)):
+            if count != expected:
+                tiles = images.tiles_per_sample[row // repeat_images]
+                raise ImageTokenMismatchError(
+                    f"{_names([row], sample_names)} has {count} <IMG_CONTEXT> tokens but its {tiles} tile(s) give "
+                    f"{expected} image features"
+                )
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        images: Images | torch.Tensor | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        tiles_per_sample: Sequence[int] | None = None,
         sample_names: Sequence[str] | None = None,
-        logits_at: torch.Tensor | None = None,
         repeat_images: int = 1,
-        targets: torch.Tensor | None = None,
-        head_chunk_size: int = HEAD_CHUNK_SIZE,
-        head_backend: HeadBackend = "chunked",
         length_multiple: int | None = None,
+        head: Head | None = None,
     ) -> torch.Tensor:
-        """input_ids ``(B, T)``, pixel_values ``(tiles, 3, H, W)`` → logits ``(B, T, vocab)``.
-
-        With ``logits_at`` (a ``(B, T)`` bool mask) only those positions go through the head, giving
-        logits ``(N, vocab)`` in row-major order: training needs them only where a target is
-        supervised (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens
-        are most of a multimodal sequence, so this skips most of the vocabulary projection.
-
-        With ``targets`` (``(B, T)`` next-token ids, -100 where not trained:
-        :func:`~lit_internvl.losses.next_token_targets`) it returns instead the ``(N,)`` float32 cross-entropies at
-        the N positions with a target, row-major: the head and the loss computed together in chunks of
-        ``head_chunk_size`` rows (:func:`~lit_internvl.losses.linear_cross_entropy`, ``head_backend``), so that the
-        ``(N, vocab)`` logits never exist at once. Inside ``forward``, so that a sharded head is gathered as usual.
+        """input_ids ``(B, T)`` and their images → the decoder's hidden states ``(B, T, D)``, or what ``head``
+        makes of them (:class:`Logits`, :class:`CrossEntropy`): run inside ``forward``, so that a sharded output
+        head is gathered with the rest of the model.
 
         With ``length_multiple`` the decoder runs on rows padded to a multiple of it (padding masked, its outputs
         dropped): compiled blocks then see a few lengths instead of one per batch.
         """
-        if targets is not None and logits_at is not None:
-            raise ValueError("Pass logits_at (logits at those positions) or targets (cross-entropies), not both")
-        embeds = self.embed(input_ids, pixel_values, tiles_per_sample, sample_names, repeat_images)
+        embeds = self.embed(input_ids, images, sample_names, repeat_images)
         length = embeds.shape[1]
         if length_multiple:
             embeds, attention_mask, positions, document_ids = _pad_length(
@@ -176,11 +203,43 @@ class VisionLanguageModel(nn.Module):
         hidden = self.decoder(
             inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, document_ids=document_ids
         )[:, :length]
-        if targets is None:
-            return self.decoder.head(hidden if logits_at is None else hidden[logits_at])
-        supervised = targets != IGNORE_INDEX
+        return hidden if head is None else head(self.decoder, hidden)
+
+
+class Head(Protocol):
+    """What the output head computes from the hidden states ``(B, T, D)``, given the decoder that owns it."""
+
+    def __call__(self, decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Logits:
+    """Logits ``(B, T, vocab)``, or ``(N, vocab)`` at the N positions of ``at`` (a ``(B, T)`` bool mask),
+    row-major: training needs them only where a target is supervised
+    (:func:`~lit_internvl.losses.supervised_positions`), and prompts and image tokens are most of a multimodal
+    sequence, so this skips most of the vocabulary projection."""
+
+    at: torch.Tensor | None = None
+
+    def __call__(self, decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return decoder.head(hidden if self.at is None else hidden[self.at])
+
+
+@dataclass
+class CrossEntropy:
+    """The ``(N,)`` float32 cross-entropies at the N positions where ``targets`` (``(B, T)`` next-token ids, -100
+    where not trained: :func:`~lit_internvl.losses.next_token_targets`) has one, row-major: the head and the loss
+    computed together in chunks of ``chunk_size`` rows (:func:`~lit_internvl.losses.linear_cross_entropy`,
+    ``backend``), so that the ``(N, vocab)`` logits never exist at once."""
+
+    targets: torch.Tensor
+    chunk_size: int = HEAD_CHUNK_SIZE
+    backend: HeadBackend = "chunked"
+
+    def __call__(self, decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        supervised = self.targets != IGNORE_INDEX
         return linear_cross_entropy(
-            hidden[supervised], self.decoder.head_weight, targets[supervised], head_chunk_size, head_backend
+            hidden[supervised], decoder.head_weight, self.targets[supervised], self.chunk_size, self.backend
         )
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from lit_internvl.checkpoints import load_into, read_state_dict
 from lit_internvl.components.attention import Backend, set_attention_backend
 from lit_internvl.data.contract import StageData
+from lit_internvl.data.views import View, resolve
 from lit_internvl.distributed import data_parallel_mesh, parallelize
 from lit_internvl.models.vocabulary import rows_to_add
 
@@ -69,6 +70,9 @@ class Stage(L.LightningModule):
     on one backend (None: as each component's config says).
     """
 
+    #: The views of a record this stage trains on (:mod:`lit_internvl.data.views`), asked of the data in the
+    #: handshake; a stage whose views depend on its options makes this a property.
+    views: tuple[View, ...] = ()
     #: Constructor arguments that are modules or factories, kept out of ``hparams``.
     factory_arguments: tuple[str, ...] = ()
     #: The names an ``init_from: hf:`` folder of InternVL 1 (InternVL-14B-224px) is read with: InternVL-G's
@@ -114,6 +118,19 @@ class Stage(L.LightningModule):
     def handshake(self, model: nn.Module) -> None:
         """Check ``model`` against the data before any step runs; subclasses add their facts."""
 
+    def ask_model_views(self, model: nn.Module) -> None:
+        """Ask the data for this stage's views as ``model`` reads them (a stage whose model has visual budgets
+        passes them on)."""
+        self.ask_for_views()
+
+    def ask_for_views(self, budgets: tuple[int, ...] | None = None, connector: str = "the connector") -> None:
+        """Tell the data the views this stage trains on, each vision-language view's budget set from the model's
+        ``budgets`` (:func:`~lit_internvl.data.views.resolve`); a view the data cannot give fails here, naming both."""
+        if self.data is None or not hasattr(self.data, "use_views"):
+            return
+        name = f"model {type(self).__name__}"
+        self.data.use_views(resolve(tuple(self.views), budgets, name, connector), name)
+
     def fit_vision_to_data(self, vision: nn.Module) -> None:
         """Resize a vision encoder's position table once to the data's ``tile_size`` (InternVL's
         ``force_image_size``): the resized table is a parameter that trains and is saved at that size, and
@@ -130,7 +147,9 @@ class Stage(L.LightningModule):
         return 0 if tokenizer is None else rows_to_add(tokenizer, embeddings.num_embeddings, model_key, growable)
 
     def configure_model(self) -> None:
-        if self.model is not None:
+        if self.model is not None:  # built before the Trainer met its data (a notebook): the data still needs asking
+            if getattr(self.data, "requested", False) is None:
+                self.ask_model_views(self.model)
             return
         h = self.hparams
         model = self.build_model()

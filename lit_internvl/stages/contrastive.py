@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lit_internvl.batch import Views
 from lit_internvl.distributed import unsharded
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.models.dual_encoder import DualEncoder, ImagePooling
@@ -52,16 +53,18 @@ class ContrastiveStage(DualEncoderStage):
         self.check_vocabulary(model.text_encoder.embed_tokens, "model.init_args.text_encoder")
         super().handshake(model)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor:
+        pairs = batch["pair"]
+        image_emb, text_emb, scale = self.model(pairs.pixel_values, pairs.input_ids, pairs.attention_mask)
         loss = contrastive_loss(image_emb, text_emb, scale)
-        batch_size = len(batch["input_ids"])
+        batch_size = pairs.rows
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/logit_scale", scale.detach(), batch_size=batch_size)
         return loss
 
-    def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        image_emb, text_emb, scale = self.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    def evaluate_batch(self, batch: Views, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        pairs = batch["pair"]
+        image_emb, text_emb, scale = self.model(pairs.pixel_values, pairs.input_ids, pairs.attention_mask)
         self.log(
             f"{split}/loss", contrastive_loss(image_emb, text_emb, scale), sync_dist=True, batch_size=len(image_emb)
         )
@@ -70,14 +73,12 @@ class ContrastiveStage(DualEncoderStage):
     def on_predict_epoch_start(self) -> None:
         self._prepare_zero_shot()
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: Views, batch_idx: int) -> dict:
         """Embeddings of each pair, and the zero-shot class of each image when classes are known."""
+        pairs = batch["pair"]
         with unsharded(self.model):
-            image_emb = self.model.encode_image(batch["pixel_values"])
-            out = {
-                "image_emb": image_emb,
-                "text_emb": self.model.encode_text(batch["input_ids"], batch["attention_mask"]),
-            }
+            image_emb = self.model.encode_image(pairs.pixel_values)
+            out = {"image_emb": image_emb, "text_emb": self.model.encode_text(pairs.input_ids, pairs.attention_mask)}
         if self.zero_shot is not None:
             out["zero_shot_class"] = (image_emb @ self.class_embeddings.T).argmax(dim=-1)
         return out

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
 import torch.nn as nn
 from torchmetrics import MeanMetric, SumMetric
 
+from lit_internvl.batch import IGNORE_INDEX, Views
 from lit_internvl.data.critic import GOOD, label_ids
 from lit_internvl.inference.critic import Aggregate, aggregate, as_scored, step_probabilities
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets
+from lit_internvl.losses import language_model_loss, next_token_targets
 from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.sft import SFTStage
 
@@ -62,9 +64,10 @@ class CriticStage(SFTStage):
         self.ranking_accuracy = MeanMetric()
         self._solutions: dict[str, list[tuple[bool, float]]] = defaultdict(list)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"] is not None and self.hparams.context == "plus":
-            batch = as_scored(batch, label_ids(self.data.tokenizer)[0])
+    def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor | None:
+        if not batch.empty and self.hparams.context == "plus":
+            plus = as_scored(batch["conversation"], label_ids(self.data.tokenizer)[0])
+            batch = replace(batch, views={**batch.views, "conversation": plus})
         return super().training_step(batch, batch_idx)
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -72,22 +75,23 @@ class CriticStage(SFTStage):
     def setup(self, stage: str) -> None:
         self.chance_levels["val/ranking_accuracy"] = 0.5
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if batch["input_ids"] is None:
+    def validation_step(self, batch: Views, batch_idx: int) -> None:
+        if batch.empty:
             return
+        batch = batch["conversation"]
         plus_id, minus_id = label_ids(self.data.tokenizer)
         logits = self.forward_batch(as_scored(batch, plus_id))  # what scoring sees
         trained = logits if self.hparams.context == "plus" else self.forward_batch(batch)
-        loss = language_model_loss(trained, batch["labels"], batch["document_ids"], "token")
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["sample_names"]))
-        targets = next_token_targets(batch["labels"], batch["document_ids"])
+        loss = language_model_loss(trained, batch.labels, batch.document_ids, "token")
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch.rows)
+        targets = next_token_targets(batch.labels, batch.document_ids)
         good = targets[targets != IGNORE_INDEX] == plus_id  # (N,) the labels, row-major as the logits
-        scores = step_probabilities(logits, batch["labels"], plus_id, minus_id)
+        scores = step_probabilities(logits, batch.labels, plus_id, minus_id)
         plus = torch.tensor([p for row in scores for p in row])
         self.step_accuracy.update(((plus > 0.5) == good.cpu()).float())
         self.good_steps.update(good.sum().float())
         self.steps.update(float(good.numel()))
-        for meta, row in zip(batch.get("meta") or [], scores):
+        for meta, row in zip(batch.meta or [], scores):
             if meta and "group" in meta and "labels" in meta:
                 correct = all(label == GOOD for label in meta["labels"])
                 self._solutions[meta["group"]].append((correct, aggregate(row, self.hparams.aggregate)))

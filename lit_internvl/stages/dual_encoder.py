@@ -11,7 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_internvl.batch import PairBatch, Views
 from lit_internvl.data.collate import pad_ids
+from lit_internvl.data.views import View
 from lit_internvl.distributed import unsharded
 from lit_internvl.metrics import CrossModalRecall
 from lit_internvl.stages.base import Stage
@@ -47,8 +49,11 @@ class DualEncoderStage(Stage, ABC):
         self.zero_shot: nn.ModuleDict | None = None
         self.class_embeddings: torch.Tensor | None = None
 
+    views = (View("pair"),)
+
     def handshake(self, model: nn.Module) -> None:
         self.fit_vision_to_data(model.vision)
+        self.ask_model_views(model)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         with torch.no_grad():
@@ -57,7 +62,7 @@ class DualEncoderStage(Stage, ABC):
     # -- evaluation ---------------------------------------------------------------------------
 
     @abstractmethod
-    def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def evaluate_batch(self, batch: Views, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Log this batch's losses under ``split``; return the unit image embeddings by name and the
         unit text embeddings, each ``(N, E)``."""
 
@@ -98,13 +103,14 @@ class DualEncoderStage(Stage, ABC):
     def _metric_name(self, split: str, embedding: str, metric: str) -> str:
         return f"{split}/{metric}" if len(self.embedding_names) == 1 else f"{split}/{embedding}/{metric}"
 
-    def _evaluate(self, batch: dict, split: str) -> dict:
+    def _evaluate(self, batch: Views, split: str) -> dict:
         images, text_emb = self.evaluate_batch(batch, split)
-        labels = batch.get("label")
-        labelled = labels >= 0 if labels is not None else None
+        pairs: PairBatch = batch["pair"]
+        labels = pairs.label
+        labelled = labels >= 0
         for name, image_emb in images.items():
-            self.recall[name].update(image_emb, text_emb, batch["caption_key"], batch.get("image_id"))
-            if self.zero_shot is not None and labelled is not None and labelled.any():
+            self.recall[name].update(image_emb, text_emb, pairs.caption_key, pairs.image_id)
+            if self.zero_shot is not None and labelled.any():
                 logits = image_emb[labelled] @ self.class_embeddings.T
                 for metric in ("top1", "top5"):
                     if f"{name}/{metric}" in self.zero_shot:
@@ -132,7 +138,7 @@ class DualEncoderStage(Stage, ABC):
     def on_validation_epoch_start(self) -> None:
         self._prepare_zero_shot()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+    def validation_step(self, batch: Views, batch_idx: int) -> dict:
         """The batch's metrics; returns its unit embeddings (``image_embeddings`` by name, ``text_embeddings``)."""
         return self._evaluate(batch, "val")
 
@@ -142,7 +148,7 @@ class DualEncoderStage(Stage, ABC):
     def on_test_epoch_start(self) -> None:
         self._prepare_zero_shot()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Views, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:

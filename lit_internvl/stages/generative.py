@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_internvl.batch import Views
 from lit_internvl.components.language import TextPooling
+from lit_internvl.data.views import View
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.models.dual_encoder import ImagePooling
 from lit_internvl.models.qllama import InternVLG, ParameterSet, QLLaMA, QueryPooling
@@ -188,34 +190,40 @@ class GenerativeStage(DualEncoderStage):
 
     # -- the three losses ---------------------------------------------------------------------
 
-    def _losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    @property
+    def views(self) -> tuple[View, ...]:
+        """The pairs, and ITM's negative captions when the data draws them (``itm_negatives: dataset``)."""
+        dataset = self.hparams.itm_negatives == "dataset" and self.hparams.itm_weight
+        return (View("pair"), View("negative")) if dataset else (View("pair"),)
+
+    def _losses(self, views: Views) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
         """→ ({"loss", "itc", "itm", "itg"} for the terms with a non-zero weight), and the vision
         features ``(N, 1+P, C)``, query and text embeddings ``(N, E)`` of the ITC pass."""
-        model, weights = self.model, self.hparams
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        features = model.vision(batch["pixel_values"])
+        model, weights, batch = self.model, self.hparams, views["pair"]
+        ids, mask = batch.input_ids, batch.attention_mask
+        features = model.vision(batch.pixel_values)
         queries, text = model.qllama(features, ids, mask, mode="itc")
         query_emb, text_emb = model.query_embedding(queries), model.text_embedding(text, mask)
         losses = {}
         if weights.itc_weight:
             losses["itc"] = contrastive_loss(query_emb, text_emb, model.logit_scale.exp())
         if weights.itm_weight:
-            losses["itm"] = self._itm_loss(features, batch, query_emb, text_emb)
+            losses["itm"] = self._itm_loss(features, views, query_emb, text_emb)
         if weights.itg_weight:
-            itg_ids, itg_mask = batch["itg_ids"], batch["itg_mask"]
-            _, text = model.qllama(features, itg_ids, itg_mask, mode="itg")
-            targets = batch["itg_labels"][:, 1:]  # token t predicts token t+1; the prefix is -100
+            _, text = model.qllama(features, batch.itg_ids, batch.itg_mask, mode="itg")
+            targets = batch.itg_labels[:, 1:]  # token t predicts token t+1; the prefix is -100
             logits = model.qllama.head(text[:, :-1])
             losses["itg"] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         losses["loss"] = sum(getattr(weights, f"{name}_weight") * value for name, value in losses.items())
         return losses, (features, query_emb, text_emb)
 
-    def _itm_loss(self, features, batch: dict, query_emb, text_emb) -> torch.Tensor:
+    def _itm_loss(self, features, views: Views, query_emb, text_emb) -> torch.Tensor:
         """Cross-entropy of the ITM head over the pairs the ``itm_negatives`` strategy makes."""
-        ids, mask = batch["itm_ids"], batch["itm_mask"]
+        batch = views["pair"]
+        ids, mask = batch.itm_ids, batch.itm_mask
         if self.hparams.itm_negatives == "dataset":
             labels = reference_itm_labels(ids.shape[0], ids.device)
-            negative_ids, negative_mask = batch["negative_ids"], batch["negative_mask"]
+            negative_ids, negative_mask = views["negative"].input_ids, views["negative"].attention_mask
             length = max(ids.shape[1], negative_ids.shape[1])
             widen = lambda t: F.pad(t, (0, length - t.shape[1]))  # noqa: E731 - padded places are masked out
             negative = (labels == 0)[:, None]
@@ -224,19 +232,17 @@ class GenerativeStage(DualEncoderStage):
             queries, _ = self.model.qllama(features, pair_ids, pair_mask, mode="itm")
             return F.cross_entropy(self.model.itm_head(queries.mean(dim=1)).float(), labels)
         rows = torch.arange(ids.shape[0], device=ids.device)
-        keys = batch.get("caption_key")
+        keys = batch.caption_key
         with torch.no_grad():
             similarity = query_emb @ text_emb.T  # (images, texts)
-            allowed = rows[:, None] != rows[None, :]
-            if keys is not None:
-                allowed &= keys[:, None] != keys[None, :]
+            allowed = (rows[:, None] != rows[None, :]) & (keys[:, None] != keys[None, :])
             negative_text = sample_negatives(similarity, allowed, self.hparams.itm_negatives)
             negative_image = sample_negatives(similarity.T, allowed.T, self.hparams.itm_negatives)
         image_index, text_index, labels = itm_pairs(negative_text, negative_image)
         queries, _ = self.model.qllama(features[image_index], ids[text_index], mask[text_index], mode="itm")
         return F.cross_entropy(self.model.itm_head(queries.mean(dim=1)).float(), labels)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor:
         losses, _ = self._losses(batch)
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss")
@@ -245,15 +251,16 @@ class GenerativeStage(DualEncoderStage):
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def evaluate_batch(self, batch: dict, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def evaluate_batch(self, batch: Views, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         losses, (features, query_emb, text_emb) = self._losses(batch)
         for name, value in losses.items():
             self.log(f"{split}/{name}", value, sync_dist=True)
         backbone = self.model.backbone_embedding(features)
         return {"stage1": backbone, "internvl_g": self.model.ensemble(backbone, query_emb)}, text_emb
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+    def predict_step(self, batch: Views, batch_idx: int) -> dict:
         """The stage-1 and InternVL-G image embeddings and the text embedding of each pair."""
-        stage1, internvl_g = self.model.encode_image(batch["pixel_values"])
-        text = self.model.encode_text(batch["input_ids"], batch["attention_mask"])
+        pairs = batch["pair"]
+        stage1, internvl_g = self.model.encode_image(pairs.pixel_values)
+        text = self.model.encode_text(pairs.input_ids, pairs.attention_mask)
         return {"image_emb": stage1, "internvl_g_emb": internvl_g, "text_emb": text}

@@ -3,7 +3,6 @@ from the current policy, after MPO (or SFT)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,16 +10,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from lit_internvl.batch import IGNORE_INDEX, Batch, Views
 from lit_internvl.data.critic import split_steps
 from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from lit_internvl.data.v2pe import next_position
+from lit_internvl.data.views import View
 from lit_internvl.distributed import unsharded, world
 from lit_internvl.inference.critic import aggregate, score_solutions
 from lit_internvl.inference.generate import generate
 from lit_internvl.inference.rollout import BuiltinSampler, RolloutEngine
-from lit_internvl.losses import IGNORE_INDEX, PolicyLoss, group_advantages, policy_loss, supervised_positions
+from lit_internvl.losses import PolicyLoss, group_advantages, policy_loss, supervised_positions
+from lit_internvl.models.vlm import Logits
 from lit_internvl.rewards import ExactMatch, Reward
 from lit_internvl.stages.base import ModuleFactory
+from lit_internvl.stages.frozen import Frozen
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 
@@ -68,6 +71,7 @@ class RLStage(VisionLanguageStage):
     """
 
     factory_arguments = ("vision", "connector", "decoder", "rewards", "rollout_engine")
+    views = (View("prompt"),)
 
     def __init__(
         self,
@@ -113,7 +117,7 @@ class RLStage(VisionLanguageStage):
                 "critic's .ckpt or hf:/folder"
             )
         self.engine = rollout_engine or BuiltinSampler()
-        self._reference: list[nn.Module] = []  # kept out of the module tree, as MPOStage's
+        self.reference: Frozen | None = None
         self.accuracy = nn.ModuleDict()
 
     # -- the reference model (only with kl_weight) --------------------------------------------
@@ -121,7 +125,7 @@ class RLStage(VisionLanguageStage):
     def prepare_model(self, model: nn.Module) -> None:
         super().prepare_model(model)
         if self.hparams.kl_weight:
-            self._reference = [self.parallelize(copy.deepcopy(model).requires_grad_(False).eval())]
+            self.reference = Frozen.copy(model, self.parallelize)
 
     # -- rollouts -----------------------------------------------------------------------------
 
@@ -138,53 +142,46 @@ class RLStage(VisionLanguageStage):
              for t, ref, meta in zip(texts, references, metas)], dtype=torch.float32,
         )  # fmt: skip
 
-    def critic_rewards(self, batch: dict, texts: Sequence[str]) -> torch.Tensor:
+    def critic_rewards(self, batch: Batch, texts: Sequence[str]) -> torch.Tensor:
         """``(B·G,)`` the critic's score of each answer (``critic_aggregate`` of its steps' P(``+``); an answer with
         no step scores 0), the G answers of prompt b scored in one critic batch on its tiles and
         ``meta["question"]``."""
-        g, names = self.hparams.group_size, batch["sample_names"]
-        tiles = batch["tiles_per_sample"]
-        starts = [sum(tiles[:i]) for i in range(len(tiles) + 1)]
-        metas = batch.get("meta") or [None] * len(names)
+        g, names = self.hparams.group_size, batch.sample_names
+        metas = batch.meta or [None] * len(names)
         scores = []
         for b, name in enumerate(names):
             question = (metas[b] or {}).get("question")
             if question is None:
                 raise ValueError(f"{name}: model.init_args.critic_reward_weight needs the prompt's meta['question']")
-            pixels = None if batch["pixel_values"] is None else batch["pixel_values"][starts[b] : starts[b + 1]]
+            own = batch.images.rows([b]) if batch.images is not None else None
+            pixels = None if own is None else own.pixel_values
             steps = [split_steps(text) for text in texts[b * g : (b + 1) * g]]
             rows = score_solutions(self.critic_model(), self.data.tokenizer, self.data.sample_options, question, steps,
                                    pixels)  # fmt: skip
             scores += [aggregate(row if own else [], self.hparams.critic_aggregate) for row, own in zip(rows, steps)]
         return torch.tensor(scores, dtype=torch.float32)
 
-    def answer_log_probs(self, model: nn.Module, batch: dict, answers: torch.Tensor, answer_mask: torch.Tensor,
+    def answer_log_probs(self, model: nn.Module, batch: Batch, answers: torch.Tensor, answer_mask: torch.Tensor,
                          prompts: Sequence[int]) -> torch.Tensor:  # fmt: skip
         """``(len(prompts)·G, L)`` log-probabilities (at the rollout temperature; 0 off the answers) of the answers to
         ``prompts`` (rows of ``batch``): each prompt followed by each of its G answers, in one forward of ``model``
         whose images run through the vision tower once a prompt (``repeat_images``), the answer tokens at positions
         ``ceil(last prompt position) + 1, + 2, …``; only the answer positions go through the head."""
         g, prompts = self.hparams.group_size, list(prompts)
-        tiles, pixels = batch["tiles_per_sample"], batch["pixel_values"]
-        starts = [sum(tiles[:i]) for i in range(len(tiles) + 1)]
-        if pixels is not None and any(tiles[i] for i in prompts):
-            pixels = torch.cat([pixels[starts[i] : starts[i + 1]] for i in prompts])
-        else:
-            pixels = None
+        images = batch.images.rows(prompts) if batch.images is not None else None
         repeat = torch.tensor(prompts, device=answers.device).repeat_interleave(g)
         rows = torch.tensor([i * g + k for i in prompts for k in range(g)], device=answers.device)
         answers, answer_mask = answers[rows], answer_mask[rows]
-        width = batch["input_ids"].shape[1]
-        prompt_positions = batch["positions"][repeat]
+        width = batch.input_ids.shape[1]
+        prompt_positions = batch.positions[repeat]
         start = next_position(prompt_positions[:, -1:])
         positions = torch.cat([prompt_positions, start + torch.arange(answers.shape[1], device=start.device)], dim=1)
         labels = torch.full((len(rows), width + answers.shape[1]), IGNORE_INDEX, device=answers.device)
         labels[:, width:] = answers.masked_fill(~answer_mask, IGNORE_INDEX)
         logits = model(
-            torch.cat([batch["input_ids"][repeat], answers], dim=1), pixels,
-            attention_mask=torch.cat([batch["attention_mask"][repeat], answer_mask.long()], dim=1),
-            positions=positions, tiles_per_sample=[tiles[i] for i in prompts],
-            logits_at=supervised_positions(labels), repeat_images=g,
+            torch.cat([batch.input_ids[repeat], answers], dim=1), images,
+            attention_mask=torch.cat([batch.attention_mask[repeat], answer_mask.long()], dim=1),
+            positions=positions, head=Logits(supervised_positions(labels)), repeat_images=g,
         )  # fmt: skip
         logits = logits.float() / max(self.hparams.rollout_temperature, 1e-6)
         logits[:, self.image_token_ids()] = float("-inf")  # as the sampler: never drawn
@@ -200,12 +197,12 @@ class RLStage(VisionLanguageStage):
 
     # -- the step -----------------------------------------------------------------------------
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        if batch["input_ids"] is None:
+    def training_step(self, batch: Views, batch_idx: int) -> None:
+        if batch.empty:
             return None
-        h = self.hparams
+        h, batch = self.hparams, batch["prompt"]
         tokenizer = self.data.tokenizer
-        prompts, g = batch["input_ids"].shape[0], h.group_size
+        prompts, g = batch.rows, h.group_size
         was_training = self.model.training
         self.model.eval()
         with unsharded(self.model):  # FSDP2 gathers the root's parameters around forward only
@@ -217,8 +214,8 @@ class RLStage(VisionLanguageStage):
         texts = [
             tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in tokens
         ]
-        references = [r for r in (batch.get("reference") or [None] * prompts) for _ in range(g)]
-        metas = [m for m in (batch.get("meta") or [None] * prompts) for _ in range(g)]
+        references = [r for r in (batch.reference or [None] * prompts) for _ in range(g)]
+        metas = [m for m in (batch.meta or [None] * prompts) for _ in range(g)]
         rewards = self.score(texts, references, metas)
         if h.critic_reward_weight:
             critic = self.critic_rewards(batch, texts)
@@ -234,11 +231,10 @@ class RLStage(VisionLanguageStage):
         everything = range(prompts)
         with torch.no_grad():
             old = self.answer_log_probs(self.model, batch, answers, answer_mask, everything)
-            ref = (
-                self.answer_log_probs(self._reference[0], batch, answers, answer_mask, everything)
-                if self._reference
-                else None
-            )
+            ref = None
+            if self.reference is not None:
+                with self.reference.use(self.device) as reference:
+                    ref = self.answer_log_probs(reference, batch, answers, answer_mask, everything)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for _ in range(h.ppo_epochs):
             for mini in torch.arange(prompts).chunk(h.mini_batches):
@@ -274,25 +270,24 @@ class RLStage(VisionLanguageStage):
 
     # -- evaluation: greedy accuracy per question type ----------------------------------------
 
-    def setup(self, stage: str) -> None:
+    def setup_metrics(self) -> None:
         self.type_metrics(self.accuracy, "accuracy")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if batch["input_ids"] is None:
+    def validation_step(self, batch: Views, batch_idx: int) -> None:
+        if batch.empty:
             return
-        tokenizer = self.data.tokenizer
+        tokenizer, batch = self.data.tokenizer, batch["prompt"]
         with unsharded(self.model):
             answers = generate(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                batch["tiles_per_sample"], max_new_tokens=self.hparams.max_new_tokens, eos_id=tokenizer.eos_id,
-                positions=batch["positions"],
+                self.model, batch.input_ids, batch.attention_mask, batch.images,
+                max_new_tokens=self.hparams.max_new_tokens, eos_id=tokenizer.eos_id, positions=batch.positions,
             )  # fmt: skip
         texts = [
             tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in answers
         ]
-        metas = batch.get("meta") or [None] * len(texts)
+        metas = batch.meta or [None] * len(texts)
         correct = ExactMatch()
-        for text, reference, meta in zip(texts, batch.get("reference") or [None] * len(texts), metas):
+        for text, reference, meta in zip(texts, batch.reference or [None] * len(texts), metas):
             kind = (meta or {}).get("type", "all")
             if kind not in self.accuracy:
                 self.accuracy[kind] = MeanMetric().to(self.device)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from lit_internvl.losses import IGNORE_INDEX, language_model_loss, next_token_targets, reduce_token_losses
+from lit_internvl.batch import IGNORE_INDEX, Views
+from lit_internvl.losses import language_model_loss, next_token_targets, reduce_token_losses
 from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
@@ -29,30 +30,32 @@ class SFTStage(VisionLanguageStage):
         super().__init__(vision, connector, decoder, **options)
         self.answer_accuracy = nn.ModuleDict()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if batch["input_ids"] is None:  # every sample of the batch was a skipped bad record
+    def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor | None:
+        if batch.empty:  # every sample of the batch was a skipped bad record
             return None
+        batch = batch["conversation"]
         losses = self.forward_batch(batch, cross_entropy=True)  # head + loss in chunks: no (N, vocab) logits
         h = self.hparams
-        loss = reduce_token_losses(losses, batch["labels"], batch["document_ids"], h.loss_reduction, h.all_reduce_loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["sample_names"]))
+        loss = reduce_token_losses(losses, batch.labels, batch.document_ids, h.loss_reduction, h.all_reduce_loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.rows)
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
+    def setup_metrics(self) -> None:
         self.type_metrics(self.answer_accuracy, "answer_accuracy")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if batch["input_ids"] is None:
+    def validation_step(self, batch: Views, batch_idx: int) -> None:
+        if batch.empty:
             return
+        batch = batch["conversation"]
         logits = self.forward_batch(batch)
-        loss = language_model_loss(logits, batch["labels"], batch["document_ids"], "token")
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(batch["sample_names"]))
-        metas = batch.get("meta") or []
+        loss = language_model_loss(logits, batch.labels, batch.document_ids, "token")
+        self.log("val/loss", loss, sync_dist=True, batch_size=batch.rows)
+        metas = batch.meta or []
         if not any(m and "type" in m for m in metas):
             return
-        targets = next_token_targets(batch["labels"], batch["document_ids"])
+        targets = next_token_targets(batch.labels, batch.document_ids)
         supervised = targets != IGNORE_INDEX
         wrong = torch.zeros_like(supervised)
         wrong[supervised] = logits.argmax(dim=-1) != targets[supervised]

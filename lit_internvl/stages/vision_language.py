@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -14,18 +13,22 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from lit_internvl.batch import Batch, Views
 from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.data.views import View
 from lit_internvl.distributed import compile_blocks, data_parallel_mesh, world
-from lit_internvl.inference.best_of_n import best_of_n
-from lit_internvl.inference.critic import Aggregate
+from lit_internvl.inference.best_of_n import best_of_n_rows
+from lit_internvl.inference.critic import Aggregate, load_critic
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
-from lit_internvl.models.vlm import VisionLanguageModel
+from lit_internvl.models.vlm import CrossEntropy, Logits, VisionLanguageModel
 from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
+from lit_internvl.recipes import stage_of_recipe
 from lit_internvl.stages.base import ModuleFactory, Stage, build
+from lit_internvl.stages.frozen import Frozen
 
 Part = Literal["vision", "connector", "decoder"]
 PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
@@ -36,9 +39,10 @@ class VisionLanguageStage(Stage):
 
     The model meets its data once, when it is built (:meth:`handshake`): the decoder's vocabulary
     must hold the tokenizer's ids or grow by the tokens the tokenizer added (``add_tokens``; the new rows the
-    old rows' mean, logged: :mod:`lit_internvl.models.vocabulary`), ``image_context_id`` is the tokenizer's ``<IMG_CONTEXT>`` unless set,
-    the model reads tiles of the data's ``tile_size`` and its connector must give the data's
-    ``tokens_per_tile`` at that size. A disagreement is an error naming both YAML keys.
+    old rows' mean, logged: :mod:`lit_internvl.models.vocabulary`), ``image_context_id`` is the tokenizer's
+    ``<IMG_CONTEXT>`` unless set, the model reads tiles of the data's ``tile_size``, and the stage asks the data for
+    its :attr:`views` with the connector's budgets at that size (the first, unless a view names another). A
+    disagreement is an error naming both YAML keys.
 
     Args:
         vision, decoder: factories (YAML ``class_path``) or instances.
@@ -81,6 +85,7 @@ class VisionLanguageStage(Stage):
     """
 
     factory_arguments = ("vision", "connector", "decoder")
+    views = (View("conversation"),)
 
     def __init__(
         self,
@@ -121,7 +126,7 @@ class VisionLanguageStage(Stage):
         self.factories = {"vision": vision, "connector": connector, "decoder": decoder}
         if best_of > 1 and critic is None:
             raise ValueError(f"model.init_args.best_of is {best_of}: set model.init_args.critic to score the answers")
-        self._critic: list[nn.Module] = []  # a list: kept out of the module tree (state dict, checkpoints)
+        self.critic = Frozen.loaded(self._load_critic) if critic else None
 
     # -- the model and the data ---------------------------------------------------------------
 
@@ -147,13 +152,22 @@ class VisionLanguageStage(Stage):
             return
         model.tile_size = tile_size
         self.fit_vision_to_data(model.vision)
-        expected, given = model.tokens_per_tile(tile_size), self.data.tokens_per_tile
-        if given != expected:
-            raise ValueError(
-                f"data.init_args.tokens_per_tile is {given}, but at data.init_args.tile_size {tile_size} the model gives "
-                f"{expected} tokens per tile ({tile_size // model.vision.patch_size}² patches through "
-                f"model.init_args.connector {type(model.connector).__name__}): set data.init_args.tokens_per_tile: {expected}"
-            )
+        self.ask_model_views(model)
+
+    def ask_model_views(self, model: VisionLanguageModel) -> None:
+        """The views at the connector's budgets for the data's tile size; then the metrics that read the data as the
+        views make it."""
+        tile_size = self.data.tile_size
+        connector = (
+            f"model.init_args.connector {type(model.connector).__name__} ({tile_size // model.vision.patch_size}² "
+            f"patches of a data.init_args.tile_size {tile_size} tile)"
+        )
+        self.ask_for_views(model.budgets(tile_size), connector)
+        self.setup_metrics()
+
+    def setup_metrics(self) -> None:
+        """Set up the metrics that read the data as the views make it (per-type accuracy), once the handshake has
+        agreed the views."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Facts about the model that its weights do not hold, for export (``read_model_facts``)."""
@@ -220,20 +234,22 @@ class VisionLanguageStage(Stage):
     # -- the forward pass ---------------------------------------------------------------------
 
     def forward_batch(
-        self, batch: dict, model: nn.Module | None = None, logits_at: bool = True, cross_entropy: bool = False
+        self, batch: Batch, model: nn.Module | None = None, logits_at: bool = True, cross_entropy: bool = False
     ) -> torch.Tensor:
-        """Logits of ``model`` (default the policy) on a collated batch: ``(N, V)`` at the batch's N
+        """Logits of ``model`` (default the policy) on one view's batch: ``(N, V)`` at the batch's N
         supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``; with
         ``cross_entropy`` the ``(N,)`` next-token cross-entropies there instead, the head and the loss computed in
         chunks (``head_chunk_size``, ``head_backend``), for :func:`~lit_internvl.losses.reduce_token_losses`."""
-        h, document_ids = self.hparams, batch.get("document_ids")
-        at = supervised_positions(batch["labels"], document_ids) if logits_at and not cross_entropy else None
+        h = self.hparams
+        if cross_entropy:
+            targets = next_token_targets(batch.labels, batch.document_ids)
+            head = CrossEntropy(targets, h.head_chunk_size, h.head_backend)
+        else:
+            head = Logits(supervised_positions(batch.labels, batch.document_ids) if logits_at else None)
         return (model or self.model)(
-            batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-            positions=batch["positions"], document_ids=document_ids,
-            tiles_per_sample=batch["tiles_per_sample"], sample_names=batch["sample_names"], logits_at=at,
-            targets=next_token_targets(batch["labels"], document_ids) if cross_entropy else None,
-            head_chunk_size=h.head_chunk_size, head_backend=h.head_backend, length_multiple=h.length_multiple,
+            batch.input_ids, batch.images, attention_mask=batch.attention_mask, positions=batch.positions,
+            document_ids=batch.document_ids, sample_names=batch.sample_names, length_multiple=h.length_multiple,
+            head=head,
         )  # fmt: skip
 
     # -- accuracy per question type (SFT's exact match, RL's greedy answers) -------------------------
@@ -263,24 +279,23 @@ class VisionLanguageStage(Stage):
 
     # -- answering prompts --------------------------------------------------------------------
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Generate answers for prompt batches (left-padded, e.g. the datamodule's predict split); an answer that
-        reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
+    def predict_step(self, batch: Views, batch_idx: int) -> list[dict]:
+        """Generate answers for prompt batches (the ``prompt`` view, left-padded: the datamodule's predict split); an
+        answer that reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
         tokenizer = self.data.tokenizer
-        h = self.hparams
+        h, batch = self.hparams, batch["prompt"]
         if h.best_of > 1:
             return self.predict_best_of(batch)
         answers = generate(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["tiles_per_sample"],
-            max_new_tokens=h.max_new_tokens, eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p,
-            positions=batch["positions"],
+            self.model, batch.input_ids, batch.attention_mask, batch.images, max_new_tokens=h.max_new_tokens,
+            eos_id=tokenizer.eos_id, temperature=h.temperature, top_p=h.top_p, positions=batch.positions,
         )  # fmt: skip
         out, cut = [], []
         for row, tokens in enumerate(answers):
-            name, finished = batch["sample_names"][row], tokenizer.eos_id in tokens
+            name, finished = batch.sample_names[row], tokenizer.eos_id in tokens
             text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
-            reference = (batch.get("reference") or [None] * len(answers))[row]
-            meta = (batch.get("meta") or [None] * len(answers))[row]  # the question type for `evaluate`
+            reference = (batch.reference or [None] * len(answers))[row]
+            meta = (batch.meta or [None] * len(answers))[row]  # the question type for `evaluate`
             out.append({"name": name, "answer": text, "reference": reference, "meta": meta, "finished": finished})
             if not finished:
                 cut.append(name)
@@ -292,58 +307,27 @@ class VisionLanguageStage(Stage):
         return out
 
     def critic_model(self) -> nn.Module:
-        """The ``critic`` of Best-of-N, loaded once: an ``hf:`` folder, a checkpoint of ``critic_config``'s
-        architecture, or one of this stage's."""
-        if not self._critic:
-            from lit_internvl.checkpoints import read_state_dict
+        """The ``critic`` of Best-of-N (and of RL's critic reward), loaded once: an ``hf:`` folder, a checkpoint of
+        ``critic_config``'s architecture, or one of this stage's (:func:`~lit_internvl.inference.critic.load_critic`)."""
+        if self.critic is None:
+            raise ValueError("model.init_args.critic is not set: no critic to score answers with")
+        return self.critic.model(self.device)
 
-            if self.hparams.critic.startswith("hf:"):
-                from lit_internvl.hf import load_vlm
+    def _load_critic(self) -> nn.Module:
+        config = self.hparams.critic_config
+        if config:  # another architecture, read off its recipe (the tokenizer and tiling are this stage's)
+            build = lambda: stage_of_recipe(config).use_data(self.data).build_model()  # noqa: E731
+        else:
+            build = self.build_model
+        return load_critic(self.hparams.critic, self.model, build)
 
-                critic = load_vlm(self.hparams.critic.removeprefix("hf:"), image_context_id=self.model.image_context_id)
-            else:
-                config = self.hparams.critic_config
-                critic = (self.critic_stage(config) if config else self).build_model()
-                critic.tile_size = self.model.tile_size
-                critic.load_state_dict(read_state_dict(self.hparams.critic))
-            self._critic = [critic.to(self.device).eval()]
-        return self._critic[0]
-
-    def critic_stage(self, recipe: str) -> Stage:
-        """The stage of ``recipe``'s ``model:`` (a YAML recipe), built for this stage's data, its ``init_from`` unread:
-        what builds a critic of another architecture (``critic_config``)."""
-        import yaml
-        from jsonargparse import ArgumentParser
-
-        model = yaml.safe_load(Path(recipe).read_text())["model"]
-        model.setdefault("init_args", {})["init_from"] = None
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--model", type=Stage)
-        stage = parser.instantiate_classes(parser.parse_object({"model": model})).model
-        return stage.use_data(self.data)
-
-    def predict_best_of(self, batch: dict) -> list[dict]:
+    def predict_best_of(self, batch: Batch) -> list[dict]:
         """Best-of-``best_of`` for each prompt of the batch (:meth:`predict_step` with ``best_of`` > 1)."""
         h, tokenizer = self.hparams, self.data.tokenizer
-        tiles = torch.tensor(batch["tiles_per_sample"]).cumsum(0).tolist()
-        out = []
-        for row, name in enumerate(batch["sample_names"]):
-            meta = (batch.get("meta") or [None] * len(batch["sample_names"]))[row] or {}
-            if "question" not in meta:
-                raise ValueError(f"{name}: model.init_args.best_of needs the prompt's question in meta['question']")
-            real = batch["attention_mask"][row] == 1  # the prompt without its left padding
-            start = tiles[row] - batch["tiles_per_sample"][row]  # the row's tiles in the batch's pixel_values
-            pixels = None if batch["pixel_values"] is None else batch["pixel_values"][start : tiles[row]]
-            prompt = {"input_ids": batch["input_ids"][row][real][None], "pixel_values": pixels,
-                      "tiles_per_sample": [batch["tiles_per_sample"][row]]}  # fmt: skip
-            result = best_of_n(
-                self.model, tokenizer, prompt, meta["question"], self.critic_model(), tokenizer,
-                self.data.sample_options, pixels, n=h.best_of, how=h.critic_aggregate, max_new_tokens=h.max_new_tokens,
-                temperature=h.temperature or 1.0, top_p=h.top_p,
-            )  # fmt: skip
-            reference = (batch.get("reference") or [None] * len(batch["sample_names"]))[row]
-            out.append({"name": name, "reference": reference, "meta": meta, **result})
-        return out
+        return best_of_n_rows(
+            self.model, tokenizer, batch, self.critic_model(), self.data.sample_options, n=h.best_of,
+            how=h.critic_aggregate, max_new_tokens=h.max_new_tokens, temperature=h.temperature or 1.0, top_p=h.top_p,
+        )  # fmt: skip
 
     def configure_callbacks(self):
         from lit_internvl.callbacks.predictions import PredictionsWriter

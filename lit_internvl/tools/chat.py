@@ -33,7 +33,7 @@ def load_from_recipe(config: str, checkpoint: str):
     stage = cli.model.use_data(cli.datamodule)
     stage.configure_model()
     stage.model.load_state_dict(read_state_dict(checkpoint))
-    return stage.model, cli.datamodule.sample_builder(generation=True)
+    return stage.model, cli.datamodule.sample_builder(views=cli.datamodule.prompt_views())
 
 
 def main(argv: list[str]) -> str:

@@ -37,13 +37,16 @@ class ShapesSplit(Dataset, ABC):
 
 class ShapesPairs(ShapesSplit):
     """Image–caption pairs of one split, as :mod:`lit_internvl.data.pairs` samples: the caption's ITC, ITM
-    and ITG forms and, as the ITM negative, the caption of another sample drawn uniformly from the split
-    (seeded by ``(seed, index)``) whose ``caption_key`` differs (a caption with the same key is true of this
-    image too). ``image_id`` is the sample index: every scene is its own image."""
+    and ITG forms and, with ``negative`` (the stage reads ITM's negative), the caption of another sample drawn
+    uniformly from the split (seeded by ``(seed, index)``) whose ``caption_key`` differs (a caption with the same
+    key is true of this image too): each draw renders another scene, so it is made only when asked for.
+    ``image_id`` is the sample index: every scene is its own image."""
 
-    def __init__(self, world: ShapesWorld, size: int, tokenizer: Tokenizer, forms: CaptionForms) -> None:
+    def __init__(
+        self, world: ShapesWorld, size: int, tokenizer: Tokenizer, forms: CaptionForms, negative: bool = False
+    ) -> None:
         super().__init__(world, size)
-        self.tokenizer, self.forms = tokenizer, forms
+        self.tokenizer, self.forms, self.with_negative = tokenizer, forms, negative
 
     def negative(self, index: int, caption_key: int) -> str:
         def fits(j: int) -> str | None:
@@ -58,8 +61,9 @@ class ShapesPairs(ShapesSplit):
     def sample(self, index: int) -> dict:
         pair = self.world.pair(index)
         key = pair["caption_key"]
+        negative = self.negative(index, key) if self.with_negative else None
         return pair_sample(
-            to_tensor(pair["image"]), pair["text"], self.negative(index, key), self.tokenizer, self.forms,
+            to_tensor(pair["image"]), pair["text"], negative, self.tokenizer, self.forms,
             pair["label"], key, index, f"shapes-{self.world.split}:{index}",
         )  # fmt: skip
 

@@ -13,9 +13,8 @@ Two kinds of question, each answered in three steps separated by blank lines (th
 A corrupted solution gets one step wrong (a wrong count; a wrong colour or a wrong region) and continues from
 it consistently, so its final answer may or may not be right. Labels come from the scene: a step is ``+``
 when it and every step before it are true (VisualPRM's "correct up to this step"), so the wrong step and all
-after it are ``-``. :class:`ShapesStepsDataModule` serves the policy's solutions (``task: solutions``, SFT) and
-the critic's step-labelled records (``task: steps``), and the questions as prompts for online RL
-(``task: prompts``).
+after it are ``-``. :class:`ShapesStepsDataModule` serves the policy's solutions (``records: solutions``: SFT, and
+the questions as prompts for online RL) and the critic's step-labelled records (``records: steps``).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from lit_internvl.data.shapes.world import COLOURS, REGIONS, SHAPES, ShapeObject
 
 ReasoningType = Literal["compare", "locate"]
 REASONING_TYPES: tuple[ReasoningType, ...] = get_args(ReasoningType)
-StepsTask = Literal["solutions", "steps", "prompts"]
+StepsRecords = Literal["solutions", "steps"]
 
 
 def _count(n: int, colour: str) -> str:
@@ -180,18 +179,18 @@ class ShapesSteps(ShapesSplit):
 
 
 class ShapesStepsDataModule(ShapesDataModule):
-    """The multi-step shapes data (module docstring): ``task: solutions`` trains a policy to answer step by step
-    (SFT; ``predict`` gives the test questions as prompts, ``meta`` holding the question and its answer);
-    ``task: steps`` trains a critic (:class:`~lit_internvl.stages.CriticStage`) on correct and corrupted
-    solutions; ``task: prompts`` gives the questions as prompts in every split (left-padded, ``meta`` holding the
-    answer and type; :class:`~lit_internvl.stages.RLStage`). Other arguments are :class:`~lit_internvl.data.ShapesDataModule`'s (84 px tiles of 9 tokens and
-    the ``"shapes"`` tokenizer by default, an empty system message: the critic's conversation is long enough)."""
+    """The multi-step shapes data (module docstring): ``records: solutions`` trains a policy to answer step by step
+    (the ``conversation`` view, SFT) or gives the questions as prompts (the ``prompt`` view, ``meta`` holding the
+    question, its answer and type: :class:`~lit_internvl.stages.RLStage`); ``records: steps`` trains a critic
+    (:class:`~lit_internvl.stages.CriticStage`) on correct and corrupted solutions. ``predict`` gives the test
+    questions as prompts for both (a critic's run predicts with its policy's data). Other arguments are
+    :class:`~lit_internvl.data.ShapesDataModule`'s (84 px tiles and the ``"shapes"`` tokenizer by default, an empty
+    system message: the critic's conversation is long enough)."""
 
     def __init__(
         self,
-        task: StepsTask = "solutions",
+        records: StepsRecords = "solutions",
         tile_size: int = 84,
-        tokens_per_tile: int = 9,
         train_size: int = 10_000,
         val_size: int = 500,
         batch_size: int = 64,
@@ -200,24 +199,35 @@ class ShapesStepsDataModule(ShapesDataModule):
         system: str | None = "",
         tokenizer: str = "shapes",
     ) -> None:
-        if task not in get_args(StepsTask):
-            raise ValueError(f"Unknown task {task!r}; available: {', '.join(map(repr, get_args(StepsTask)))}")
+        if records not in get_args(StepsRecords):
+            raise ValueError(f"Unknown records {records!r}; available: {', '.join(map(repr, get_args(StepsRecords)))}")
         super().__init__(
-            task="vqa", tile_size=tile_size, train_size=train_size, val_size=val_size, batch_size=batch_size,
-            num_workers=num_workers, seed=seed, tokens_per_tile=tokens_per_tile, system=system, tokenizer=tokenizer,
+            records="questions", tile_size=tile_size, train_size=train_size, val_size=val_size, batch_size=batch_size,
+            num_workers=num_workers, seed=seed, system=system, tokenizer=tokenizer,
         )  # fmt: skip
-        self.steps_task = task
-        # The SFT stage's one-word exact match per type does not apply to three steps; for RL (prompts) the
-        # chance of a guessed final answer: one of the two colours, one of the nine regions.
-        self.question_types = {"compare": 1 / 2, "locate": 1 / len(REGIONS)} if task == "prompts" else None
+        self.steps_records = records
 
-    def _dataset(self, split: Split, size: int, generation: bool = False) -> Dataset:
+    @property
+    def source(self) -> str:
+        return f"data.init_args.records {self.steps_records!r} ({type(self).__name__})"
+
+    def offered_views(self) -> frozenset[str]:
+        return frozenset({"conversation"} if self.steps_records == "steps" else {"conversation", "prompt"})
+
+    @property
+    def question_types(self) -> dict[str, float] | None:
+        """For prompts (RL), the chance of a guessed final answer: one of the two colours, one of the nine regions;
+        the SFT stage's one-word exact match per type does not apply to three steps."""
+        if self.requested is None or not any(view.kind == "prompt" for view in self.requested):
+            return None
+        return {"compare": 1 / 2, "locate": 1 / len(REGIONS)}
+
+    def _dataset(self, split: Split, size: int, views) -> Dataset:
         world = ShapesWorld(self.hparams.tile_size, self.hparams.seed, split)
-        builder = self.sample_builder(split == "train", generation)
-        return (ShapesSteps if self.steps_task == "steps" else ShapesSolutions)(world, size, builder)
+        builder = self.sample_builder(split == "train", views)
+        steps = self.steps_records == "steps" and not any(view.kind == "prompt" for view in views)
+        return (ShapesSteps if steps else ShapesSolutions)(world, size, builder)
 
     def predict_dataloader(self) -> DataLoader:
-        """The test questions as prompts to answer (both tasks: a critic's run predicts with its policy's data)."""
-        world = ShapesWorld(self.hparams.tile_size, self.hparams.seed, "test")
-        dataset = ShapesSolutions(world, self.hparams.val_size, self.sample_builder(generation=True))
-        return self._loader(dataset, shuffle=False, generation=True)
+        """The test questions as prompts to answer (both records: a critic's run predicts with its policy's data)."""
+        return self._loader("test", self.hparams.val_size, self.prompt_views())
