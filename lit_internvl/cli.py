@@ -19,6 +19,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from lit_internvl.deprecations import upgrade
 from lit_internvl.stages.base import Stage
 
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
@@ -38,6 +39,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None
     if argv and argv[0] in TOOLS:
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
+    args = upgrade(args)  # renamed or dropped YAML keys → today's, each warned once (sys.argv rewritten when None)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return LightningCLI(
         Stage,
