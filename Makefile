@@ -42,7 +42,7 @@ pipeline: $(STAMP)
 		--trainer.default_root_dir runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl report runs/nmp runs/sft_from_nmp
 	$(BIN)/python -m lit_internvl fit --config recipes/sft_steps.yaml
-	$(BIN)/python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt
+	$(BIN)/python -m lit_internvl critic_data --policy runs/sft_steps/checkpoints/last.ckpt
 	$(BIN)/python -m lit_internvl fit --config recipes/critic_base.yaml
 	$(BIN)/python -m lit_internvl fit --config recipes/critic.yaml
 	$(BIN)/python -m lit_internvl report runs/sft_steps runs/critic_base runs/critic

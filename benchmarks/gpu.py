@@ -1,4 +1,4 @@
-"""Every GPU table of issue #19 in one run: MFU of InternVL3-1B on a packed row per attention backend, compiled or
+"""Every GPU speed table in one run: MFU of InternVL3-1B on a packed row per attention backend, compiled or
 not, with the head + loss chunked or not, q/k/v and gate/up fused or not; where its step's time goes (torch profiler); the matmul ceiling at the
 model's own GEMM shapes; InternVL3-8B at full width and reduced depth, and with LoRA at full depth; torchao float8.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU table of issue #19 in about 8 minutes on one H200, as markdown under $OUT (default ./gpu_out):
+# Every GPU speed table in about 8 minutes on one H200, as markdown under $OUT (default ./gpu_out):
 #   gpu_tests.txt   the `gpu`-marked tests: every attention backend equals eager on packed rows (forward, backward),
 #                   liger / cut-cross-entropy equal the chunked head where installed
 #   gpu.md          MFU per backend, compiled or not, chunked head or not, the profiler breakdown, the matmul

@@ -85,13 +85,13 @@ def draw(output: Path) -> list[tuple[str, str]]:
         color="#555",
         ha="left",
     )
-    # The critic's data are the policy's samples (a script, not an init_from).
+    # The critic's data are the policy's samples (a command, not an init_from).
     (x0, y0), (x1, y1) = centre("sft_steps"), centre("critic")
     axes.annotate(
         "", xy=(x1 - width / 2 - 0.05, y1), xytext=(x0 + width / 2 + 0.05, y0),
         arrowprops=dict(arrowstyle="->", lw=1.2, ls="--", color="#555"),
     )  # fmt: skip
-    axes.text((x0 + x1) / 2, y0 + 0.12, "benchmarks/critic_data.py:\nthe policy's samples", fontsize=7, color="#555",
+    axes.text((x0 + x1) / 2, y0 + 0.12, "critic_data:\nthe policy's samples", fontsize=7, color="#555",
               ha="center", va="bottom")  # fmt: skip
     axes.text(
         -1.2, -4.55,

@@ -1,7 +1,7 @@
 """Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
 tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat``,
-``report`` (the final metrics of several runs in one table) and ``evaluate`` (a benchmark's metric over
-``predict``'s answers).
+``report`` (the final metrics of several runs in one table), ``evaluate`` (a benchmark's metric over
+``predict``'s answers) and ``critic_data`` (the critic's steps records from a policy's samples).
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -19,6 +19,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from lit_internvl.deprecations import upgrade
 from lit_internvl.stages.base import Stage
 
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
@@ -28,6 +29,7 @@ TOOLS = {
     "chat": "lit_internvl.tools.chat:main",
     "report": "lit_internvl.tools.report:main",
     "evaluate": "lit_internvl.tools.evaluate:main",
+    "critic_data": "lit_internvl.tools.critic_data:main",
 }
 
 
@@ -38,6 +40,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None
     if argv and argv[0] in TOOLS:
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
+    args = upgrade(args)  # renamed or dropped YAML keys → today's, each warned once (sys.argv rewritten when None)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return LightningCLI(
         Stage,

@@ -107,3 +107,17 @@ def test_validate_test_and_predict_subcommands(tmp_path):
     prediction = cli.trainer.predict_loop.predictions[0]
     assert prediction["image_emb"].shape == (16, 16)
     assert prediction["zero_shot_class"].shape == (16,)
+
+
+def test_the_run_prints_no_figure_it_did_not_measure(tmp_path, capsys):
+    """Lightning's summary would print a FLOPs column of zeros (a stage has no ``example_input_array`` to count
+    them on) and its rich bar the logger's version as ``v_num: 0.000``."""
+    recipe = _recipe(tmp_path, {"class_path": "lit_internvl.components.InternViT", "init_args": {"config": "tiny"}})
+    config = yaml.safe_load(recipe.read_text())
+    config["trainer"].update(max_steps=2, enable_progress_bar=True, enable_model_summary=True)
+    recipe.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(recipe)])
+
+    printed = capsys.readouterr().out
+    assert "Total params" in printed and "FLOPs" not in printed
+    assert "v_num: 0" in printed and "v_num: 0.000" not in printed

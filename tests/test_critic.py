@@ -396,10 +396,8 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     policy = _recipe(tmp_path, "sft_steps.yaml")
     main(["fit", "--config", str(policy)])
     policy_ckpt = tmp_path / "sft_steps" / "checkpoints" / "last.ckpt"
-    import benchmarks.critic_data as critic_data
-
-    critic_data.main(["--policy", str(policy_ckpt), "--policy-config", str(policy), "--output", str(tmp_path / "data"),
-                      "--train-questions", "3", "--val-questions", "2", "--samples", "2", "--scene-questions", "2"])  # fmt: skip
+    main(["critic_data", "--policy", str(policy_ckpt), "--policy-config", str(policy), "--output", str(tmp_path / "data"),
+          "--train-questions", "3", "--val-questions", "2", "--samples", "2", "--scene-questions", "2"])  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
     assert {len(r["steps"]) == len(r["labels"]) for r in records} == {True} and len(records) >= 6 + 2 * 3
     data = {"train": str(tmp_path / "data" / "train.jsonl"), "val": str(tmp_path / "data" / "val.jsonl"),

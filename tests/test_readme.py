@@ -101,6 +101,8 @@ TINY = {
     "sft_steps": TINY_SHAPES, "critic_base": TINY_SHAPES, "stage1_records": TINY_RECORDS, "stage2_records": TINY_RECORDS,
     "critic": TINY_RECORDS, "rl": [*TINY_SHAPES[:4], "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"],
 }  # fmt: skip
+# Appended to `python -m lit_internvl critic_data`: 2 questions of each split, 1 sample, 2 scene questions.
+SMALL_CRITIC_DATA = ["--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"]
 
 
 class Sandbox:
@@ -177,8 +179,7 @@ class Sandbox:
         if name == "critic_data":
             if not (self.root / "runs/critic_data/train.jsonl").exists():
                 self.ensure("sft_steps")
-                self.script(["benchmarks/critic_data.py", "--policy", "runs/sft_steps/checkpoints/last.ckpt",
-                             "--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"])  # fmt: skip
+                self.cli(["critic_data", "--policy", "runs/sft_steps/checkpoints/last.ckpt", *SMALL_CRITIC_DATA])
             return
         if name in ("sft_from_nmp",) or (self.root / "runs" / name / "checkpoints" / "last.ckpt").exists():
             return
@@ -259,7 +260,9 @@ def run_lit_internvl(sandbox: Sandbox, command: str) -> None:
         sandbox.records()
     if argv[0] == "prepare":
         argv = [a if a != "8" else "1" for a in argv]  # --num-workers 8 → 1 on two cores
-    if argv[0] in ("report", "evaluate", "export", "chat", "prepare"):
+    if argv[0] == "critic_data":
+        argv += SMALL_CRITIC_DATA
+    if argv[0] in ("report", "evaluate", "export", "chat", "prepare", "critic_data"):
         sandbox.prerequisites(argv)
     if argv[0] == "evaluate" and not (sandbox.root / argv[argv.index("--predictions") + 1]).exists():
         sandbox.cli(["predict", "--config", "recipes/sft.yaml", "--ckpt_path", "runs/sft/checkpoints/last.ckpt"])
@@ -297,10 +300,7 @@ def run_benchmark_script(sandbox: Sandbox, command: str) -> None:
     for arg in argv:
         for name in re.findall(r"^runs/([^/]+)/", arg):
             sandbox.ensure(name)
-    small = {"critic_data.py": ["--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"],
-             "best_of_n.py": ["--questions", "2", "--n", "2", "--step-samples", "4", "--max-new-tokens", "8"]}  # fmt: skip
-    argv += small[Path(argv[0]).name]
-    sandbox.script(argv)
+    sandbox.script([*argv, "--questions", "2", "--n", "2", "--step-samples", "4", "--max-new-tokens", "8"])
 
 
 def run_make_fit(sandbox: Sandbox, command: str) -> None:
@@ -409,9 +409,9 @@ RUNNERS = [
     Runner(r"python3\.11 -m (pip install uv|uv venv .*|uv pip install .*)|source .venv/bin/activate", "checks the install", check_install),
     Runner(rf"python -m lit_internvl fit (?!.*{REAL_SIZE}).*", "runs in process, tiny", run_lit_internvl),
     Runner(rf"python -m lit_internvl fit .*{REAL_SIZE}.*", "checks with --print_config (GPU sizes)", check_real_size_fit),
-    Runner(r"python -m lit_internvl (validate|test|predict|chat|export|prepare|report|evaluate) .*", "runs in process", run_lit_internvl),
+    Runner(r"python -m lit_internvl (validate|test|predict|chat|export|prepare|report|evaluate|critic_data) .*", "runs in process", run_lit_internvl),
     Runner(r"export INTERNVL_CHECKPOINT=\S+", "runs (the tiny folder)", run_export_env),
-    Runner(r"python benchmarks/(critic_data|best_of_n)\.py .*", "runs in process, tiny", run_benchmark_script),
+    Runner(r"python benchmarks/best_of_n\.py .*", "runs in process, tiny", run_benchmark_script),
     Runner(r"torchrun --nproc_per_node 2 -m lit_internvl fit (?!.*internvl3).*", "runs 2 CPU processes, tiny", run_torchrun),
     Runner(r"#!/bin/bash\n.*#SBATCH.*", "checks bash -n; srun's command as a real-size fit", check_slurm_script),
     Runner(r"\.venv/bin/tensorboard --logdir runs", "checks its logs exist", check_tensorboard),

@@ -213,8 +213,9 @@ class Stage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
+        from lit_internvl.callbacks.console import console_callbacks
         from lit_internvl.callbacks.metrics_report import MetricsReport
         from lit_internvl.callbacks.resume import ExactResume
         from lit_internvl.callbacks.skipped_samples import SkippedSamples
 
-        return [MetricsReport(), SkippedSamples(), ExactResume()]
+        return [MetricsReport(), SkippedSamples(), ExactResume(), *console_callbacks(self.trainer)]

@@ -1,25 +1,21 @@
-"""The critic's training data on the embedded default: steps records of multi-step shapes questions, each with the
-correct solution, a corrupted one and the policy's own sampled solutions, every step labelled from the scene
-(lit_internvl.data.shapes.steps.label_from_scene), written as jsonl with PNG images for RecordsDataModule.
-
-    python benchmarks/critic_data.py --policy runs/sft_steps/checkpoints/last.ckpt --output runs/critic_data
+"""The critic's training data on the embedded default, from a policy: steps records of multi-step shapes questions,
+each with the correct solution, a corrupted one and the policy's own sampled solutions, written as jsonl with PNG
+images for :class:`~lit_internvl.data.RecordsDataModule` (``python -m lit_internvl critic_data`` writes them).
 
 VisualPRM labels its policy's samples by Monte-Carlo continuations; a shapes question has one true solution, so
-here a sampled step is ``+`` exactly when the solution up to it is the true one (``--labels scene``, the default).
-``--labels monte-carlo`` labels every solution by VisualPRM's rule instead
-(lit_internvl.inference.critic.monte_carlo_labels: a step is ``+`` when one of ``--mc-samples`` continuations of the
-policy from it reaches the right final answer), and prints how often the two labellings agree. Sampling the policy is what makes
-the critic see the mistakes it will have to judge (answers that do not follow their own counts, say), which the
-corrupted solutions alone do not show it. ``--scene-questions`` more training questions (8,000 by default; no
-sampling, seconds) each add their correct solution and ``--mistakes`` of the wrong ones a model writes when it takes
-one object for another or miscounts by one (lit_internvl.data.shapes.steps.mistakes), so that a right and a wrong
-solution of the same scene differ only in what the image shows. Train and validation come from the world's train
-and val splits (validation: sampled questions only).
+here a sampled step is ``+`` exactly when the solution up to it is the true one
+(:func:`~lit_internvl.data.shapes.steps.label_from_scene`, ``labels="scene"``). ``labels="monte-carlo"`` labels every
+solution by VisualPRM's rule instead (:func:`~lit_internvl.inference.critic.monte_carlo_labels`: a step is ``+`` when
+one of ``mc_samples`` continuations of the policy from it reaches the right final answer). Sampling the policy is
+what makes the critic see the mistakes it will have to judge (answers that do not follow their own counts, say),
+which the corrupted solutions alone do not show it. More training questions without sampling each add their
+correct solution and some of the wrong ones a model writes when it takes one object for another or miscounts by one
+(:func:`~lit_internvl.data.shapes.steps.mistakes`), so that a right and a wrong solution of the same scene differ
+only in what the image shows.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -33,7 +29,6 @@ from lit_internvl.data.shapes.steps import corrupted, label_from_scene, mistakes
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.inference.best_of_n import sample_n
 from lit_internvl.inference.critic import monte_carlo_labels
-from lit_internvl.tools.chat import load_from_recipe
 
 
 def write_split(policy, builder, split: str, questions: int, samples: int, temperature: float, folder: Path,
@@ -94,39 +89,3 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
                 }
                 f.write(json.dumps(line) + "\n")
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", required=True, help="the policy's .ckpt")
-    parser.add_argument("--policy-config", default="recipes/sft_steps.yaml")
-    parser.add_argument("--output", default="runs/critic_data")
-    parser.add_argument("--train-questions", type=int, default=2000)
-    parser.add_argument("--val-questions", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=4, help="policy samples per question")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--labels", choices=("scene", "monte-carlo"), default="scene")
-    parser.add_argument("--mc-samples", type=int, default=8, help="continuations a step prefix (monte-carlo)")
-    parser.add_argument(
-        "--scene-questions",
-        type=int,
-        default=8000,
-        help="more training questions, each with its correct solution and --mistakes wrong ones",
-    )
-    parser.add_argument("--mistakes", type=int, default=2, help="wrong solutions a --scene-questions question")
-    args = parser.parse_args(argv)
-    policy, builder = load_from_recipe(args.policy_config, args.policy)
-    policy.eval()
-    for split, count in (("train", args.train_questions), ("val", args.val_questions)):
-        agreement: list[bool] = []
-        path = write_split(policy, builder, split, count, args.samples, args.temperature, Path(args.output),
-                           args.labels, args.mc_samples, agreement,
-                           args.scene_questions if split == "train" else 0, args.mistakes)  # fmt: skip
-        print(f"{path}: {sum(1 for _ in open(path))} steps records", flush=True)
-        if agreement:
-            print(f"{split}: Monte-Carlo and scene labels agree on {sum(agreement) / len(agreement):.3f} of "
-                  f"{len(agreement)} steps", flush=True)  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
