@@ -200,14 +200,15 @@ class Sandbox:
 
     def prerequisites(self, argv: list[str]) -> None:
         """The runs and files a command reads: the recipe's ``init_from`` and every ``runs/<name>/`` argument."""
-        import yaml
+        from lit_internvl.recipes import compose
 
         recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
         names = set()
         if recipe and not any(a.startswith("--model.init_args.init_from") for a in argv):
-            init_from = yaml.safe_load((self.root / recipe).read_text())["model"]["init_args"].get("init_from")
+            config = compose(self.root / recipe)
+            init_from = config["model"]["init_args"].get("init_from")
             names |= set(re.findall(r"runs/([^/]+)/", str(init_from)))
-            data = yaml.safe_load((self.root / recipe).read_text())["data"]["init_args"]
+            data = config["data"]["init_args"]
             names |= set(re.findall(r"runs/([^/]+)/", str(data.get("train"))))
         for arg in argv:
             names |= set(re.findall(r"^runs/([^/]+)/", arg))

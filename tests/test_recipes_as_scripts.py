@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from lit_internvl.recipes import compose
 from tests.recipes import stage_on_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ AS_SCRIPTS = {
 
 @pytest.mark.parametrize("recipe", sorted(AS_SCRIPTS))
 def test_loss_reduction_and_packing_as_the_script(recipe):
-    config = yaml.safe_load((REPO / "recipes" / recipe).read_text())
+    config = compose(REPO / "recipes" / recipe)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     got = (model["loss_reduction"], data["pack"], model.get("all_reduce_loss", False))
     assert got == AS_SCRIPTS[recipe]

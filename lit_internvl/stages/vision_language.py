@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -312,10 +311,11 @@ class VisionLanguageStage(Stage):
     def critic_stage(self, recipe: str) -> Stage:
         """The stage of ``recipe``'s ``model:`` (a YAML recipe), built for this stage's data, its ``init_from`` unread:
         what builds a critic of another architecture (``critic_config``)."""
-        import yaml
         from jsonargparse import ArgumentParser
 
-        model = yaml.safe_load(Path(recipe).read_text())["model"]
+        from lit_internvl.recipes import compose
+
+        model = compose(recipe)["model"]
         model.setdefault("init_args", {})["init_from"] = None
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--model", type=Stage)
