@@ -192,3 +192,24 @@ def test_a_missing_layer_and_a_cycle_are_named(tmp_path):
     _write(tmp_path, "b.yaml", "layers: [a.yaml]\n")
     with pytest.raises(ValueError, match="layers form a cycle"):
         compose(tmp_path / "a.yaml")
+
+
+def test_the_readme_example_of_a_run_of_your_own_builds_internvl3_2b(tmp_path, monkeypatch, capsys):
+    """README's "Recipes in layers" example, a file outside recipes/ naming the shipped layers, with the 2B model."""
+    import re
+
+    import torch
+
+    from lit_internvl.models import internvl
+
+    (example,) = re.findall(r"```yaml\n(# my_runs/.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    (tmp_path / "recipes").symlink_to(RECIPES)
+    recipe = _write(tmp_path, example.splitlines()[0].removeprefix("# "), example)
+    monkeypatch.setenv("INTERNVL_CHECKPOINT", "/checkpoints/InternVL3-2B")
+    printed = _print_config(["--config", str(recipe), "--data.init_args.train", "t.jsonl"], capsys)
+    assert printed["model"]["init_args"]["decoder"]["init_args"]["config"] == "InternVL3-2B"
+    assert printed["trainer"]["default_root_dir"] == "runs/internvl3_2b_sft"  # its file name, outside recipes/
+    stage = stage_on_meta(recipe)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in internvl("InternVL3-2B").parameters())
+    assert sum(p.numel() for p in stage.model.parameters()) == expected
