@@ -2,8 +2,8 @@
 
     python docs/make_stages_figure.py [--output docs/stages.png]
 
-The edges are read from the recipes themselves (each recipe's ``model.init_args.init_from``), so the picture
-cannot disagree with them; only the layout (which column and row a recipe sits in) is written here.
+The edges are read from the recipes themselves (each recipe's ``model.init_args.init_from``, its layers composed),
+so the picture cannot disagree with them; only the layout (which column and row a recipe sits in) is written here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.patches import FancyBboxPatch  # noqa: E402
+
+from lit_internvl.recipes import compose  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def chains(recipes: Path) -> list[tuple[str, str]]:
     """(from, to) for every recipe whose init_from is another recipe's runs/<name>/ checkpoint."""
     edges = []
     for name in LAYOUT:
-        init_from = yaml.safe_load((recipes / f"{name}.yaml").read_text())["model"]["init_args"].get("init_from")
+        init_from = compose(recipes / f"{name}.yaml")["model"]["init_args"].get("init_from")
         match = re.match(r"runs/([^/]+)/", str(init_from or ""))
         if match:
             edges.append((match.group(1), name))

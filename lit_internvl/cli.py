@@ -7,19 +7,23 @@ LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.S
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
 classes plug in without touching this package. Configs are read with omegaconf interpolation
 (``${model.init_args.embed_dim}``) resolved on the final config, so command-line overrides reach
-the values interpolated from them.
+the values interpolated from them. A recipe may name layers (``layers: [../models/internvl3_1b.yaml, ...]``):
+each ``--config`` of such a recipe is expanded into its layers' ``--config`` before it
+(:mod:`lit_internvl.recipes` has the rules).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 import lightning as L
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_internvl.deprecations import upgrade
+from lit_internvl.recipes import expand_configs
 from lit_internvl.stages.base import Stage
 
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
@@ -33,6 +37,28 @@ TOOLS = {
 }
 
 
+class RecipeCLI(LightningCLI):
+    """LightningCLI reading recipes in layers: ``--config`` of a recipe with ``layers:`` is expanded before parsing."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Read by expand_configs, not by the run: accepted so that recipe files may hold it, and left out of
+        # --print_config and the saved config.yaml (help=SUPPRESS), which hold the layers' values already.
+        parser.add_argument("--layers", type=list[str] | None, default=None, help=argparse.SUPPRESS)
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="The run's name; the trainer layers write to runs/<run_name>. Default: the recipe's path under "
+            "recipes/ without .yaml (recipes/internvl3_1b/mpo.yaml: internvl3_1b/mpo).",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | dict | Namespace | None) -> None:
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        # Layers expanded first, so that a renamed or dropped key is found in any layer file, each warned once.
+        self.config = parser.parse_args(upgrade(expand_configs(list(sys.argv[1:] if args is None else args))))
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None:
     """Run a subcommand; ``run=False`` (with ``args`` lacking the subcommand) only builds the
     stage, datamodule and trainer from a config, for tools that reuse recipes."""
@@ -40,9 +66,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None
     if argv and argv[0] in TOOLS:
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
-    args = upgrade(args)  # renamed or dropped YAML keys → today's, each warned once (sys.argv rewritten when None)
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return LightningCLI(
+    return RecipeCLI(
         Stage,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -346,7 +346,9 @@ TINY_SHAPES = {"train_size": 8, "val_size": 4, "batch_size": 4, "num_workers": 0
 def _recipe(tmp_path: Path, name: str, data: dict = TINY_SHAPES, **model) -> Path:
     import yaml
 
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / name).read_text())
+    from lit_internvl.recipes import compose
+
+    recipe = compose(Path(__file__).parents[1] / "recipes" / name)
     root = tmp_path / Path(name).stem
     recipe["trainer"].update(TINY["trainer"], default_root_dir=str(root))
     recipe["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(root / "checkpoints")

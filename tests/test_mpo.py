@@ -15,6 +15,7 @@ from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.losses import bco_pair_loss, dpo_sigmoid_loss, sequence_log_probs
+from lit_internvl.recipes import compose
 from lit_internvl.stages import MPOStage
 from tests.recipes import stage_on_meta
 
@@ -178,7 +179,7 @@ def test_delta_follows_the_running_mean_and_survives_a_checkpoint(tmp_path):
 def test_shapes_preference_fit_through_the_command_line(tmp_path):
     from lit_internvl.cli import main
 
-    recipe = yaml.safe_load((RECIPES / "mpo.yaml").read_text())
+    recipe = compose(RECIPES / "mpo.yaml")
     recipe["trainer"] = {"accelerator": "cpu", "max_steps": 3, "default_root_dir": str(tmp_path), "enable_progress_bar": False,
                          "logger": False, "enable_checkpointing": False, "limit_val_batches": 1, "num_sanity_val_steps": 0}  # fmt: skip
     recipe["model"]["init_args"]["init_from"] = None

@@ -14,8 +14,8 @@ with the runner of each and fails on a command that has none. A runner either **
 process where it is a ``python -m lit_internvl`` or ``benchmarks/`` command, else in a subprocess) in a sandbox
 folder holding links to ``recipes/``, ``callbacks/`` and ``benchmarks/``, with the README's placeholders replaced
 (``PLACEHOLDERS``: ``/path/to/InternVL3-1B`` is a tiny transformers InternVL folder, ``train.jsonl`` generated
-shapes records, …) and tiny overrides appended (``TINY``: 2 steps, a few samples), or only **checks** it, said so
-in its name: installing into a fresh venv (files and extras checked, ``uv venv`` run), ``make test`` and
+shapes records, …) and tiny overrides appended (``tiny_overrides``: 2 steps, a few samples), or only **checks**
+it, said so in its name: installing into a fresh venv (files and extras checked, ``uv venv`` run), ``make test`` and
 ``make pipeline`` (``make -n``, each line it would run must itself match a runner; the recipes they name are run
 by the fit runner), real-size recipes on GPUs (parsed and composed with ``--print_config``, the tiny folder as the
 checkpoint), the SLURM script (``bash -n``, and its ``srun`` command checked as a real-size fit), ``tensorboard``.
@@ -96,13 +96,22 @@ TINY_TRAINER = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", 
 TINY_SHAPES = ["--data.init_args.train_size", "8", "--data.init_args.val_size", "4", "--data.init_args.batch_size",
                "4", "--data.init_args.num_workers", "0"]  # fmt: skip
 TINY_RECORDS = ["--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
-TINY = {
-    "stage1": TINY_SHAPES, "stage2": TINY_SHAPES, "sft": TINY_SHAPES, "mpo": TINY_SHAPES, "nmp": TINY_SHAPES,
-    "sft_steps": TINY_SHAPES, "critic_base": TINY_SHAPES, "stage1_records": TINY_RECORDS, "stage2_records": TINY_RECORDS,
-    "critic": TINY_RECORDS, "rl": [*TINY_SHAPES[:4], "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"],
-}  # fmt: skip
 # Appended to `python -m lit_internvl critic_data`: 2 questions of each split, 1 sample, 2 scene questions.
 SMALL_CRITIC_DATA = ["--train-questions", "2", "--val-questions", "2", "--samples", "1", "--scene-questions", "2"]
+# Recipes whose tiny overrides are not their datamodule's (tiny_overrides): RL samples 8 answers a prompt.
+TINY_EXCEPTIONS = {"rl": [*TINY_SHAPES[:4], "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]}
+
+
+def tiny_overrides(recipe: str | Path) -> list[str]:
+    """The tiny data overrides of an embedded-default recipe (``recipes/NAME.yaml``): by its datamodule, generated
+    shapes (a few samples) or records (the README's files, small batches), unless TINY_EXCEPTIONS names it."""
+    from lit_internvl.recipes import compose
+
+    name = Path(recipe).stem
+    if name in TINY_EXCEPTIONS:
+        return TINY_EXCEPTIONS[name]
+    data = compose(REPO / "recipes" / f"{name}.yaml")["data"]["class_path"]
+    return TINY_RECORDS if data.endswith("RecordsDataModule") else TINY_SHAPES
 
 
 class Sandbox:
@@ -193,22 +202,22 @@ class Sandbox:
         argv = self.substitute(argv)
         if argv[0] in ("fit", "validate", "test", "predict"):
             recipe = argv[argv.index("--config") + 1]
-            name = Path(recipe).stem
             self.prerequisites(argv)
-            argv = [*argv, *TINY_TRAINER, *TINY[name]]
+            argv = [*argv, *TINY_TRAINER, *tiny_overrides(recipe)]
         self.ran.append(" ".join(argv))
         return main(argv)
 
     def prerequisites(self, argv: list[str]) -> None:
         """The runs and files a command reads: the recipe's ``init_from`` and every ``runs/<name>/`` argument."""
-        import yaml
+        from lit_internvl.recipes import compose
 
         recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
         names = set()
         if recipe and not any(a.startswith("--model.init_args.init_from") for a in argv):
-            init_from = yaml.safe_load((self.root / recipe).read_text())["model"]["init_args"].get("init_from")
+            config = compose(self.root / recipe)
+            init_from = config["model"]["init_args"].get("init_from")
             names |= set(re.findall(r"runs/([^/]+)/", str(init_from)))
-            data = yaml.safe_load((self.root / recipe).read_text())["data"]["init_args"]
+            data = config["data"]["init_args"]
             names |= set(re.findall(r"runs/([^/]+)/", str(data.get("train"))))
         for arg in argv:
             names |= set(re.findall(r"^runs/([^/]+)/", arg))
@@ -304,7 +313,7 @@ def run_benchmark_script(sandbox: Sandbox, command: str) -> None:
 
 
 def run_make_fit(sandbox: Sandbox, command: str) -> None:
-    tiny = " ".join([*TINY_TRAINER, *TINY["stage1"]])
+    tiny = " ".join([*TINY_TRAINER, *tiny_overrides("stage1")])
     sandbox.shell(f"make -f {REPO}/Makefile fit STAMP= BIN={Path(PYTHON).parent} FIT_ARGS='{tiny}'")
     assert (sandbox.root / "runs/stage1/checkpoints/last.ckpt").exists()
 
@@ -367,7 +376,7 @@ def run_torchrun(sandbox: Sandbox, command: str) -> None:
     argv = _argv(command)
     assert argv[argv.index("--nproc_per_node") + 1] == "2" and argv[argv.index("--trainer.devices") + 1] == "2"
     recipe = Path(argv[argv.index("--config") + 1]).stem
-    tiny = " ".join([*TINY_TRAINER, *TINY[recipe]])
+    tiny = " ".join([*TINY_TRAINER, *tiny_overrides(recipe)])
     left = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
             "NODE_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in left}
