@@ -5,8 +5,8 @@ Each deprecation is one line of :data:`DEPRECATIONS`, naming the class whose ``i
 class covers its subclasses)::
 
     renamed("lit_internvl.stages.dual_encoder.DualEncoderStage", "image_encoder", "vision"),
-    renamed("lit_internvl.data.ShapesDataModule", "task", "records", values={"pairs": "pair"}),
-    dropped("lit_internvl.data.ShapesDataModule", "tokens_per_tile", "the connector sets it"),
+    renamed("lit_internvl.data.ShapesDataModule", "task", "records", values={"pairs": "captions"}),
+    dropped("lit_internvl.data.ShapesDataModule", "tokens_per_tile", "the model tells the data its budgets"),
 
 An entry applies wherever that class is chosen by ``class_path`` (``model``, ``data``, a tower inside the model, a
 trainer callback), in a ``--config`` file or on the command line (``--model.init_args.image_encoder.init_args.config
@@ -21,7 +21,6 @@ import importlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +49,16 @@ def dropped(owner: str, key: str, reason: str) -> Deprecation:
     return Deprecation(owner, key, None, reason=reason)
 
 
+_BUDGETS = "the model tells the data its visual budgets in the handshake"
 DEPRECATIONS: tuple[Deprecation, ...] = (
     renamed("lit_internvl.stages.dual_encoder.DualEncoderStage", "image_encoder", "vision"),
+    # The data no longer decides what a sample is: the stage's views do; the shapes worlds say which records.
+    renamed("lit_internvl.data.shapes.steps.ShapesStepsDataModule", "task", "records", values={"prompts": "solutions"}),
+    renamed("lit_internvl.data.ShapesDataModule", "task", "records",
+            values={"pairs": "captions", "vqa": "questions", "nmp": "documents", "prompts": "questions"}),  # fmt: skip
+    dropped("lit_internvl.data.RecordsDataModule", "task", "the stage says what a sample is (its views)"),
+    dropped("lit_internvl.data.ShapesDataModule", "tokens_per_tile", _BUDGETS),
+    dropped("lit_internvl.data.RecordsDataModule", "tokens_per_tile", _BUDGETS),
 )
 
 
@@ -206,11 +213,10 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def upgrade(args: list[str] | None, table: tuple[Deprecation, ...] | None = None) -> list[str] | None:
+def upgrade(args: list[str], table: tuple[Deprecation, ...] | None = None) -> list[str]:
     """``args`` with every deprecated key of ``table`` (:data:`DEPRECATIONS`) under its new name, or left out when
-    dropped, each warned once. ``args`` None means ``sys.argv``, which is then rewritten in place (LightningCLI reads
-    it itself) and None returned."""
-    argv = sys.argv[1:] if args is None else list(args)
+    dropped, each warned once (the CLI passes its arguments with the recipes' layers expanded)."""
+    argv = list(args)
     run, upgraded, i = _Upgrade(DEPRECATIONS if table is None else table), [], 0
     while i < len(argv):
         token = argv[i]
@@ -228,7 +234,4 @@ def upgrade(args: list[str] | None, table: tuple[Deprecation, ...] | None = None
         i += given
     for message in run.notes:
         rank_zero_warn(message, category=FutureWarning)
-    if args is not None:
-        return upgraded
-    sys.argv[1:] = upgraded
-    return None
+    return upgraded

@@ -9,11 +9,13 @@ import yaml
 from lit_internvl import deprecations
 from lit_internvl.cli import main
 from lit_internvl.deprecations import dropped, renamed, upgrade
+from lit_internvl.recipes import compose
 
 
 def _old_style(tmp_path, recipe: str) -> str:
     """The recipe as it was written before the image tower of the dual-encoder stages became ``vision``."""
-    config = yaml.safe_load(open(recipe))
+    config = compose(recipe)
+    config.pop("layers", None)
     init_args = config["model"]["init_args"]
     config["model"]["init_args"] = {("image_encoder" if k == "vision" else k): v for k, v in init_args.items()}
     path = tmp_path / "old.yaml"
@@ -37,6 +39,25 @@ def test_an_old_stage_config_parses_to_the_current_one_warning_with_the_new_key(
     assert old == current
     assert [str(w.message) for w in warned if w.category is FutureWarning] == [
         "model.init_args.image_encoder is deprecated; use model.init_args.vision"
+    ]
+
+
+def test_an_old_data_section_with_a_task_and_tokens_per_tile_parses_to_records(tmp_path, capsys):
+    """Before stages declared their views, the data chose the batch (``task: vqa``) and typed the budget."""
+    config = compose("recipes/sft.yaml")
+    config.pop("layers", None)
+    data = config["data"]["init_args"]
+    data["task"] = {"questions": "vqa"}[data.pop("records")]
+    data["tokens_per_tile"] = 9
+    old = tmp_path / "old_sft.yaml"
+    old.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.warns(FutureWarning) as warned:
+        printed = _printed_config(["--config", str(old)], capsys)
+    assert printed["data"] == _printed_config(["--config", "recipes/sft.yaml"], capsys)["data"]
+    assert [str(w.message) for w in warned if w.category is FutureWarning] == [
+        "data.init_args.task is deprecated; use data.init_args.records ('vqa' is now 'questions')",
+        "data.init_args.tokens_per_tile is deprecated and ignored: the model tells the data its visual budgets in "
+        "the handshake",
     ]
 
 
@@ -101,10 +122,10 @@ def test_a_value_mapping_maps_and_a_dropped_key_is_ignored(given, tmp_path, caps
     ]
 
 
-def test_sys_argv_is_upgraded_in_place(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["lit_internvl", "fit", "-c", "recipes/stage1.yaml", "--model.image_encoder=X"])
-    with pytest.warns(FutureWarning):
-        assert upgrade(None) is None
-    import sys
-
-    assert sys.argv == ["lit_internvl", "fit", "-c", "recipes/stage1.yaml", "--model.init_args.vision=X"]
+def test_an_old_key_in_sys_argv_reaches_the_new_one_through_the_layers(monkeypatch, capsys):
+    """The stage's class is named in a layer of the recipe, not in the recipe: layers are expanded first."""
+    argv = ["lit_internvl", "fit", "-c", "recipes/stage1.yaml", "--model.image_encoder.init_args.config=tiny"]
+    monkeypatch.setattr("sys.argv", [*argv, "--print_config"])
+    with pytest.warns(FutureWarning, match="use model.init_args.vision"), pytest.raises(SystemExit):
+        main()
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["vision"]["init_args"]["config"] == "tiny"
