@@ -56,6 +56,7 @@ def measure(checkpointing: bool, device: str = "cpu", tokens: int = TOKENS, laye
     """One training step in this process; returns the memory it added and its time."""
     from lit_internvl.distributed import parallelize
     from lit_internvl.losses import language_model_loss
+    from lit_internvl.models.vlm import Logits
 
     model, ids, pixels = build(tokens, layers)
     model, ids, pixels = model.to(device), ids.to(device), pixels.to(device)
@@ -69,7 +70,9 @@ def measure(checkpointing: bool, device: str = "cpu", tokens: int = TOKENS, laye
     else:
         before = _status("VmRSS")
     start = time.perf_counter()
-    loss = language_model_loss(model(ids, pixels), labels, reduction="token")
+    # Bare tiles: one row's tile at the model's default budget (4 tokens); the logits at every position, as a
+    # plain (unchunked) language-model head computes them.
+    loss = language_model_loss(model(ids, pixels, head=Logits()), labels, reduction="token")
     loss.backward()
     optimizer.step()
     if device == "cuda":

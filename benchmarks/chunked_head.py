@@ -7,8 +7,9 @@ One forward + backward of ``hidden (N, D) → logits (N, V) → cross-entropy`` 
 the head's weight trained, each variant in its own process. Memory is what the step adds to the process, the gradients it
 leaves included (the head's, as training with ``zero_grad(set_to_none=True)`` allocates it each step): the peak
 resident set over the one after the inputs and the head exist (CPU), or torch's peak allocation over
-the allocation before the step (GPU). The unchunked path is what SFT ran before (``logits_at`` → float32
-``F.cross_entropy``); the chunked one keeps one chunk's logits at a time. With ``OUT`` set, the table is also
+the allocation before the step (GPU). The unchunked path is what SFT ran before (the model's ``head=Logits(at)`` at
+the supervised positions → float32 ``F.cross_entropy``); the chunked one (``head=CrossEntropy(targets)``,
+:func:`~lit_internvl.losses.linear_cross_entropy`) keeps one chunk's logits at a time. With ``OUT`` set, the table is also
 written to ``$OUT/chunked_head.md``.
 """
 

@@ -18,6 +18,7 @@ import torch
 
 from lit_internvl.components import InternViT, TextEncoder
 from lit_internvl.data import ShapesDataModule
+from lit_internvl.data.views import View
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.models import DualEncoder
 from lit_internvl.stages import ContrastiveStage
@@ -27,11 +28,13 @@ def plain_loop(steps: int, datamodule: ShapesDataModule) -> float:
     torch.manual_seed(0)
     model = DualEncoder(InternViT("tiny"), TextEncoder("tiny"), embed_dim=128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    datamodule.use_views((View("pair"),))  # what ContrastiveStage asks for in its handshake
     start = time.perf_counter()
-    for step, batch in enumerate(datamodule.train_dataloader()):
+    for step, views in enumerate(datamodule.train_dataloader()):
         if step == steps:
             break
-        loss = contrastive_loss(*model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+        batch = views["pair"]
+        loss = contrastive_loss(*model(batch.pixel_values, batch.input_ids, batch.attention_mask))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -59,7 +62,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
     datamodule = ShapesDataModule(
-        train_size=args.steps * args.batch_size, batch_size=args.batch_size, num_workers=args.num_workers
+        records="captions", train_size=args.steps * args.batch_size, batch_size=args.batch_size,
+        num_workers=args.num_workers,
     )
     plain = plain_loop(args.steps, datamodule)
     fit = lightning_fit(args.steps, datamodule)

@@ -41,10 +41,11 @@ from lit_internvl.data.shapes import write_records
 from lit_internvl.data.templates import tokenize_conversation
 from lit_internvl.data.tiling import dynamic_tiles
 from lit_internvl.data.tokenizer import ByteTokenizer
+from lit_internvl.data.views import View
 
 SETTINGS = {
-    "internvl": dict(tile_size=448, tokens_per_tile=256, max_tiles=6, image_sizes=(448, 768)),
-    "tiny": dict(tile_size=56, tokens_per_tile=4, max_tiles=6, image_sizes=(56, 112)),
+    "internvl": dict(tile_size=448, budget=256, max_tiles=6, image_sizes=(448, 768)),
+    "tiny": dict(tile_size=56, budget=4, max_tiles=6, image_sizes=(56, 112)),
 }
 
 
@@ -78,22 +79,26 @@ def prepare_shards(meta: Path, output: Path, workers: int) -> float:
 
 
 def epoch(source: Path, setting: dict, workers: int, pack: bool, args) -> dict:
-    """One full epoch of a fresh ``RecordsDataModule`` loader: time, samples, real tokens, slots."""
+    """One full epoch of a fresh ``RecordsDataModule`` loader: time, samples, real tokens, slots.
+
+    The data is asked for one ``conversation`` view at the setting's budget, as an SFT stage's handshake asks it."""
     dm = RecordsDataModule(
-        train=str(source), tokens_per_tile=setting["tokens_per_tile"], tile_size=setting["tile_size"],
-        max_tiles=setting["max_tiles"], max_length=setting["max_tokens"], pack=pack, max_tokens=setting["max_tokens"],
+        train=str(source), tile_size=setting["tile_size"], max_tiles=setting["max_tiles"],
+        max_length=setting["max_tokens"], pack=pack, max_tokens=setting["max_tokens"],
         batch_size=args.batch_size, num_workers=workers, shuffle=True, seed=0,
     )  # fmt: skip
+    dm.use_views((View("conversation", setting["budget"], name="conversation"),))
     samples = tokens = slots = rows = skipped = 0
     start = time.perf_counter()
-    for batch in dm.train_dataloader():
-        skipped += sum(batch["skipped"].values())
-        if batch["input_ids"] is None:
+    for views in dm.train_dataloader():
+        skipped += sum(views.skipped.values())
+        if views.empty:
             continue
-        samples += sum(len(names.split("+")) for names in batch["sample_names"])
-        tokens += int(batch["attention_mask"].sum())
-        slots += batch["input_ids"].numel()
-        rows += batch["input_ids"].shape[0]
+        batch = views["conversation"]
+        samples += sum(len(names.split("+")) for names in batch.sample_names)
+        tokens += int(batch.attention_mask.sum())
+        slots += batch.input_ids.numel()
+        rows += batch.input_ids.shape[0]
     seconds = time.perf_counter() - start
     if skipped:
         raise RuntimeError(f"{skipped} samples skipped: the benchmark's records should all be valid")
@@ -116,6 +121,7 @@ def stages(meta: Path, setting: dict, limit: int) -> dict[str, float]:
 
 def _stages(items: list, setting: dict, tokenizer) -> dict[str, float]:
     totals = dict.fromkeys(("decode", "tile", "normalise", "tokenize"), 0.0)
+    view = View("conversation", setting["budget"], name="conversation")
     tiles_made = 0
     built = []
     for item in items:
@@ -127,22 +133,22 @@ def _stages(items: list, setting: dict, tokenizer) -> dict[str, float]:
         t2 = time.perf_counter()
         pixel_values = torch.stack([to_tensor(tile) for image_tiles in tiles for tile in image_tiles])
         t3 = time.perf_counter()
-        counts = [len(image_tiles) * setting["tokens_per_tile"] for image_tiles in tiles]
+        counts = [len(image_tiles) * setting["budget"] for image_tiles in tiles]
         tiles_made += len(pixel_values)
         ids, labels = tokenize_conversation(record.fields["conversations"], tokenizer, "internvl2_5", counts)
         t4 = time.perf_counter()
         for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             totals[key] += seconds
-        built.append(
-            {
-                "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
-                "pixel_values": pixel_values,
-                "name": record.name,
-            }
-        )
+        sample = {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+            "budget": setting["budget"],
+            "name": record.name,
+        }
+        built.append({"views": {view.name: sample}, "name": record.name})  # as the sample builder hands a record
     for pack in (False, True):
-        collate = Collator(tokenizer.pad_id, pack=pack, max_tokens=setting["max_tokens"])
+        collate = Collator(tokenizer.pad_id, (view,), pack=pack, max_tokens=setting["max_tokens"])
         collate(built[:16])  # warm-up
         start = time.perf_counter()
         for i in range(0, len(built), 16):

@@ -87,6 +87,7 @@ def mfu_worker(args) -> dict:
     from lit_internvl.distributed import compile_blocks
     from lit_internvl.flops import device_peak_flops, mfu, vlm_flops
     from lit_internvl.losses import language_model_loss, next_token_targets, reduce_token_losses, supervised_positions
+    from lit_internvl.models.vlm import CrossEntropy, Logits
 
     device = args.device
     preset, layers, lora, tokens = MODELS[args.model]
@@ -118,13 +119,14 @@ def mfu_worker(args) -> dict:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def loss_of(model) -> torch.Tensor:
+        # Bare tiles: the packed row's tiles, each at the model's default budget (packed_batch reserves that many).
         inputs = dict(positions=batch["positions"], document_ids=documents)
         if args.head == "chunked":
             losses = model(batch["input_ids"], batch["pixel_values"], **inputs,
-                           targets=next_token_targets(labels, documents))  # fmt: skip
+                           head=CrossEntropy(next_token_targets(labels, documents)))  # fmt: skip
             return reduce_token_losses(losses, labels, documents, "token")
         logits = model(batch["input_ids"], batch["pixel_values"], **inputs,
-                       logits_at=supervised_positions(labels, documents))  # fmt: skip
+                       head=Logits(supervised_positions(labels, documents)))  # fmt: skip
         return language_model_loss(logits, labels, documents, "token")
 
     def step() -> float:

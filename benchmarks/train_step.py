@@ -7,7 +7,7 @@ Both sides get the same configuration and the same weights (a randomly initialis
 ``lit_internvl.hf.export_vlm``; ours reads it back with ``load_vlm``, transformers with ``from_pretrained``), the same
 batch, and take the same step: forward, next-token cross-entropy averaged over the supervised tokens, backward,
 AdamW. lit_internvl runs its output head only at the supervised positions, with the cross-entropy in chunks
-(``targets``, as ``SFTStage`` trains; ``--ours-backend``/``--ours-compile`` choose its attention and compilation);
+(``head=CrossEntropy(targets)``, as ``SFTStage`` trains; ``--ours-backend``/``--ours-compile`` choose its attention and compilation);
 transformers' model projects every position onto the vocabulary, image tokens included. Each measurement runs in its own process, so that peak memory is its own: the peak resident set of the
 process on a CPU, torch's peak allocation on a GPU. Warm-up steps come first; a measurement's time is the median of
 its timed steps, and the two sides run in alternation for ``--rounds`` rounds (the fastest median of each is kept), so
@@ -155,6 +155,7 @@ def worker(args) -> dict:
     from lit_internvl.flops import vlm_flops
     from lit_internvl.hf import build_vlm, load_vlm, read_config
     from lit_internvl.losses import next_token_targets, reduce_token_losses
+    from lit_internvl.models.vlm import CrossEntropy
 
     device = args.device
     if args.mode == "mfu":
@@ -182,8 +183,10 @@ def worker(args) -> dict:
         targets = next_token_targets(batch["labels"])
 
         def forward_loss():  # as SFTStage: the head and the loss in chunks, where a target is supervised
+            # Bare tiles: every row's tile at the model's default budget (comparison_batch reserves that many slots).
             losses = model(
-                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], targets=targets
+                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                head=CrossEntropy(targets),
             )
             return reduce_token_losses(losses, batch["labels"], reduction="token")
 
@@ -212,6 +215,7 @@ def mfu_worker(args, model) -> dict:
     from lit_internvl.distributed import compile_blocks
     from lit_internvl.flops import vlm_flops
     from lit_internvl.losses import next_token_targets, reduce_token_losses
+    from lit_internvl.models.vlm import CrossEntropy
 
     device = args.device
     set_attention_backend(model, args.backend)
@@ -226,7 +230,7 @@ def mfu_worker(args, model) -> dict:
         with _autocast(device):
             losses = model(
                 batch["input_ids"], batch["pixel_values"], positions=batch["positions"],
-                document_ids=batch["document_ids"], targets=targets,
+                document_ids=batch["document_ids"], head=CrossEntropy(targets),
             )  # fmt: skip
             loss = reduce_token_losses(losses, batch["labels"], batch["document_ids"], reduction="token")
         loss.backward()

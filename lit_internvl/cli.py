@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 
 import lightning as L
 from jsonargparse import Namespace, set_parsing_settings
@@ -25,6 +27,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lit_internvl.deprecations import upgrade
 from lit_internvl.recipes import expand_configs
 from lit_internvl.stages.base import Stage
+
+class _Quiet(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger, printed on every run: the first output stays about the
+    run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
 
 # Subcommands that are not a Trainer run: name → "module:function", imported only when used.
 TOOLS = {
@@ -52,6 +62,26 @@ class RecipeCLI(LightningCLI):
             "recipes/ without .yaml (recipes/internvl3_1b/mpo.yaml: internvl3_1b/mpo).",
         )
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with :mod:`lit_internvl.callbacks.console`'s progress bar and model summary (figures that
+        were measured only) unless the run turns them off or names its own."""
+        from lightning.pytorch.callbacks import ModelSummary as AnySummary
+        from lightning.pytorch.callbacks import ProgressBar as AnyBar
+
+        from lit_internvl.callbacks.console import ModelSummary, ProgressBar
+
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        flags = {}
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, AnyBar) for c in callbacks):
+            callbacks.append(ProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, AnySummary) for c in callbacks):
+            callbacks.append(ModelSummary())
+            # Ours is in the callbacks: the flag only stops Lightning adding its default (and saying it skipped it).
+            flags["enable_model_summary"] = False
+        return super().instantiate_trainer(**{**kwargs, **flags, "callbacks": callbacks})
+
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | dict | Namespace | None) -> None:
         if isinstance(args, (dict, Namespace)):
             return super().parse_arguments(parser, args)
@@ -67,6 +97,9 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None
         module, function = TOOLS[argv[0]].split(":")
         return getattr(importlib.import_module(module), function)(argv[1:])
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Quiet())
+    # torch 2.13 deprecates a pytree check that Lightning 2.6 still makes: nothing a user of this project can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     return RecipeCLI(
         Stage,
         L.LightningDataModule,

@@ -54,8 +54,12 @@ DEPRECATIONS: tuple[Deprecation, ...] = (
     renamed("lit_internvl.stages.dual_encoder.DualEncoderStage", "image_encoder", "vision"),
     # The data no longer decides what a sample is: the stage's views do; the shapes worlds say which records.
     renamed("lit_internvl.data.shapes.steps.ShapesStepsDataModule", "task", "records", values={"prompts": "solutions"}),
-    renamed("lit_internvl.data.ShapesDataModule", "task", "records",
-            values={"pairs": "captions", "vqa": "questions", "nmp": "documents", "prompts": "questions"}),  # fmt: skip
+    renamed(
+        "lit_internvl.data.ShapesDataModule",
+        "task",
+        "records",
+        values={"pairs": "captions", "vqa": "questions", "nmp": "documents", "prompts": "questions"},
+    ),  # fmt: skip
     dropped("lit_internvl.data.RecordsDataModule", "task", "the stage says what a sample is (its views)"),
     dropped("lit_internvl.data.ShapesDataModule", "tokens_per_tile", _BUDGETS),
     dropped("lit_internvl.data.RecordsDataModule", "tokens_per_tile", _BUDGETS),

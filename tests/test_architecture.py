@@ -277,7 +277,7 @@ def test_chat_on_a_transformers_folder_prints_the_answer_transformers_generates(
 
     sample = builder(
         Record("conversation", "chat", {"conversations": [{"from": "human", "value": "w5 w6"}]}, [str(image)])
-    )
+    )["views"]["prompt"]
     ids = sample["input_ids"][None]
     reference.generation_config.eos_token_id = None  # all four tokens; ours stops at the end token (cut below)
     with torch.no_grad():
@@ -307,5 +307,5 @@ def test_chat_with_a_recipe_and_its_checkpoint_answers_as_the_trained_model(tmp_
     printed = main(["chat", "--config", "recipes/sft.yaml", "--checkpoint", str(checkpoint), "--image", str(image),
                     "--max-new-tokens", "3", question])  # fmt: skip
     assert capsys.readouterr().out.strip() == printed.strip()
-    builder = cli.datamodule.sample_builder(generation=True)
+    builder = cli.datamodule.sample_builder(views=cli.datamodule.prompt_views())
     assert printed == answer(stage.model.eval(), builder, question, [str(image)], max_new_tokens=3)

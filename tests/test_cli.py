@@ -118,6 +118,8 @@ def test_the_run_prints_no_figure_it_did_not_measure(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(recipe)])
 
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Total params" in printed and "FLOPs" not in printed
+    assert "Skipping setting a default" not in printed + captured.err, "no word on a summary it did not add"
     assert "v_num: 0" in printed and "v_num: 0.000" not in printed

@@ -46,7 +46,7 @@ def test_training_at_another_size_trains_and_saves_that_sizes_position_table(tmp
 
     reloaded = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=16, init_from=str(path))
     reloaded.use_data(data).configure_model()
-    pixels = next(iter(data.val_dataloader()))["pixel_values"]
+    pixels = next(iter(data.val_dataloader()))["pair"].pixel_values
     with torch.no_grad():
         assert torch.equal(reloaded.model.encode_image(pixels), stage.model.eval().encode_image(pixels))
 
@@ -73,12 +73,12 @@ def test_training_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     datamodule = ShapesDataModule(train_size=32, val_size=16, batch_size=32)
     stage = ContrastiveStage(InternViT("tiny"), TextEncoder("tiny"), embed_dim=32, warmup_steps=5, learning_rate=3e-4)
-    stage.configure_model()
-    batch = next(iter(datamodule.train_dataloader()))
+    stage.use_data(datamodule).configure_model()
+    batch = next(iter(datamodule.train_dataloader()))["pair"]
 
     def loss() -> float:
         with torch.no_grad():
-            return contrastive_loss(*stage.model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+            return contrastive_loss(*stage.model(batch.pixel_values, batch.input_ids, batch.attention_mask))
 
     before = loss()
     _trainer(tmp_path, steps=30).fit(stage, datamodule)

@@ -2,6 +2,7 @@
 Best-of-N sampling, the multi-step shapes data, the critic stage and its commands."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,14 @@ from lit_internvl.data.critic import PRM_SYSTEM_PROMPT, critic_turns, label_ids,
 from lit_internvl.data.records import BadRecord, DatasetSpec, SkipCounter, index_records, parse_record, read_record
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.data.views import View
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
 from lit_internvl.inference.critic import aggregate, critic_batch, monte_carlo_labels, score_steps
 from lit_internvl.models import VisionLanguageModel
+from lit_internvl.models.vlm import Logits
 from lit_internvl.rewards import final_answer
+from tests.tiny import records
 
 RECORD = {
     "image": "scene.png",
@@ -110,8 +114,8 @@ def test_a_steps_record_becomes_the_critic_sample(tmp_path):
     record = read_record(index_records(DatasetSpec("d", path, tmp_path), True, SkipCounter())[0])
     assert record.kind == "steps"
     tokenizer = ByteTokenizer()
-    options = SampleOptions(tokens_per_tile=1, tile_size=28, max_tiles=1, use_thumbnail=False)
-    sample = SampleBuilder(tokenizer, options)(record)
+    options = SampleOptions(tile_size=28, max_tiles=1, use_thumbnail=False)
+    sample = SampleBuilder(tokenizer, options, (View("conversation", 1),))(record)["views"]["conversation"]
     turns = critic_turns(RECORD["question"], RECORD["steps"], RECORD["labels"])
     assert sample["input_ids"].tolist() == tokenize_critic(turns, tokenizer, "internvl2_5", [1])[0]
     assert PRM_SYSTEM_PROMPT in tokenizer.decode(sample["input_ids"].tolist())  # no system option: VisualPRM's
@@ -124,10 +128,12 @@ def test_a_steps_record_becomes_the_critic_sample(tmp_path):
 def test_one_forward_step_scores_equal_growing_prefix_scores():
     tokenizer = ByteTokenizer()
     model = _tiny_model(tokenizer)
-    options = SampleOptions(tokens_per_tile=model.tokens_per_tile(), tile_size=model.tile_size, system="Judge.")
+    options = SampleOptions(tile_size=model.tile_size, system="Judge.")
     pixels = torch.randn(1, 3, model.tile_size, model.tile_size, generator=torch.Generator().manual_seed(3))
     solutions = [RECORD["steps"], ["1 red object", "Answer: red"]]
-    batch = critic_batch(tokenizer, options, RECORD["question"], solutions, pixels)  # two rows, right-padded
+    batch = critic_batch(
+        tokenizer, options, RECORD["question"], solutions, pixels, model.tokens_per_tile()
+    )  # two rows, right-padded
     plus, minus = label_ids(tokenizer)
     scores = score_steps(model, batch, plus, minus)
     assert [len(row) for row in scores] == [3, 2]
@@ -139,7 +145,7 @@ def test_one_forward_step_scores_equal_growing_prefix_scores():
             ids, labels = tokenize_critic(turns, tokenizer, "internvl2_5", counts, "Judge.")
             prefix = torch.tensor([ids[: max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]])
             with torch.no_grad():
-                logits = model(prefix, pixels)[0, -1]
+                logits = model(prefix, pixels, head=Logits())[0, -1]
             expected = torch.softmax(logits[[plus, minus]], dim=-1)[0].item()
             assert abs(row[k - 1] - expected) <= 1e-5, (k, row[k - 1], expected)
 
@@ -152,19 +158,18 @@ def test_scoring_reads_every_earlier_answer_as_plus_whatever_the_labels():
 
     tokenizer = ByteTokenizer()
     model = _tiny_model(tokenizer)
-    options = SampleOptions(tokens_per_tile=model.tokens_per_tile(), tile_size=model.tile_size, system="Judge.")
+    options = SampleOptions(tile_size=model.tile_size, system="Judge.")
     pixels = torch.randn(1, 3, model.tile_size, model.tile_size, generator=torch.Generator().manual_seed(4))
     counts = [model.tokens_per_tile()]
     plus, minus = label_ids(tokenizer)
     ids, labels = tokenize_critic(critic_turns(RECORD["question"], RECORD["steps"], ["+", "-", "-"]), tokenizer,
                                   "internvl2_5", counts, "Judge.")  # fmt: skip
-    labelled = {**critic_batch(tokenizer, options, RECORD["question"], [RECORD["steps"]], pixels),
-                "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}  # fmt: skip
+    bare = critic_batch(tokenizer, options, RECORD["question"], [RECORD["steps"]], pixels, model.tokens_per_tile())
+    labelled = replace(bare, input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
     answers = torch.tensor([labels]) != IGNORE_INDEX
     assert torch.tensor([ids])[answers].tolist() == [plus, minus, minus]
-    assert as_scored(labelled, plus)["input_ids"][answers].tolist() == [plus] * 3
-    assert (as_scored(labelled, plus)["input_ids"][~answers] == torch.tensor([ids])[~answers]).all()
-    bare = critic_batch(tokenizer, options, RECORD["question"], [RECORD["steps"]], pixels)
+    assert as_scored(labelled, plus).input_ids[answers].tolist() == [plus] * 3
+    assert (as_scored(labelled, plus).input_ids[~answers] == torch.tensor([ids])[~answers]).all()
     assert score_steps(model, labelled, plus, minus) == score_steps(model, bare, plus, minus)
 
 
@@ -200,12 +205,12 @@ def test_n_in_one_batch_equal_n_seeded_samplings_and_the_vision_tower_runs_once(
     hook = model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     seeds = [11, 12, 13, 14, 15, 16]
     # An end token the model reaches in some rows and not others (rows finish at different steps).
-    batched = sample_n(model, prompt, pixels, [1], seeds, max_new_tokens=16, eos_id=40, temperature=temperature,
+    batched = sample_n(model, prompt, pixels, seeds, max_new_tokens=16, eos_id=40, temperature=temperature,
                        top_p=top_p)  # fmt: skip
     assert calls == [1], "the vision tower ran once, on the one tile of the prompt"
     hook.remove()
     for seed, row in zip(seeds, batched):
-        alone = generate(model, prompt, None, pixels, [1], max_new_tokens=16, eos_id=40, temperature=temperature,
+        alone = generate(model, prompt, None, pixels, max_new_tokens=16, eos_id=40, temperature=temperature,
                          top_p=top_p, generator=torch.Generator().manual_seed(seed))[0]  # fmt: skip
         assert row == alone
     if temperature:
@@ -246,7 +251,7 @@ def test_monte_carlo_labels_equal_lone_seeded_continuations_of_every_prefix():
     for b, prefix in enumerate(prefixes):
         ids = torch.cat([prompt["input_ids"], torch.tensor(tokenizer.encode(prefix))])[None]
         for j in range(k):
-            row = generate(model, ids, None, prompt["pixel_values"], [1], max_new_tokens=new, eos_id=tokenizer.eos_id,
+            row = generate(model, ids, None, prompt["pixel_values"], max_new_tokens=new, eos_id=tokenizer.eos_id,
                            temperature=1.0, generator=torch.Generator().manual_seed(seed + b * k + j))[0]  # fmt: skip
             text = tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True)
             continued.append(final_answer(prefix + text))
@@ -365,7 +370,7 @@ def test_the_critic_trains_on_plus_answers_by_default_and_validates_as_it_scores
     from lit_internvl.data.shapes.steps import ShapesStepsDataModule
     from lit_internvl.stages import CriticStage
 
-    data = ShapesStepsDataModule(task="steps", train_size=4, val_size=4, batch_size=4)
+    data = ShapesStepsDataModule(records="steps", train_size=4, val_size=4, batch_size=4)
     data.setup("fit")
     stage = CriticStage(InternViT("tiny"), PixelShuffleMLP(128, 128), Decoder("tiny-shapes"), context=context)
     stage.use_data(data)
@@ -373,17 +378,18 @@ def test_the_critic_trains_on_plus_answers_by_default_and_validates_as_it_scores
     seen = []
     forward = stage.forward_batch
     monkeypatch.setattr(
-        stage, "forward_batch", lambda batch, **kw: seen.append(batch["input_ids"]) or forward(batch, **kw)
+        stage, "forward_batch", lambda batch, **kw: seen.append(batch.input_ids) or forward(batch, **kw)
     )
-    batch = next(iter(data.train_dataloader()))
+    whole = next(iter(data.train_dataloader()))
+    batch = whole["conversation"]
     plus, minus = label_ids(data.tokenizer)
-    answers = batch["labels"] != IGNORE_INDEX
-    assert (batch["input_ids"][answers] == minus).any()  # corrupted solutions: some "-" in the record
-    stage.training_step(batch, 0)
+    answers = batch.labels != IGNORE_INDEX
+    assert (batch.input_ids[answers] == minus).any()  # corrupted solutions: some "-" in the record
+    stage.training_step(whole, 0)
     trained = seen[-1][answers]
-    assert (trained == plus).all() if context == "plus" else (trained == batch["input_ids"][answers]).all()
+    assert (trained == plus).all() if context == "plus" else (trained == batch.input_ids[answers]).all()
     seen.clear()
-    stage.validation_step(batch, 0)
+    stage.validation_step(whole, 0)
     assert (seen[0][answers] == plus).all()  # the accuracies: as scoring reads the answers
     assert len(seen) == (1 if context == "plus" else 2)  # val/loss: the training's own context
     with pytest.raises(ValueError, match="context"):
@@ -474,7 +480,6 @@ def test_the_benchmarks_paired_comparison_is_mcnemars_exact_test_on_the_discorda
 
 def test_prepare_writes_steps_records_as_shards_that_read_back_as_the_jsonl(tmp_path):
     from lit_internvl.cli import main
-    from lit_internvl.data import RecordsDataModule
     from lit_internvl.data.shapes import ShapesWorld
 
     ShapesWorld(28).pair(0)["image"].save(tmp_path / "scene.png")
@@ -483,13 +488,13 @@ def test_prepare_writes_steps_records_as_shards_that_read_back_as_the_jsonl(tmp_
     main(["prepare", "--input", str(path), "--output", str(tmp_path / "shards")])
 
     def first(train: str) -> dict:
-        dm = RecordsDataModule(train=train, tokens_per_tile=1, tile_size=28, max_tiles=1, batch_size=1, system="S")
+        dm = records(train=train, tile_size=28, max_tiles=1, batch_size=1, system="S", budget=1)
         dm.setup("fit")
-        return next(iter(dm.train_dataloader()))
+        return next(iter(dm.train_dataloader()))["conversation"]
 
     jsonl, shards = first(str(path)), first(str(tmp_path / "shards"))
-    assert torch.equal(jsonl["input_ids"], shards["input_ids"]) and torch.equal(jsonl["labels"], shards["labels"])
-    assert torch.equal(jsonl["pixel_values"], shards["pixel_values"])
+    assert torch.equal(jsonl.input_ids, shards.input_ids) and torch.equal(jsonl.labels, shards.labels)
+    assert torch.equal(jsonl.pixel_values, shards.pixel_values)
 
 
 # -- real checkpoints --------------------------------------------------------------------------------------------
@@ -524,17 +529,16 @@ def test_scoring_a_tiny_transformers_folder_gives_transformers_step_probabilitie
     critic, builder = load_hf_chat_model(f"hf:{tmp_path}")
     ShapesWorld(IMAGE_SIZE).pair(0)["image"].save(tmp_path / "scene.png")
     turns = [{"from": "human", "value": "w1 w2"}]
-    pixels = builder(Record("conversation", "q", {"conversations": turns}, [str(tmp_path / "scene.png")]))[
-        "pixel_values"
-    ]
+    built = builder(Record("conversation", "q", {"conversations": turns}, [str(tmp_path / "scene.png")]))
+    pixels = built["views"]["prompt"]["pixel_values"]
     solutions = [["w3 w4", "w5 w6", "w7"], ["w8"]]
     scores = score_solutions(critic.eval(), builder.tokenizer, builder.options, "w1 w2", solutions, pixels)
     plus, minus = label_ids(builder.tokenizer)
     assert (plus, minus) == (138, 139)
-    batch = critic_batch(builder.tokenizer, builder.options, "w1 w2", solutions, pixels)
+    batch = critic_batch(builder.tokenizer, builder.options, "w1 w2", solutions, pixels, critic.tokens_per_tile())
     for row, expected_steps in enumerate(scores):
-        real = batch["attention_mask"][row] == 1
-        ids, labels = batch["input_ids"][row][real], batch["labels"][row][real]
+        real = batch.attention_mask[row] == 1
+        ids, labels = batch.input_ids[row][real], batch.labels[row][real]
         with torch.no_grad():
             logits = reference(input_ids=ids[None], pixel_values=pixels).logits[0]
         before = (labels != IGNORE_INDEX).nonzero().flatten() - 1  # the logits that predict each answer

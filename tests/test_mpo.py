@@ -18,6 +18,7 @@ from lit_internvl.losses import bco_pair_loss, dpo_sigmoid_loss, sequence_log_pr
 from lit_internvl.recipes import compose
 from lit_internvl.stages import MPOStage
 from tests.recipes import stage_on_meta
+from tests.tiny import asked
 
 TOKENIZER = ByteTokenizer()
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -111,8 +112,8 @@ def _fit(stage, tmp_path, steps=2, **trainer):
 def test_reference_without_lora_is_a_frozen_copy(tmp_path):
     stage = _stage()
     stage.configure_model()
-    reference = stage.reference_model
-    assert reference is not None and reference is not stage.model
+    reference = stage.reference.model()
+    assert reference is not stage.model
     assert not any(p.requires_grad for p in reference.parameters())
     own = {id(p) for p in stage.parameters()}
     assert not any(id(p) in own for p in reference.parameters()), "the reference is not a parameter of the stage"
@@ -129,13 +130,13 @@ def test_reference_without_lora_is_a_frozen_copy(tmp_path):
 def test_reference_with_lora_is_the_policy_with_adapters_disabled():
     stage = _stage(train=[], lora={"parts": ["decoder"], "r": 4})
     stage.configure_model()
-    assert stage.reference_model is None
+    assert stage.reference.model() is stage.model  # the policy itself, its adapters off in use
     base_count = sum(p.numel() for p in stage.model.parameters())
     assert sum(p.numel() for p in stage.parameters()) == base_count  # no copy anywhere
     for name, param in stage.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    batch = next(iter(_data().val_dataloader()))
+    batch = next(iter(asked(_data(), "chosen", "rejected").val_dataloader()))
     inputs = stage.concatenated(batch)
     with torch.no_grad():
         policy = stage.forward_batch(inputs, logits_at=False)

@@ -21,8 +21,11 @@ from lit_internvl.data.collate import Collator
 from lit_internvl.data.shapes.datasets import ShapesInterleaved, ShapesText
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
+from lit_internvl.data.views import View
+from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import NMPStage
 from tests.test_fsdp import LossRecorder, _free_port, _full_state, _max_difference
+from tests.tiny import asked
 
 WORLD_SIZE, STEPS, PER_RANK = 2, 3, 2
 
@@ -35,7 +38,7 @@ def _stage() -> NMPStage:
 
 
 def _samples(kind: str, step: int) -> list[dict]:
-    data = ShapesDataModule(records="documents", tokenizer="shapes", v2pe="random")
+    data = asked(ShapesDataModule(records="documents", tokenizer="shapes", v2pe="random"))
     world, builder = ShapesWorld(56), data.sample_builder(train=True)
     split = ShapesText(world, 100, builder) if kind == "text" else ShapesInterleaved(world, 100, builder, (1, 2))
     return [split[step * PER_RANK + i] for i in range(PER_RANK)]
@@ -49,7 +52,7 @@ class FixedBatches(ShapesDataModule):
         self.ranks = ranks
 
     def train_dataloader(self):
-        collate = Collator(self.tokenizer.pad_id)
+        collate = Collator(self.tokenizer.pad_id, self.views)
         batches = [collate([s for kind in self.ranks for s in _samples(kind, step)]) for step in range(STEPS)]
         return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
 
@@ -118,11 +121,11 @@ def test_the_dummy_tile_adds_nothing_to_the_loss_and_reaches_the_vision_gradient
 
     stage = _stage()
     model = stage.build_model()
-    batch = Collator(0)(_samples("text", 0))
-    logits = model(batch["input_ids"], None)
+    batch = Collator(0, (View("conversation", 4),))(_samples("text", 0))["conversation"]
+    logits = model(batch.input_ids, None, head=Logits())
     model.dummy_tile = True
-    with_tile = model(batch["input_ids"], None)
+    with_tile = model(batch.input_ids, None, head=Logits())
     assert torch.equal(logits, with_tile)
-    language_model_loss(with_tile, batch["labels"]).backward()
+    language_model_loss(with_tile, batch.labels).backward()
     grads = [p.grad for p in model.vision.parameters()]
     assert all(g is not None and not g.any() for g in grads), "every vision parameter gets a (zero) gradient"

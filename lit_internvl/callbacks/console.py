@@ -1,5 +1,6 @@
 """What a run prints as it starts and trains: Lightning's rich progress bar and model summary, showing only
-figures that were measured. Every stage puts them in place of Lightning's own (:func:`console_callbacks`)."""
+figures that were measured. The command line gives them to every run that does not turn them off or name its own
+(:class:`~lit_internvl.cli.RecipeCLI`)."""
 
 from __future__ import annotations
 
@@ -67,17 +68,3 @@ class ModelSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         console.print(totals)
-
-
-def console_callbacks(trainer: L.Trainer) -> list[L.Callback]:
-    """This module's bar and summary in place of Lightning's rich ones among ``trainer``'s callbacks (its defaults, or
-    named in a recipe), with their settings; other classes, and a disabled bar or summary, are left as they are."""
-    replacements: list[L.Callback] = []
-    for callback in trainer.callbacks:
-        if type(callback) is RichProgressBar:
-            replacements.append(
-                ProgressBar(callback.refresh_rate, callback._leave, callback.theme, callback._console_kwargs)
-            )
-        elif type(callback) is RichModelSummary:
-            replacements.append(ModelSummary(callback._max_depth, **callback._summarize_kwargs))
-    return replacements

@@ -49,9 +49,11 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
             qa["image"].save(folder / image)
             record = Record("conversation", f"{split}:{q}", {"conversations": [{"from": "human", "value": qa["question"]}]},
                             [qa["image"]])  # fmt: skip
-            prompt = Collator(tokenizer.pad_id, left_pad=True)([builder(record)])
-            drawn = sample_n(policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"],
-                             [q * samples + r for r in range(samples)], 40, tokenizer.eos_id, temperature)  # fmt: skip
+            view = builder.views[0]  # the prompt
+            built = builder(record)
+            prompt = Collator(tokenizer.pad_id, builder.views)([built])[view.name]
+            drawn = sample_n(policy, prompt.input_ids, prompt.images, [q * samples + r for r in range(samples)], 40,
+                             tokenizer.eos_id, temperature)  # fmt: skip
             texts = [
                 tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in drawn
             ]
@@ -63,7 +65,7 @@ def write_split(policy, builder, split: str, questions: int, samples: int, tempe
                     distinct.append(steps)
             scene = [label_from_scene(qa, steps) for steps in distinct]
             if labels == "monte-carlo":
-                mc = monte_carlo_labels(policy, tokenizer, builder(record), distinct, qa["answer"], mc_samples,
+                mc = monte_carlo_labels(policy, tokenizer, built["views"][view.name], distinct, qa["answer"], mc_samples,
                                         seed=q * 1000, max_new_tokens=40, temperature=temperature)  # fmt: skip
                 written = [row["labels"] for row in mc]
                 if agreement is not None:

@@ -213,9 +213,8 @@ class Stage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        from lit_internvl.callbacks.console import console_callbacks
         from lit_internvl.callbacks.metrics_report import MetricsReport
         from lit_internvl.callbacks.resume import ExactResume
         from lit_internvl.callbacks.skipped_samples import SkippedSamples
 
-        return [MetricsReport(), SkippedSamples(), ExactResume(), *console_callbacks(self.trainer)]
+        return [MetricsReport(), SkippedSamples(), ExactResume()]

@@ -74,8 +74,9 @@ def main(argv: list[str]) -> str:
 def _best_of(args, model, builder, critic, critic_builder) -> str:
     """Best-of-N: the prompt through the policy's builder, the image through the critic's (its own tiling)."""
     record = Record("conversation", "chat", {"conversations": [{"from": "human", "value": args.question}]}, args.image)
-    prompt = Collator(builder.tokenizer.pad_id, left_pad=True)([builder(record)])
-    critic_pixels = critic_builder(record)["pixel_values"]
+    batch = Collator(builder.tokenizer.pad_id, builder.views)([builder(record)])[builder.views[0].name]
+    prompt = {"input_ids": batch.input_ids, "images": batch.images, "positions": batch.positions}
+    critic_pixels = critic_builder(record)["views"][critic_builder.views[0].name]["pixel_values"]
     result = best_of_n(
         model, builder.tokenizer, prompt, args.question, critic, critic_builder.tokenizer, critic_builder.options,
         critic_pixels, n=args.best_of, seed=args.seed, max_new_tokens=args.max_new_tokens,
