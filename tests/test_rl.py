@@ -113,6 +113,7 @@ def test_batched_rollouts_of_prompts_with_different_tile_counts_equal_one_by_one
     from lit_internvl.data.records import Record
     from lit_internvl.data.samples import SampleBuilder, SampleOptions
     from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+    from lit_internvl.data.views import View
     from lit_internvl.inference.generate import generate
     from lit_internvl.inference.rollout import sample_groups
     from lit_internvl.models import VisionLanguageModel
@@ -121,8 +122,8 @@ def test_batched_rollouts_of_prompts_with_different_tile_counts_equal_one_by_one
     torch.manual_seed(0)
     vision, decoder = InternViT("tiny"), Decoder("tiny")
     model = VisionLanguageModel(vision, PixelShuffleMLP(128, 128), decoder, tokenizer.token_to_id(IMG_CONTEXT)).eval()
-    builder = SampleBuilder(tokenizer, SampleOptions(tokens_per_tile=4, tile_size=56, max_tiles=4, v2pe={"stride": 64}),
-                            generation=True)  # fmt: skip
+    views = (View("prompt", 4),)
+    builder = SampleBuilder(tokenizer, SampleOptions(tile_size=56, max_tiles=4, v2pe={"stride": 64}), views)
     images = [Image.new("RGB", (56, 56), "red"), Image.new("RGB", (168, 56), "blue"), Image.new("RGB", (112, 112))]
     prompts = [
         builder(
@@ -130,19 +131,19 @@ def test_batched_rollouts_of_prompts_with_different_tile_counts_equal_one_by_one
         )  # fmt: skip
         for i, (q, image) in enumerate(zip(["what?", "which colour is it", "where"], images))
     ]
-    assert [p["pixel_values"].shape[0] for p in prompts] == [1, 4, 5], "1 tile; 3 + thumbnail; 4 + thumbnail"
-    batch = Collator(tokenizer.pad_id, left_pad=True)(prompts)
+    assert [p["views"]["prompt"]["pixel_values"].shape[0] for p in prompts] == [1, 4, 5], "1; 3 + thumbnail; 4 + it"
+    batch = Collator(tokenizer.pad_id, views)(prompts)["prompt"]
     seeds = [11, 12, 13, 21, 22, 23, 31, 32, 33]
     calls = []
     hook = model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    rows = sample_groups(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                         batch["tiles_per_sample"], seeds, positions=batch["positions"], max_new_tokens=8)  # fmt: skip
+    rows = sample_groups(model, batch.input_ids, batch.attention_mask, batch.images, seeds, positions=batch.positions,
+                         max_new_tokens=8)  # fmt: skip
     hook.remove()
     assert calls == [10], "one vision pass over the 10 tiles of the 3 prompts, not one per answer"
     for r, tokens in enumerate(rows):
-        prompt = Collator(tokenizer.pad_id, left_pad=True)([prompts[r // 3]])
-        alone = generate(model, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                         prompt["tiles_per_sample"], max_new_tokens=8, temperature=1.0, positions=prompt["positions"],
+        prompt = Collator(tokenizer.pad_id, views)([prompts[r // 3]])["prompt"]
+        alone = generate(model, prompt.input_ids, prompt.attention_mask, prompt.images, max_new_tokens=8,
+                         temperature=1.0, positions=prompt.positions,
                          generator=torch.Generator().manual_seed(seeds[r]))[0]  # fmt: skip
         assert tokens == alone, f"row {r}"
     assert len({tuple(t) for t in rows}) > 3, "different seeds draw different answers"
@@ -168,7 +169,7 @@ def _rl_stage():
 def _prompts():
     from lit_internvl.data import ShapesDataModule
 
-    return ShapesDataModule(task="prompts", tokenizer="shapes", batch_size=2, train_size=8, val_size=2, system="")
+    return ShapesDataModule(records="questions", tokenizer="shapes", batch_size=2, train_size=8, val_size=2, system="")
 
 
 def test_an_rl_run_killed_and_resumed_samples_and_trains_what_the_whole_run_does(tmp_path):
@@ -221,7 +222,7 @@ def test_the_process_critic_is_an_optional_reward_model(tmp_path):
     from lit_internvl.stages import RLStage
 
     def data():
-        return ShapesStepsDataModule(task="prompts", batch_size=2, train_size=2, val_size=2)
+        return ShapesStepsDataModule(records="solutions", batch_size=2, train_size=2, val_size=2)
 
     torch.manual_seed(3)
     critic = RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes")).use_data(
@@ -251,14 +252,14 @@ def test_the_process_critic_is_an_optional_reward_model(tmp_path):
     trainer.fit(stage, module)
     model = critic.model.eval()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), read_state_dict(str(path)).values()))
-    batch, texts = seen["batch"], seen["texts"]
+    batch, texts = seen["batch"], seen["texts"]  # the prompt view's Batch
     assert len(texts) == 2 * 3
     alone = []
     for r, text in enumerate(texts):
         b = r // 3
-        pixels = batch["pixel_values"][b : b + 1]  # one tile a shapes prompt
+        pixels = batch.pixel_values[b : b + 1]  # one tile a shapes prompt
         steps = split_steps(text)
-        row = score_solutions(model, module.tokenizer, module.sample_options, batch["meta"][b]["question"], [steps],
+        row = score_solutions(model, module.tokenizer, module.sample_options, batch.meta[b]["question"], [steps],
                               pixels)[0]  # fmt: skip
         alone.append(aggregate(row if steps else []))
     assert seen["scores"].tolist() == pytest.approx(alone, abs=1e-5)
@@ -303,31 +304,32 @@ def test_answer_log_probs_equal_each_answer_scored_alone():
     prompt + answer scored alone, unpadded, at the positions generation gave them (the first answer token at
     ceil(last prompt position) + 1)."""
     from lit_internvl.data.v2pe import next_position
+    from lit_internvl.models.vlm import Logits
 
     stage = _rl_stage()
     data = _prompts()
     stage.use_data(data)
     stage.configure_model()
     model = stage.model.eval()
-    batch = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))["prompt"]
     g = stage.hparams.group_size
     gen = torch.Generator().manual_seed(0)
-    answers = torch.randint(300, 390, (batch["input_ids"].shape[0] * g, 5), generator=gen)
+    answers = torch.randint(300, 390, (batch.rows * g, 5), generator=gen)
     mask = torch.ones_like(answers, dtype=torch.bool)
     mask[1, 3:] = False  # answers of different lengths
     with torch.no_grad():
-        got = stage.answer_log_probs(model, batch, answers, mask, range(batch["input_ids"].shape[0]))
-    tiles = batch["tiles_per_sample"]
+        got = stage.answer_log_probs(model, batch, answers, mask, range(batch.rows))
+    tiles = batch.tiles_per_sample
     for row in range(answers.shape[0]):
         p = row // g
-        real = batch["attention_mask"][p].bool()
-        prompt, positions = batch["input_ids"][p][real], batch["positions"][p][real]
+        real = batch.attention_mask[p].bool()
+        prompt, positions = batch.input_ids[p][real], batch.positions[p][real]
         answer = answers[row][mask[row]]
         ids = torch.cat([prompt, answer])[None]
         pos = torch.cat([positions, next_position(positions[-1:]) + torch.arange(len(answer))])[None]
-        pixels = batch["pixel_values"][sum(tiles[:p]) : sum(tiles[: p + 1])]
+        pixels = batch.pixel_values[sum(tiles[:p]) : sum(tiles[: p + 1])]
         with torch.no_grad():
-            logits = model(ids, pixels, positions=pos)[0].float() / stage.hparams.rollout_temperature
+            logits = model(ids, pixels, positions=pos, head=Logits())[0].float() / stage.hparams.rollout_temperature
         logits[:, stage.image_token_ids()] = float("-inf")  # the image tokens are never drawn
         alone = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, answer[:, None]).squeeze(1)
         assert (got[row][mask[row]] - alone).abs().max() <= 1e-5, row
@@ -341,10 +343,9 @@ def test_rollouts_never_draw_a_banned_token():
     data = _prompts()
     stage.use_data(data)
     stage.configure_model()
-    batch = next(iter(data.train_dataloader()))
+    batch = next(iter(data.train_dataloader()))["prompt"]
     banned = stage.image_token_ids()
-    args = (stage.model.eval(), batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-            batch["tiles_per_sample"], list(range(2 * 16)))  # fmt: skip
+    args = (stage.model.eval(), batch.input_ids, batch.attention_mask, batch.images, list(range(2 * 16)))
     free = sample_groups(*args, max_new_tokens=12, temperature=50.0)  # nearly uniform: every token comes up
     assert any(t in banned for row in free for t in row), "the test can fail: unbanned, they are drawn"
     kept = sample_groups(*args, max_new_tokens=12, temperature=50.0, banned_tokens=banned)

@@ -30,7 +30,7 @@ class FixedAnswers:
 
     def sample(self, model, batch, seeds, **sampling):
         out = []
-        for name in batch["sample_names"]:
+        for name in batch.sample_names:
             g = torch.Generator().manual_seed(int(name.split(":")[1]))
             for k in range(GROUP):
                 length = 2 + k + int(torch.randint(3, (1,), generator=g))
@@ -66,12 +66,12 @@ class Prompts(ShapesDataModule):
     """Each step's prompts given in advance: ``rows`` of every step's PROMPTS, in that order."""
 
     def __init__(self, rows: list[int]) -> None:
-        super().__init__(task="prompts", tokenizer="shapes", system="")
+        super().__init__(records="questions", tokenizer="shapes", system="")
         self.rows = rows
 
     def train_dataloader(self):
-        dataset = self._dataset("train", 100, generation=True)
-        collate = Collator(self.tokenizer.pad_id, left_pad=True)
+        dataset = self._dataset("train", 100, self.views)  # the stage asked for prompts
+        collate = Collator(self.tokenizer.pad_id, self.views)
         batches = [collate([dataset[s * PROMPTS + i] for i in self.rows]) for s in range(STEPS)]
         return DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
 
