@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import lit_internvl.losses as losses_module
-from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.losses import (
     IGNORE_INDEX,
@@ -25,6 +24,7 @@ from lit_internvl.losses import (
 )
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import CrossEntropy, Logits
+from tests.tiny import tiny_vlm
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
@@ -113,10 +113,7 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_stays_close():
 
 
 def _vlm(vocab=None) -> VisionLanguageModel:
-    torch.manual_seed(0)
-    config = LanguageConfig.from_name("tiny", **({} if vocab is None else {"vocab_size": vocab}))
-    vision, decoder = InternViT("tiny"), Decoder(config)
-    return VisionLanguageModel(vision, PixelShuffleMLP(128, 128), decoder, CONTEXT)
+    return tiny_vlm(CONTEXT, **({} if vocab is None else {"vocab_size": vocab}))
 
 
 def _vlm_batch():

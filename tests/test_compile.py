@@ -12,12 +12,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from lit_internvl.batch import IGNORE_INDEX
-from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.distributed import compile_blocks, parallelize
 from lit_internvl.losses import next_token_targets, reduce_token_losses
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import CrossEntropy
+from tests.tiny import tiny_vlm
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
@@ -31,9 +31,7 @@ def fresh_dynamo():
 
 
 def _vlm() -> VisionLanguageModel:
-    torch.manual_seed(0)
-    decoder = Decoder(LanguageConfig.from_name("tiny", attn_backend="sdpa"))
-    return VisionLanguageModel(InternViT("tiny"), PixelShuffleMLP(128, 128), decoder, CONTEXT)
+    return tiny_vlm(CONTEXT, attn_backend="sdpa")
 
 
 def _packed_batch(length: int, seed: int = 0):

@@ -84,3 +84,21 @@ def test_training_brings_the_compressed_answer_towards_the_full_one(one_thread, 
     trainer.fit(stage, data)
     assert len(kls) == 8 and all(k >= 0 for k in kls)
     assert sum(kls[-3:]) / 3 < sum(kls[:3]) / 3  # the KL term falls as the two views are pulled together
+
+
+def test_the_stage_runs_from_the_command_line_as_one_more_layer(tmp_path):
+    from pathlib import Path
+
+    from lit_internvl.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    main(["fit", "--config", str(repo / "recipes/sft.yaml"), "--config", str(repo / "tests/consistency.yaml"),
+          "--model.init_args.init_from", "null", "--trainer.max_steps", "2", "--trainer.default_root_dir",
+          str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--data.init_args.train_size", "8", "--data.init_args.val_size", "4", "--data.init_args.batch_size", "4",
+          "--data.init_args.num_workers", "0"])  # fmt: skip
+    config = (tmp_path / "version_0" / "config.yaml").read_text()
+    assert "ConsistencyStage" in config and "MultiBudgetConnector" in config
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert any(name.startswith("model.connector.projectors.1.") for name in checkpoint["state_dict"])

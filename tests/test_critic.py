@@ -21,7 +21,7 @@ from lit_internvl.inference.critic import aggregate, critic_batch, monte_carlo_l
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import Logits
 from lit_internvl.rewards import final_answer
-from tests.tiny import records
+from tests.tiny import records, tiny_vlm
 
 RECORD = {
     "image": "scene.png",
@@ -32,11 +32,7 @@ RECORD = {
 
 
 def _tiny_model(tokenizer: ByteTokenizer, seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
-    vision, decoder = InternViT("tiny"), Decoder("tiny")
-    connector = PixelShuffleMLP(vision.hidden_size, decoder.hidden_size)
-    model = VisionLanguageModel(vision, connector, decoder, tokenizer.token_to_id(IMG_CONTEXT))
-    return model.eval()
+    return tiny_vlm(tokenizer.token_to_id(IMG_CONTEXT), seed=seed).eval()
 
 
 # -- the conversation ------------------------------------------------------------------------------------------

@@ -9,25 +9,20 @@ import torch
 import torch.nn.functional as F
 
 from lit_internvl.batch import IGNORE_INDEX
-from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.collate import Collator, first_fit
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
 from lit_internvl.data.views import View
 from lit_internvl.losses import language_model_loss, supervised_positions
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import Logits
-from tests.tiny import record_of
+from tests.tiny import record_of, tiny_vlm
 
 TOKENIZER = ByteTokenizer()
 VIEWS = (View("conversation", 4),)
 
 
 def _model(backend: str) -> VisionLanguageModel:
-    torch.manual_seed(0)
-    vision = InternViT("tiny")
-    decoder = Decoder(LanguageConfig.from_name("tiny", attn_backend=backend))
-    connector = PixelShuffleMLP(vision.hidden_size, decoder.hidden_size)
-    return VisionLanguageModel(vision, connector, decoder, TOKENIZER.token_to_id(IMG_CONTEXT)).eval()
+    return tiny_vlm(TOKENIZER.token_to_id(IMG_CONTEXT), attn_backend=backend).eval()
 
 
 def _sample(text: str, tiles: int, answer_from: int, seed: int) -> dict:

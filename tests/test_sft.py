@@ -16,16 +16,13 @@ from lit_internvl.inference import generate, sample_next
 from lit_internvl.lora import add_lora, lora_disabled, merge_lora
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.stages import SFTStage
-from tests.tiny import asked
+from tests.tiny import asked, tiny_vlm
 
 TOKENIZER = ByteTokenizer()
 
 
 def _vlm(seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
-    vision, decoder = InternViT("tiny"), Decoder("tiny")
-    connector = PixelShuffleMLP(vision.hidden_size, decoder.hidden_size)
-    return VisionLanguageModel(vision, connector, decoder, TOKENIZER.token_to_id(IMG_CONTEXT)).eval()
+    return tiny_vlm(TOKENIZER.token_to_id(IMG_CONTEXT), seed=seed).eval()
 
 
 def _prompts():

@@ -22,17 +22,14 @@ from lit_internvl.flops import batch_flops, document_lengths, vlm_flops
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import SFTStage
-from tests.tiny import record_of
+from tests.tiny import record_of, tiny_vlm
 
 CONTEXT = ByteTokenizer().token_to_id(IMG_CONTEXT)
 
 
 def _vlm(backend: str = "eager") -> VisionLanguageModel:
     # eager attention is plain matmuls, which FlopCounterMode counts (CPU SDPA kernels are not in its table)
-    torch.manual_seed(0)
-    vision = InternViT(InternViTConfig.from_name("tiny", attn_backend=backend))
-    decoder = Decoder(LanguageConfig.from_name("tiny", attn_backend=backend))
-    return VisionLanguageModel(vision, PixelShuffleMLP(128, 128), decoder, CONTEXT)
+    return tiny_vlm(CONTEXT, attn_backend=backend, vision_backend=backend)
 
 
 def _counted(fn) -> int:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.records import Record
 from lit_internvl.data.samples import SampleBuilder, SampleOptions, split_points
@@ -21,7 +20,7 @@ from lit_internvl.data.views import View
 from lit_internvl.inference.generate import generate
 from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.vlm import Logits
-from tests.tiny import record_of
+from tests.tiny import record_of, tiny_vlm
 
 TOKENIZER = ByteTokenizer()
 CONTEXT = TOKENIZER.token_to_id(IMG_CONTEXT)
@@ -149,12 +148,7 @@ def test_bad_settings_name_the_option():
 
 
 def _model() -> VisionLanguageModel:
-    torch.manual_seed(0)
-    vision = InternViT("tiny")
-    decoder = Decoder(LanguageConfig.from_name("tiny"))
-    return VisionLanguageModel(
-        vision, PixelShuffleMLP(vision.hidden_size, decoder.hidden_size), decoder, CONTEXT
-    ).eval()
+    return tiny_vlm(CONTEXT).eval()
 
 
 def test_delta_one_gives_the_logits_of_plain_rope_exactly():

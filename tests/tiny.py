@@ -9,19 +9,26 @@ from functools import partial
 
 import torch
 
-from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
+from lit_internvl.components import Decoder, InternViT, InternViTConfig, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.views import VISION_LANGUAGE, View
 from lit_internvl.models import VisionLanguageModel
 
 
-def tiny_vlm(image_context_id: int, decoder: str = "tiny", seed: int | None = 0, **decoder_options):
-    """vision → pixel shuffle (0.5) → decoder, every part tiny; ``seed`` fixes the initial weights."""
+def tiny_vlm(
+    image_context_id: int, decoder: str = "tiny", seed: int | None = 0, vision_backend: str | None = None,
+    **decoder_config,
+) -> VisionLanguageModel:  # fmt: skip
+    """vision → pixel shuffle (0.5) → decoder, every part tiny, seeded by ``seed`` (None: as the global generator
+    stands); ``decoder_config`` overrides the decoder preset (``attn_backend="eager"``, ``vocab_size=...``),
+    ``vision_backend`` the vision tower's attention backend."""
     if seed is not None:
         torch.manual_seed(seed)
-    vision, language = InternViT("tiny"), Decoder(decoder, **decoder_options)
-    return VisionLanguageModel(
-        vision, PixelShuffleMLP(vision.hidden_size, language.hidden_size), language, image_context_id
+    vision = InternViT(
+        InternViTConfig.from_name("tiny", **({"attn_backend": vision_backend} if vision_backend else {}))
     )
+    language = Decoder(LanguageConfig.from_name(decoder, **decoder_config))
+    connector = PixelShuffleMLP(vision.hidden_size, language.hidden_size)
+    return VisionLanguageModel(vision, connector, language, image_context_id)
 
 
 def tiny_stage(cls, decoder: str = "tiny-shapes", **options):
