@@ -28,6 +28,7 @@ from lit_internvl.deprecations import upgrade
 from lit_internvl.recipes import expand_configs
 from lit_internvl.stages.base import Stage
 
+
 class _Quiet(logging.Filter):
     """Drops Lightning's advertisement for its cloud logger, printed on every run: the first output stays about the
     run."""

@@ -2,7 +2,7 @@
 that names the key to use now.
 
 Each deprecation is one line of :data:`DEPRECATIONS`, naming the class whose ``init_args`` held the key (a base
-class covers its subclasses)::
+class covers its subclasses; a dotted new name moves the key into a block of options)::
 
     renamed("lit_internvl.stages.dual_encoder.DualEncoderStage", "image_encoder", "vision"),
     renamed("lit_internvl.data.ShapesDataModule", "task", "records", values={"pairs": "captions"}),
@@ -50,6 +50,9 @@ def dropped(owner: str, key: str, reason: str) -> Deprecation:
 
 
 _BUDGETS = "the model tells the data its visual budgets in the handshake"
+_VLM_STAGE = "lit_internvl.stages.vision_language.VisionLanguageStage"
+_SPEED = ("head_chunk_size", "head_backend", "compile_blocks", "fuse_projections", "length_multiple")
+_GENERATION = ("max_new_tokens", "temperature", "top_p", "best_of", "critic", "critic_config", "critic_aggregate")
 DEPRECATIONS: tuple[Deprecation, ...] = (
     renamed("lit_internvl.stages.dual_encoder.DualEncoderStage", "image_encoder", "vision"),
     # The data no longer decides what a sample is: the stage's views do; the shapes worlds say which records.
@@ -63,6 +66,11 @@ DEPRECATIONS: tuple[Deprecation, ...] = (
     dropped("lit_internvl.data.RecordsDataModule", "task", "the stage says what a sample is (its views)"),
     dropped("lit_internvl.data.ShapesDataModule", "tokens_per_tile", _BUDGETS),
     dropped("lit_internvl.data.RecordsDataModule", "tokens_per_tile", _BUDGETS),
+    # A stage's `train` (the parts that train) beside a datamodule's `train` (its sources): one meaning a name.
+    renamed(_VLM_STAGE, "train", "trainable"),
+    # The vision-language stage's options in typed blocks (lit_internvl.stages.options).
+    *(renamed(_VLM_STAGE, key, f"speed.{key}") for key in _SPEED),
+    *(renamed(_VLM_STAGE, key, f"generation.{key}") for key in _GENERATION),
 )
 
 
@@ -143,12 +151,21 @@ class _Upgrade:
         for key, value in init_args.items():
             deprecation = self.deprecation(path, key)
             if deprecation is None:
-                upgraded.setdefault(key, value)
+                moved = upgraded.get(key)  # a block that old keys moved into already: the given values win
+                upgraded[key] = {**moved, **value} if isinstance(moved, dict) and isinstance(value, dict) else value
                 continue
             new_value = _mapped(deprecation, value)
             self.note(path, deprecation, value, new_value)
-            if deprecation.new is not None and deprecation.new not in init_args:  # the new key, given too, wins
-                upgraded[deprecation.new] = new_value
+            if deprecation.new is None:
+                continue
+            # A dotted new name moved the key into a block (``speed.compile_blocks``); the new key, given too, wins.
+            *blocks, leaf = deprecation.new.split(".")
+            target, given = upgraded, init_args
+            for block in blocks:
+                target = target.setdefault(block, {}) if isinstance(target.get(block, {}), dict) else {}
+                given = given.get(block, {}) if isinstance(given.get(block, {}), dict) else {}
+            if leaf not in given:
+                target[leaf] = new_value
         return upgraded
 
     def config(self, text: str, path: str) -> str | None:

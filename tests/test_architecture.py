@@ -229,7 +229,7 @@ def test_every_strategy_composes_with_a_recipe(strategy, capsys):
     [
         ("--model.init_args.attn_backend=flsh", "sdpa"),
         ("--model.init_args.loss_reduction=squre", "square"),
-        ("--model.init_args.train=[connector,decodr]", "decoder"),
+        ("--model.init_args.trainable=[connector,decodr]", "decoder"),
         ("--data.init_args.records=questons", "preference"),
     ],
 )

@@ -19,6 +19,7 @@ from lit_internvl.data.collate import Collator
 from lit_internvl.inference.generate import generate
 from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import ContrastiveStage, SFTStage
+from lit_internvl.stages.options import GenerationOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _sft(**options) -> SFTStage:
     torch.manual_seed(0)
-    options = {"warmup_steps": 1, "max_new_tokens": 3, **options}
+    options = {"warmup_steps": 1, "generation": GenerationOptions(max_new_tokens=3), **options}
     return SFTStage(vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny-shapes"), **options)  # fmt: skip
 
 
@@ -185,7 +186,7 @@ class _Watch(L.Callback):
 def test_freeze_schedule_trains_the_vision_encoder_from_the_switch_on_with_the_optimiser_stepping_it(tmp_path, when):
     from lit_internvl.callbacks import FreezeSchedule
 
-    stage = _sft(train=["connector", "decoder"], learning_rate=1e-3, warmup_steps=0)
+    stage = _sft(trainable=["connector", "decoder"], learning_rate=1e-3, warmup_steps=0)
     watch = _Watch()
     schedule = FreezeSchedule(parts=["vision"], lr_factor=0.5, **when)
     _trainer(tmp_path, [schedule, watch], steps=4, logger=False, limit_val_batches=0).fit(
@@ -212,7 +213,7 @@ def test_freeze_schedule_trains_the_vision_encoder_from_the_switch_on_with_the_o
 def test_freeze_schedule_refuses_a_part_the_stage_already_trains(tmp_path):
     from lit_internvl.callbacks import FreezeSchedule
 
-    with pytest.raises(ValueError, match="model.init_args.train"):
+    with pytest.raises(ValueError, match="model.init_args.trainable"):
         _trainer(tmp_path, [FreezeSchedule(["vision"], at_step=1)], logger=False).fit(_sft(), _vqa())
     with pytest.raises(ValueError, match="exactly one of at_step"):
         FreezeSchedule(["vision"])

@@ -42,7 +42,7 @@ def _stage() -> ConsistencyStage:
         vision=partial(InternViT, config="tiny"),
         connector=partial(MultiBudgetConnector, downsample_ratios=(0.5, 0.25)),
         decoder=partial(Decoder, config="tiny-shapes"),
-        train=["connector", "decoder"],
+        trainable=["connector", "decoder"],
         learning_rate=1e-3,
         warmup_steps=1,
     )

@@ -354,7 +354,7 @@ def _recipe(tmp_path: Path, name: str, data: dict = TINY_SHAPES, **model) -> Pat
     recipe["trainer"].update(TINY["trainer"], default_root_dir=str(root))
     recipe["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(root / "checkpoints")
     recipe["data"]["init_args"].update(data)
-    recipe["model"]["init_args"].update(max_new_tokens=6, **model)
+    recipe["model"]["init_args"].update(generation={"max_new_tokens": 6}, **model)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -424,8 +424,9 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     # init_from, not --ckpt_path: Lightning's CLI puts a --ckpt_path checkpoint's hyper-parameters (best_of 1, no
     # critic) over the command line's.
     main(["predict", "--config", str(policy), "--model.init_args.init_from", str(policy_ckpt),
-          "--model.init_args.best_of", "3", "--model.init_args.critic", str(critic_ckpt),
-          "--model.init_args.critic_config", str(critic), "--model.init_args.temperature", "1.0"])  # fmt: skip
+          "--model.init_args.generation.best_of", "3", "--model.init_args.generation.critic", str(critic_ckpt),
+          "--model.init_args.generation.critic_config", str(critic), "--model.init_args.generation.temperature",
+          "1.0"])  # fmt: skip
     lines = [json.loads(line) for line in (tmp_path / "sft_steps" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4
     for line in lines:

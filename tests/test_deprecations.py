@@ -129,3 +129,26 @@ def test_an_old_key_in_sys_argv_reaches_the_new_one_through_the_layers(monkeypat
     with pytest.warns(FutureWarning, match="use model.init_args.vision"), pytest.raises(SystemExit):
         main()
     assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["vision"]["init_args"]["config"] == "tiny"
+
+
+def test_the_stage_options_moved_into_blocks_parse_from_their_old_flat_keys(tmp_path, capsys):
+    """A vision-language stage's `train` is `trainable` now, its speed and generation options typed blocks."""
+    config = compose("recipes/sft.yaml")
+    config.pop("layers", None)
+    model = config["model"]["init_args"]
+    model["train"] = model.pop("trainable")
+    model.update(model.pop("generation"))  # max_new_tokens, flat as before
+    model.update({"compile_blocks": False, "length_multiple": 16})
+    old = tmp_path / "old_sft.yaml"
+    old.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.warns(FutureWarning) as warned:
+        printed = _printed_config(["--config", str(old), "--model.init_args.temperature", "0.5"], capsys)
+    current = _printed_config(
+        ["--config", "recipes/sft.yaml", "--model.init_args.speed.length_multiple", "16",
+         "--model.init_args.generation.temperature", "0.5"], capsys,
+    )  # fmt: skip
+    assert printed["model"] == current["model"]
+    messages = {str(w.message) for w in warned if w.category is FutureWarning}
+    assert "model.init_args.train is deprecated; use model.init_args.trainable" in messages
+    assert "model.init_args.max_new_tokens is deprecated; use model.init_args.generation.max_new_tokens" in messages
+    assert "model.init_args.temperature is deprecated; use model.init_args.generation.temperature" in messages

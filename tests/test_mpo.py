@@ -128,7 +128,7 @@ def test_reference_without_lora_is_a_frozen_copy(tmp_path):
 
 
 def test_reference_with_lora_is_the_policy_with_adapters_disabled():
-    stage = _stage(train=[], lora={"parts": ["decoder"], "r": 4})
+    stage = _stage(trainable=[], lora={"parts": ["decoder"], "r": 4})
     stage.configure_model()
     assert stage.reference.model() is stage.model  # the policy itself, its adapters off in use
     base_count = sum(p.numel() for p in stage.model.parameters())

@@ -11,6 +11,7 @@ import torch
 
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.losses import group_advantages, policy_loss
+from lit_internvl.stages.options import GenerationOptions
 
 
 def _batch(seed: int = 0, n: int = 6, length: int = 7, shift: tuple[float, ...] = (0.0,) * 6):
@@ -162,7 +163,8 @@ def _rl_stage():
 
     torch.manual_seed(0)
     return RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"), group_size=4,
-                   max_new_tokens=6, learning_rate=1e-3, warmup_steps=1, rollout_temperature=1.5,
+                   generation=GenerationOptions(max_new_tokens=6), learning_rate=1e-3, warmup_steps=1,
+                   rollout_temperature=1.5,
                    rewards=[AnswerLength()])  # fmt: skip
 
 
@@ -231,12 +233,13 @@ def test_the_process_critic_is_an_optional_reward_model(tmp_path):
     critic.configure_model()
     path = tmp_path / "critic.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in critic.model.state_dict().items()}}, path)
-    with pytest.raises(ValueError, match="model.init_args.critic "):
+    with pytest.raises(ValueError, match="model.init_args.generation.critic "):
         RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"),
                 critic_reward_weight=0.5)  # fmt: skip
     torch.manual_seed(0)
     stage = RLStage(vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=Decoder("tiny-shapes"), group_size=3,
-                    max_new_tokens=6, rollout_temperature=1.5, rewards=[AnswerLength()], critic=str(path),
+                    generation=GenerationOptions(max_new_tokens=6, critic=str(path)), rollout_temperature=1.5,
+                    rewards=[AnswerLength()],
                     critic_reward_weight=0.5)  # fmt: skip
     seen = {}
     scored = stage.critic_rewards
@@ -292,7 +295,7 @@ def test_the_embedded_rl_recipe_runs_from_the_command_line(tmp_path):
           "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
           "false", "--data.init_args.train_size", "4", "--data.init_args.val_size", "4", "--data.init_args.batch_size",
           "2", "--data.init_args.num_workers", "0", "--model.init_args.group_size", "2",
-          "--model.init_args.max_new_tokens", "4"])  # fmt: skip
+          "--model.init_args.generation.max_new_tokens", "4"])  # fmt: skip
     report = json.loads(next(tmp_path.rglob("metrics.json")).read_text())["metrics"]
     assert report["val/accuracy/locate"]["chance"] == pytest.approx(1 / 9)
     assert report["val/accuracy/compare"]["chance"] == 0.5

@@ -131,13 +131,16 @@ def _fit(stage, tmp_path, steps=2, **data_options):
 @pytest.mark.parametrize(
     "options, trained",
     [
-        ({"train": ["connector"]}, {"connector"}),
+        ({"trainable": ["connector"]}, {"connector"}),
         (
-            {"train": ["connector", "decoder"], "unfreeze_vision_layers": 1},
+            {"trainable": ["connector", "decoder"], "unfreeze_vision_layers": 1},
             {"connector", "decoder", "vision.layers.3."},
         ),
-        ({"train": ["connector", "decoder"], "train_lm_head": False}, {"connector", "decoder.layers", "decoder.norm"}),
-        ({"train": ["connector"], "lora": {"parts": ["decoder"], "r": 4}}, {"connector", "decoder.layers"}),
+        (
+            {"trainable": ["connector", "decoder"], "train_lm_head": False},
+            {"connector", "decoder.layers", "decoder.norm"},
+        ),
+        ({"trainable": ["connector"], "lora": {"parts": ["decoder"], "r": 4}}, {"connector", "decoder.layers"}),
     ],
 )
 def test_frozen_parameters_do_not_change(tmp_path, options, trained):
@@ -195,7 +198,7 @@ def test_fit_predict_and_chat_through_the_command_line(tmp_path, capsys):
             "vision": {"class_path": "lit_internvl.components.InternViT", "init_args": {"config": "tiny"}},
             "connector": {"class_path": "lit_internvl.components.PixelShuffleMLP"},
             "decoder": {"class_path": "lit_internvl.components.Decoder", "init_args": {"config": "tiny"}},
-            "max_new_tokens": 4}},
+            "generation": {"max_new_tokens": 4}}},
         "data": {"class_path": "lit_internvl.data.ShapesDataModule", "init_args": {
             "records": "questions", "train_size": 8, "val_size": 4, "batch_size": 4, "system": "Answer in one word."}},
     }  # fmt: skip

@@ -140,7 +140,7 @@ def test_lora_with_train_new_tokens_trains_only_the_new_rows(tmp_path):
     # 6 added ids on the byte tokenizer (268 + 6 = 274) grow the tiny decoder's 272 rows by 2.
     tokens = [f"<t{i}>" for i in range(6)]
     data = _records(tmp_path, "byte", add_tokens=tokens)
-    stage = _sft("tiny", train=["connector"], lora={"parts": ["decoder"], "r": 2}, train_new_tokens=True,
+    stage = _sft("tiny", trainable=["connector"], lora={"parts": ["decoder"], "r": 2}, train_new_tokens=True,
                  learning_rate=1e-2, warmup_steps=1)  # fmt: skip
     stage.use_data(data)
     stage.configure_model()
@@ -191,6 +191,6 @@ def test_train_new_tokens_under_fsdp2_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vision_language, "data_parallel_mesh", lambda mesh: object())  # as under FSDP2
     data = _records(tmp_path, "byte", add_tokens=[f"<t{i}>" for i in range(6)])
-    stage = _sft("tiny", lora={"parts": ["decoder"], "r": 2}, train=["connector"], train_new_tokens=True)
+    stage = _sft("tiny", lora={"parts": ["decoder"], "r": 2}, trainable=["connector"], train_new_tokens=True)
     with pytest.raises(ValueError, match="train_new_tokens.*FSDP2"):
         stage.use_data(data).configure_model()

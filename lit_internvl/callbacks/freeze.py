@@ -13,7 +13,7 @@ class FreezeSchedule(BaseFinetuning):
     parameters to the optimiser as new groups (Lightning's ``BaseFinetuning``, which also keeps the groups in
     the checkpoint and rebuilds them when a run resumes).
 
-    The stage freezes them first: leave them out of its ``train`` (``model.init_args.train: [connector,
+    The stage freezes them first: leave them out of its ``trainable`` (``model.init_args.trainable: [connector,
     decoder]`` and ``parts: [vision]`` trains the vision encoder from ``at_step`` on); a part that already
     trains is an error. The new groups take ``lr_factor`` times the part's learning rate (its ``part_lr``, else
     ``learning_rate``), the stage's weight decay on matrices and none on vectors, and follow the stage's
@@ -38,7 +38,7 @@ class FreezeSchedule(BaseFinetuning):
         self.unfrozen = False
 
     def freeze_before_training(self, pl_module) -> None:
-        """The stage's ``train`` freezes the parts (its model is built after this hook, in ``configure_model``)."""
+        """The stage's ``trainable`` freezes the parts (its model is built after this hook, in ``configure_model``)."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         super().on_fit_start(trainer, pl_module)  # a resumed run: the groups the schedule added, back in place
@@ -54,7 +54,7 @@ class FreezeSchedule(BaseFinetuning):
         if self.unfrozen and not self._internal_optimizer_metadata:
             raise ValueError(
                 f"FreezeSchedule unfreezes {self.parts}, but the stage already trains some of them: leave them out of "
-                f"model.init_args.train (it is {pl_module.hparams.get('train')})"
+                f"model.init_args.trainable (it is {pl_module.hparams.get('trainable')})"
             )
         if self.unfrozen:  # resumed past the switch: the restored groups' parameters train again
             for part in self.parts:

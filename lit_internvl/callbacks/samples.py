@@ -166,7 +166,8 @@ class SampleLogger(L.Callback):
             images_all = Images(
                 torch.cat([p.pixel_values for p in own]), [t for *_, t in prompts], [b for p in own for b in p.budgets]
             )
-        max_new = self.max_new_tokens or pl_module.hparams.get("max_new_tokens", 32)
+        generation = getattr(pl_module, "generation", None)
+        max_new = self.max_new_tokens or (generation.max_new_tokens if generation is not None else 32)
         with unsharded(model):
             generated = generate(
                 model, input_ids, mask, images_all, max_new_tokens=max_new, eos_id=tokenizer.eos_id, positions=positions

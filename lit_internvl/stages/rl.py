@@ -60,13 +60,14 @@ class RLStage(VisionLanguageStage):
         ppo_epochs, mini_batches, micro_batches: μ optimisation passes over each rollout; each pass takes this many
             optimiser steps, on as many mini-batches of prompts, each mini-batch's gradient accumulated over this
             many micro-batches (InternVL3.5-1B's script: 512 prompts a rollout in mini-batches of 32: 16 steps).
-        rollout_temperature, rollout_top_p: sampling of the rollouts (``max_new_tokens`` bounds an answer).
+        rollout_temperature, rollout_top_p: sampling of the rollouts (``generation.max_new_tokens`` bounds an answer).
         gradient_clip: the gradient-norm clip of each optimiser step (manual optimisation: not the Trainer's).
         rollout_engine: how answers are sampled (default :class:`~lit_internvl.inference.rollout.BuiltinSampler`).
         critic_reward_weight: w > 0 adds w × the process critic's score of each answer to its reward (the critic
-            of the test-time scaling path as a reward model: ``critic``, a ``.ckpt`` of this architecture or
-            ``hf:/folder``, sharing the stage's tokenizer; the answer split on blank lines, its steps' P(``+``)
-            aggregated by ``critic_aggregate``, the prompt's ``meta["question"]`` and image read by the critic).
+            of the test-time scaling path as a reward model: ``generation.critic``, a ``.ckpt`` of this architecture
+            or ``hf:/folder``, sharing the stage's tokenizer; the answer split on blank lines, its steps' P(``+``)
+            aggregated by ``generation.critic_aggregate``, the prompt's ``meta["question"]`` and image read by the
+            critic).
         seed: the rollout seeds' base.
     """
 
@@ -111,10 +112,10 @@ class RLStage(VisionLanguageStage):
             raise ValueError(
                 "model.init_args.group_size, ppo_epochs, mini_batches and micro_batches must be at least 1"
             )
-        if critic_reward_weight and not options.get("critic"):
+        if critic_reward_weight and not self.generation.critic:
             raise ValueError(
-                f"model.init_args.critic_reward_weight is {critic_reward_weight}: set model.init_args.critic to the "
-                "critic's .ckpt or hf:/folder"
+                f"model.init_args.critic_reward_weight is {critic_reward_weight}: set model.init_args.generation.critic "
+                "to the critic's .ckpt or hf:/folder"
             )
         self.engine = rollout_engine or BuiltinSampler()
         self.reference: Frozen | None = None
@@ -158,7 +159,8 @@ class RLStage(VisionLanguageStage):
             steps = [split_steps(text) for text in texts[b * g : (b + 1) * g]]
             rows = score_solutions(self.critic_model(), self.data.tokenizer, self.data.sample_options, question, steps,
                                    pixels)  # fmt: skip
-            scores += [aggregate(row if own else [], self.hparams.critic_aggregate) for row, own in zip(rows, steps)]
+            how = self.generation.critic_aggregate
+            scores += [aggregate(row if own else [], how) for row, own in zip(rows, steps)]
         return torch.tensor(scores, dtype=torch.float32)
 
     def answer_log_probs(self, model: nn.Module, batch: Batch, answers: torch.Tensor, answer_mask: torch.Tensor,
@@ -207,7 +209,7 @@ class RLStage(VisionLanguageStage):
         self.model.eval()
         with unsharded(self.model):  # FSDP2 gathers the root's parameters around forward only
             tokens = self.engine.sample(
-                self.model, batch, self.rollout_seeds(prompts * g), max_new_tokens=h.max_new_tokens,
+                self.model, batch, self.rollout_seeds(prompts * g), max_new_tokens=self.generation.max_new_tokens,
                 eos_id=tokenizer.eos_id, temperature=h.rollout_temperature, top_p=h.rollout_top_p,
                 banned_tokens=self.image_token_ids(),
             )  # fmt: skip
@@ -280,7 +282,7 @@ class RLStage(VisionLanguageStage):
         with unsharded(self.model):
             answers = generate(
                 self.model, batch.input_ids, batch.attention_mask, batch.images,
-                max_new_tokens=self.hparams.max_new_tokens, eos_id=tokenizer.eos_id, positions=batch.positions,
+                max_new_tokens=self.generation.max_new_tokens, eos_id=tokenizer.eos_id, positions=batch.positions,
             )  # fmt: skip
         texts = [
             tokenizer.decode([t for t in row if t != tokenizer.eos_id], skip_special_tokens=True) for row in answers

@@ -20,15 +20,16 @@ from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.data.views import View
 from lit_internvl.distributed import compile_blocks, data_parallel_mesh, world
 from lit_internvl.inference.best_of_n import best_of_n_rows
-from lit_internvl.inference.critic import Aggregate, load_critic
+from lit_internvl.inference.critic import load_critic
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
-from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, LossReduction, next_token_targets, supervised_positions
+from lit_internvl.losses import LossReduction, next_token_targets, supervised_positions
 from lit_internvl.models.vlm import CrossEntropy, Logits, VisionLanguageModel
 from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.recipes import stage_of_recipe
 from lit_internvl.stages.base import ModuleFactory, Stage, build
 from lit_internvl.stages.frozen import Frozen
+from lit_internvl.stages.options import GenerationOptions, SpeedOptions, as_dict, as_options
 
 Part = Literal["vision", "connector", "decoder"]
 PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
@@ -48,7 +49,7 @@ class VisionLanguageStage(Stage):
         vision, decoder: factories (YAML ``class_path``) or instances.
         connector: factory called as ``connector(vision.hidden_size, decoder.hidden_size)``, or an instance.
         image_context_id: id of ``<IMG_CONTEXT>``; default: the data tokenizer's.
-        train: parts whose weights train. InternVL's recipes: ``[connector]`` for the MLP warm-up,
+        trainable: parts whose weights train. InternVL's recipes: ``[connector]`` for the MLP warm-up,
             ``[connector, decoder]`` or all three for full SFT.
         unfreeze_vision_layers: also train the last k vision blocks when ``vision`` is frozen.
         train_lm_head: override whether the decoder's output head trains (None: as the decoder).
@@ -64,23 +65,10 @@ class VisionLanguageStage(Stage):
         dummy_tile: run the vision encoder on one zero-weighted black tile when a batch has no image
             (:class:`~lit_internvl.models.vlm.VisionLanguageModel`), so that every rank's FSDP2 collectives
             match; None: whenever more than one process trains.
-        head_chunk_size, head_backend: the training losses run the output head and the cross-entropy together over
-            chunks of this many supervised positions (:func:`~lit_internvl.losses.linear_cross_entropy`), so that
-            the ``(N, vocab)`` logits never exist at once; ``liger``/``cce`` use those packages' fused kernels (GPU).
-        compile_blocks: ``torch.compile`` each transformer block, vision and decoder (regional compilation,
-            :func:`~lit_internvl.distributed.compile_blocks`); on in the GPU recipes.
-        fuse_projections: compute each decoder block's q/k/v and gate/up projections by one matmul each
-            (:func:`~lit_internvl.components.language.set_fused_projections`; the weights stay apart).
-        length_multiple: pad the decoder's rows to a multiple of this many tokens, so that compiled blocks see a
-            bounded number of lengths (the padding is masked and its outputs dropped).
-        max_new_tokens, temperature, top_p: generation in ``predict``.
-        best_of, critic, critic_aggregate: with ``best_of`` N > 1, ``predict`` samples N answers per prompt (at
-            ``temperature``, 1.0 if that is 0), scores each step of each with ``critic`` (a ``.ckpt`` of this
-            stage's architecture, e.g. a :class:`~lit_internvl.stages.CriticStage` run's, or ``hf:/folder``) and
-            returns the best by ``critic_aggregate`` of its steps' P(+), with every candidate and the majority
-            vote (:mod:`lit_internvl.inference.best_of_n`); prompts need ``meta["question"]`` (what the critic reads).
-            ``critic_config``: the recipe a ``.ckpt`` critic was trained with, when its architecture is not this
-            stage's (a deeper decoder, say; the tokenizer and tiling must be this stage's).
+        speed: how a step runs (:class:`~lit_internvl.stages.options.SpeedOptions`: the chunked head, compiled
+            blocks, fused projections, padded lengths).
+        generation: how ``predict`` answers and the critic that judges answers
+            (:class:`~lit_internvl.stages.options.GenerationOptions`: ``max_new_tokens``, sampling, Best-of-N).
         stage_options: :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
 
@@ -93,7 +81,7 @@ class VisionLanguageStage(Stage):
         connector: Callable[[int, int], nn.Module],
         decoder: ModuleFactory,
         image_context_id: int | None = None,
-        train: list[Part] = ["vision", "connector", "decoder"],  # noqa: B006 - jsonargparse needs a literal default
+        trainable: list[Part] = ["vision", "connector", "decoder"],  # noqa: B006 - jsonargparse needs a literal default
         unfreeze_vision_layers: int = 0,
         train_lm_head: bool | None = None,
         train_new_tokens: bool = False,
@@ -103,30 +91,26 @@ class VisionLanguageStage(Stage):
         loss_reduction: LossReduction = "square",
         all_reduce_loss: bool = False,
         dummy_tile: bool | None = None,
-        head_chunk_size: int = HEAD_CHUNK_SIZE,
-        head_backend: HeadBackend = "chunked",
-        compile_blocks: bool = False,
-        fuse_projections: bool = False,
-        length_multiple: int | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        best_of: int = 1,
-        critic: str | None = None,
-        critic_config: str | None = None,
-        critic_aggregate: Aggregate = "mean",
+        speed: SpeedOptions | None = None,
+        generation: GenerationOptions | None = None,
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
-        unknown = sorted(set(train) - set(PARTS))
+        unknown = sorted(set(trainable) - set(PARTS))
         if unknown:
-            raise ValueError(f"train names unknown parts {unknown}; choose from {PARTS}")
+            raise ValueError(f"model.init_args.trainable names unknown parts {unknown}; choose from {PARTS}")
         if lora is not None:  # kept as a plain dict: checkpoints are read back with weights_only=True
             self.hparams.lora = asdict(lora if isinstance(lora, LoraOptions) else LoraOptions(**lora))
+        self.speed, self.generation = as_options(speed, SpeedOptions), as_options(generation, GenerationOptions)
+        self.hparams.speed, self.hparams.generation = as_dict(self.speed), as_dict(self.generation)
         self.factories = {"vision": vision, "connector": connector, "decoder": decoder}
-        if best_of > 1 and critic is None:
-            raise ValueError(f"model.init_args.best_of is {best_of}: set model.init_args.critic to score the answers")
-        self.critic = Frozen.loaded(self._load_critic) if critic else None
+        g = self.generation
+        if g.best_of > 1 and g.critic is None:
+            raise ValueError(
+                f"model.init_args.generation.best_of is {g.best_of}: set model.init_args.generation.critic to score "
+                "the answers"
+            )
+        self.critic = Frozen.loaded(self._load_critic) if g.critic else None
 
     # -- the model and the data ---------------------------------------------------------------
 
@@ -190,8 +174,8 @@ class VisionLanguageStage(Stage):
         lora = LoraOptions(**h.lora) if h.lora else None
         lora_parts = set(lora.parts) if lora else set()
         for part in PARTS:
-            getattr(model, part).requires_grad_(part in h.train and part not in lora_parts)
-        if "vision" not in h.train and h.unfreeze_vision_layers:
+            getattr(model, part).requires_grad_(part in h.trainable and part not in lora_parts)
+        if "vision" not in h.trainable and h.unfreeze_vision_layers:
             for block in list(model.vision.layers)[-h.unfreeze_vision_layers :]:
                 block.requires_grad_(True)
         if h.train_lm_head is not None:
@@ -207,7 +191,7 @@ class VisionLanguageStage(Stage):
                 )
             train_new_rows(model.decoder, old_vocab)
         if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError(f"Nothing to train: train={h.train}, lora={h.lora}")
+            raise ValueError(f"Nothing to train: trainable={h.trainable}, lora={h.lora}")
 
     def parameter_groups(self) -> list[dict]:
         h = self.hparams
@@ -226,8 +210,8 @@ class VisionLanguageStage(Stage):
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
     def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
-        set_fused_projections(model, self.hparams.fuse_projections)
-        if self.hparams.compile_blocks:  # before checkpointing and sharding wrap the blocks
+        set_fused_projections(model, self.speed.fuse_projections)
+        if self.speed.compile_blocks:  # before checkpointing and sharding wrap the blocks
             compile_blocks(model)
         return super().parallelize(model, activation_checkpointing)
 
@@ -240,7 +224,7 @@ class VisionLanguageStage(Stage):
         supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``; with
         ``cross_entropy`` the ``(N,)`` next-token cross-entropies there instead, the head and the loss computed in
         chunks (``head_chunk_size``, ``head_backend``), for :func:`~lit_internvl.losses.reduce_token_losses`."""
-        h = self.hparams
+        h = self.speed
         if cross_entropy:
             targets = next_token_targets(batch.labels, batch.document_ids)
             head = CrossEntropy(targets, h.head_chunk_size, h.head_backend)
@@ -283,7 +267,7 @@ class VisionLanguageStage(Stage):
         """Generate answers for prompt batches (the ``prompt`` view, left-padded: the datamodule's predict split); an
         answer that reaches ``max_new_tokens`` before the end token is marked ``"finished": false`` and warned about."""
         tokenizer = self.data.tokenizer
-        h, batch = self.hparams, batch["prompt"]
+        h, batch = self.generation, batch["prompt"]
         if h.best_of > 1:
             return self.predict_best_of(batch)
         answers = generate(
@@ -310,20 +294,20 @@ class VisionLanguageStage(Stage):
         """The ``critic`` of Best-of-N (and of RL's critic reward), loaded once: an ``hf:`` folder, a checkpoint of
         ``critic_config``'s architecture, or one of this stage's (:func:`~lit_internvl.inference.critic.load_critic`)."""
         if self.critic is None:
-            raise ValueError("model.init_args.critic is not set: no critic to score answers with")
+            raise ValueError("model.init_args.generation.critic is not set: no critic to score answers with")
         return self.critic.model(self.device)
 
     def _load_critic(self) -> nn.Module:
-        config = self.hparams.critic_config
+        config = self.generation.critic_config
         if config:  # another architecture, read off its recipe (the tokenizer and tiling are this stage's)
             build = lambda: stage_of_recipe(config).use_data(self.data).build_model()  # noqa: E731
         else:
             build = self.build_model
-        return load_critic(self.hparams.critic, self.model, build)
+        return load_critic(self.generation.critic, self.model, build)
 
     def predict_best_of(self, batch: Batch) -> list[dict]:
         """Best-of-``best_of`` for each prompt of the batch (:meth:`predict_step` with ``best_of`` > 1)."""
-        h, tokenizer = self.hparams, self.data.tokenizer
+        h, tokenizer = self.generation, self.data.tokenizer
         return best_of_n_rows(
             self.model, tokenizer, batch, self.critic_model(), self.data.sample_options, n=h.best_of,
             how=h.critic_aggregate, max_new_tokens=h.max_new_tokens, temperature=h.temperature or 1.0, top_p=h.top_p,
