@@ -52,18 +52,16 @@ class Images:
             start += tiles
         return out
 
-    def rows(self, rows: list[int], repeat: int = 1) -> Images | None:
-        """The images of ``rows`` (in that order), each row's ``repeat`` times; None when they hold no tile."""
+    def select(self, rows: list[int]) -> Images | None:
+        """The images of ``rows``, in that order; None when they hold no tile."""
         starts = [0]
         for tiles in self.tiles_per_sample:
             starts.append(starts[-1] + tiles)
-        tiles = [i for r in rows for _ in range(repeat) for i in range(starts[r], starts[r + 1])]
+        tiles = [i for r in rows for i in range(starts[r], starts[r + 1])]
         if not tiles:
             return None
         return Images(
-            self.pixel_values[tiles],
-            [self.tiles_per_sample[r] for r in rows for _ in range(repeat)],
-            [self.budgets[i] for i in tiles],
+            self.pixel_values[tiles], [self.tiles_per_sample[r] for r in rows], [self.budgets[i] for i in tiles]
         )
 
 

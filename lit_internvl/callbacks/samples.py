@@ -145,7 +145,7 @@ class SampleLogger(L.Callback):
                     reference = tokenizer.decode(ids[answer[0] : answer[1]].tolist(), skip_special_tokens=True)
                 ids, positions = ids[: answer[0]], positions[: answer[0]]
             tiles = batch.tiles_per_sample[row] if documents is None else _first_document_tiles(ids, context_id, batch)
-            images_of_row = batch.images.rows([row]) if tiles and batch.images is not None else None
+            images_of_row = batch.images.select([row]) if tiles and batch.images is not None else None
             if images_of_row is not None and tiles != batch.tiles_per_sample[row]:  # a packed row's first document
                 images_of_row = Images(images_of_row.pixel_values[:tiles], [tiles], images_of_row.budgets[:tiles])
             prompts.append((ids, positions, images_of_row, tiles))

@@ -275,6 +275,13 @@ class PairBuilder:
         return pair_sample(pixels, text, negative, self.tokenizer, self.forms, label, caption_key, image_id, name)
 
 
+def _required(negative: str | None, record: Record) -> str:
+    """The negative caption the stage asked for; none found is a bad record."""
+    if negative is None:
+        raise BadRecord(record.name, "no negative caption", f"no other image's caption in {NEGATIVE_DRAWS} draws")
+    return negative
+
+
 def draw_negative(index: int, count: int, seed: int, fits: Callable[[int], str | None]) -> str | None:
     """InternVL's negative (dataset.py:137-140): sample indices ``j`` uniform over ``[0, count)``, seeded
     by ``(seed, index)``, until ``fits(j)`` gives a caption (None: the same image, or no usable caption);
@@ -350,11 +357,9 @@ class JsonlPairs(Dataset):
 
     def _sample(self, index: int) -> dict:
         record = self._record(index)
-        negative = self.negative(index) if self.builder.negative else ""
-        if negative is None:
-            raise BadRecord(record.name, "no negative caption", f"no other image's caption in {NEGATIVE_DRAWS} draws")
+        negative = _required(self.negative(index), record) if self.builder.negative else None
         group = int(self.group_of[index])
-        return self.builder(record, int(self.caption_of[index]), negative or None, group, group, index)
+        return self.builder(record, int(self.caption_of[index]), negative, group, group, index)
 
     def __getitem__(self, index: int) -> dict:
         return self.builder.safe(lambda: self._sample(index))
@@ -395,10 +400,8 @@ class StreamingPairs(StreamingDataset):
         if record.kind != "pair" or len(record.images) != 1:
             raise BadRecord(record.name, "not a pair", f"a {record.kind} record with {len(record.images)} image(s)")
         group = image_key(record.images[0])
-        negative = self.negative(position, group) if self.builder.negative else ""
-        if negative is None:
-            raise BadRecord(record.name, "no negative caption", f"no other image's caption in {NEGATIVE_DRAWS} draws")
-        return self.builder(record, 0, negative or None, group, group, position)
+        negative = _required(self.negative(position, group), record) if self.builder.negative else None
+        return self.builder(record, 0, negative, group, group, position)
 
     def __getitem__(self, index) -> dict:
         return self.builder.safe(lambda: self._sample(index))

@@ -107,7 +107,7 @@ def best_of_n_rows(policy, tokenizer, batch: Batch, critic, critic_options: Samp
         if "question" not in meta:
             raise ValueError(f"{name}: model.init_args.best_of needs the prompt's question in meta['question']")
         real = batch.attention_mask[row] == 1  # the prompt without its left padding
-        images = batch.images.rows([row]) if batch.images is not None else None
+        images = batch.images.select([row]) if batch.images is not None else None
         prompt = {"input_ids": batch.input_ids[row][real][None], "images": images}
         pixels = None if images is None else images.pixel_values
         result = best_of_n(policy, tokenizer, prompt, meta["question"], critic, tokenizer, critic_options, pixels,

@@ -154,7 +154,7 @@ class RLStage(VisionLanguageStage):
             question = (metas[b] or {}).get("question")
             if question is None:
                 raise ValueError(f"{name}: model.init_args.critic_reward_weight needs the prompt's meta['question']")
-            own = batch.images.rows([b]) if batch.images is not None else None
+            own = batch.images.select([b]) if batch.images is not None else None
             pixels = None if own is None else own.pixel_values
             steps = [split_steps(text) for text in texts[b * g : (b + 1) * g]]
             rows = score_solutions(self.critic_model(), self.data.tokenizer, self.data.sample_options, question, steps,
@@ -170,7 +170,7 @@ class RLStage(VisionLanguageStage):
         whose images run through the vision tower once a prompt (``repeat_images``), the answer tokens at positions
         ``ceil(last prompt position) + 1, + 2, …``; only the answer positions go through the head."""
         g, prompts = self.hparams.group_size, list(prompts)
-        images = batch.images.rows(prompts) if batch.images is not None else None
+        images = batch.images.select(prompts) if batch.images is not None else None
         repeat = torch.tensor(prompts, device=answers.device).repeat_interleave(g)
         rows = torch.tensor([i * g + k for i in prompts for k in range(g)], device=answers.device)
         answers, answer_mask = answers[rows], answer_mask[rows]
