@@ -80,7 +80,7 @@ def language_model_loss(
 
     Args:
         logits: ``(B, T, V)`` at every position, or ``(N, V)`` at the N :func:`supervised_positions`
-            only (row-major, as ``model(..., logits_at=supervised_positions(labels, document_ids))``);
+            only (row-major, as ``model(..., head=Logits(supervised_positions(labels, document_ids)))``);
         labels: ``(B, T)`` with -100 where not trained;
         document_ids: ``(B, T)`` for packed rows, else each row is one sample.
     """
@@ -108,7 +108,7 @@ def reduce_token_losses(
 
     Args:
         losses: ``(N,)`` cross-entropies at the N :func:`supervised_positions`, row-major (from
-            :func:`linear_cross_entropy`, ``model(..., targets=...)``, or the logits as in :func:`language_model_loss`);
+            :func:`linear_cross_entropy`, ``model(..., head=CrossEntropy(targets))``, or the logits as in :func:`language_model_loss`);
         labels, document_ids: as :func:`language_model_loss`'s.
     """
     if reduction not in REDUCTIONS:
@@ -258,7 +258,7 @@ def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def row_log_probs(losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)``: minus the sum over each row of the ``(N,)`` cross-entropies at its supervised positions (row-major,
-    as ``model(..., targets=next_token_targets(labels))`` gives them): each row's sequence log-probability."""
+    as ``model(..., head=CrossEntropy(next_token_targets(labels)))`` gives them): each row's sequence log-probability."""
     rows = supervised_positions(labels).nonzero()[:, 0]
     return -torch.zeros(labels.shape[0], device=losses.device, dtype=losses.dtype).index_add(0, rows, losses)
 

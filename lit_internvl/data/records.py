@@ -77,7 +77,7 @@ PACKING_SKIP_REASONS: dict[str, str] = {
     "too many tiles": "collate: more tiles than max_tiles_per_row, so no packed row can hold it",
     "empty split part": "build (split_long): a part of a document split between images with no trained token",
 }
-# The further reasons of image–caption data (RecordsDataModule task "pairs", lit_internvl.data.pairs).
+# The further reasons of image–caption data (the pair view of RecordsDataModule, lit_internvl.data.pairs).
 PAIR_SKIP_REASONS: dict[str, str] = {
     "not a pair": "scan: a record that is not one image with its caption(s)",
     "empty caption": "build: a caption with no words once normalised",
