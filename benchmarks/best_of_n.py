@@ -28,6 +28,7 @@ from lit_internvl.data.records import Record
 from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.shapes.steps import ShapesSteps, label_from_scene, reasoning
 from lit_internvl.data.shapes.world import ShapesWorld
+from lit_internvl.data.views import View
 from lit_internvl.inference import generate
 from lit_internvl.inference.best_of_n import majority_vote, sample_n
 from lit_internvl.inference.critic import AGGREGATES, aggregate, score_solutions, score_steps
@@ -40,10 +41,12 @@ def step_accuracy(critic, builder, world: ShapesWorld, samples: int, batch_size:
     and its chance level (the share of the more common label)."""
     plus_id, minus_id = label_ids(builder.tokenizer)
     dataset = ShapesSteps(world, samples, builder)
+    collate = Collator(builder.tokenizer.pad_id, builder.views)
     right = total = good = 0
     for start in range(0, samples, batch_size):
-        batch = Collator(builder.tokenizer.pad_id)([dataset[i] for i in range(start, min(start + batch_size, samples))])
-        for meta, row in zip(batch["meta"], score_steps(critic, batch, plus_id, minus_id)):
+        views = collate([dataset[i] for i in range(start, min(start + batch_size, samples))])
+        batch = views[builder.views[0].name]
+        for meta, row in zip(batch.meta, score_steps(critic, batch, plus_id, minus_id)):
             labels = [label == "+" for label in meta["labels"]]
             right += sum((p > 0.5) == label for p, label in zip(row, labels))
             total, good = total + len(labels), good + sum(labels)
@@ -78,8 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     policy, builder = load_from_recipe(args.policy_config, args.policy)
     critic, critic_builder = load_from_recipe(args.critic_config, args.critic)
     policy.eval(), critic.eval()
-    critic_train_builder = SampleBuilder(critic_builder.tokenizer, critic_builder.options)  # records, not prompts
+    # The step records as the critic trained on them (the conversation view at the budget its prompts have).
+    critic_budget = critic_builder.views[0].budget
+    critic_train_builder = SampleBuilder(
+        critic_builder.tokenizer, critic_builder.options, (View("conversation", critic_budget),)
+    )
     tokenizer, tile = builder.tokenizer, builder.options.tile_size
+    collate_prompt = Collator(tokenizer.pad_id, builder.views)  # the prompt view: left-padded
     world = ShapesWorld(tile, 0, "test")
     outcomes = defaultdict(list)  # method → right or not, per question (accuracies and the paired comparisons)
     right = Counter()  # (method, type) → questions of that type right
@@ -91,21 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
         kinds[qa["type"]] += 1
         record = Record("conversation", f"test:{q}", {"conversations": [{"from": "human", "value": qa["question"]}]},
                         [qa["image"]])  # fmt: skip
-        prompt = Collator(tokenizer.pad_id, left_pad=True)([builder(record)])
+        prompt = collate_prompt([builder(record)])[builder.views[0].name]
 
         def text(tokens: list[int]) -> str:
             return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
 
         start = time.perf_counter()
-        greedy = generate(policy, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                          prompt["tiles_per_sample"], max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)[0]  # fmt: skip
+        greedy = generate(policy, prompt.input_ids, prompt.attention_mask, prompt.images,
+                          max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id)[0]  # fmt: skip
         seconds["greedy"] += time.perf_counter() - start
         ok = {"greedy": final_answer(text(greedy)) == qa["answer"]}
 
         start = time.perf_counter()
         seeds = [args.seed + q * args.n + r for r in range(args.n)]
-        samples = sample_n(policy, prompt["input_ids"], prompt["pixel_values"], prompt["tiles_per_sample"], seeds,
-                           args.max_new_tokens, tokenizer.eos_id, args.temperature)  # fmt: skip
+        samples = sample_n(policy, prompt.input_ids, prompt.images, seeds, args.max_new_tokens, tokenizer.eos_id,
+                           args.temperature)  # fmt: skip
         sampled = time.perf_counter() - start
         texts = [text(tokens) for tokens in samples]
         finals = [final_answer(t) for t in texts]
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         ok["oracle"] = qa["answer"] in finals
 
         start = time.perf_counter()
-        critic_pixels = critic_builder(record)["pixel_values"]
+        critic_pixels = critic_builder(record)["views"][critic_builder.views[0].name]["pixel_values"]
         steps = [split_steps(t) for t in texts]
         scores = score_solutions(critic, critic_builder.tokenizer, critic_builder.options, qa["question"], steps,
                                  critic_pixels)  # fmt: skip

@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     args = parser.parse_args()
     datamodule = ShapesDataModule(
-        records="captions", train_size=args.steps * args.batch_size, batch_size=args.batch_size,
+        records="captions",
+        train_size=args.steps * args.batch_size,
+        batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
     plain = plain_loop(args.steps, datamodule)

@@ -185,7 +185,9 @@ def worker(args) -> dict:
         def forward_loss():  # as SFTStage: the head and the loss in chunks, where a target is supervised
             # Bare tiles: every row's tile at the model's default budget (comparison_batch reserves that many slots).
             losses = model(
-                batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                batch["input_ids"],
+                batch["pixel_values"],
+                attention_mask=batch["attention_mask"],
                 head=CrossEntropy(targets),
             )
             return reduce_token_losses(losses, batch["labels"], reduction="token")
