@@ -148,7 +148,7 @@ def test_the_embedded_nmp_recipe_builds_and_its_data_mixes_documents_and_text():
     cli = main(["--config", str(REPO / "recipes/nmp.yaml"), "--trainer.logger", "false"], run=False)
     stage = cli.model.use_data(cli.datamodule)
     stage.configure_model()
-    assert isinstance(stage, NMPStage) and stage.hparams.train == ["vision", "connector", "decoder"]
+    assert isinstance(stage, NMPStage) and stage.hparams.trainable == ["vision", "connector", "decoder"]
     assert all(p.requires_grad for p in stage.model.parameters())
     assert cli.datamodule.hparams.v2pe == "random" and cli.datamodule.hparams.weights == [3, 1]
     data = ShapesDataModule(records="documents", tokenizer="shapes", train_size=40, val_size=8, batch_size=8,
