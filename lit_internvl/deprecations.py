@@ -234,6 +234,15 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def upgrade_config(config: dict) -> dict:
+    """A whole configuration (a composed recipe) with every deprecated key under its new name, each warned once."""
+    run = _Upgrade(DEPRECATIONS)
+    upgraded = run.node(config, "")
+    for message in run.notes:
+        rank_zero_warn(message, category=FutureWarning)
+    return upgraded
+
+
 def upgrade(args: list[str], table: tuple[Deprecation, ...] | None = None) -> list[str]:
     """``args`` with every deprecated key of ``table`` (:data:`DEPRECATIONS`) under its new name, or left out when
     dropped, each warned once (the CLI passes its arguments with the recipes' layers expanded)."""

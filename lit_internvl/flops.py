@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lit_internvl.batch import Views
-from lit_internvl.components.connectors import PixelShuffleMLP
+from lit_internvl.components.connectors import MultiBudgetConnector, PixelShuffleMLP
 from lit_internvl.components.language import LanguageConfig
 from lit_internvl.components.vision import InternViTConfig
 
@@ -74,7 +74,9 @@ def vision_flops(config: InternViTConfig, tiles: int, height: int | None = None,
 
 def connector_flops(connector: nn.Module, tiles: int, patches: int) -> FlopCount:
     """The pixel-shuffle MLP exactly; another connector as 2 × its linear weights × its output tokens."""
-    tokens = connector.budgets(patches)[0] if hasattr(connector, "budgets") else connector.tokens_per_tile(patches)
+    if isinstance(connector, MultiBudgetConnector):  # the default budget's projector: what a tile runs through
+        connector = connector.projectors[0]
+    tokens = connector.tokens_per_tile(patches)
     if isinstance(connector, PixelShuffleMLP):
         inner, text_dim = connector.fc1.in_features, connector.fc1.out_features
         return FlopCount(linear=tiles * 2 * tokens * (inner * text_dim + text_dim * text_dim))

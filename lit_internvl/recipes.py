@@ -157,7 +157,9 @@ def stage_of_recipe(path: str | Path):
     import lightning as L
     from jsonargparse import ArgumentParser
 
-    model = compose(path)["model"]
+    from lit_internvl.deprecations import upgrade_config
+
+    model = upgrade_config(compose(path))["model"]
     model.setdefault("init_args", {})["init_from"] = None
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=L.LightningModule)

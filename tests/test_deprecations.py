@@ -152,3 +152,19 @@ def test_the_stage_options_moved_into_blocks_parse_from_their_old_flat_keys(tmp_
     assert "model.init_args.train is deprecated; use model.init_args.trainable" in messages
     assert "model.init_args.max_new_tokens is deprecated; use model.init_args.generation.max_new_tokens" in messages
     assert "model.init_args.temperature is deprecated; use model.init_args.generation.temperature" in messages
+
+
+def test_a_critic_config_written_before_the_renames_still_builds(tmp_path):
+    """``generation.critic_config`` names the recipe a critic was trained with, maybe an older one."""
+    from lit_internvl.recipes import stage_of_recipe
+
+    config = compose("recipes/sft.yaml")
+    config.pop("layers", None)
+    model = config["model"]["init_args"]
+    model["train"] = model.pop("trainable")
+    model.update(model.pop("generation"))
+    old = tmp_path / "old_critic.yaml"
+    old.write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.warns(FutureWarning, match="use model.init_args.trainable"):
+        stage = stage_of_recipe(old)
+    assert stage.hparams.trainable == ["connector", "decoder"] and stage.generation.max_new_tokens == 8

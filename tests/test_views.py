@@ -115,3 +115,28 @@ def test_stage_one_asks_for_no_negative_and_none_is_drawn(monkeypatch):
     batch = next(iter(data.val_dataloader()))
     assert set(batch.views) == {"pair"}
     assert sorted(drawn) == list(range(8))  # one scene a sample: no other scene rendered for an ITM negative
+
+
+def test_a_records_file_whose_records_cannot_give_the_view_stops_naming_the_record(tmp_path):
+    """MPO on plain conversations: every record would be skipped and nothing trained, so it is an error instead."""
+    import json
+
+    from tests.tiny import records
+
+    path = tmp_path / "chat.jsonl"
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    data = records("chosen", "rejected", train=str(path), tile_size=56)
+    with pytest.raises(ViewError, match=r"chat.jsonl:1 is a conversation record: it has no chosen, rejected view"):
+        next(iter(data.train_dataloader()))
+
+
+def test_every_projector_of_a_multi_budget_connector_gets_a_gradient_whatever_the_budget():
+    """DDP (find_unused_parameters off) and FSDP2's reduce-scatter need every parameter in every step's graph."""
+    connector = MultiBudgetConnector(128, 64)
+    features = torch.randn(2, 1 + 64, 128)
+    connector(features, budget=4).sum().backward()
+    grads = {name: p.grad for name, p in connector.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    assert all(not g.any() for name, g in grads.items() if name.startswith("projectors.0."))  # idle: zero
+    assert any(g.any() for name, g in grads.items() if name.startswith("projectors.1."))

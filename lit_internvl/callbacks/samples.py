@@ -62,7 +62,7 @@ class SampleLogger(L.Callback):
 
     - Vision-language stages (SFT, MPO, RL): each sample's prompt — the sample up to its last answer (the chosen
       one of a preference pair), or the whole prompt of a prompt batch — is answered greedily (the stage's
-      ``max_new_tokens`` unless ``max_new_tokens`` is set), under the reference (the last answer, or the batch's
+      ``generation.max_new_tokens`` unless ``max_new_tokens`` is set), under the reference (the last answer, or the batch's
       ``reference``). The image drawn is a sample's last tile: the whole-image thumbnail when it has several.
       Under FSDP2 every rank generates (the blocks gather their parameters together); rank 0 draws.
     - Dual-encoder stages (stages 1 and 2): the ``top_k`` class names nearest each image (the stage's zero-shot
@@ -72,7 +72,7 @@ class SampleLogger(L.Callback):
     Args:
         num_samples: samples drawn (at most the first validation batch's).
         top_k: nearest class names or captions listed per image.
-        max_new_tokens: answer length (None: the stage's ``max_new_tokens``).
+        max_new_tokens: answer length (None: the stage's ``generation.max_new_tokens``).
         columns: images per row of the grid.
     """
 
@@ -144,10 +144,11 @@ class SampleLogger(L.Callback):
                 if reference is None:
                     reference = tokenizer.decode(ids[answer[0] : answer[1]].tolist(), skip_special_tokens=True)
                 ids, positions = ids[: answer[0]], positions[: answer[0]]
-            tiles = batch.tiles_per_sample[row] if documents is None else _first_document_tiles(ids, context_id, batch)
-            images_of_row = batch.images.select([row]) if tiles and batch.images is not None else None
-            if images_of_row is not None and tiles != batch.tiles_per_sample[row]:  # a packed row's first document
-                images_of_row = Images(images_of_row.pixel_values[:tiles], [tiles], images_of_row.budgets[:tiles])
+            # The prompt's tiles: the row's first ones whose budgets fill the prompt's <IMG_CONTEXT> slots (a packed
+            # row's first document; a conversation whose last turn held an image leaves that image out).
+            images_of_row = _leading_tiles(batch.images.select([row]) if batch.images is not None else None,
+                                           int((ids == context_id).sum()))  # fmt: skip
+            tiles = 0 if images_of_row is None else images_of_row.pixel_values.shape[0]
             prompts.append((ids, positions, images_of_row, tiles))
             references.append(reference)
             images.append(
@@ -194,7 +195,11 @@ class SampleLogger(L.Callback):
                 logger.experiment.add_text("val/samples_text", table, trainer.global_step)
 
 
-def _first_document_tiles(ids: torch.Tensor, context_id: int, batch) -> int:
-    """The tiles of a packed row's first document: its ``<IMG_CONTEXT>`` slots over the row's per-tile budget."""
-    budget = batch.images.budgets[0] if batch.images is not None else 0
-    return int((ids == context_id).sum()) // budget if budget else 0
+def _leading_tiles(images: Images | None, slots: int) -> Images | None:
+    """The first tiles of ``images`` (one row's) whose budgets add up to ``slots``; None for no slot."""
+    if images is None or slots == 0:
+        return None
+    filled, count = 0, 0
+    while filled < slots and count < len(images.budgets):
+        filled, count = filled + images.budgets[count], count + 1
+    return Images(images.pixel_values[:count], [count], images.budgets[:count])

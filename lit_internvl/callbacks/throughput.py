@@ -23,8 +23,8 @@ def count_samples(batch: Views) -> int:
 
 
 def count_tokens(batch: Views) -> int:
-    """Real tokens of a batch (every view, padding excluded): the attention masks' sum."""
-    return sum(int(view.attention_mask.sum()) for view in batch.views.values())
+    """Real tokens of a batch (its first view, as the samples and the FLOPs count it; padding excluded)."""
+    return 0 if batch.empty else int(batch.first.attention_mask.sum())
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -110,4 +110,9 @@ class MultiBudgetConnector(nn.Module):
             budget = budgets[0]
         if budget not in budgets:
             raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
-        return self.projectors[budgets.index(budget)](features)
+        chosen = budgets.index(budget)
+        tokens = self.projectors[chosen](features)
+        # The other projectors' weights enter at zero: each one then has a (zero) gradient on every step, so DDP
+        # finds no unused parameter and FSDP2's ranks reduce the same gradients whatever budgets their batch holds.
+        idle = [p.sum() for i, projector in enumerate(self.projectors) if i != chosen for p in projector.parameters()]
+        return tokens + 0.0 * torch.stack(idle).sum().to(tokens.dtype) if idle else tokens

@@ -138,10 +138,7 @@ class RecordsDataModule(SampleDataModule):
             raise ValueError(
                 f"max_length {max_length} exceeds max_tokens {max_tokens}: a packed row could not hold a sample"
             )
-        # `train` (the sources) is kept out of the logged hyper-parameters: the stages have a `train` of their own
-        # (the parts they train), and Lightning refuses to log a model and a datamodule that share a key with two
-        # values. LightningCLI's config.yaml still records it.
-        self.save_hyperparameters(ignore=["train"])
+        self.save_hyperparameters()
         self.train_sources = train
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
@@ -163,9 +160,10 @@ class RecordsDataModule(SampleDataModule):
         return any(view.kind == "pair" for view in self.views)
 
     def use_views(self, views: tuple[View, ...], stage: str = "the stage") -> None:
-        super().use_views(views, stage)
-        if self.pairs and not isinstance(self.train_sources, str) and len(self.train_sources) > 1:
+        pairs = any(view.kind == "pair" for view in views)
+        if pairs and not isinstance(self.train_sources, str) and len(self.train_sources) > 1:
             raise ValueError("data.init_args.train: pairs read one source (mixtures are for conversation views)")
+        super().use_views(views, stage)
 
     def pair_builder(self, train: bool = False) -> PairBuilder:
         """How ``pairs`` records become pair samples; only training images are augmented."""

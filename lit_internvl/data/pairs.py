@@ -329,8 +329,9 @@ class JsonlPairs(Dataset):
         if len(groups) < 2:
             sources = [str(spec.annotation) for spec in specs]
             raise ValueError(
-                f"{sources}: pairs need records of at least two images (the ITM negative is another image's "
-                f"caption), found {len(groups)} ({self.skips.total} record(s) skipped; a vision-language stage reads conversations)"
+                f"{sources}: pairs need records of at least two images (a contrastive batch and ITM's negatives match "
+                f"captions to other images), found {len(groups)} ({self.skips.total} record(s) skipped; a "
+                "vision-language stage reads conversations)"
             )
         self.item_of, self.caption_of = np.asarray(item_of, np.int64), np.asarray(caption_of, np.int32)
         self.group_of = np.asarray(group_of, np.int64)

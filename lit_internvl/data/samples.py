@@ -149,8 +149,11 @@ class SampleBuilder:
         if not self.prompt_only:  # records made in memory were never scanned
             check_something_to_train(record)
         missing = [view.kind for view in self.views if view.kind not in RECORD_VIEWS[record.kind]]
-        if missing:
-            raise BadRecord(record.name, "no such view", f"a {record.kind} record has no {', '.join(missing)} view")
+        if missing:  # the stage and the data disagree: every such record would be skipped, so nothing would train
+            raise ViewError(
+                f"{record.name} is a {record.kind} record: it has no {', '.join(missing)} view, and the stage trains on "
+                f"{describe(self.views)} (a {record.kind} record gives {', '.join(sorted(RECORD_VIEWS[record.kind]))})"
+            )
         images = open_images(record, self.image_root, o.max_image_pixels)
         # InternVL: a meta file's max_dynamic_patch replaces the global max_num, even upwards
         # (internvl_chat_finetune.py, build_datasets, lines 722-726).

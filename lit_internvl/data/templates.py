@@ -10,7 +10,7 @@ messages verbatim; the masks follow InternVL's ``preprocess_*`` functions. For `
 newline after the end token; otherwise the same mask.
 
 Each ``<image>`` placeholder in a human turn becomes ``<img>`` + ``<IMG_CONTEXT>``×n + ``</img>`` with
-n taken in order from ``image_token_counts`` (``tokens_per_tile · tiles`` per image). The text is
+n taken in order from ``image_token_counts`` (the tiles' budgets summed, per image). The text is
 tokenized piece by piece — masked prefix, trained answer, masked separator — so the mask boundaries
 are exact for any tokenizer.
 """

@@ -19,7 +19,8 @@ the model's first budget, told to the data in the handshake). Two views of one k
 views of the same record (the same conversation seen through 16 and through 4 tokens a tile).
 
 A datamodule is a source of records; in the handshake the stage asks it for its views
-(``datamodule.use_views(views, budgets)``) and a source that cannot give one fails there, naming both.
+(``datamodule.use_views(views, stage)``, each view's budget set) and a source that cannot give one fails there, naming
+both; a records file fails at its first record of a kind that cannot (a conversation asked for ``rejected``).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class View:
     Attributes:
         kind: what the sample is (module docstring).
         budget: ``<IMG_CONTEXT>`` tokens per tile; None: the model's first (default) budget.
-        name: the key of this view's batch in :class:`~lit_internvl.batch.Views` (default ``kind``, or
-            ``kind@budget`` when a budget is set).
+        name: the key of this view's batch in :class:`~lit_internvl.batch.Views` (default ``kind``; two views of
+            one kind need names of their own).
     """
 
     kind: ViewKind

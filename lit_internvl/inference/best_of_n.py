@@ -105,7 +105,9 @@ def best_of_n_rows(policy, tokenizer, batch: Batch, critic, critic_options: Samp
     for row, name in enumerate(batch.sample_names):
         meta = (batch.meta or [None] * batch.rows)[row] or {}
         if "question" not in meta:
-            raise ValueError(f"{name}: model.init_args.best_of needs the prompt's question in meta['question']")
+            raise ValueError(
+                f"{name}: model.init_args.generation.best_of needs the prompt's question in meta['question']"
+            )
         real = batch.attention_mask[row] == 1  # the prompt without its left padding
         images = batch.images.select([row]) if batch.images is not None else None
         prompt = {"input_ids": batch.input_ids[row][real][None], "images": images}

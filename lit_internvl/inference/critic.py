@@ -160,14 +160,15 @@ def monte_carlo_labels(
     if prompt.get("positions") is not None:
         raise ValueError("monte_carlo_labels continues plain prompts; V2PE prompt positions are not supported")
     prefixes = [STEP_SEPARATOR.join(steps[: k + 1]) for steps in solutions for k in range(len(steps))]
+    budget = prompt.get("budget") or policy.budgets()[0]  # the prompt's own tiles' budget, else the default
     if not prefixes:
         return [{"steps": list(steps), "labels": [], "scores": []} for steps in solutions]
     rows = []
     for i, prefix in enumerate(prefixes):
         ids = torch.cat([torch.as_tensor(prompt["input_ids"]), torch.tensor(tokenizer.encode(prefix))])
         rows.append({"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "pixel_values": prompt.get("pixel_values"),
-                     "budget": policy.budgets()[0], "name": f"prefix {i}"})  # fmt: skip
-    view = View("prompt", policy.budgets()[0])
+                     "budget": budget, "name": f"prefix {i}"})  # fmt: skip
+    view = View("prompt", budget)
     batch = move_data_to_device(
         Collator(tokenizer.pad_id, (view,)).collate(rows, view), next(policy.parameters()).device
     )

@@ -147,9 +147,9 @@ class Stage(L.LightningModule):
         return 0 if tokenizer is None else rows_to_add(tokenizer, embeddings.num_embeddings, model_key, growable)
 
     def configure_model(self) -> None:
-        if self.model is not None:  # built before the Trainer met its data (a notebook): the data still needs asking
-            if getattr(self.data, "requested", False) is None:
-                self.ask_model_views(self.model)
+        if self.model is not None:
+            if getattr(self.data, "requested", False) is None:  # built before it met its data (a notebook): meet it
+                self.handshake(self.model)
             return
         h = self.hparams
         model = self.build_model()

@@ -18,7 +18,7 @@ class NMPStage(SFTStage):
     spans ``<img>…</img>`` are context, never targets (:class:`~lit_internvl.data.samples.SampleBuilder` masks
     them). Everything is :class:`~lit_internvl.stages.sft.SFTStage`'s, with NMP's defaults:
 
-    - every part trains (``train: [vision, connector, decoder]``): the connector may start from scratch and the
+    - every part trains (``trainable: [vision, connector, decoder]``): the connector may start from scratch and the
       decoder from a text-only checkpoint (``init_from`` takes a list, e.g. an InternViT folder and a Qwen2.5
       folder: :func:`~lit_internvl.stages.base.read_init_weights`);
     - square averaging (``loss_reduction: square``), InternVL3's;

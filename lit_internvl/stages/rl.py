@@ -144,8 +144,8 @@ class RLStage(VisionLanguageStage):
         )  # fmt: skip
 
     def critic_rewards(self, batch: Batch, texts: Sequence[str]) -> torch.Tensor:
-        """``(B·G,)`` the critic's score of each answer (``critic_aggregate`` of its steps' P(``+``); an answer with
-        no step scores 0), the G answers of prompt b scored in one critic batch on its tiles and
+        """``(B·G,)`` the critic's score of each answer (``generation.critic_aggregate`` of its steps' P(``+``); an
+        answer with no step scores 0), the G answers of prompt b scored in one critic batch on its tiles and
         ``meta["question"]``."""
         g, names = self.hparams.group_size, batch.sample_names
         metas = batch.meta or [None] * len(names)

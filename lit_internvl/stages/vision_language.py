@@ -131,17 +131,18 @@ class VisionLanguageStage(Stage):
 
     def handshake(self, model: VisionLanguageModel) -> None:
         self.check_vocabulary(model.decoder.embed_tokens, "model.init_args.decoder", growable=True)
-        tile_size = getattr(self.data, "tile_size", None)
-        if tile_size is None:
+        if self.data is None:
             return
-        model.tile_size = tile_size
-        self.fit_vision_to_data(model.vision)
+        tile_size = getattr(self.data, "tile_size", None)
+        if tile_size is not None:  # None: data without images of its own size; the model reads its native tiles
+            model.tile_size = tile_size
+            self.fit_vision_to_data(model.vision)
         self.ask_model_views(model)
 
     def ask_model_views(self, model: VisionLanguageModel) -> None:
-        """The views at the connector's budgets for the data's tile size; then the metrics that read the data as the
-        views make it."""
-        tile_size = self.data.tile_size
+        """The views at the connector's budgets for the tile size the model reads; then the metrics that read the data
+        as the views make it."""
+        tile_size = model.tile_size
         connector = (
             f"model.init_args.connector {type(model.connector).__name__} ({tile_size // model.vision.patch_size}² "
             f"patches of a data.init_args.tile_size {tile_size} tile)"
@@ -162,7 +163,7 @@ class VisionLanguageStage(Stage):
             }
 
     def prepare_model(self, model: VisionLanguageModel) -> None:
-        """Grow the vocabulary for added tokens (after ``init_from`` loaded the old rows), apply ``train``,
+        """Grow the vocabulary for added tokens (after ``init_from`` loaded the old rows), apply ``trainable``,
         ``unfreeze_vision_layers``, ``train_lm_head``, ``lora`` and ``train_new_tokens`` (before sharding)."""
         h = self.hparams
         old_vocab = model.decoder.embed_tokens.num_embeddings
@@ -223,7 +224,8 @@ class VisionLanguageStage(Stage):
         """Logits of ``model`` (default the policy) on one view's batch: ``(N, V)`` at the batch's N
         supervised positions (the only ones a loss reads), or ``(R, T, V)`` with ``logits_at=False``; with
         ``cross_entropy`` the ``(N,)`` next-token cross-entropies there instead, the head and the loss computed in
-        chunks (``head_chunk_size``, ``head_backend``), for :func:`~lit_internvl.losses.reduce_token_losses`."""
+        chunks (``speed.head_chunk_size``, ``speed.head_backend``), for
+        :func:`~lit_internvl.losses.reduce_token_losses`."""
         h = self.speed
         if cross_entropy:
             targets = next_token_targets(batch.labels, batch.document_ids)
