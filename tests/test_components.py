@@ -8,6 +8,7 @@ architecture with the weights copied over.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -676,3 +677,10 @@ def test_decoder_and_text_encoder_build_on_the_meta_device():
     assert all(p.is_meta for p in decoder.parameters()) and all(p.is_meta for p in encoder.parameters())
     # Qwen2.5-0.5B with InternVL's extra tokens, untied: 629,697,920 (see shared/reference/internvl3-1b.md).
     assert _num_params(decoder) == 629_697_920
+
+
+def test_a_drop_path_rate_beside_a_preset_replaces_the_presets_rate_only():
+    """A script layer's --drop_path_rate 0.0 beside the model layer's preset (recipes/scripts/)."""
+    plain, scripted = InternViT("tiny"), InternViT("tiny", drop_path_rate=0.3)
+    assert [layer.drop_path.p for layer in scripted.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert scripted.config == replace(plain.config, drop_path_rate=0.3)

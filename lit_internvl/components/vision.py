@@ -234,12 +234,17 @@ class InternViT(nn.Module):
     Contract (shared by every image encoder in lit_internvl): ``forward(pixel_values (N, 3, H, W))
     → features (N, 1 + (H/p)·(W/p), hidden_size)``, the cls token first, then patches row-major;
     attributes ``hidden_size`` and ``patch_size``.
+
+    ``drop_path_rate`` replaces the config's (a training script's ``--drop_path_rate`` beside a preset: the recipes'
+    script layers set it without restating the model layer's ``config``).
     """
 
-    def __init__(self, config: InternViTConfig | VisionPreset = "tiny") -> None:
+    def __init__(self, config: InternViTConfig | VisionPreset = "tiny", drop_path_rate: float | None = None) -> None:
         super().__init__()
         if isinstance(config, str):
             config = InternViTConfig.from_name(config)
+        if drop_path_rate is not None:
+            config = replace(config, drop_path_rate=drop_path_rate)
         self.config = config
         self.hidden_size = config.hidden_size
         self.patch_size = config.patch_size
