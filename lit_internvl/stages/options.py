@@ -10,7 +10,7 @@ a stage keeps them in ``hparams`` as plain dicts, since checkpoints are read bac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TypeVar
 
 from lit_internvl.inference.critic import Aggregate
@@ -72,8 +72,3 @@ def as_options(value: Options | dict | None, kind: type[Options]) -> Options:
     if value is None:
         return kind()
     return value if isinstance(value, kind) else kind(**value)
-
-
-def as_dict(options) -> dict:
-    """What ``hparams`` keep: a plain dict."""
-    return asdict(options)

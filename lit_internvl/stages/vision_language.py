@@ -29,7 +29,7 @@ from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.recipes import stage_of_recipe
 from lit_internvl.stages.base import ModuleFactory, Stage, build
 from lit_internvl.stages.frozen import Frozen
-from lit_internvl.stages.options import GenerationOptions, SpeedOptions, as_dict, as_options
+from lit_internvl.stages.options import GenerationOptions, SpeedOptions, as_options
 
 Part = Literal["vision", "connector", "decoder"]
 PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
@@ -102,7 +102,7 @@ class VisionLanguageStage(Stage):
         if lora is not None:  # kept as a plain dict: checkpoints are read back with weights_only=True
             self.hparams.lora = asdict(lora if isinstance(lora, LoraOptions) else LoraOptions(**lora))
         self.speed, self.generation = as_options(speed, SpeedOptions), as_options(generation, GenerationOptions)
-        self.hparams.speed, self.hparams.generation = as_dict(self.speed), as_dict(self.generation)
+        self.hparams.speed, self.hparams.generation = asdict(self.speed), asdict(self.generation)
         self.factories = {"vision": vision, "connector": connector, "decoder": decoder}
         g = self.generation
         if g.best_of > 1 and g.critic is None:
