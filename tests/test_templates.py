@@ -261,7 +261,7 @@ def test_generation_prompt_and_custom_template():
         == "SYS: sys</s>\nUSER: <img><IMG_CONTEXT></img>\nWhat shape is it?</s>\nBOT: A red circle.</s>\n"
     )
     assert trained_spans(tokenizer, ids, labels) == ["A red circle.</s>"]
-    assert set(TEMPLATES) == {"internvl2_5", "Hermes-2", "internlm2-chat", "phi3-chat"}
+    assert set(TEMPLATES) == {"internvl2_5", "internvl3_5_gpt_oss", "Hermes-2", "internlm2-chat", "phi3-chat"}
 
 
 def test_video_frames_become_numbered_image_placeholders():

@@ -92,11 +92,12 @@ def tokenize_critic(
     ids: list[int] = [] if bos is None else [bos]
     labels: list[int] = [] if bos is None else [IGNORE_INDEX]
     for text, trained in conversation_segments(turns, tpl, image_token_counts, system):
-        if trained:  # "+<|im_end|>": the answer, then its end token
-            answer, end = text[: -len(tpl.end)], tpl.end
-            answer_ids, end_ids = tokenizer.encode(answer), tokenizer.encode(end)
-            ids += answer_ids + end_ids
-            labels += answer_ids + [IGNORE_INDEX] * len(end_ids)
+        if trained:  # "+<|im_end|>": the answer, then its end token (GPT-OSS: its channel tokens before it)
+            end = tpl.last_end if tpl.last_end is not None and text.endswith(tpl.last_end) else tpl.end
+            answer = text[len(tpl.answer_prefix) : -len(end)]
+            prefix_ids, answer_ids, end_ids = (tokenizer.encode(t) for t in (tpl.answer_prefix, answer, end))
+            ids += prefix_ids + answer_ids + end_ids
+            labels += [IGNORE_INDEX] * len(prefix_ids) + answer_ids + [IGNORE_INDEX] * len(end_ids)
         else:
             piece = tokenizer.encode(text)
             ids += piece

@@ -56,7 +56,7 @@ class RecordsDataModule(SampleDataModule):
             tokenizer folder.
         add_tokens: special tokens to add to the tokenizer; a vision-language stage grows its decoder's
             embeddings and head for them (:mod:`lit_internvl.models.vocabulary`).
-        template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system,
+        template, tile_size, min_tiles, max_tiles, use_thumbnail, max_length, system, thinking,
             pair_prompt, jpeg_quality, strict, seed: the :class:`~lit_internvl.data.samples.SampleOptions`
             of every sample (``jpeg_quality`` augments training samples only). The ``pair`` view reads
             ``tile_size``, ``strict`` and ``seed`` of them.
@@ -99,6 +99,7 @@ class RecordsDataModule(SampleDataModule):
         use_thumbnail: bool = True,
         max_length: int = 4096,
         system: str | None = None,
+        thinking: bool = False,
         pair_prompt: str = "",
         pack: bool = False,
         max_tokens: int = 8192,
@@ -143,7 +144,7 @@ class RecordsDataModule(SampleDataModule):
         self.tokenizer = load_tokenizer(tokenizer, add_tokens or ())
         self.sample_options = SampleOptions(
             template=template, tile_size=tile_size, min_tiles=min_tiles,
-            max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system,
+            max_tiles=max_tiles, use_thumbnail=use_thumbnail, max_length=max_length, system=system, thinking=thinking,
             pair_prompt=pair_prompt, jpeg_quality=jpeg_quality, strict=strict, seed=seed,
             max_image_pixels=max_image_pixels, v2pe=v2pe, split_long=split_long,
         )  # fmt: skip

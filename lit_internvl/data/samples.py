@@ -74,7 +74,10 @@ class SampleOptions:
         tile_size, min_tiles, max_tiles, use_thumbnail: dynamic tiling; a record's dataset's
             ``max_dynamic_patch`` replaces ``max_tiles`` (lower or higher), as in InternVL.
         max_length: longer samples are bad records ("over-long sample"), never truncated silently.
-        system: system message instead of the template's default.
+        system: system message instead of the template's default (a record's own system turn wins over both).
+        thinking: thinking mode (InternVL3.5): the template's reasoning system message unless ``system`` is set,
+            and GPT-OSS answers' ``<think>…</think>`` on the analysis channel
+            (:func:`~lit_internvl.data.templates.conversation_segments`).
         pair_prompt: the question of a pair record (empty: the image alone).
         jpeg_quality: JPEG re-encode augmentation range, e.g. ``(75, 100)``; None is off. A record's
             dataset's ``data_augment`` overrides it: false turns it off, true on (with
@@ -97,6 +100,7 @@ class SampleOptions:
     use_thumbnail: bool = True
     max_length: int = 4096
     system: str | None = None
+    thinking: bool = False
     pair_prompt: str = ""
     jpeg_quality: tuple[int, int] | None = None
     augment: bool = True
@@ -217,8 +221,9 @@ class SampleBuilder:
             if prompt:
                 extra["reference"] = turns[-1]["value"] if turns[-1]["from"] == "gpt" else None
                 turns = turns[:-1] if turns[-1]["from"] == "gpt" else turns
+            o = self.options
             ids, labels = tokenize_conversation(
-                turns, self.tokenizer, self.options.template, counts, self.options.system, add_generation_prompt=prompt
+                turns, self.tokenizer, o.template, counts, o.system, add_generation_prompt=prompt, thinking=o.thinking
             )
             return ids, labels, extra
         if record.kind == "interleaved":
@@ -289,7 +294,7 @@ class SampleBuilder:
             turns.append({"from": "gpt", "value": answer})
         return tokenize_conversation(
             turns, self.tokenizer, self.options.template, counts, self.options.system,
-            add_generation_prompt=answer is None,
+            add_generation_prompt=answer is None, thinking=self.options.thinking,
         )  # fmt: skip
 
     def _steps(self, record: Record, counts: list[int]) -> tuple[list[int], list[int], dict]:

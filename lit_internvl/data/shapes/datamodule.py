@@ -59,6 +59,7 @@ class ShapesDataModule(SampleDataModule):
             captions (InternVL's ``"summarize:"``, ``"English caption:"``, caption normalisation).
         max_objects: objects per ``vqa``/``preference`` scene, at most.
         system: system message instead of the template's default (``""``: an empty system turn).
+        thinking: InternVL3.5's thinking system message instead of the default (``system`` wins over it).
         describe_ratio: the fraction of *training* ``vqa`` samples that ask "Describe the objects by
             shape." (or "by colour.") and are answered with every object and its region in that order (as
             the captioning data in InternVL's SFT mixtures: one answer supervises every object, not one);
@@ -85,6 +86,7 @@ class ShapesDataModule(SampleDataModule):
         prompt_templates: list[str] | None = None,
         max_objects: int = 3,
         system: str | None = None,
+        thinking: bool = False,
         describe_ratio: float = 0.0,
         tokenizer: str = "byte",
         itc_prefix: str = CaptionForms.itc_prefix,
@@ -117,6 +119,7 @@ class ShapesDataModule(SampleDataModule):
             use_thumbnail=False,
             max_length=1024,
             system=system,
+            thinking=thinking,
             strict=True,
             v2pe=v2pe,
         )
