@@ -523,7 +523,9 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes")])
+@pytest.mark.parametrize(
+    "preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes"), ("tiny-qwen3", "shapes"), ("tiny-moe", "shapes")]
+)
 def test_the_tiny_presets_fit_their_tokenizers(preset, tokenizer):
     from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
 
