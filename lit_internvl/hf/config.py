@@ -410,7 +410,8 @@ def _text_config(language: LanguageConfig, max_position_embeddings: int):
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=language.tie_embeddings,
     )
-    # LLaMA always states head_dim; Qwen2 derives it, so it is written only when it differs.
+    # LLaMA and Qwen3 (whose default is 128, and Qwen3-MoE's hidden / heads) always state head_dim; Qwen2 derives it,
+    # so it is written only when it differs.
     if language.head_dim != language.hidden_size // language.num_heads or not language.qkv_bias:
         text["head_dim"] = language.head_dim
     if language.moe is not None:
