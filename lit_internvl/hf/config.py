@@ -52,7 +52,10 @@ LANGUAGE_FIELDS = (
     ("intermediate_size", "intermediate_size"),
     ("norm_eps", "rms_norm_eps"),
 )
-# (MoEConfig field, Qwen3MoeConfig field): the experts of a Qwen3-MoE text config (num_experts 0: none).
+# (MoEConfig field, Qwen3MoeConfig field): the experts of a Qwen3-MoE text config (num_experts 0: none). The
+# coefficient is read as stated; output_router_logits, transformers' switch for adding the loss at all, is not
+# (InternVL's SFT and MPO scripts leave it as the checkpoint has it for Qwen3-MoE, and Qwen3-30B-A3B's is false): a
+# run that wants InternVL's behaviour there sets moe.aux_loss_coef to 0.
 MOE_FIELDS = (
     ("num_experts", "num_experts"),
     ("top_k", "num_experts_per_tok"),
