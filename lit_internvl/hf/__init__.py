@@ -6,9 +6,10 @@ Reading (``load_vlm``, ``read_vlm_state_dict``, ``read_config``) accepts both pu
 - transformers-native (``InternVLForConditionalGeneration``, ``model_type: internvl``), with either
   the in-memory names (``model.vision_tower.*``, ``model.language_model.*``, ``lm_head``) or the
   names ``save_pretrained`` writes (``vision_tower.*``, ``language_model.model.*``,
-  ``language_model.lm_head``); text model Qwen2 or LLaMA.
+  ``language_model.lm_head``); text model Qwen2, LLaMA, Qwen3 or Qwen3-MoE (its experts stored one matrix per
+  expert, stacked when read and split when written).
 - original OpenGVLab (``InternVLChatModel``, ``model_type: internvl_chat``): ``vision_model.*`` with
-  fused ``attn.qkv``, projector ``mlp1.{0,1,3}``, text model Qwen2, LLaMA or InternLM2 (its grouped
+  fused ``attn.qkv``, projector ``mlp1.{0,1,3}``, text model Qwen2, LLaMA, Qwen3, Qwen3-MoE or InternLM2 (its grouped
   ``wqkv`` is split into q/k/v, ``w1/w3/w2`` become gate/up/down).
 
 Nothing from the checkpoint runs: ``config.json`` is read as JSON (``auto_map`` entries are ignored)
