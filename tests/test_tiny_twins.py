@@ -1,5 +1,6 @@
 """Every real-size run has a tiny twin that differs only in its model and hardware layers: the run's own layers and
-keys with ``recipes/models/tiny.yaml`` in place of its model layer, ``recipes/trainers/cpu.yaml`` in place of
+keys with a tiny model layer in place of its model layer (``recipes/models/tiny.yaml``, or the tiny decoder of the
+same kind: :data:`TWIN_MODELS`), ``recipes/trainers/cpu.yaml`` in place of
 ``trainers/gpu8_bf16.yaml`` (and no ``speed/gpu.yaml``: varlen attention is a GPU's), the byte tokenizer for
 ``$INTERNVL_CHECKPOINT``. Each twin trains two optimiser steps on records written here: the stage, data and script
 layers of the GPU runs work end to end on a CPU. The overrides only shorten the run and put it on one process."""
@@ -23,6 +24,12 @@ GPU_RUNS = sorted(
     if any(layer.endswith("trainers/gpu8_bf16.yaml") for layer in yaml.safe_load(p.read_text()).get("layers", []))
 )
 SWAP = {"trainers/gpu8_bf16.yaml": "trainers/cpu.yaml", "speed/gpu.yaml": None}
+# Model layers whose twin keeps the kind of decoder (Qwen3's qk-norm, a mixture of experts); the rest: models/tiny.yaml.
+TWIN_MODELS = {
+    "models/internvl3_5_1b.yaml": "models/tiny_qwen3.yaml",
+    "models/internvl3_5_8b.yaml": "models/tiny_qwen3.yaml",
+    "models/internvl3_5_30b_a3b.yaml": "models/tiny_moe.yaml",
+}
 
 
 def _twin(run: str, folder: Path) -> Path:
@@ -32,7 +39,7 @@ def _twin(run: str, folder: Path) -> Path:
     layers = []
     for layer in config.pop("layers"):
         name = str((path.parent / layer).resolve().relative_to(RECIPES))
-        name = "models/tiny.yaml" if name.startswith("models/") else SWAP.get(name, name)
+        name = TWIN_MODELS.get(name, "models/tiny.yaml") if name.startswith("models/") else SWAP.get(name, name)
         if name is not None:
             layers.append(str(RECIPES / name))
     twin = folder / "twin.yaml"

@@ -118,16 +118,20 @@ LANGUAGE_PRESETS.update({
     "InternVL3.5-14B": _qwen3(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, intermediate_size=17408),
     # Qwen3-32B.
     "InternVL3.5-38B": _qwen3(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, intermediate_size=25600),
-    # Qwen3-30B-A3B: 128 experts of width 768 in every layer, 8 a token (norm_topk_prob, router_aux_loss_coef 0.001);
-    # its dense intermediate_size 6144 is unused (no mlp_only_layers).
+    # Qwen3-30B-A3B: 128 experts of width 768 in every layer, 8 a token (norm_topk_prob); its dense intermediate_size
+    # 6144 is unused (no mlp_only_layers). No load-balancing loss: InternVL's SFT and MPO code turns the router
+    # logits on for GPT-OSS only (internvl_chat_gpt_oss/internvl/train/internvl_chat_finetune.py L950-957,
+    # internvl_chat_mpo.py L983) and Qwen3-30B-A3B's config has output_router_logits false, so its
+    # router_aux_loss_coef 0.001 never applies (modeling_internvl_chat.py L238-250 adds the loss only when the
+    # logits are output). A run that wants the loss sets the coefficient.
     "InternVL3.5-30B-A3B": _qwen3(
         hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, intermediate_size=6144,
-        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=768),
+        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=768, aux_loss_coef=0.0),
     ),
-    # Qwen3-235B-A22B: 128 experts of width 1536, 8 a token.
+    # Qwen3-235B-A22B: 128 experts of width 1536, 8 a token; no load-balancing loss, as 30B-A3B.
     "InternVL3.5-241B-A28B": _qwen3(
         hidden_size=4096, num_layers=94, num_heads=64, num_kv_heads=4, intermediate_size=12288,
-        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=1536),
+        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=1536, aux_loss_coef=0.0),
     ),
 })  # fmt: skip
 # The tiny Qwen3 twin of "tiny-shapes": the shapes vocabulary, qk-norm, no qkv bias, and a head_dim (48) unlike
