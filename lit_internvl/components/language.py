@@ -1,7 +1,9 @@
 """LLaMA-family transformers in one file: the causal language decoder and the text encoder.
 
 One block serves both: RMSNorm → attention (GQA, RoPE, optional qkv bias as in Qwen2) → RMSNorm →
-SwiGLU. The :class:`Decoder` runs it causally with an LM head (tied or untied); the
+SwiGLU. GPT-OSS's options (transformers' ``gpt_oss/modeling_gpt_oss.py``) are fields of the same config: a bias on
+``o_proj``, learned attention sinks (``self_attn.sinks``), sliding-window layers (``layer_types``) and YaRN rotary
+scaling (``rope_scaling``); at their defaults the block is the LLaMA/Qwen2 one. The :class:`Decoder` runs it causally with an LM head (tied or untied); the
 :class:`TextEncoder` runs it bidirectionally and pools a sentence embedding (the text tower of the
 contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers' LLaMA/Qwen2
 (``embed_tokens``, ``layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ...), so their weights load by name.
@@ -16,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import Backend, attention, make_mask
+from lit_internvl.components.attention import Backend, attention, backends_for, check_backend, make_mask
 from lit_internvl.components.layers import RMSNorm, fused_linear
-from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
+from lit_internvl.components.rotary import RopeScaling, RotaryEmbedding, apply_rotary
+
+LayerType = Literal["full_attention", "sliding_attention"]
 
 
 @dataclass
@@ -35,6 +39,13 @@ class LanguageConfig:
     qkv_bias: bool = True
     tie_embeddings: bool = False
     attn_backend: Backend = "sdpa"
+    o_bias: bool = False  # a bias on o_proj too (GPT-OSS)
+    # The window of the layers that layer_types marks "sliding_attention" (None: every layer full, as transformers'
+    # layer_types): a query sees the sliding_window latest tokens, itself included.
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    attention_sinks: bool = False  # a learned logit per head in every query's softmax (self_attn.sinks, GPT-OSS)
+    rope_scaling: RopeScaling | None = None  # YaRN (GPT-OSS); None: plain RoPE
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -43,6 +54,27 @@ class LanguageConfig:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            unknown = sorted(set(self.layer_types) - set(get_args(LayerType)))
+            if unknown:
+                raise ValueError(f"Unknown layer_types {unknown}; choose from {get_args(LayerType)}")
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for num_layers {self.num_layers}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError(
+                    f"layer_types has 'sliding_attention' layers but sliding_window is {self.sliding_window}"
+                )
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+            if "sliding_attention" not in (self.layer_types or ()):
+                raise ValueError(f"sliding_window {self.sliding_window} is set but layer_types marks no sliding layer")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None for full attention."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @classmethod
     def from_name(cls, name: LanguagePreset, **overrides) -> LanguageConfig:
@@ -126,15 +158,21 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LanguageConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.attn_backend = config.attn_backend
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
         self.fuse_projections = False  # q, k, v by one matmul (set_fused_projections)
+        self.window = config.window(layer)
+        self.sinks = nn.Parameter(torch.zeros(config.num_heads)) if config.attention_sinks else None
+        features = (("sinks",) if config.attention_sinks else ()) + (("sliding_window",) if self.window else ())
+        if features:  # the backends that cannot honour them are refused now, not at the first forward
+            self.attention_features, self.attention_backends = features, backends_for(features)
+            check_backend(self, config.attn_backend)
 
     def forward(
         self,
@@ -153,7 +191,9 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache[0].update(cache[1], k, v)
-        out = attention(q, k, v, mask, is_causal=is_causal, backend=self.attn_backend)
+        out = attention(
+            q, k, v, mask, is_causal=is_causal, backend=self.attn_backend, sinks=self.sinks, window=self.window
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -186,10 +226,10 @@ def set_fused_projections(model: nn.Module, fused: bool = True) -> nn.Module:
 class Block(nn.Module):
     """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LanguageConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = SwiGLU(config)
 
@@ -214,9 +254,9 @@ class Transformer(nn.Module):
         self.causal = causal
         self.attn_backend = config.attn_backend  # the masks' form; the blocks' attentions keep the same name
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, index) for index in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(
@@ -248,14 +288,21 @@ class Transformer(nn.Module):
             backend = "sdpa"  # a few new queries over cached keys: a dense mask, which varlen passes on to SDPA
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
-        mask = make_mask(
-            backend,
-            causal=self.causal,
-            attention_mask=attention_mask,
-            document_ids=document_ids,
-            length=past + x.shape[1],
-        )
+        # One mask for every layer; flex holds the sliding window in its block mask, so it gets one per window.
+        windows = {layer.self_attn.window for layer in self.layers} if backend == "flex" else {None}
+        masks = {
+            window: make_mask(
+                backend,
+                causal=self.causal,
+                attention_mask=attention_mask,
+                document_ids=document_ids,
+                length=past + x.shape[1],
+                window=window,
+            )
+            for window in windows
+        }
         for index, layer in enumerate(self.layers):
+            mask = masks[layer.self_attn.window if backend == "flex" else None]
             x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))
         return self.norm(x)
 
