@@ -1,16 +1,20 @@
 """LLaMA-family transformers in one file: the causal language decoder and the text encoder.
 
-One block serves both: RMSNorm → attention (GQA, RoPE, optional qkv bias as in Qwen2) → RMSNorm →
-SwiGLU. GPT-OSS's options (transformers' ``gpt_oss/modeling_gpt_oss.py``) are fields of the same config: a bias on
-``o_proj``, learned attention sinks (``self_attn.sinks``), sliding-window layers (``layer_types``) and YaRN rotary
-scaling (``rope_scaling``); at their defaults the block is the LLaMA/Qwen2 one. The :class:`Decoder` runs it causally with an LM head (tied or untied); the
-:class:`TextEncoder` runs it bidirectionally and pools a sentence embedding (the text tower of the
-contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers' LLaMA/Qwen2
-(``embed_tokens``, ``layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ...), so their weights load by name.
+One block serves both: RMSNorm → attention (GQA, RoPE, optional qkv bias as in Qwen2, optional per-head RMSNorm of
+queries and keys as in Qwen3) → RMSNorm → SwiGLU, or a mixture of SwiGLU experts (Qwen3-MoE, GPT-OSS;
+:mod:`lit_internvl.components.moe`) in the layers ``LanguageConfig.moe`` makes sparse. GPT-OSS's attention options
+(transformers' ``gpt_oss/modeling_gpt_oss.py``) are fields of the same config: a bias on ``o_proj``, learned attention
+sinks (``self_attn.sinks``), sliding-window layers (``layer_types``) and YaRN rotary scaling (``rope_scaling``); at
+their defaults the block is the LLaMA/Qwen2 one. The :class:`Decoder` runs it causally with an LM head (tied or
+untied); the :class:`TextEncoder` runs it bidirectionally and pools a sentence embedding (the text tower of the
+contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers' LLaMA/Qwen2/Qwen3
+(``embed_tokens``, ``layers.N.self_attn.q_proj``, ``self_attn.q_norm``, ``mlp.gate_proj``,
+``mlp.experts.gate_up_proj``, ...), so their weights load by name.
 """
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 from lit_internvl.components.attention import Backend, attention, backends_for, check_backend, make_mask
 from lit_internvl.components.layers import RMSNorm, fused_linear
+from lit_internvl.components.moe import MoEConfig, SparseMoE, load_balancing_loss
 from lit_internvl.components.rotary import RopeScaling, RotaryEmbedding, apply_rotary
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -39,6 +44,8 @@ class LanguageConfig:
     qkv_bias: bool = True
     tie_embeddings: bool = False
     attn_backend: Backend = "sdpa"
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    moe: MoEConfig | None = None  # experts in the layers it makes sparse (Qwen3-MoE); None: dense everywhere
     o_bias: bool = False  # a bias on o_proj too (GPT-OSS)
     # The window of the layers that layer_types marks "sliding_attention" (None: every layer full, as transformers'
     # layer_types): a query sees the sliding_window latest tokens, itself included.
@@ -48,6 +55,10 @@ class LanguageConfig:
     rope_scaling: RopeScaling | None = None  # YaRN (GPT-OSS); None: plain RoPE
 
     def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -80,7 +91,7 @@ class LanguageConfig:
     def from_name(cls, name: LanguagePreset, **overrides) -> LanguageConfig:
         if name not in LANGUAGE_PRESETS:
             raise ValueError(f"Unknown language-model preset {name!r}; known: {sorted(LANGUAGE_PRESETS)}")
-        return replace(LANGUAGE_PRESETS[name], **overrides)
+        return replace(deepcopy(LANGUAGE_PRESETS[name]), **overrides)  # a preset's MoEConfig is not shared
 
 
 LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
@@ -122,7 +133,53 @@ LANGUAGE_PRESETS: dict[str, LanguageConfig] = {
 LANGUAGE_PRESETS["tiny-shapes"] = replace(LANGUAGE_PRESETS["tiny"], vocab_size=394, num_kv_heads=4)
 
 
-LanguagePreset = Literal["InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL2.5-8B", "tiny", "tiny-shapes"]
+def _qwen3(**fields) -> LanguageConfig:
+    """InternVL3.5's Qwen3 language models. The values are the Qwen3 base models' (config.json of Qwen/Qwen3-*): head
+    dim 128, no qkv bias, qk-norm, RMSNorm eps 1e-6, rope_theta 1e6, and Qwen3's vocabulary of 151936 rows, which
+    InternVL3.5 keeps (xtuner's InternVL3.5 configs, which load the released weights, have 151936; InternVL's
+    <img>, </img>, <IMG_CONTEXT>, ... tokens take ids 151669–151677 inside it). InternVL3.5 unties the head of every
+    size, the 0.6B, 1.7B and 4B too, whose Qwen3 bases tie it: the language parameter counts of InternVL3.5's model
+    table (0.8B, 2.0B, 4.4B; docs/en/internvl3.5/quick_start.md) are the untied ones (tied: 0.6B, 1.7B, 4.0B), and
+    xtuner's InternVL3.5-1B text config notes "the official one is False". The released llm_config files themselves
+    could not be read here: these are the base models' values wherever InternVL3.5 is not known to differ."""
+    return LanguageConfig(vocab_size=151936, head_dim=128, qkv_bias=False, qk_norm=True, rope_theta=1e6, **fields)
+
+
+LANGUAGE_PRESETS.update({
+    "InternVL3.5-1B": _qwen3(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=3072),
+    "InternVL3.5-2B": _qwen3(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144),
+    "InternVL3.5-4B": _qwen3(hidden_size=2560, num_layers=36, num_heads=32, num_kv_heads=8, intermediate_size=9728),
+    "InternVL3.5-8B": _qwen3(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, intermediate_size=12288),
+    "InternVL3.5-14B": _qwen3(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, intermediate_size=17408),
+    # Qwen3-32B.
+    "InternVL3.5-38B": _qwen3(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, intermediate_size=25600),
+    # Qwen3-30B-A3B: 128 experts of width 768 in every layer, 8 a token (norm_topk_prob, router_aux_loss_coef 0.001);
+    # its dense intermediate_size 6144 is unused (no mlp_only_layers).
+    "InternVL3.5-30B-A3B": _qwen3(
+        hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, intermediate_size=6144,
+        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=768),
+    ),
+    # Qwen3-235B-A22B: 128 experts of width 1536, 8 a token.
+    "InternVL3.5-241B-A28B": _qwen3(
+        hidden_size=4096, num_layers=94, num_heads=64, num_kv_heads=4, intermediate_size=12288,
+        moe=MoEConfig(num_experts=128, top_k=8, intermediate_size=1536),
+    ),
+})  # fmt: skip
+# The tiny Qwen3 twin of "tiny-shapes": the shapes vocabulary, qk-norm, no qkv bias, and a head_dim (48) unlike
+# hidden / heads (32), as Qwen3's 128 is unlike theirs.
+LANGUAGE_PRESETS["tiny-qwen3"] = replace(LANGUAGE_PRESETS["tiny-shapes"], head_dim=48, qkv_bias=False, qk_norm=True)
+# ...and its mixture-of-experts twin: every MLP 8 experts of width 192, 2 a token, so that a token's active width is
+# tiny-qwen3's 384.
+LANGUAGE_PRESETS["tiny-moe"] = replace(
+    LANGUAGE_PRESETS["tiny-qwen3"], moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=192)
+)
+
+
+LanguagePreset = Literal[
+    "InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL2.5-8B", "tiny", "tiny-shapes",
+    "InternVL3.5-1B", "InternVL3.5-2B", "InternVL3.5-4B", "InternVL3.5-8B", "InternVL3.5-14B", "InternVL3.5-38B",
+    "InternVL3.5-30B-A3B", "InternVL3.5-241B-A28B", "tiny-qwen3", "tiny-moe",
+]  # fmt: skip
 
 
 def _as_config(config: LanguageConfig | LanguagePreset) -> LanguageConfig:
@@ -166,6 +223,9 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
+        # Qwen3: each head's queries and keys RMS-normalised over head_dim (weights shared by the heads), before RoPE.
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.fuse_projections = False  # q, k, v by one matmul (set_fused_projections)
         self.window = config.window(layer)
         self.sinks = nn.Parameter(torch.zeros(config.num_heads)) if config.attention_sinks else None
@@ -185,8 +245,11 @@ class SelfAttention(nn.Module):
         batch, length, _ = x.shape
         projections = [self.q_proj, self.k_proj, self.v_proj]
         q, k, v = fused_linear(x, projections) if self.fuse_projections else (p(x) for p in projections)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -224,14 +287,16 @@ def set_fused_projections(model: nn.Module, fused: bool = True) -> nn.Module:
 
 
 class Block(nn.Module):
-    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; the MLP is a :class:`~lit_internvl.components.moe.SparseMoE`
+    in the layers (``layer``: this block's index) that ``config.moe`` makes sparse, a :class:`SwiGLU` elsewhere."""
 
     def __init__(self, config: LanguageConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         self.self_attn = SelfAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        sparse = config.moe is not None and config.moe.is_sparse(layer)
+        self.mlp = SparseMoE(config.hidden_size, config.moe) if sparse else SwiGLU(config)
 
     def forward(
         self,
@@ -254,7 +319,7 @@ class Transformer(nn.Module):
         self.causal = causal
         self.attn_backend = config.attn_backend  # the masks' form; the blocks' attentions keep the same name
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, index) for index in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
@@ -301,6 +366,10 @@ class Transformer(nn.Module):
             )
             for window in windows
         }
+        # The positions that count for the load-balancing loss of MoE layers (Decoder.aux_loss): padding does not.
+        self.routed_positions = (
+            attention_mask if document_ids is None or attention_mask is not None else document_ids >= 0
+        )
         for index, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.window if backend == "flex" else None]
             x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))
@@ -329,6 +398,23 @@ class Decoder(Transformer):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight)
+
+    def aux_loss(self, attention_mask: torch.Tensor | None = None, all_reduce: bool = False) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward's MoE layers (transformers' ``load_balancing_loss_func`` over
+        all of them: :func:`~lit_internvl.components.moe.load_balancing_loss`), None for a decoder without experts.
+
+        ``attention_mask`` ``(B, T)``: the positions that count; default those the last forward attended (its attention
+        mask, or the document ids ≥ 0 of packed rows), as transformers' Qwen3MoeForCausalLM passes its own mask.
+        ``all_reduce``: over the global batch (see the function)."""
+        layers = [module for module in self.modules() if isinstance(module, SparseMoE)]
+        if not layers:
+            return None
+        if any(layer.router_logits is None for layer in layers):
+            raise ValueError("Decoder.aux_loss reads the router logits of a forward pass: run one first")
+        mask = attention_mask if attention_mask is not None else getattr(self, "routed_positions", None)
+        moe = self.config.moe
+        logits = [layer.router_logits for layer in layers]
+        return load_balancing_loss(logits, moe.num_experts, moe.top_k, mask, all_reduce)
 
 
 TextPooling = Literal["mean", "last"]
