@@ -174,11 +174,33 @@ LANGUAGE_PRESETS["tiny-moe"] = replace(
     LANGUAGE_PRESETS["tiny-qwen3"], moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=192)
 )
 
+# GPT-OSS-20B (openai/gpt-oss-20b's config.json), the language model of InternVL3.5-20B-A4B, whose vocabulary of 201088
+# rows already has room for InternVL's tokens (InternVL3.5's model table gives it 20.9B language parameters,
+# GPT-OSS-20B's count): q/k/v/o biases, sinks, sliding (128) and full layers alternating, YaRN (factor 32 over 4096
+# positions, not truncated), RMSNorm eps 1e-5, rope_theta 150000; 32 experts of width 2880 in every layer, 4 a
+# token, clamped SwiGLU (limit 7), router_aux_loss_coef 0.9. Its dense intermediate_size is unused.
+LANGUAGE_PRESETS["InternVL3.5-20B-A4B"] = LanguageConfig(
+    vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8, head_dim=64,
+    intermediate_size=2880, norm_eps=1e-5, rope_theta=150_000.0, qkv_bias=True, o_bias=True, attention_sinks=True,
+    sliding_window=128, layer_types=("sliding_attention", "full_attention") * 12,
+    rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096, truncate=False),
+    moe=MoEConfig(num_experts=32, top_k=4, intermediate_size=2880, aux_loss_coef=0.9, style="gpt_oss"),
+)  # fmt: skip
+# The tiny GPT-OSS twin of "tiny-shapes": its vocabulary and width, a head_dim (48) unlike hidden / heads, biases, sinks,
+# a sliding window (32) shorter than its samples on every other layer, YaRN (factor 4 over 64 positions), and 8
+# experts of width 192, 2 a token, with GPT-OSS's router and clamped SwiGLU.
+LANGUAGE_PRESETS["tiny-gpt-oss"] = replace(
+    LANGUAGE_PRESETS["tiny-shapes"], head_dim=48, o_bias=True, attention_sinks=True, sliding_window=32,
+    layer_types=("sliding_attention", "full_attention"),
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64, truncate=False),
+    moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=192, style="gpt_oss"),
+)  # fmt: skip
+
 
 LanguagePreset = Literal[
     "InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL2.5-8B", "tiny", "tiny-shapes",
     "InternVL3.5-1B", "InternVL3.5-2B", "InternVL3.5-4B", "InternVL3.5-8B", "InternVL3.5-14B", "InternVL3.5-38B",
-    "InternVL3.5-30B-A3B", "InternVL3.5-241B-A28B", "tiny-qwen3", "tiny-moe",
+    "InternVL3.5-30B-A3B", "InternVL3.5-241B-A28B", "tiny-qwen3", "tiny-moe", "InternVL3.5-20B-A4B", "tiny-gpt-oss",
 ]  # fmt: skip
 
 

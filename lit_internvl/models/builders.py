@@ -21,6 +21,10 @@ from lit_internvl.models.vlm import VisionLanguageModel
 # lit_internvl.data.tokenizer, not imported here so that models stay free of the data pipeline).
 QWEN2_IMG_CONTEXT_ID = 151667
 INTERNLM2_IMG_CONTEXT_ID = 92546
+# <IMG_CONTEXT> of InternVL3.5-20B-A4B's GPT-OSS tokenizer (o200k_harmony, 200019 tokens up to <|endofprompt|> 200018):
+# InternVL's added tokens follow, <img> 200019, </img> 200020, <IMG_CONTEXT> 200021. Derived, not checked against the
+# release (lit_internvl.hf reads the id from a checkpoint's tokenizer files).
+GPT_OSS_IMG_CONTEXT_ID = 200021
 BYTE_IMG_CONTEXT_ID = 261
 
 
@@ -37,10 +41,14 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     "InternVL3-2B": InternVLPreset("InternViT-300M-448px", "InternVL3-2B", QWEN2_IMG_CONTEXT_ID),
     "InternVL3-8B": InternVLPreset("InternViT-300M-448px", "InternVL3-8B", QWEN2_IMG_CONTEXT_ID),
     "InternVL2.5-8B": InternVLPreset("InternViT-300M-448px", "InternVL2.5-8B", INTERNLM2_IMG_CONTEXT_ID),
+    # InternVL3.5-20B-A4B (OpenGVLab's InternVL3_5-GPT-OSS-20B-A4B-Preview): InternViT-300M + GPT-OSS-20B.
+    "InternVL3.5-20B-A4B": InternVLPreset("InternViT-300M-448px", "InternVL3.5-20B-A4B", GPT_OSS_IMG_CONTEXT_ID),
     # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
     "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
     # recipes/sft.yaml's and mpo.yaml's model: the "shapes" tokenizer (the byte tokenizer's ids, then words).
     "tiny-shapes": InternVLPreset("tiny", "tiny-shapes", BYTE_IMG_CONTEXT_ID),
+    # Its GPT-OSS twin.
+    "tiny-gpt-oss": InternVLPreset("tiny", "tiny-gpt-oss", BYTE_IMG_CONTEXT_ID),
 }
 
 
