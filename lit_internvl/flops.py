@@ -85,10 +85,20 @@ def connector_flops(connector: nn.Module, tiles: int, patches: int) -> FlopCount
 
 
 def transformer_flops(config: LanguageConfig, lengths: Sequence[int], head: bool = True) -> FlopCount:
-    """A LLaMA-family stack over documents of the given lengths (the output head on every token when ``head``)."""
+    """A LLaMA-family stack over documents of the given lengths (the output head on every token when ``head``).
+
+    A mixture-of-experts layer counts what a token runs: the router (``H·E``) and its ``top_k`` experts, not all E
+    (the model FLOPs of an MoE, as MFU counts them for Qwen3-MoE / DeepSeek-style models)."""
     dim, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_layer = dim * q_dim + 2 * dim * kv_dim + q_dim * dim + 3 * dim * config.intermediate_size
-    per_token = 2 * config.num_layers * per_layer
+    attention_weights = dim * q_dim + 2 * dim * kv_dim + q_dim * dim
+    moe = config.moe
+    mlp_weights = 0
+    for layer in range(config.num_layers):
+        if moe is not None and moe.is_sparse(layer):
+            mlp_weights += dim * moe.num_experts + moe.top_k * 3 * dim * moe.intermediate_size
+        else:
+            mlp_weights += 3 * dim * config.intermediate_size
+    per_token = 2 * (config.num_layers * attention_weights + mlp_weights)
     if head:
         per_token += 2 * dim * config.vocab_size
     attention = config.num_layers * sum(4 * n * n * q_dim for n in lengths)

@@ -4,10 +4,18 @@ Targets follow InternVL's recipes: the decoder's ``q, k, v, o, gate, up, down`` 
 the vision encoder's ``qkv, proj, fc1, fc2``; ``alpha = 2r`` and dropout 0.05 by default. Adapters
 are injected in place (parameter names keep their ``vision.`` / ``decoder.`` homes, with peft's
 ``lora_A``/``lora_B`` added), so checkpoints and ``init_from`` keep working.
+
+A mixture-of-experts decoder's experts are stacked parameters, not ``nn.Linear`` modules
+(:class:`~lit_internvl.components.moe.Experts`): peft (≥ 0.17) adapts them through ``target_parameters``, one
+``ParamWrapper`` per stacked tensor (``gate_up_proj``, ``down_proj``) holding a rank-r adapter per expert
+(``lora_A`` ``(E·r, in)``, ``lora_B`` ``(out, E·r)``) and adding ``B·A`` to the weight for the forward (the router,
+``mlp.gate``, is not adapted). peft refuses dropout on such adapters (it cannot be factored out of the weight), so
+the experts' adapters have none whatever ``dropout`` says; they are injected as a second pass of the same adapter.
 """
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,12 +43,19 @@ class LoraOptions:
     r: int = 16
     alpha: int | None = None  # None: 2r, as InternVL's scripts
     dropout: float = 0.05
+    experts: bool = True  # with "decoder": adapters on a mixture-of-experts decoder's experts too
 
 
 def add_lora(
-    model: nn.Module, parts: list[str], r: int = 16, alpha: int | None = None, dropout: float = 0.05
+    model: nn.Module,
+    parts: list[str],
+    r: int = 16,
+    alpha: int | None = None,
+    dropout: float = 0.05,
+    experts: bool = True,
 ) -> nn.Module:
-    """Inject LoRA adapters into ``parts`` (keys of :data:`LORA_TARGETS`) and mark them trainable.
+    """Inject LoRA adapters into ``parts`` (keys of :data:`LORA_TARGETS`) and mark them trainable; with ``experts``,
+    also into the experts of a mixture-of-experts decoder when ``"decoder"`` is a part (module docstring).
 
     Every other parameter keeps its ``requires_grad`` as it was: freezing the adapted parts'
     base weights is the caller's choice (a stage freezes the parts it gives adapters to).
@@ -49,15 +64,32 @@ def add_lora(
     if unknown or not parts:
         raise ValueError(f"LoRA parts {unknown or parts} unknown; choose from {sorted(LORA_TARGETS)}")
     pattern = "|".join(f"({LORA_TARGETS[p]})" for p in parts)
-    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout, target_modules=pattern)
+    alpha = 2 * r if alpha is None else alpha
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
     before = {name: param.requires_grad for name, param in model.named_parameters()}
     training = model.training
     inject_adapter_in_model(config, model)
+    stacked = expert_parameters(model) if experts and "decoder" in parts else []
+    if stacked:
+        experts_config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=[], target_parameters=stacked
+        )
+        with warnings.catch_warnings():  # "multiple adapters": the same adapter, its second set of targets
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(experts_config, model)
     model.train(training)  # the injected dropout layers start in training mode
     for name, param in model.named_parameters():
         # peft moves a wrapped layer's weight to ``….base_layer.weight``; it keeps its old setting.
         param.requires_grad = "lora_" in name or before.get(name.replace(".base_layer.", "."), param.requires_grad)
     return model
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """The full names of the stacked expert tensors of a decoder's mixture-of-experts layers."""
+    from lit_internvl.components.moe import Experts
+
+    experts = [name for name, module in model.named_modules() if isinstance(module, Experts)]
+    return [f"{name}.{tensor}" for name in experts for tensor in ("gate_up_proj", "down_proj")]
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
@@ -84,10 +116,17 @@ def lora_disabled(model: nn.Module):
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain layer back: the model is then an
-    ordinary module again (same names and shapes as before LoRA)."""
-    for name, layer in lora_layers(model):
+    ordinary module again (same names and shapes as before LoRA). The experts' wrappers nest (one per stacked
+    tensor): each merges its own, and the outermost gives way to the plain module."""
+    layers = lora_layers(model)  # outermost first
+    for _, layer in layers:
         layer.merge()
+    replaced: list[str] = []
+    for name, layer in layers:
+        if any(name.startswith(f"{outer}.") for outer in replaced):
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.get_base_layer())
+        replaced.append(name)
     return model

@@ -19,11 +19,14 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from lit_internvl import checkpoints
 from lit_internvl.checkpoints import load_into
 from lit_internvl.components import InternViTConfig, LanguageConfig
+from lit_internvl.components.moe import MoEConfig
 from lit_internvl.data.tokenizer import HFTokenizer
 from lit_internvl.hf import (
     UnsupportedCheckpointError,
@@ -58,7 +61,23 @@ def _vision_config(style: str) -> InternVLVisionConfig:
     return InternVLVisionConfig(norm_type="rms_norm", attention_bias=False, use_qk_norm=True, **common)  # 6B style
 
 
+# Qwen3 and Qwen3-MoE at shapes no other test has: 3 query heads over 1 key/value head, head_dim 40 ≠ 72 / 3; for the
+# MoE, 5 experts of width 36, 2 a token, the middle layer dense (mlp_only_layers), norm_topk_prob off (transformers'
+# default, where lit_internvl's is on: a field not read would show).
+QWEN3_DIMS = dict(
+    vocab_size=152, hidden_size=72, intermediate_size=88, num_hidden_layers=3, num_attention_heads=3,
+    num_key_value_heads=1, head_dim=40, rope_theta=1e6,
+)  # fmt: skip
+QWEN3_MOE = dict(
+    num_experts=5, num_experts_per_tok=2, moe_intermediate_size=36, mlp_only_layers=[1], norm_topk_prob=False
+)
+
+
 def _text_config(kind: str):
+    if kind == "qwen3":
+        return Qwen3Config(**QWEN3_DIMS)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**QWEN3_DIMS, **QWEN3_MOE)
     if kind == "qwen2":
         return Qwen2Config(
             vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -79,6 +98,8 @@ def _transformers_model(text: str, vision: str, tie: bool, seed: int = 0) -> Int
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(config)
     model.set_attn_implementation("eager")
+    if text == "qwen3_moe":
+        model.set_experts_implementation("eager")  # transformers' loop over experts, the plainest reference
     _randomise(model)
     return model.eval()
 
@@ -199,7 +220,15 @@ def _write_opengvlab(model, folder: Path, text: str, grouped_wqkv: bool = True) 
             out["mlp1." + rest.replace("layer_norm", "0").replace("linear_1", "1").replace("linear_2", "3")] = tensor
         elif name.startswith("model.language_model."):
             rest = name[len("model.language_model.") :]
-            if text == "qwen2":
+            if rest.endswith("mlp.experts.gate_up_proj"):  # per expert, as the Qwen3-MoE releases store them
+                for e, matrix in enumerate(tensor):
+                    gate, up = matrix.chunk(2)
+                    base = "language_model.model." + rest.replace("gate_up_proj", str(e))
+                    out[f"{base}.gate_proj.weight"], out[f"{base}.up_proj.weight"] = gate.clone(), up.clone()
+            elif rest.endswith("mlp.experts.down_proj"):
+                for e, matrix in enumerate(tensor):
+                    out["language_model.model." + rest.replace("down_proj", f"{e}.down_proj.weight")] = matrix.clone()
+            elif text in ("qwen2", "qwen3", "qwen3_moe"):
                 out["language_model.model." + rest] = tensor
             elif ".self_attn.q_proj." in rest:
                 t = config.text_config
@@ -229,6 +258,13 @@ def _write_opengvlab(model, folder: Path, text: str, grouped_wqkv: bool = True) 
     }  # fmt: skip
     if text == "qwen2":
         llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+    elif text == "qwen3":
+        llm.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=t.head_dim, attention_bias=False)
+    elif text == "qwen3_moe":
+        llm.update(
+            architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=t.head_dim, attention_bias=False,
+            decoder_sparse_step=1, router_aux_loss_coef=0.001, output_router_logits=False, **QWEN3_MOE,
+        )  # fmt: skip
     else:
         llm.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False)
         llm["auto_map"] = {"AutoModel": "modeling_internlm2.InternLM2ForCausalLM"}
@@ -255,7 +291,10 @@ def _write_opengvlab(model, folder: Path, text: str, grouped_wqkv: bool = True) 
 # -- parity --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, vision, tie", [("qwen2", "300m", False), ("llama", "6b", True)])
+@pytest.mark.parametrize(
+    "text, vision, tie",
+    [("qwen2", "300m", False), ("llama", "6b", True), ("qwen3", "300m", True), ("qwen3_moe", "6b", False)],
+)
 def test_transformers_checkpoint_gives_the_same_logits_and_greedy_tokens(tmp_path, text, vision, tie):
     reference = _transformers_model(text, vision, tie)
     reference.save_pretrained(str(tmp_path / "saved"))  # names as saved: vision_tower.*, language_model.model.*
@@ -288,7 +327,32 @@ def test_a_wrong_mapping_would_be_caught(tmp_path):
     assert diff > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("text, vision", [("qwen2", "300m"), ("internlm2", "6b")])
+def test_experts_stacked_in_another_order_would_be_caught(tmp_path):
+    """Up rows before gate rows in one expert, or two experts swapped: the logits move far past the tolerance."""
+    reference = _transformers_model("qwen3_moe", "300m", tie=False)
+    reference.save_pretrained(str(tmp_path))
+    spec = read_config(tmp_path)
+    for change in ("gate/up", "experts"):
+        state = read_vlm_state_dict(tmp_path, spec)
+        name = "decoder.layers.0.mlp.experts.gate_up_proj"
+        stacked = state[name].clone()
+        if change == "gate/up":
+            gate, up = stacked[1].chunk(2)
+            stacked[1] = torch.cat([up, gate])
+        else:
+            stacked[[0, 3]] = stacked[[3, 0]]
+        state[name] = stacked
+        with torch.device("meta"):
+            wrong = build_vlm(spec)
+        load_state_exactly(wrong, state, change)
+        diff = _max_diff(reference, wrong.eval(), *_inputs())
+        print(f"\n[{change} swapped] max |Δlogit| = {diff:.2e}")
+        assert diff > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "text, vision", [("qwen2", "300m"), ("internlm2", "6b"), ("qwen3", "6b"), ("qwen3_moe", "300m")]
+)
 def test_opengvlab_checkpoint_gives_the_same_logits_as_transformers(tmp_path, text, vision):
     reference = _transformers_model(text, vision, tie=False)
     folder = _write_opengvlab(reference, tmp_path / "opengvlab", text)
@@ -316,11 +380,21 @@ def test_internlm2_wqkv_is_split_by_kv_group(tmp_path):
     assert diff > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["tiny-qwen2-tied", "llama-6b-untied-sharded"])
+@pytest.mark.parametrize("kind", ["tiny-qwen2-tied", "llama-6b-untied-sharded", "tiny-qwen3-tied", "qwen3-moe-sharded"])
 def test_export_round_trip_loads_in_transformers_with_our_logits(tmp_path, kind):
     torch.manual_seed(0)
-    if kind == "tiny-qwen2-tied":
-        model, shard = internvl("tiny"), 5 * 1024**3
+    if kind.startswith("tiny"):
+        model, shard = internvl("tiny" if kind == "tiny-qwen2-tied" else "tiny-qwen3"), 5 * 1024**3
+    elif kind == "qwen3-moe-sharded":  # norm_topk_prob on (transformers' default is off: unwritten, it would show)
+        moe = MoEConfig(num_experts=5, top_k=2, intermediate_size=36, mlp_only_layers=(1,), aux_loss_coef=0.01)
+        language = LanguageConfig(
+            vocab_size=152, hidden_size=72, num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=88,
+            head_dim=40, qkv_bias=False, qk_norm=True, moe=moe,
+        )  # fmt: skip
+        model, shard = (
+            vlm_from_configs(InternViTConfig.from_name("tiny", image_size=IMAGE_SIZE), language, 145),
+            64 * 1024,
+        )
     else:
         vision = InternViTConfig(
             image_size=IMAGE_SIZE, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96,
@@ -338,7 +412,9 @@ def test_export_round_trip_loads_in_transformers_with_our_logits(tmp_path, kind)
     assert (out / "model.safetensors.index.json").exists() == (shard < 1024**2)
     assert (out / "tokenizer.json").exists() and HFTokenizer(out).tokenizer.chat_template is not None
 
-    exported = InternVLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
+    exported = InternVLForConditionalGeneration.from_pretrained(
+        str(out), attn_implementation="eager", experts_implementation="eager"
+    ).eval()
     tokens = model.tokens_per_tile()
     input_ids = torch.tensor([[5, 6] + [model.image_context_id] * tokens + [7, 8, 9]])
     size = model.vision.config.image_size
@@ -349,6 +425,19 @@ def test_export_round_trip_loads_in_transformers_with_our_logits(tmp_path, kind)
     # …and back: the export reads into lit_internvl with the very same tensors.
     again = read_vlm_state_dict(out)
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    # The tensors are named as transformers' own save_pretrained names them (per-expert matrices for MoE).
+    exported.save_pretrained(str(tmp_path / "resaved"))
+    assert set(_tensor_names(out)) == set(_tensor_names(tmp_path / "resaved"))
+    if kind == "qwen3-moe-sharded":
+        text = exported.config.text_config
+        assert (text.model_type, text.norm_topk_prob, text.router_aux_loss_coef) == ("qwen3_moe", True, 0.01)
+        assert "language_model.model.layers.0.mlp.experts.4.up_proj.weight" in _tensor_names(out)
+
+
+def _tensor_names(folder: Path) -> list[str]:
+    from lit_internvl.hf.files import weight_names
+
+    return weight_names(folder)
 
 
 def test_export_command_from_a_lightning_checkpoint(tmp_path):

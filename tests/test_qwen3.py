@@ -155,3 +155,18 @@ def test_tiny_presets_are_qwen3_shaped():
     assert moe.moe.num_experts == 8 and moe.moe.top_k == 2
     assert Decoder("tiny-moe").aux_loss is not None
     assert LanguageConfig.from_name("tiny-moe").moe is not LANGUAGE_PRESETS["tiny-moe"].moe
+
+
+def test_a_text_only_qwen3_moe_folder_loads_with_its_experts_stacked(tmp_path):
+    """NMP's ``init_from: hf:/Qwen3-30B-A3B`` path: the per-expert matrices save_pretrained writes become ours."""
+    from lit_internvl.hf.parts import part_of, read_part_state_dict
+
+    ours, theirs = _pair(moe=True)
+    theirs.save_pretrained(str(tmp_path))
+    assert part_of(tmp_path) == "text"
+    state = read_part_state_dict(tmp_path)
+    fresh = Decoder(ours.config).eval()
+    fresh.load_state_dict({k.removeprefix("decoder."): v for k, v in state.items()}, strict=True)
+    ids, mask = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.head(fresh(ids)), theirs(input_ids=ids).logits, rtol=0, atol=1e-4)

@@ -46,8 +46,8 @@ VISION_FIELDS = (
     ("qk_norm", "use_qk_norm"),
     ("layer_scale_init", "layer_scale_init_value"),
 )
-# (LanguageConfig field, Qwen2Config/LlamaConfig field). Beside it: head_dim, rope_theta (rope_parameters),
-# qkv_bias (Qwen2 has it, LLaMA not) and tie_embeddings (the top-level flag).
+# (LanguageConfig field, Qwen2Config/LlamaConfig/Qwen3Config field). Beside it: head_dim, rope_theta (rope_parameters),
+# qkv_bias (Qwen2 has it, LLaMA and Qwen3 not), qk_norm (Qwen3 has it) and tie_embeddings (the top-level flag).
 LANGUAGE_FIELDS = (
     ("vocab_size", "vocab_size"),
     ("hidden_size", "hidden_size"),
@@ -56,6 +56,16 @@ LANGUAGE_FIELDS = (
     ("num_kv_heads", "num_key_value_heads"),
     ("intermediate_size", "intermediate_size"),
     ("norm_eps", "rms_norm_eps"),
+)
+# (MoEConfig field, Qwen3MoeConfig field): the experts of a Qwen3-MoE text config (num_experts 0: none).
+MOE_FIELDS = (
+    ("num_experts", "num_experts"),
+    ("top_k", "num_experts_per_tok"),
+    ("intermediate_size", "moe_intermediate_size"),
+    ("norm_topk_prob", "norm_topk_prob"),
+    ("sparse_step", "decoder_sparse_step"),
+    ("mlp_only_layers", "mlp_only_layers"),
+    ("aux_loss_coef", "router_aux_loss_coef"),
 )
 # transformers fields with one value lit_internvl implements: (field, value, why): read, it is required; written, set.
 VISION_FIXED = (
@@ -76,6 +86,16 @@ TEXT_FIXED = {
         ("mlp_bias", False, "the decoder's MLP has no biases"),
     ),
 }
+_QWEN3_FIXED = (
+    ("hidden_act", "silu", "the decoder's MLP is SwiGLU"),
+    ("attention_bias", False, "biases on q/k/v and o_proj, which the decoder lacks"),
+    ("use_sliding_window", False, "full attention"),
+)
+TEXT_FIXED.update({"qwen3": _QWEN3_FIXED, "qwen3_moe": _QWEN3_FIXED})
+# The transformers config class of each text model type (imported when read).
+TEXT_CONFIG_CLASSES = {
+    "qwen2": "Qwen2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig",
+}  # fmt: skip
 
 # OpenGVLab's own configs, read into the tables' transformers fields. InternVisionConfig: field → (its key, default).
 OPENGVLAB_VISION = {
@@ -95,6 +115,7 @@ INTERNLM2_DEFAULTS = {
     "num_key_value_heads": None, "intermediate_size": 11008, "rms_norm_eps": 1e-6,
 }  # fmt: skip
 TEXT_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
+TEXT_ARCHITECTURES.update({"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"})
 
 # GPT-OSS (transformers' GptOssConfig, gpt_oss/configuration_gpt_oss.py): the experts' fields (MoEConfig field, its
 # field), and the one value of the others lit_internvl implements. Every layer has experts; q/k/v/o share one bias flag.
@@ -108,6 +129,7 @@ GPT_OSS_MOE_FIELDS = (
 )
 TEXT_FIXED["gpt_oss"] = (("hidden_act", "silu", "GPT-OSS's experts are its clamped SwiGLU"),)
 TEXT_ARCHITECTURES["GptOssForCausalLM"] = "gpt_oss"
+TEXT_CONFIG_CLASSES["gpt_oss"] = "GptOssConfig"
 
 
 def _ours(table: tuple[tuple[str, str], ...], theirs: Callable[[str], Any]) -> dict[str, Any]:
@@ -143,7 +165,7 @@ class CheckpointSpec:
     image_context_id: int | None  # None: an OpenGVLab folder without tokenizer files naming <IMG_CONTEXT>
     downsample_ratio: float
     layout: str  # "transformers" or "opengvlab"
-    text_architecture: str  # "qwen2", "llama" or "internlm2"
+    text_architecture: str  # "qwen2", "llama", "qwen3", "qwen3_moe" or "internlm2"
     template: str | None = None  # OpenGVLab's chat-template name (e.g. "internvl2_5"), when given
 
 
@@ -216,14 +238,8 @@ def _spec_from_opengvlab(raw: dict, folder: Path, look_up_image_context: bool = 
     tie = not any(name.startswith(("language_model.lm_head.", "language_model.output.")) for name in names)
     if text_type == "internlm2":
         language = _language_from_internlm2(llm, tie)
-    elif text_type == "gpt_oss":
-        from transformers import GptOssConfig
-
-        language = _language_from_transformers(GptOssConfig.from_dict(_without_remote_code(llm)), text_type, tie)
     else:
-        from transformers import LlamaConfig, Qwen2Config
-
-        config_class = Qwen2Config if text_type == "qwen2" else LlamaConfig
+        config_class = _text_config_class(text_type)
         language = _language_from_transformers(config_class.from_dict(_without_remote_code(llm)), text_type, tie)
     # OpenGVLab's chat code takes the id from the tokenizer: read it from the tokenizer files.
     image_context_id = token_id(folder, IMG_CONTEXT) if look_up_image_context else None
@@ -245,17 +261,29 @@ def _opengvlab_text_type(llm: dict) -> str:
     return text_type
 
 
+def _text_config_class(text_type: str):
+    import transformers
+
+    return getattr(transformers, TEXT_CONFIG_CLASSES[text_type])
+
+
 def _language_from_transformers(text, text_type: str, tie: bool) -> LanguageConfig:
-    """A transformers ``Qwen2Config``/``LlamaConfig``/``GptOssConfig`` → :class:`LanguageConfig`."""
+    """A transformers ``Qwen2Config``/``LlamaConfig``/``Qwen3Config``/``Qwen3MoeConfig``/``GptOssConfig`` →
+    :class:`LanguageConfig`."""
     _require_fixed(text, TEXT_FIXED[text_type], "text_config.")
     if text_type == "gpt_oss":
         return _language_from_gpt_oss(text, tie)
+    moe = None
+    if text_type == "qwen3_moe" and text.num_experts:
+        moe = MoEConfig(**_ours(MOE_FIELDS, partial(getattr, text)))
     return _language(
         _ours(LANGUAGE_FIELDS, partial(getattr, text)),
         rope_theta=_rope_theta(dict(text.rope_parameters or {}), text.max_position_embeddings),
         rope_scaling=_rope_scaling(dict(text.rope_parameters or {}), text.max_position_embeddings),
         head_dim=getattr(text, "head_dim", None),  # None: hidden_size // num_heads
         qkv_bias=text_type == "qwen2",
+        qk_norm=text_type in ("qwen3", "qwen3_moe"),
+        moe=moe,
         tie_embeddings=tie,
     )
 
@@ -367,7 +395,8 @@ def _require(condition: bool, feature: str) -> None:
 
 def transformers_config(model: VisionLanguageModel, max_position_embeddings: int = 32768, tile_size: int | None = None):
     """The ``InternVLConfig`` of ``model`` (InternViT + PixelShuffleMLP + Decoder) for ``tile_size`` px tiles
-    (default ``model.tile_size``); Qwen2 text config when the decoder has qkv bias, LLaMA otherwise."""
+    (default ``model.tile_size``); the text config is Qwen3-MoE's when the decoder has experts, Qwen3's when it has
+    qk-norm, Qwen2's when it has qkv bias, LLaMA's otherwise (:func:`text_model_type`)."""
     from transformers import InternVLConfig
 
     _check_exportable(model)
@@ -426,15 +455,29 @@ def _vision_config(vision: InternViTConfig, tile_size: int):
     )
 
 
-def _text_config(language: LanguageConfig, max_position_embeddings: int):
-    from transformers import LlamaConfig, Qwen2Config
-
+def text_model_type(language: LanguageConfig) -> str:
+    """The transformers text model that computes what ``language`` describes: ``"gpt_oss"`` (:func:`is_gpt_oss`),
+    ``"qwen3_moe"``, ``"qwen3"``, ``"qwen2"`` or ``"llama"``; a combination none of them has (qk-norm with qkv bias,
+    experts without qk-norm) is refused."""
     if is_gpt_oss(language):
+        return "gpt_oss"
+    if language.moe is not None or language.qk_norm:
+        if language.qkv_bias or not language.qk_norm:
+            raise ValueError(
+                f"No transformers text model has qk_norm={language.qk_norm} and qkv_bias={language.qkv_bias}"
+                f"{' with experts' if language.moe else ''}: Qwen3 (and Qwen3-MoE) have qk-norm and no qkv bias"
+            )
+        return "qwen3_moe" if language.moe is not None else "qwen3"
+    return "qwen2" if language.qkv_bias else "llama"
+
+
+def _text_config(language: LanguageConfig, max_position_embeddings: int):
+    text_type = text_model_type(language)
+    if text_type == "gpt_oss":
         return _gpt_oss_text_config(language)
     for field, value in (("o_bias", language.o_bias), ("sliding_window", language.sliding_window)):
         if value:
-            raise ValueError(f"Export of {field}={value} outside GPT-OSS: Qwen2's and LLaMA's configs cannot say it")
-
+            raise ValueError(f"Export of {field}={value} outside GPT-OSS: {text_type}'s config cannot say it")
     text = dict(
         **_theirs(LANGUAGE_FIELDS, language),
         rope_parameters=_rope_parameters(language),
@@ -444,9 +487,9 @@ def _text_config(language: LanguageConfig, max_position_embeddings: int):
     # LLaMA always states head_dim; Qwen2 derives it, so it is written only when it differs.
     if language.head_dim != language.hidden_size // language.num_heads or not language.qkv_bias:
         text["head_dim"] = language.head_dim
-    text_type = "qwen2" if language.qkv_bias else "llama"
-    config_class = Qwen2Config if text_type == "qwen2" else LlamaConfig
-    return config_class(**text, **_fixed(TEXT_FIXED[text_type]))
+    if language.moe is not None:
+        text.update(_theirs(MOE_FIELDS, language.moe), mlp_only_layers=list(language.moe.mlp_only_layers))
+    return _text_config_class(text_type)(**text, **_fixed(TEXT_FIXED[text_type]))
 
 
 def is_gpt_oss(language: LanguageConfig) -> bool:

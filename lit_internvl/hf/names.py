@@ -12,10 +12,19 @@ Names, lit_internvl ← transformers (as saved) ← OpenGVLab; the tables below 
     decoder.{embed_tokens,layers,norm}  language_model.model.{same}                 language_model.model.{same, or
                                                                                       InternLM2's names}
     decoder.lm_head                     language_model.lm_head                      language_model.{lm_head|output}
+    decoder.layers.N.mlp.experts.       ….layers.N.mlp.experts.E.{gate,up,down}_    (same as transformers, per
+      {gate_up_proj,down_proj}            proj.weight (one matrix per expert)         expert, as Qwen3-MoE releases)
     decoder.layers.N.mlp.gate           ….layers.N.mlp.router (GPT-OSS)             (same as transformers)
-    decoder.layers.N.mlp.experts.       ….layers.N.mlp.experts.{gate_up_proj        (same as transformers, or MXFP4
+    decoder.layers.N.mlp.experts.       ….layers.N.mlp.experts.{gate_up_proj        (GPT-OSS: as transformers, or MXFP4
       {gate_up_proj (E, 2I, H),           (E, H, 2I), down_proj (E, I, H)}            {…}_blocks / {…}_scales)
        down_proj (E, H, I)}               (GPT-OSS, transposed)
+
+The experts of a Qwen3-MoE layer are one stacked tensor per projection in memory (lit_internvl and transformers 5
+alike: :mod:`lit_internvl.components.moe`) and one matrix per expert on disk: transformers 5's ``save_pretrained``
+writes ``experts.E.gate_proj.weight`` ``(I, H)``, ``experts.E.up_proj.weight`` and ``experts.E.down_proj.weight``
+``(H, I)``, as the Qwen3-MoE releases and OpenGVLab's InternVL3_5-30B-A3B / -241B-A28B store them (xtuner's
+Qwen3-MoE conversion lists the same names). Reading stacks them (:func:`stack_experts`; the in-memory stacked names
+load as they are), writing splits them.
 
 GPT-OSS's experts: transformers holds and saves them as ``GptOssExperts`` keeps them, stacked and transposed
 (``gate_up_proj (E, H, 2I)`` with gate and up columns interleaved, ``down_proj (E, I, H)``, biases ``(E, 2I)`` and
@@ -85,6 +94,9 @@ PARTS = (
 
 # transformers' vision q/k/v, split where InternViT fuses them.
 _VISION_QKV = re.compile(r"encoder\.layers?\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
+# One expert's matrix on disk, under lit_internvl's decoder prefix; and the stacked tensors in memory.
+_EXPERT = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+_STACKED = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)")
 _INTERNLM2_WQKV = re.compile(r"layers\.(\d+)\.attention\.wqkv\.weight")
 
 
@@ -128,6 +140,8 @@ def to_ours(raw: Mapping[str, torch.Tensor], spec: CheckpointSpec, source: str) 
     out.update(_fused_qkv(to_fuse, source))
     if spec.text_architecture == "gpt_oss":
         out = gpt_oss_from_transformers(out, source)
+    else:
+        out = stack_experts(out, source)
     if spec.language.tie_embeddings and "decoder.lm_head.weight" in out:
         head = out.pop("decoder.lm_head.weight")
         if not torch.equal(head, out.get("decoder.embed_tokens.weight", head)):
@@ -165,6 +179,35 @@ def _fused_qkv(to_fuse: Mapping[str, Mapping[str, torch.Tensor]], source: str) -
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(f"{source}: {name} needs q, k and v projections, found only {sorted(parts)}")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def stack_experts(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Per-expert matrices (``….mlp.experts.E.{gate,up,down}_proj.weight``, lit_internvl's prefix) → the stacked
+    ``….mlp.experts.gate_up_proj`` ``(E, 2I, H)`` (each expert's gate rows, then its up rows) and ``down_proj``
+    ``(E, H, I)``; every other tensor as it is."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[str, int], torch.Tensor]] = defaultdict(dict)
+    for name, tensor in state.items():
+        match = _EXPERT.fullmatch(name)
+        if match:
+            experts[match.group(1)][match.group(3), int(match.group(2))] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        count = 1 + max(index for _, index in parts)
+        missing = [
+            f"{index}.{proj}_proj"
+            for index in range(count)
+            for proj in ("gate", "up", "down")
+            if (proj, index) not in parts
+        ]
+        if missing:
+            raise ValueError(f"{source}: {prefix} lacks the matrices of experts {preview(missing)}")
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts["gate", e], parts["up", e]]) for e in range(count)]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down", e] for e in range(count)])
     return out
 
 
@@ -263,10 +306,28 @@ def to_transformers_state_dict(
             for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
                 out[f"vision_tower.encoder.layer.{index}.attention.{proj}_proj.{leaf}"] = part.clone()
             continue
+        stacked = _STACKED.fullmatch(name) if text_type != "gpt_oss" else None  # GPT-OSS's stay stacked
+        if stacked:  # the experts as transformers' save_pretrained writes them: a matrix per expert
+            prefix = "language_model.model." + stacked.group(1)[len("decoder.") :]
+            out.update(_split_experts(prefix, stacked.group(2), tensor))
+            continue
         new = _transformers_name(name)
         if new is None:
             raise ValueError(f"{name} has no name in transformers' InternVL layout")
         out[new] = tensor.contiguous()
+    return out
+
+
+def _split_experts(prefix: str, projection: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stacked ``gate_up_proj`` ``(E, 2I, H)`` or ``down_proj`` ``(E, H, I)`` → ``{prefix}.E.{gate,up,down}_proj.weight``."""
+    out = {}
+    for index, matrix in enumerate(tensor):
+        if projection == "gate_up_proj":
+            gate, up = matrix.chunk(2, dim=0)
+            out[f"{prefix}.{index}.gate_proj.weight"] = gate.clone()  # clones: safetensors refuses shared storage
+            out[f"{prefix}.{index}.up_proj.weight"] = up.clone()
+        else:
+            out[f"{prefix}.{index}.down_proj.weight"] = matrix.clone()
     return out
 
 

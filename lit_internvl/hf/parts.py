@@ -1,8 +1,9 @@
 """One part of a vision-language model from its own Hugging Face folder: a vision encoder released alone
 (OpenGVLab's ``InternVisionModel``, e.g. InternViT-300M-448px-V2_5) or a text-only causal language model
-(``Qwen2ForCausalLM``, ``LlamaForCausalLM``, e.g. Qwen2.5-0.5B), read under lit_internvl's names. NMP starts
-from exactly these two: ``init_from: [hf:/InternViT-300M, hf:/Qwen2.5-0.5B]`` (the connector from scratch).
-The folder's remote code (``auto_map``) is never run; only its tensors and ``config.json`` are read."""
+(``Qwen2ForCausalLM``, ``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ``Qwen3MoeForCausalLM``, e.g. Qwen2.5-0.5B; the
+experts of a Qwen3-MoE stacked), read under lit_internvl's names. NMP starts from exactly these two:
+``init_from: [hf:/InternViT-300M, hf:/Qwen2.5-0.5B]`` (the connector from scratch). The folder's remote code
+(``auto_map``) is never run; only its tensors and ``config.json`` are read."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 import torch
 
 from lit_internvl.hf.files import checkpoint_folder, read_json, read_tensors
-from lit_internvl.hf.names import _our_name, preview
+from lit_internvl.hf.names import _our_name, gpt_oss_from_transformers, preview, stack_experts
 
 VISION_ARCHITECTURES = ("InternVisionModel",)
-TEXT_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+TEXT_ARCHITECTURES = (
+    "Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
+)  # fmt: skip
 
 
 def part_of(folder: str | Path) -> str | None:
@@ -55,4 +58,6 @@ def read_part_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
             out[name] = tensor
     if unknown:
         raise ValueError(f"{folder}: {len(unknown)} tensor(s) have no lit_internvl name{preview(unknown)}")
-    return out
+    if "GptOssForCausalLM" in (read_json(folder / "config.json").get("architectures") or []):
+        return gpt_oss_from_transformers(out, str(folder))  # its router renamed, experts transposed or dequantised
+    return stack_experts(out, str(folder))

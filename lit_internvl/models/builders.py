@@ -20,6 +20,10 @@ from lit_internvl.models.vlm import VisionLanguageModel
 # in the byte tokenizer of the embedded default (256 bytes, then <IMG_CONTEXT> as the 6th special token;
 # lit_internvl.data.tokenizer, not imported here so that models stay free of the data pipeline).
 QWEN2_IMG_CONTEXT_ID = 151667
+# <IMG_CONTEXT> of InternVL3.5's Qwen3 tokenizer: InternVL's tokens follow Qwen3's 151669 (up to </think>, 151668),
+# <img> 151669, </img> 151670, <IMG_CONTEXT> 151671 (xtuner's InternVL3.5 configs and MindSpeed-MM's
+# InternVL3_5-30B-A3B recipe give image_token_id 151671).
+QWEN3_IMG_CONTEXT_ID = 151671
 INTERNLM2_IMG_CONTEXT_ID = 92546
 # <IMG_CONTEXT> of InternVL3.5-20B-A4B's GPT-OSS tokenizer (o200k_harmony, 200019 tokens up to <|endofprompt|> 200018):
 # InternVL's added tokens follow, <img> 200019, </img> 200020, <IMG_CONTEXT> 200021. Derived, not checked against the
@@ -41,13 +45,24 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     "InternVL3-2B": InternVLPreset("InternViT-300M-448px", "InternVL3-2B", QWEN2_IMG_CONTEXT_ID),
     "InternVL3-8B": InternVLPreset("InternViT-300M-448px", "InternVL3-8B", QWEN2_IMG_CONTEXT_ID),
     "InternVL2.5-8B": InternVLPreset("InternViT-300M-448px", "InternVL2.5-8B", INTERNLM2_IMG_CONTEXT_ID),
+    # InternVL3.5: InternViT-300M with the Qwen3 sizes, InternViT-6B (45 layers, as InternViT-6B-448px-V2_5) with
+    # Qwen3-32B and Qwen3-235B-A22B.
+    **{
+        f"InternVL3.5-{size}": InternVLPreset("InternViT-300M-448px", f"InternVL3.5-{size}", QWEN3_IMG_CONTEXT_ID)
+        for size in ("1B", "2B", "4B", "8B", "14B", "30B-A3B")
+    },
+    "InternVL3.5-38B": InternVLPreset("InternViT-6B-448px-V1-5", "InternVL3.5-38B", QWEN3_IMG_CONTEXT_ID),
+    "InternVL3.5-241B-A28B": InternVLPreset("InternViT-6B-448px-V1-5", "InternVL3.5-241B-A28B", QWEN3_IMG_CONTEXT_ID),
     # InternVL3.5-20B-A4B (OpenGVLab's InternVL3_5-GPT-OSS-20B-A4B-Preview): InternViT-300M + GPT-OSS-20B.
     "InternVL3.5-20B-A4B": InternVLPreset("InternViT-300M-448px", "InternVL3.5-20B-A4B", GPT_OSS_IMG_CONTEXT_ID),
     # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
     "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
     # recipes/sft.yaml's and mpo.yaml's model: the "shapes" tokenizer (the byte tokenizer's ids, then words).
     "tiny-shapes": InternVLPreset("tiny", "tiny-shapes", BYTE_IMG_CONTEXT_ID),
-    # Its GPT-OSS twin.
+    # Their Qwen3 and Qwen3-MoE twins (recipes/models/tiny_qwen3.yaml, tiny_moe.yaml).
+    "tiny-qwen3": InternVLPreset("tiny", "tiny-qwen3", BYTE_IMG_CONTEXT_ID),
+    "tiny-moe": InternVLPreset("tiny", "tiny-moe", BYTE_IMG_CONTEXT_ID),
+    # The GPT-OSS twin.
     "tiny-gpt-oss": InternVLPreset("tiny", "tiny-gpt-oss", BYTE_IMG_CONTEXT_ID),
 }
 
@@ -66,7 +81,7 @@ def vlm_from_configs(
 
 
 def internvl(name: str) -> VisionLanguageModel:
-    """The InternVL model of a published size (``"InternVL3-1B"``, ``"InternVL3-8B"``, …) or ``"tiny"``."""
+    """The InternVL model of a published size (``"InternVL3-1B"``, ``"InternVL3.5-30B-A3B"``, …) or ``"tiny"``."""
     if name not in INTERNVL_PRESETS:
         raise ValueError(f"Unknown InternVL preset {name!r}; known: {sorted(INTERNVL_PRESETS)}")
     preset = INTERNVL_PRESETS[name]

@@ -140,6 +140,7 @@ class MPOStage(VisionLanguageStage):
         rows = batch["chosen"].rows
         labels = inputs.labels
         losses = self.forward_batch(inputs, cross_entropy=True)  # (N,), head + loss in chunks: no (N, vocab) logits
+        aux = self.moe_aux_loss(rows)  # before the reference pass, which under LoRA runs through the same decoder
         logps, ref_logps = row_log_probs(losses, labels), self.reference_log_probs(inputs)
         chosen, rejected, ref_chosen, ref_rejected = logps[:rows], logps[rows:], ref_logps[:rows], ref_logps[rows:]
         chosen_rewards = (h.beta * (chosen - ref_chosen)).detach()
@@ -154,6 +155,8 @@ class MPOStage(VisionLanguageStage):
         chosen_losses = losses[: int(supervised_positions(labels[:rows]).sum())]
         sft = reduce_token_losses(chosen_losses, labels[:rows], None, h.loss_reduction, h.all_reduce_loss)
         loss = h.preference_weight * dpo + h.quality_weight * bco + h.generation_weight * sft
+        if aux is not None:  # a decoder with experts, training
+            loss = loss + aux
         return {
             "loss": loss, "dpo": dpo, "bco": bco, "sft": sft, "delta": delta,
             "reward_margin": (chosen_rewards - rejected_rewards).mean(),

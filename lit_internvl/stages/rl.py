@@ -251,6 +251,9 @@ class RLStage(VisionLanguageStage):
                         h.clip_high, ref_log_probs=None if ref is None else ref[rows], kl_weight=h.kl_weight,
                         max_log_ratio=h.max_log_ratio, all_reduce=h.all_reduce_loss, count=count,
                     )  # fmt: skip
+                    aux = self.moe_aux_loss(prompts)  # experts: the micro-batch's share of the load-balancing loss
+                    if aux is not None:
+                        loss = loss + aux * len(micro) / len(mini)
                     self.manual_backward(loss)
                 if h.gradient_clip:
                     self.clip_gradients(optimizer, gradient_clip_val=h.gradient_clip, gradient_clip_algorithm="norm")

@@ -37,6 +37,9 @@ class SFTStage(VisionLanguageStage):
         losses = self.forward_batch(batch, cross_entropy=True)  # head + loss in chunks: no (N, vocab) logits
         h = self.hparams
         loss = reduce_token_losses(losses, batch.labels, batch.document_ids, h.loss_reduction, h.all_reduce_loss)
+        aux = self.moe_aux_loss(batch.rows)  # a decoder with experts: its load-balancing loss
+        if aux is not None:
+            loss = loss + aux
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.rows)
         return loss
 

@@ -183,7 +183,7 @@ class VisionLanguageStage(Stage):
             head = model.decoder.lm_head if model.decoder.lm_head is not None else model.decoder.embed_tokens
             head.requires_grad_(h.train_lm_head)
         if lora:
-            add_lora(model, list(lora.parts), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+            add_lora(model, list(lora.parts), r=lora.r, alpha=lora.alpha, dropout=lora.dropout, experts=lora.experts)
         if h.train_new_tokens and rows:
             if data_parallel_mesh(self.device_mesh) is not None:  # FSDP2 swaps the parameters for sharded ones
                 raise ValueError(
@@ -237,6 +237,21 @@ class VisionLanguageStage(Stage):
             document_ids=batch.document_ids, sample_names=batch.sample_names, length_multiple=h.length_multiple,
             head=head,
         )  # fmt: skip
+
+    def moe_aux_loss(self, batch_size: int) -> torch.Tensor | None:
+        """``moe.aux_loss_coef`` × the load-balancing loss of the policy decoder's last forward, for the training loss
+        (logged as ``train/aux_loss``, the loss before the coefficient; transformers' Qwen3MoeForCausalLM and
+        InternVL's ``modeling_internvl_chat.py`` add it the same way); None for a decoder without experts, a zero
+        coefficient, or a forward without gradients (evaluation). Read it right after the policy's forward: another
+        forward through the same decoder (MPO's reference under LoRA) replaces the router logits. Over the global
+        batch with ``all_reduce_loss``, as the language-model loss."""
+        decoder = self.model.decoder
+        moe = getattr(getattr(decoder, "config", None), "moe", None)
+        if moe is None or not moe.aux_loss_coef or not torch.is_grad_enabled():
+            return None
+        aux = decoder.aux_loss(all_reduce=self.hparams.all_reduce_loss)
+        self.log("train/aux_loss", aux.detach(), batch_size=batch_size)
+        return moe.aux_loss_coef * aux
 
     # -- accuracy per question type (SFT's exact match, RL's greedy answers) -------------------------
 
