@@ -108,6 +108,27 @@ def test_flex_equals_eager_with_sinks_and_window_forward(window):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_sinks_and_window_equal_eager_on_a_gpu_forward_and_backward(backend):
+    """On CUDA in bfloat16: sdpa's fused kernels with the extra key dimension, compiled flex with the gradient through
+    its log-sum-exp."""
+    results = {}
+    for name in ("eager", backend):
+        q, k, v, sinks = (t.detach().cuda().bfloat16().requires_grad_() for t in _inputs())
+        mask = make_mask(
+            name, causal=True, attention_mask=PADDING.cuda(), document_ids=DOCUMENTS.cuda(),
+            window=WINDOW if name == "flex" else None,
+        )  # fmt: skip
+        out = attention(q, k, v, mask, is_causal=True, backend=name, sinks=sinks, window=WINDOW)
+        out = out.masked_fill(~PADDING.cuda().bool()[:, None, :, None], 0.0)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
+        results[name] = [out, *torch.autograd.grad((out * upstream).sum(), (q, k, v, sinks))]
+    for got, expected in zip(results[backend], results["eager"], strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=0)
+
+
 def test_a_padding_query_with_sinks_outputs_zeros():
     q, k, v, sinks = _inputs(requires_grad=False)
     mask = make_mask("sdpa", causal=True, attention_mask=torch.zeros_like(PADDING))  # nothing real

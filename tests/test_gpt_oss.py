@@ -167,3 +167,72 @@ def test_presets_count_as_many_parameters_as_transformers_gpt_oss(preset):
     assert _count(ours) == _count(theirs)
     if preset == "InternVL3.5-20B-A4B":
         assert _count(ours) == 20_914_757_184
+
+
+# -- training the tiny twin ----------------------------------------------------------------------------------------
+
+
+def test_sft_on_tiny_gpt_oss_trains_every_gpt_oss_parameter_and_logs_the_aux_loss(tmp_path):
+    """Two SFT steps on the default backend (sdpa): the sinks, the router's bias and the experts' biases all move."""
+    import lightning as L
+
+    from lit_internvl.components import InternViT, PixelShuffleMLP
+    from lit_internvl.data import ShapesDataModule
+    from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+    from lit_internvl.stages import SFTStage
+
+    torch.manual_seed(0)
+    decoder = Decoder("tiny-gpt-oss")
+    stage = SFTStage(
+        vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=decoder,
+        image_context_id=ByteTokenizer().token_to_id(IMG_CONTEXT), warmup_steps=1,
+    )  # fmt: skip
+    watched = ("self_attn.sinks", "mlp.gate.bias", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj_bias")
+    before = {n: p.detach().clone() for n, p in decoder.named_parameters() if n.endswith(watched)}
+    data = ShapesDataModule(records="questions", train_size=8, val_size=4, batch_size=4, system="Answer in one word.")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(stage, data)
+    after = dict(decoder.named_parameters())
+    assert len(before) == 2 * 4 and all(not torch.equal(before[n], after[n]) for n in before)
+    assert trainer.callback_metrics["train/aux_loss"] > 0.9
+
+
+def test_lora_adapts_the_gpt_oss_experts_and_merges_exactly():
+    from lit_internvl.lora import add_lora, lora_disabled, merge_lora
+    from tests.tiny import tiny_vlm
+
+    model = tiny_vlm(261, decoder="tiny-gpt-oss").eval()
+    model.requires_grad_(False)
+    add_lora(model, ["decoder"], r=4)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.randint(0, 250, (2, 40))  # longer than the window (32)
+    with torch.no_grad():
+        adapted = model(ids)
+        with lora_disabled(model):
+            base = model(ids)
+        merge_lora(model)
+        merged = model(ids)
+    assert (adapted - base).abs().max() > 1e-3 and (adapted - merged).abs().max() <= 1e-5
+    assert set(model.state_dict()) == set(tiny_vlm(261, decoder="tiny-gpt-oss").state_dict())
+
+
+def test_flop_count_of_tiny_gpt_oss_equals_flop_counter_mode():
+    """The analytic count (top-k experts, router; attention as the dense kernels' full square) equals torch's count of
+    the eager backend and the loop over experts; biases and sinks add no matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lit_internvl.flops import transformer_flops
+
+    config = LanguageConfig.from_name("tiny-gpt-oss", attn_backend="eager")
+    config.moe.experts_backend = "loop"
+    torch.manual_seed(0)
+    model = Decoder(config)
+    ids = torch.randint(0, 300, (2, 37))
+    with FlopCounterMode(display=False) as counter:
+        model.head(model(ids))
+    assert counter.get_total_flops() == transformer_flops(config, [37, 37]).forward
