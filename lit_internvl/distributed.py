@@ -13,6 +13,12 @@ dimension, on CPUs (gloo) as on GPUs (NCCL). Without a mesh (one device, DDP) on
 FSDP2 gathers a unit's parameters around its ``forward``; other entry points (``encode_text`` for zero-shot
 classes, generation) run inside :func:`unsharded`.
 
+A mixture-of-experts block (:class:`~lit_internvl.components.moe.SparseMoE`) is one unit like any other: its stacked
+experts ``(E, …)`` are sharded along the experts' dimension with the rest of the block and gathered whole for the
+block's forward (data parallelism over experts, not expert parallelism: every rank runs every expert on its own tokens).
+When the gathered parameters are cast to a lower precision (``param_dtype``), each router (``mlp.gate``) is a unit of
+its own gathered in float32, so that routing is computed from float32 weights.
+
 The block lists are found by name, so every model of lit_internvl (VisionLanguageModel, DualEncoder,
 InternVLG with QLLaMA) and a user's own encoder that keeps its blocks in ``layers`` are covered without a
 list of classes; :data:`BLOCK_CLASSES` / :class:`BlockWrapPolicy` is that list for ``FSDPStrategy``.
@@ -35,6 +41,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from lit_internvl.components.language import Block
+from lit_internvl.components.moe import Router
 from lit_internvl.components.vision import VisionBlock
 
 BLOCK_LIST_NAME = "layers"
@@ -114,6 +121,10 @@ def parallelize(
     for param in scalars:
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(_average_over(mesh))
+    if param_dtype is not None and param_dtype != torch.float32:
+        router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for router in (module for module in model.modules() if isinstance(module, Router)):
+            fully_shard(router, mesh=mesh, mp_policy=router_policy)
     for _, block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=scalars)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars)
