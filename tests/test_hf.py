@@ -523,7 +523,9 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes")])
+@pytest.mark.parametrize(
+    "preset, tokenizer", [("tiny", "byte"), ("tiny-shapes", "shapes"), ("tiny-qwen3", "shapes"), ("tiny-moe", "shapes")]
+)
 def test_the_tiny_presets_fit_their_tokenizers(preset, tokenizer):
     from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
 
@@ -619,11 +621,21 @@ def _write_config(folder: Path, **text_changes) -> Path:
         ({"attention_bias": True}, "attention_bias=true"),
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"model_type": "gemma"}, "text_config.model_type 'gemma'"),
+        ({"model_type": "qwen3", "attention_bias": True}, "attention_bias=true"),
+        ({"model_type": "qwen3_moe", "use_sliding_window": True, "sliding_window": 64}, "use_sliding_window=true"),
     ],
 )
 def test_unsupported_features_are_refused_not_loaded_wrong(tmp_path, change, message):
     with pytest.raises(UnsupportedCheckpointError, match=message):
         read_config(_write_config(tmp_path / "ckpt", **change))
+
+
+def test_a_decoder_no_transformers_text_model_computes_is_not_exported():
+    for changes in ({"qk_norm": True}, {"moe": MoEConfig(4, 2, 8), "qkv_bias": False}):  # with qkv bias; no qk-norm
+        with pytest.raises(ValueError, match="No transformers text model has"):
+            transformers_config(
+                vlm_from_configs(InternViTConfig.from_name("tiny"), LanguageConfig.from_name("tiny", **changes), 261)
+            )
 
 
 def test_dynamic_rope_scaling_is_read_as_plain_rope(tmp_path, caplog):

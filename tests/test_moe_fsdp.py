@@ -1,5 +1,6 @@
 """FSDP2 on two CPU processes (gloo) trains the tiny mixture-of-experts model exactly as one process trains it on the
-whole batch, the load-balancing loss included, and keeps the router in float32 when the rest is gathered in bfloat16.
+whole batch, the load-balancing loss included, fully and with LoRA on attention and experts, and keeps the router in
+float32 when the rest is gathered in bfloat16.
 
 As in ``test_fsdp.py``: each rank gets half of every global batch and ``all_reduce_loss`` normalises by the global
 batch, for the language-model loss and for the load-balancing loss alike (whose expert shares and mean probabilities
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -27,13 +29,17 @@ WORLD_SIZE, GLOBAL_BATCH, STEPS = 2, 8, 3
 AUX_LOSS_COEF = 0.1
 
 
-def _stage() -> SFTStage:
+# Full training, and LoRA (no dropout: the two runs would draw different masks) on the decoder, experts included.
+RUNS = {"full": {}, "lora": {"trainable": ["connector"], "lora": {"parts": ["decoder"], "r": 4, "dropout": 0.0}}}
+
+
+def _stage(run: str = "full") -> SFTStage:
     torch.manual_seed(0)
     config = LanguageConfig.from_name("tiny-moe")
     config.moe.aux_loss_coef = AUX_LOSS_COEF
     return SFTStage(
         vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder(config),
-        image_context_id=ByteTokenizer().token_to_id(IMG_CONTEXT), warmup_steps=1, all_reduce_loss=True,
+        image_context_id=ByteTokenizer().token_to_id(IMG_CONTEXT), warmup_steps=1, all_reduce_loss=True, **RUNS[run],
     )  # fmt: skip
 
 
@@ -74,12 +80,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), NODE_RANK="0",
                       LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
-    stage = _stage()
-    strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1)
-    recorder = _fit(stage, GLOBAL_BATCH // WORLD_SIZE, Path(out_dir), strategy=strategy, devices=WORLD_SIZE)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = {k: v.clone() for k, v in get_model_state_dict(stage.model, options=options).items()}
-    experts = stage.model.decoder.layers[0].mlp.experts
+    results = {}
+    for run in RUNS:
+        stage = _stage(run)
+        strategy = ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1)
+        recorder = _fit(stage, GLOBAL_BATCH // WORLD_SIZE, Path(out_dir), strategy=strategy, devices=WORLD_SIZE)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = {k: v.clone() for k, v in get_model_state_dict(stage.model, options=options).items()}
+        results[run] = {"losses": recorder.losses, "aux": recorder.aux, "weights": weights}
+    experts = stage.model.decoder.layers[0].mlp.experts.get_base_layer()  # the LoRA run's, under its wrappers
     sharded = type(experts.gate_up_proj).__name__ == "DTensor" and experts.gate_up_proj.to_local().shape[0] == 4
 
     # Gathered in bfloat16, the router still computes from float32 weights.
@@ -94,10 +103,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     decoder(torch.randint(0, 300, (1, 9)))
     if rank == 0:
-        torch.save(
-            {"losses": recorder.losses, "aux": recorder.aux, "weights": weights, "sharded": sharded, "dtypes": seen},
-            Path(out_dir) / "fsdp.pt",
-        )
+        torch.save({**results, "sharded": sharded, "dtypes": seen}, Path(out_dir) / "fsdp.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
@@ -111,19 +117,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_on_two_ranks_trains_the_moe_model_as_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("moe_fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
+    return torch.load(out / "fsdp.pt", weights_only=False)
+
+
+def test_experts_are_sharded_and_the_router_is_gathered_in_float32(fsdp_results):
+    assert fsdp_results["sharded"], "the stacked experts are sharded along the experts' dimension (8 over 2 ranks)"
+    assert fsdp_results["dtypes"] == {"router": torch.float32, "experts": torch.bfloat16}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_on_two_ranks_trains_the_moe_model_as_one_process(fsdp_results, tmp_path, run):
+    got = fsdp_results[run]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stage = _stage()
+        stage = _stage(run)
         one = _fit(stage, GLOBAL_BATCH, tmp_path / "single")
     finally:
         torch.set_num_threads(threads)
     expected = {k: v.detach() for k, v in stage.model.state_dict().items()}
-    assert got["sharded"], "the stacked experts are sharded along the experts' dimension (8 over 2 ranks)"
-    assert got["dtypes"] == {"router": torch.float32, "experts": torch.bfloat16}
+    if run == "lora":
+        assert any(".mlp.experts.lora_B" in k for k in expected) and expected.keys() == got["weights"].keys()
     loss_difference = max(abs(a - b) for a, b in zip(got["losses"], one.losses, strict=True))
     aux_difference = max(abs(a - b) for a, b in zip(got["aux"], one.aux, strict=True))
     weight_difference = max((got["weights"][k].float() - expected[k].float()).abs().max().item() for k in expected)
@@ -133,4 +151,4 @@ def test_fsdp2_on_two_ranks_trains_the_moe_model_as_one_process(tmp_path):
     assert loss_difference <= 1e-5 and aux_difference <= 1e-5
     # As in test_fsdp.py: AdamW can move an element whose gradient is at rounding level by up to the learning rate.
     assert weight_difference <= 0.05 * stage.hparams.learning_rate
-    assert one.aux[0] != one.aux[-1], "the router trained"
+    assert one.aux[0] != one.aux[-1], "the routing changed"

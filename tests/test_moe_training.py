@@ -183,3 +183,33 @@ def test_moe_flop_count_equals_flop_counter_mode_on_the_loop_over_experts():
     with FlopCounterMode(display=False) as counter:
         model.head(model(ids))
     assert counter.get_total_flops() == transformer_flops(config, [23, 23]).forward
+
+
+def test_an_rl_step_on_the_moe_decoder_adds_the_aux_loss(tmp_path):
+    """Rollouts (generation with the KV cache through the experts), then the policy loss plus each micro-batch's share
+    of the load-balancing loss."""
+    from lit_internvl.stages import RLStage
+    from lit_internvl.stages.options import GenerationOptions
+
+    class AnswerLength:
+        def __call__(self, answer, reference, meta) -> float:
+            return float(len(answer))
+
+    torch.manual_seed(0)
+    config = LanguageConfig.from_name("tiny-moe")
+    config.moe.aux_loss_coef = 0.1
+    decoder = Decoder(config)
+    router = decoder.layers[0].mlp.gate.weight.detach().clone()
+    stage = RLStage(
+        vision=InternViT("tiny"), connector=PixelShuffleMLP, decoder=decoder, group_size=3, micro_batches=2,
+        generation=GenerationOptions(max_new_tokens=4), learning_rate=1e-3, warmup_steps=1, rewards=[AnswerLength()],
+        rollout_temperature=1.5,
+    )  # fmt: skip
+    data = ShapesDataModule(records="questions", tokenizer="shapes", batch_size=2, train_size=4, val_size=2, system="")
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(stage, data)
+    assert trainer.callback_metrics["train/aux_loss"] > 0.9
+    assert not torch.equal(router, stage.model.decoder.layers[0].mlp.gate.weight)
