@@ -220,3 +220,31 @@ def test_export_refuses_what_transformers_gpt_oss_cannot_say(tmp_path):
     ours.decoder.config.o_bias = False
     with pytest.raises(ValueError, match="q/k/v and o_proj biases go together"):
         export_vlm(ours, tmp_path / "export")
+
+
+def test_a_llama_checkpoint_with_yarn_loads_and_exports_with_transformers_logits(tmp_path):
+    """YaRN is read for any text model now (it used to be refused): a LLaMA with YaRN rope parameters."""
+    from transformers import LlamaConfig
+
+    text = LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=64,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16},
+    )  # fmt: skip
+    config = InternVLConfig(
+        vision_config=_vision_config("300m"), text_config=text, image_token_id=IMAGE_TOKEN,
+        image_seq_length=TOKENS_PER_TILE,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = InternVLForConditionalGeneration(config)
+    reference.set_attn_implementation("eager")
+    _randomise(reference)
+    reference.eval().save_pretrained(str(tmp_path / "saved"))
+    ours = load_vlm(tmp_path / "saved")
+    scaling = ours.decoder.config.rope_scaling
+    assert (scaling.factor, scaling.original_max_position_embeddings, scaling.truncate) == (4.0, 16, True)
+    assert _max_diff(reference, ours, *_inputs()) <= TOLERANCE
+    out = export_vlm(ours, tmp_path / "export")
+    exported = InternVLForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager").eval()
+    assert exported.config.text_config.rope_parameters["rope_type"] == "yarn"
+    assert _max_diff(exported, ours, *_inputs()) <= TOLERANCE
