@@ -617,7 +617,7 @@ def _write_config(folder: Path, **text_changes) -> Path:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "Rope scaling 'yarn'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}, "Rope scaling 'linear'"),
         ({"attention_bias": True}, "attention_bias=true"),
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"model_type": "gemma"}, "text_config.model_type 'gemma'"),

@@ -14,6 +14,16 @@ Every module that attends (vision encoder, decoder, text encoder, cross-attentio
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalMask`` (GPU only; the
   ``gpu`` extra).
 
+Two optional features, for GPT-OSS (transformers' ``gpt_oss/modeling_gpt_oss.py``, ``eager_attention_forward``
+and ``GptOssAttention``): learned attention ``sinks``, one logit per head that joins every query's softmax and
+takes its share of the weight without a value (``softmax([scores, sink])`` with the sink's column dropped), and a
+sliding ``window`` (a query sees the ``window`` latest keys, itself included: ``kv_idx > q_idx - window`` as
+transformers' ``sliding_window_overlay``). ``eager`` computes both directly; ``sdpa`` gives the sink to one more
+key (zero value) that only the sink's extra query dimension reaches, and puts the window in its boolean mask; ``flex``
+rescales its output by the share of the weight the sink leaves (from the log-sum-exp) and has the window in its
+block mask. ``varlen`` and ``xformers`` refuse both: their kernels have no sink term, and neither is tested here on
+a GPU (:data:`FEATURE_BACKENDS`).
+
 Grouped key/value heads are read in place (``enable_gqa``) by ``sdpa``, ``varlen`` and ``flex``; ``eager`` and
 ``xformers`` repeat them. Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
 boolean tensor, a flex ``BlockMask``, an xformers bias) and shared by every layer.
@@ -36,12 +46,33 @@ import torch.nn.functional as F
 Backend = Literal["sdpa", "eager", "flex", "varlen", "xformers"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
+Feature = Literal["sinks", "sliding_window"]
+# The backends that honour each optional feature of attention(); a module that uses a feature names it in its
+# ``attention_features``, and the other backends are refused when it is built or switched.
+FEATURE_BACKENDS: dict[str, tuple[str, ...]] = {
+    "sinks": ("sdpa", "eager", "flex"),
+    "sliding_window": ("sdpa", "eager", "flex"),
+}
+FEATURE_NAMES = {"sinks": "learned attention sinks", "sliding_window": "a sliding window"}
+
+
+def backends_for(features: tuple[str, ...]) -> tuple[str, ...]:
+    """The backends that honour every one of ``features`` (keys of :data:`FEATURE_BACKENDS`)."""
+    return tuple(b for b in BACKENDS if all(b in FEATURE_BACKENDS[f] for f in features))
+
 
 def check_backend(module: nn.Module, backend: str) -> None:
-    """Refuse ``backend`` for ``module`` when it is unknown or not among the module's ``attention_backends``."""
+    """Refuse ``backend`` for ``module`` when it is unknown or not among the module's ``attention_backends``,
+    naming the features (``attention_features``) the backend cannot honour."""
     allowed = getattr(module, "attention_backends", BACKENDS)
     if backend not in allowed:
-        raise ValueError(f"{type(module).__name__} cannot run attention backend {backend!r}; choose one of {allowed}")
+        missing = [
+            FEATURE_NAMES[f] for f in getattr(module, "attention_features", ()) if backend not in FEATURE_BACKENDS[f]
+        ]
+        because = f" with {' and '.join(missing)}" if missing and backend in BACKENDS else ""
+        raise ValueError(
+            f"{type(module).__name__} cannot run attention backend {backend!r}{because}; choose one of {allowed}"
+        )
 
 
 def set_attention_backend(model: nn.Module, backend: Backend) -> nn.Module:
@@ -66,8 +97,10 @@ def attention(
     *,
     is_causal: bool = False,
     backend: str = "sdpa",
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with grouped key/value heads.
+    """Scaled dot-product attention with grouped key/value heads, optionally with sinks and a sliding window.
 
     Args:
         q: ``(B, H, Tq, D)`` queries.
@@ -78,23 +111,36 @@ def attention(
         is_causal: hide keys that come after the query (for ``Tq == Tk``; with a KV cache the
             queries are the last ``Tq`` positions of ``Tk``).
         backend: one of :data:`BACKENDS`.
+        sinks: ``(H,)`` learned logits, one per query head, that join each query's softmax without a value.
+        window: causal only: a query sees at most the ``window`` latest keys, itself included. ``sdpa``/``eager``
+            apply it here (in the KV-cache frame too); ``flex`` reads it from the mask :func:`make_mask` built with
+            the same ``window``.
 
     Returns:
         ``(B, H, Tq, D)``. A query whose every key is masked gets zeros.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    for feature, used in (("sinks", sinks is not None), ("sliding_window", window is not None)):
+        if used and backend not in FEATURE_BACKENDS[feature]:
+            raise ValueError(
+                f"Attention backend {backend!r} cannot run {FEATURE_NAMES[feature]}; "
+                f"choose one of {FEATURE_BACKENDS[feature]}"
+            )
+    if window is not None and not is_causal:
+        raise ValueError(f"A sliding window ({window}) needs causal attention")
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} key/value heads")
     gqa = num_heads != num_kv_heads
     if backend == "flex":
-        return _flex_attention(q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        return _flex(q, k, v, mask, gqa, sinks)
     if backend == "varlen":
         if isinstance(mask, VarlenMask):
             return _varlen(q, k, v, mask)
         backend = "sdpa"  # nothing masked (one sequence a row), or a dense mask (incremental decoding): SDPA
-    if is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
+    plain = sinks is None and window is None
+    if plain and is_causal and mask is None and backend == "sdpa" and q.shape[2] == k.shape[2]:
         # flash kernels run here, and read the shared key/value heads without copying them
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if gqa and backend != "sdpa":  # the references repeat them; SDPA reads them in place, mask or not
@@ -104,8 +150,10 @@ def attention(
     if backend == "xformers":  # its bias holds causality and the documents already
         return _xformers(q, k, v, mask)
     if is_causal:
-        causal = causal_mask(q.shape[2], k.shape[2], q.device)
+        causal = causal_mask(q.shape[2], k.shape[2], q.device, window)
         mask = causal if mask is None else mask & causal
+    if sinks is not None:  # the sink takes the whole weight of a query with no key: its output is zero as it is
+        return _sdpa_with_sinks(q, k, v, mask, sinks, gqa) if backend == "sdpa" else _eager(q, k, v, mask, sinks)
     row_has_keys = None
     if mask is not None:
         # A fully masked row (a padding query) has no defined softmax: let it attend anywhere so
@@ -159,12 +207,53 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: VarlenMask)
     return out.reshape(batch, length, heads, dim).transpose(1, 2)
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _eager(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor | None = None
+) -> torch.Tensor:
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    if sinks is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:  # one more column per query, the head's sink logit, whose weight is dropped after the softmax
+        column = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        weights = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
     return (weights @ v.float()).to(q.dtype)
+
+
+def _sdpa_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, gqa: bool
+) -> torch.Tensor:
+    """SDPA with sinks: the sink is one more key, with a zero value, that every query may attend. Its logit must
+    be the head's sink whatever the query, so queries and keys get extra dimensions (zeros, up to a multiple of 8
+    for the fused kernels): the sink key is 1 in the first of them and zero elsewhere, the real keys are zero
+    there, and each query holds its head's ``sink / scale`` there; the scale stays that of the real head_dim."""
+    batch, heads, length, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    pad = 8 - dim % 8
+    scale = dim**-0.5
+    sink_dim = (sinks / scale).to(q.dtype).view(1, heads, 1, 1).expand(batch, heads, length, 1)
+    q = torch.cat([q, sink_dim, q.new_zeros(batch, heads, length, pad - 1)], dim=-1)
+    sink_key = k.new_zeros(batch, kv_heads, 1, dim + pad)
+    sink_key[..., dim] = 1.0
+    k = torch.cat([torch.cat([k, k.new_zeros(batch, kv_heads, keys, pad)], dim=-1), sink_key], dim=2)
+    v = torch.cat([v, v.new_zeros(batch, kv_heads, 1, dim)], dim=2)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], 1)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, gqa: bool, sinks: torch.Tensor | None):
+    flex = _flex_attention(q.device)
+    if sinks is None:
+        return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    # The output is normalised over the keys; the sink takes exp(sink) / (exp(lse) + exp(sink)) of the weight, so
+    # the keys keep sigmoid(lse - sink) of it (a query with no key: lse = -inf, zero).
+    out, aux = flex(q, k, v, block_mask=mask, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    kept = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))
+    return (out.float() * kept[..., None]).to(q.dtype)
 
 
 def _flex_attention(device: torch.device):
@@ -200,9 +289,12 @@ def make_mask(
     attention_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     length: int | None = None,
+    window: int | None = None,
 ):
     """The mask :func:`attention` expects for ``backend``, from a ``(B, T)`` padding mask (1 = real
     token) and/or ``(B, T)`` document ids of packed rows (tokens attend within their document).
+    ``window``: ``flex`` only, the sliding window of the layers that use this mask (causal; the dense backends
+    apply their window in :func:`attention`; ``varlen`` and ``xformers`` have none).
 
     - ``sdpa``/``eager``: boolean ``(B, 1, T|1, T)``, or None when nothing is masked (no padding, no
       documents); causality stays with ``is_causal``.
@@ -220,6 +312,8 @@ def make_mask(
             same_document = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
             mask = same_document if mask is None else mask & same_document
         return mask
+    if window is not None and (backend != "flex" or not causal):
+        raise ValueError(f"make_mask builds a sliding window only into a causal 'flex' mask, not {backend!r}")
     if backend == "varlen":
         return _varlen_mask(causal, attention_mask, document_ids)
     reference = document_ids if document_ids is not None else attention_mask
@@ -240,6 +334,8 @@ def make_mask(
                 allowed = allowed & (document_ids[b, q_idx] == document_ids[b, kv_idx])
             if keep is not None:
                 allowed = allowed & keep[b, kv_idx]
+            if window is not None:
+                allowed = allowed & (q_idx - kv_idx < window)
             return allowed
 
         return create_block_mask(mask_mod, batch, None, length, length, device=device or "cpu")
@@ -278,7 +374,11 @@ def _varlen_mask(causal: bool, attention_mask: torch.Tensor | None, document_ids
     return VarlenMask(cu_seqlens, max_length, causal, None if bool(keep.all()) else keep.flatten())
 
 
-def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> torch.Tensor:
-    """``(Tq, Tk)`` boolean mask; query i (the ``Tk - Tq + i``-th position) sees keys up to itself."""
+def causal_mask(
+    num_queries: int, num_keys: int, device: torch.device | None = None, window: int | None = None
+) -> torch.Tensor:
+    """``(Tq, Tk)`` boolean mask; query i (the ``Tk - Tq + i``-th position) sees keys up to itself, and with a
+    ``window`` only the ``window`` latest of them (itself included)."""
     offset = num_keys - num_queries
-    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
+    mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
+    return mask if window is None else mask.triu(diagonal=offset - window + 1)

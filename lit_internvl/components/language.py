@@ -1,11 +1,14 @@
 """LLaMA-family transformers in one file: the causal language decoder and the text encoder.
 
 One block serves both: RMSNorm → attention (GQA, RoPE, optional qkv bias as in Qwen2, optional per-head RMSNorm of
-queries and keys as in Qwen3) → RMSNorm → SwiGLU, or a mixture of SwiGLU experts (Qwen3-MoE,
-:mod:`lit_internvl.components.moe`) in the layers ``LanguageConfig.moe`` makes sparse. The :class:`Decoder` runs it
-causally with an LM head (tied or untied); the :class:`TextEncoder` runs it bidirectionally and pools a sentence
-embedding (the text tower of the contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers'
-LLaMA/Qwen2/Qwen3 (``embed_tokens``, ``layers.N.self_attn.q_proj``, ``self_attn.q_norm``, ``mlp.gate_proj``,
+queries and keys as in Qwen3) → RMSNorm → SwiGLU, or a mixture of SwiGLU experts (Qwen3-MoE, GPT-OSS;
+:mod:`lit_internvl.components.moe`) in the layers ``LanguageConfig.moe`` makes sparse. GPT-OSS's attention options
+(transformers' ``gpt_oss/modeling_gpt_oss.py``) are fields of the same config: a bias on ``o_proj``, learned attention
+sinks (``self_attn.sinks``), sliding-window layers (``layer_types``) and YaRN rotary scaling (``rope_scaling``); at
+their defaults the block is the LLaMA/Qwen2 one. The :class:`Decoder` runs it causally with an LM head (tied or
+untied); the :class:`TextEncoder` runs it bidirectionally and pools a sentence embedding (the text tower of the
+contrastive stage, later the trunk of QLLaMA). Parameter names follow transformers' LLaMA/Qwen2/Qwen3
+(``embed_tokens``, ``layers.N.self_attn.q_proj``, ``self_attn.q_norm``, ``mlp.gate_proj``,
 ``mlp.experts.gate_up_proj``, ...), so their weights load by name.
 """
 
@@ -19,10 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.components.attention import Backend, attention, make_mask
+from lit_internvl.components.attention import Backend, attention, backends_for, check_backend, make_mask
 from lit_internvl.components.layers import RMSNorm, fused_linear
 from lit_internvl.components.moe import MoEConfig, SparseMoE, load_balancing_loss
-from lit_internvl.components.rotary import RotaryEmbedding, apply_rotary
+from lit_internvl.components.rotary import RopeScaling, RotaryEmbedding, apply_rotary
+
+LayerType = Literal["full_attention", "sliding_attention"]
 
 
 @dataclass
@@ -41,16 +46,46 @@ class LanguageConfig:
     attn_backend: Backend = "sdpa"
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     moe: MoEConfig | None = None  # experts in the layers it makes sparse (Qwen3-MoE); None: dense everywhere
+    o_bias: bool = False  # a bias on o_proj too (GPT-OSS)
+    # The window of the layers that layer_types marks "sliding_attention" (None: every layer full, as transformers'
+    # layer_types): a query sees the sliding_window latest tokens, itself included.
+    sliding_window: int | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    attention_sinks: bool = False  # a learned logit per head in every query's softmax (self_attn.sinks, GPT-OSS)
+    rope_scaling: RopeScaling | None = None  # YaRN (GPT-OSS); None: plain RoPE
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            unknown = sorted(set(self.layer_types) - set(get_args(LayerType)))
+            if unknown:
+                raise ValueError(f"Unknown layer_types {unknown}; choose from {get_args(LayerType)}")
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for num_layers {self.num_layers}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError(
+                    f"layer_types has 'sliding_attention' layers but sliding_window is {self.sliding_window}"
+                )
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+            if "sliding_attention" not in (self.layer_types or ()):
+                raise ValueError(f"sliding_window {self.sliding_window} is set but layer_types marks no sliding layer")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None for full attention."""
+        sliding = self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @classmethod
     def from_name(cls, name: LanguagePreset, **overrides) -> LanguageConfig:
@@ -143,11 +178,33 @@ LANGUAGE_PRESETS["tiny-moe"] = replace(
     LANGUAGE_PRESETS["tiny-qwen3"], moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=192)
 )
 
+# GPT-OSS-20B (openai/gpt-oss-20b's config.json), the language model of InternVL3.5-20B-A4B, whose vocabulary of 201088
+# rows already has room for InternVL's tokens (InternVL3.5's model table gives it 20.9B language parameters,
+# GPT-OSS-20B's count): q/k/v/o biases, sinks, sliding (128) and full layers alternating, YaRN (factor 32 over 4096
+# positions, not truncated), RMSNorm eps 1e-5, rope_theta 150000; 32 experts of width 2880 in every layer, 4 a
+# token, clamped SwiGLU (limit 7), router_aux_loss_coef 0.9. Its dense intermediate_size is unused.
+LANGUAGE_PRESETS["InternVL3.5-20B-A4B"] = LanguageConfig(
+    vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8, head_dim=64,
+    intermediate_size=2880, norm_eps=1e-5, rope_theta=150_000.0, qkv_bias=True, o_bias=True, attention_sinks=True,
+    sliding_window=128, layer_types=("sliding_attention", "full_attention") * 12,
+    rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096, truncate=False),
+    moe=MoEConfig(num_experts=32, top_k=4, intermediate_size=2880, aux_loss_coef=0.9, style="gpt_oss"),
+)  # fmt: skip
+# The tiny GPT-OSS twin of "tiny-shapes": its vocabulary and width, a head_dim (48) unlike hidden / heads, biases, sinks,
+# a sliding window (32) shorter than its samples on every other layer, YaRN (factor 4 over 64 positions), and 8
+# experts of width 192, 2 a token, with GPT-OSS's router and clamped SwiGLU.
+LANGUAGE_PRESETS["tiny-gpt-oss"] = replace(
+    LANGUAGE_PRESETS["tiny-shapes"], head_dim=48, o_bias=True, attention_sinks=True, sliding_window=32,
+    layer_types=("sliding_attention", "full_attention"),
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64, truncate=False),
+    moe=MoEConfig(num_experts=8, top_k=2, intermediate_size=192, style="gpt_oss"),
+)  # fmt: skip
+
 
 LanguagePreset = Literal[
     "InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL2.5-8B", "tiny", "tiny-shapes",
     "InternVL3.5-1B", "InternVL3.5-2B", "InternVL3.5-4B", "InternVL3.5-8B", "InternVL3.5-14B", "InternVL3.5-38B",
-    "InternVL3.5-30B-A3B", "InternVL3.5-241B-A28B", "tiny-qwen3", "tiny-moe",
+    "InternVL3.5-30B-A3B", "InternVL3.5-241B-A28B", "tiny-qwen3", "tiny-moe", "InternVL3.5-20B-A4B", "tiny-gpt-oss",
 ]  # fmt: skip
 
 
@@ -184,18 +241,24 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: LanguageConfig) -> None:
+    def __init__(self, config: LanguageConfig, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.attn_backend = config.attn_backend
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias)
         # Qwen3: each head's queries and keys RMS-normalised over head_dim (weights shared by the heads), before RoPE.
         self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
         self.fuse_projections = False  # q, k, v by one matmul (set_fused_projections)
+        self.window = config.window(layer)
+        self.sinks = nn.Parameter(torch.zeros(config.num_heads)) if config.attention_sinks else None
+        features = (("sinks",) if config.attention_sinks else ()) + (("sliding_window",) if self.window else ())
+        if features:  # the backends that cannot honour them are refused now, not at the first forward
+            self.attention_features, self.attention_backends = features, backends_for(features)
+            check_backend(self, config.attn_backend)
 
     def forward(
         self,
@@ -217,7 +280,9 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache[0].update(cache[1], k, v)
-        out = attention(q, k, v, mask, is_causal=is_causal, backend=self.attn_backend)
+        out = attention(
+            q, k, v, mask, is_causal=is_causal, backend=self.attn_backend, sinks=self.sinks, window=self.window
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -254,7 +319,7 @@ class Block(nn.Module):
     def __init__(self, config: LanguageConfig, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
         sparse = config.moe is not None and config.moe.is_sparse(layer)
         self.mlp = SparseMoE(config.hidden_size, config.moe) if sparse else SwiGLU(config)
@@ -282,7 +347,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
 
     def forward(
@@ -314,18 +379,25 @@ class Transformer(nn.Module):
             backend = "sdpa"  # a few new queries over cached keys: a dense mask, which varlen passes on to SDPA
         if cache is not None and backend not in ("sdpa", "eager"):
             raise ValueError(f"Incremental decoding runs on the 'sdpa' or 'eager' backend, not {backend!r}")
-        mask = make_mask(
-            backend,
-            causal=self.causal,
-            attention_mask=attention_mask,
-            document_ids=document_ids,
-            length=past + x.shape[1],
-        )
+        # One mask for every layer; flex holds the sliding window in its block mask, so it gets one per window.
+        windows = {layer.self_attn.window for layer in self.layers} if backend == "flex" else {None}
+        masks = {
+            window: make_mask(
+                backend,
+                causal=self.causal,
+                attention_mask=attention_mask,
+                document_ids=document_ids,
+                length=past + x.shape[1],
+                window=window,
+            )
+            for window in windows
+        }
         # The positions that count for the load-balancing loss of MoE layers (Decoder.aux_loss): padding does not.
         self.routed_positions = (
             attention_mask if document_ids is None or attention_mask is not None else document_ids >= 0
         )
         for index, layer in enumerate(self.layers):
+            mask = masks[layer.self_attn.window if backend == "flex" else None]
             x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))
         return self.norm(x)
 

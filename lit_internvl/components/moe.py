@@ -1,5 +1,5 @@
-"""Mixture-of-experts feed-forward (Qwen3-MoE): a float32 softmax router, the top-k of E SwiGLU experts, and the
-load-balancing auxiliary loss.
+"""Mixture-of-experts feed-forward (Qwen3-MoE, GPT-OSS): a float32 softmax router, the top-k of E SwiGLU experts, and
+the load-balancing auxiliary loss.
 
 ::
 
@@ -31,6 +31,16 @@ The router runs in float32 with autocast off (its weight is upcast when the mode
 rounding; transformers computes the logits in the model's dtype and only the softmax in float32, which is the same in
 float32 and differs in bfloat16.
 
+GPT-OSS (``style="gpt_oss"``; transformers' ``gpt_oss/modeling_gpt_oss.py``, ``GptOssTopKRouter`` and
+``GptOssExperts``) differs in three places and shares the rest: the router has a bias and weighs the top-k by a
+softmax over their logits (the same numbers as the softmax over all E renormalised over the top k, which is how
+it is computed here); the experts have biases (``experts.gate_up_proj_bias (E, 2I)``, ``experts.down_proj_bias
+(E, H)``); and their activation is the clamped SwiGLU ``(clamp(up, ±limit) + 1) · g·σ(α·g)``, ``g = min(gate,
+limit)``, α = 1.702, with gate and up interleaved in the rows of ``gate_up_proj`` (row 2i gate, row 2i + 1 up, as
+transformers' ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``). transformers keeps GPT-OSS's experts transposed
+(``gate_up_proj (E, H, 2I)``, ``down_proj (E, I, H)``) and names the router ``mlp.router``: the checkpoint mapping
+transposes and renames, and the batched computation stays one for both styles.
+
 Each :class:`SparseMoE` keeps the router logits of its last forward (``router_logits``, ``(N, E)`` float32) for
 :func:`load_balancing_loss`, the auxiliary loss the training stages add with ``aux_loss_coef``.
 """
@@ -46,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ExpertsBackend = Literal["auto", "grouped_mm", "padded", "loop"]
+MoEStyle = Literal["qwen3", "gpt_oss"]
 
 
 @dataclass
@@ -64,6 +75,10 @@ class MoEConfig:
         aux_loss_coef: weight of the load-balancing loss in the training loss (``router_aux_loss_coef``); 0 turns it
             off.
         experts_backend: how the experts compute (module docstring); every choice gives the same numbers.
+        style: ``"qwen3"``, or ``"gpt_oss"``: biases on the router and the experts, the clamped SwiGLU on interleaved
+            gate/up rows (module docstring; transformers' ``GptOssConfig``).
+        swiglu_limit: the clamp of GPT-OSS's SwiGLU (``swiglu_limit``).
+        swiglu_alpha: the sigmoid gain of GPT-OSS's SwiGLU (``swiglu_alpha``).
     """
 
     num_experts: int
@@ -74,6 +89,9 @@ class MoEConfig:
     mlp_only_layers: tuple[int, ...] = ()
     aux_loss_coef: float = 0.001
     experts_backend: ExpertsBackend = "auto"
+    style: MoEStyle = "qwen3"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
         self.mlp_only_layers = tuple(self.mlp_only_layers)
@@ -85,6 +103,10 @@ class MoEConfig:
             raise ValueError(
                 f"Unknown moe.experts_backend {self.experts_backend!r}; choose one of {get_args(ExpertsBackend)}"
             )
+        if self.style not in get_args(MoEStyle):
+            raise ValueError(f"Unknown moe.style {self.style!r}; choose one of {get_args(MoEStyle)}")
+        if self.style == "gpt_oss" and not self.norm_topk_prob:
+            raise ValueError("moe.style 'gpt_oss' weighs the top-k by a softmax over them: norm_topk_prob must be true")
 
     def is_sparse(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based) has experts, as transformers' ``Qwen3MoeDecoderLayer`` decides."""
@@ -92,21 +114,25 @@ class MoEConfig:
 
 
 class Router(nn.Module):
-    """``weight (E, H)``: token → E logits in float32, its top-k experts and their weights."""
+    """``weight (E, H)`` (and ``bias (E,)`` for GPT-OSS): token → E logits in float32, its top-k experts and their
+    weights."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)  # transformers' initializer_range
+        if self.bias is not None:
+            nn.init.normal_(self.bias, std=0.02)  # as GptOssPreTrainedModel._init_weights
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (N, H)`` → logits ``(N, E)`` and top-k weights ``(N, k)``, both float32, and expert ids ``(N, k)``."""
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         probs = logits.softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -115,17 +141,31 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stacked: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``.
+    """E SwiGLU experts stacked: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``; for ``style="gpt_oss"`` also
+    ``gate_up_proj_bias (E, 2I)`` and ``down_proj_bias (E, H)``, gate and up rows interleaved, the clamped SwiGLU.
 
     ``forward(x (N, H), experts (N, k), weights (N, k)) → (N, H)``: ``Σ_j weights[n, j] · expert_{experts[n, j]}(x[n])``
     computed by ``backend`` (module docstring).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, backend: ExpertsBackend = "auto"):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        backend: ExpertsBackend = "auto",
+        style: MoEStyle = "qwen3",
+        swiglu_limit: float = 7.0,
+        swiglu_alpha: float = 1.702,
+    ):
         super().__init__()
         self.num_experts, self.backend = num_experts, backend
+        self.style, self.swiglu_limit, self.swiglu_alpha = style, swiglu_limit, swiglu_alpha
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        biased = style == "gpt_oss"
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if biased else None
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if biased else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,6 +174,14 @@ class Experts(nn.Module):
         for weight in (self.gate_up_proj, self.down_proj):
             bound = weight.shape[-1] ** -0.5
             nn.init.uniform_(weight, -bound, bound)
+        for bias in (self.gate_up_proj_bias, self.down_proj_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)  # as GptOssPreTrainedModel._init_weights
+
+    def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.style == "gpt_oss":
+            return _clamped_swiglu(gate_up, self.swiglu_alpha, self.swiglu_limit)
+        return _swiglu(gate_up)
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         backend = self.backend if self.backend != "auto" else _auto_backend(x)
@@ -153,14 +201,20 @@ class Experts(nn.Module):
     def _grouped(self, pairs: torch.Tensor, routed: _Routing, dtype: torch.dtype) -> torch.Tensor:
         offsets = routed.counts.cumsum(0).to(torch.int32)
         gate_up = _grouped_mm(pairs, self.gate_up_proj.to(dtype).transpose(-2, -1), offsets)  # (S, 2I)
-        return _grouped_mm(_swiglu(gate_up), self.down_proj.to(dtype).transpose(-2, -1), offsets)  # (S, H)
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias.to(dtype)[routed.expert]
+        out = _grouped_mm(self._activation(gate_up), self.down_proj.to(dtype).transpose(-2, -1), offsets)  # (S, H)
+        return out if self.down_proj_bias is None else out + self.down_proj_bias.to(dtype)[routed.expert]
 
     def _padded(self, pairs: torch.Tensor, routed: _Routing, dtype: torch.dtype) -> torch.Tensor:
         capacity = int(routed.counts.max())  # the one host sync
         slot = (routed.expert, routed.rank)
         buffer = pairs.new_zeros(self.num_experts, capacity, pairs.shape[-1]).index_put(slot, pairs)  # (E, C, H)
-        hidden = _swiglu(torch.bmm(buffer, self.gate_up_proj.to(dtype).transpose(1, 2)))  # (E, C, I)
-        return torch.bmm(hidden, self.down_proj.to(dtype).transpose(1, 2))[slot]  # (S, H)
+        gate_up = torch.bmm(buffer, self.gate_up_proj.to(dtype).transpose(1, 2))  # (E, C, 2I)
+        if self.gate_up_proj_bias is not None:
+            gate_up = gate_up + self.gate_up_proj_bias.to(dtype)[:, None]
+        out = torch.bmm(self._activation(gate_up), self.down_proj.to(dtype).transpose(1, 2))[slot]  # (S, H)
+        return out if self.down_proj_bias is None else out + self.down_proj_bias.to(dtype)[routed.expert]
 
     def _loop(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float32)
@@ -168,8 +222,11 @@ class Experts(nn.Module):
             token, choice = torch.where(experts == expert)
             if token.numel() == 0:
                 continue
-            hidden = _swiglu(F.linear(x[token], self.gate_up_proj[expert]))
-            y = F.linear(hidden, self.down_proj[expert])
+            gate_up_bias, down_bias = (
+                None if b is None else b[expert] for b in (self.gate_up_proj_bias, self.down_proj_bias)
+            )
+            hidden = self._activation(F.linear(x[token], self.gate_up_proj[expert], gate_up_bias))
+            y = F.linear(hidden, self.down_proj[expert], down_bias)
             out.index_add_(0, token, y.float() * weights[token, choice, None])
         return out.to(x.dtype)
 
@@ -200,6 +257,12 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _clamped_swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's activation (``GptOssExperts._apply_gate``) on interleaved ``[g_0, u_0, g_1, u_1, …]``."""
+    gate, up = gate_up[..., ::2].clamp(max=limit), gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 def grouped_mm_available() -> bool:
     return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
@@ -228,8 +291,12 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
         self.num_experts, self.top_k = config.num_experts, config.top_k
-        self.gate = Router(hidden_size, config.num_experts, config.top_k, config.norm_topk_prob)
-        self.experts = Experts(hidden_size, config.intermediate_size, config.num_experts, config.experts_backend)
+        biased = config.style == "gpt_oss"
+        self.gate = Router(hidden_size, config.num_experts, config.top_k, config.norm_topk_prob, bias=biased)
+        self.experts = Experts(
+            hidden_size, config.intermediate_size, config.num_experts, config.experts_backend,
+            config.style, config.swiglu_limit, config.swiglu_alpha,
+        )  # fmt: skip
         self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,16 @@ Reading (``load_vlm``, ``read_vlm_state_dict``, ``read_config``) accepts both pu
 - transformers-native (``InternVLForConditionalGeneration``, ``model_type: internvl``), with either
   the in-memory names (``model.vision_tower.*``, ``model.language_model.*``, ``lm_head``) or the
   names ``save_pretrained`` writes (``vision_tower.*``, ``language_model.model.*``,
-  ``language_model.lm_head``); text model Qwen2, LLaMA, Qwen3 or Qwen3-MoE (its experts stored one matrix per
-  expert, stacked when read and split when written).
+  ``language_model.lm_head``); text model Qwen2, LLaMA, Qwen3, Qwen3-MoE (its experts stored one matrix per
+  expert, stacked when read and split when written) or GPT-OSS (its experts stacked and transposed, or MXFP4).
 - original OpenGVLab (``InternVLChatModel``, ``model_type: internvl_chat``): ``vision_model.*`` with
-  fused ``attn.qkv``, projector ``mlp1.{0,1,3}``, text model Qwen2, LLaMA, Qwen3, Qwen3-MoE or InternLM2 (its grouped
-  ``wqkv`` is split into q/k/v, ``w1/w3/w2`` become gate/up/down).
+  fused ``attn.qkv``, projector ``mlp1.{0,1,3}``, text model Qwen2, LLaMA, Qwen3, Qwen3-MoE, GPT-OSS or InternLM2 (its
+  grouped ``wqkv`` is split into q/k/v, ``w1/w3/w2`` become gate/up/down).
 
 Nothing from the checkpoint runs: ``config.json`` is read as JSON (``auto_map`` entries are ignored)
 and mapped field by field, weights come from safetensors, and a pickle (``.bin``/``.pt``) is read
 only if ``torch.load(weights_only=True)`` accepts it. A feature the components do not implement
-(rope scaling other than dynamic NTK, biases the blocks lack, sliding windows, ...) is refused with
+(rope scaling other than dynamic NTK and YaRN, biases the blocks lack, sliding windows outside GPT-OSS, ...) is refused with
 a message rather than loaded silently wrong. A folder's tokenizer is
 :class:`lit_internvl.data.tokenizer.HFTokenizer`.
 

@@ -3,7 +3,11 @@
 
 Nothing from the checkpoint runs: ``config.json`` is read as JSON (``auto_map`` entries are ignored) and mapped
 field by field. A feature the components do not implement (rope scaling other than dynamic NTK, biases the
-blocks lack, sliding windows, ...) is refused with a message rather than loaded silently wrong.
+blocks lack, sliding windows outside GPT-OSS, ...) is refused with a message rather than loaded silently wrong.
+
+GPT-OSS (``text_config.model_type: gpt_oss``, ``llm_config.architectures: [GptOssForCausalLM]``; transformers'
+``GptOssConfig``) maps to a :class:`LanguageConfig` with sinks, ``layer_types``, YaRN and a ``MoEConfig`` of style
+``"gpt_oss"`` (:func:`_language_from_gpt_oss`, and :func:`_gpt_oss_text_config` back).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from lit_internvl.components.connectors import PixelShuffleMLP
 from lit_internvl.components.language import Decoder, LanguageConfig
 from lit_internvl.components.moe import MoEConfig
+from lit_internvl.components.rotary import RopeScaling
 from lit_internvl.components.vision import InternViT, InternViTConfig
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.hf.files import UnsupportedCheckpointError, checkpoint_folder, read_json, token_id, weight_names
@@ -114,6 +119,20 @@ INTERNLM2_DEFAULTS = {
 }  # fmt: skip
 TEXT_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "InternLM2ForCausalLM": "internlm2"}
 TEXT_ARCHITECTURES.update({"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"})
+
+# GPT-OSS (transformers' GptOssConfig, gpt_oss/configuration_gpt_oss.py): the experts' fields (MoEConfig field, its
+# field), and the one value of the others lit_internvl implements. Every layer has experts; q/k/v/o share one bias flag.
+GPT_OSS_MOE_FIELDS = (
+    ("num_experts", "num_local_experts"),
+    ("top_k", "num_experts_per_tok"),
+    ("intermediate_size", "intermediate_size"),
+    ("aux_loss_coef", "router_aux_loss_coef"),
+    ("swiglu_limit", "swiglu_limit"),
+    ("swiglu_alpha", "swiglu_alpha"),
+)
+TEXT_FIXED["gpt_oss"] = (("hidden_act", "silu", "GPT-OSS's experts are its clamped SwiGLU"),)
+TEXT_ARCHITECTURES["GptOssForCausalLM"] = "gpt_oss"
+TEXT_CONFIG_CLASSES["gpt_oss"] = "GptOssConfig"
 
 
 def _ours(table: tuple[tuple[str, str], ...], theirs: Callable[[str], Any]) -> dict[str, Any]:
@@ -252,14 +271,18 @@ def _text_config_class(text_type: str):
 
 
 def _language_from_transformers(text, text_type: str, tie: bool) -> LanguageConfig:
-    """A transformers ``Qwen2Config``/``LlamaConfig``/``Qwen3Config``/``Qwen3MoeConfig`` → :class:`LanguageConfig`."""
+    """A transformers ``Qwen2Config``/``LlamaConfig``/``Qwen3Config``/``Qwen3MoeConfig``/``GptOssConfig`` →
+    :class:`LanguageConfig`."""
     _require_fixed(text, TEXT_FIXED[text_type], "text_config.")
+    if text_type == "gpt_oss":
+        return _language_from_gpt_oss(text, tie)
     moe = None
     if text_type == "qwen3_moe" and text.num_experts:
         moe = MoEConfig(**_ours(MOE_FIELDS, partial(getattr, text)))
     return _language(
         _ours(LANGUAGE_FIELDS, partial(getattr, text)),
         rope_theta=_rope_theta(dict(text.rope_parameters or {}), text.max_position_embeddings),
+        rope_scaling=_rope_scaling(dict(text.rope_parameters or {}), text.max_position_embeddings),
         head_dim=getattr(text, "head_dim", None),  # None: hidden_size // num_heads
         qkv_bias=text_type == "qwen2",
         qk_norm=text_type in ("qwen3", "qwen3_moe"),
@@ -276,7 +299,29 @@ def _language_from_internlm2(llm: dict, tie: bool) -> LanguageConfig:
     return _language(
         _ours(LANGUAGE_FIELDS, lambda name: llm.get(name, INTERNLM2_DEFAULTS[name])),
         rope_theta=_rope_theta(rope, llm.get("max_position_embeddings", 2048)),
+        rope_scaling=_rope_scaling(rope, llm.get("max_position_embeddings", 2048)),
         qkv_bias=False,
+        tie_embeddings=tie,
+    )
+
+
+def _language_from_gpt_oss(text, tie: bool) -> LanguageConfig:
+    """transformers' ``GptOssConfig`` (gpt_oss/modeling_gpt_oss.py): sinks in every attention, the windows of its
+    ``layer_types``, q/k/v/o biases by ``attention_bias``, experts of style ``"gpt_oss"`` in every layer."""
+    layer_types = tuple(text.layer_types)
+    sliding = "sliding_attention" in layer_types
+    rope = dict(text.rope_parameters or {})
+    return _language(
+        _ours(LANGUAGE_FIELDS, partial(getattr, text)),
+        head_dim=text.head_dim,
+        rope_theta=_rope_theta(rope, text.max_position_embeddings),
+        rope_scaling=_rope_scaling(rope, text.max_position_embeddings),
+        qkv_bias=text.attention_bias,
+        o_bias=text.attention_bias,
+        attention_sinks=True,
+        sliding_window=text.sliding_window if sliding else None,
+        layer_types=layer_types,
+        moe=MoEConfig(**_ours(GPT_OSS_MOE_FIELDS, partial(getattr, text)), style="gpt_oss"),
         tie_embeddings=tie,
     )
 
@@ -294,9 +339,31 @@ def _rope_theta(rope: dict, max_positions: int) -> float:
             "The checkpoint uses dynamic NTK rope scaling (factor %s): loaded as plain RoPE, exact for sequences up "
             "to max_position_embeddings=%s and not rescaled beyond", rope.get("factor"), max_positions,
         )  # fmt: skip
-    elif kind not in (None, "default"):
-        raise UnsupportedCheckpointError(f"Rope scaling {kind!r} is not supported (only none and 'dynamic'): {rope}")
+    elif kind not in (None, "default", "yarn"):  # YaRN: _rope_scaling
+        raise UnsupportedCheckpointError(
+            f"Rope scaling {kind!r} is not supported (only none, 'dynamic' and 'yarn'): {rope}"
+        )
     return float(rope.get("rope_theta", 10_000.0))
+
+
+def _rope_scaling(rope: dict, max_positions: int) -> RopeScaling | None:
+    """YaRN's parameters (transformers' ``_compute_yarn_parameters``), or None for another kind."""
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        return None
+    for key in ("mscale", "mscale_all_dim"):
+        _require(not rope.get(key), f"YaRN with {key}={rope.get(key)} (DeepSeek's attention factor)")
+    _require(
+        rope.get("partial_rotary_factor", 1.0) == 1.0, f"partial_rotary_factor {rope.get('partial_rotary_factor')}"
+    )
+    original = rope["original_max_position_embeddings"]
+    return RopeScaling(
+        factor=rope.get("factor") or max_positions / original,  # transformers' default for a missing factor
+        original_max_position_embeddings=original,
+        beta_fast=rope.get("beta_fast") or 32.0,
+        beta_slow=rope.get("beta_slow") or 1.0,
+        truncate=rope.get("truncate", True),
+        attention_factor=rope.get("attention_factor"),
+    )
 
 
 def _note_remote_code(raw: dict, folder: Path) -> None:
@@ -392,9 +459,11 @@ def _vision_config(vision: InternViTConfig, tile_size: int):
 
 
 def text_model_type(language: LanguageConfig) -> str:
-    """The transformers text model that computes what ``language`` describes: ``"qwen3_moe"``, ``"qwen3"``,
-    ``"qwen2"`` or ``"llama"``; a combination none of them has (qk-norm with qkv bias, experts without qk-norm)
-    is refused."""
+    """The transformers text model that computes what ``language`` describes: ``"gpt_oss"`` (:func:`is_gpt_oss`),
+    ``"qwen3_moe"``, ``"qwen3"``, ``"qwen2"`` or ``"llama"``; a combination none of them has (qk-norm with qkv bias,
+    experts without qk-norm) is refused."""
+    if is_gpt_oss(language):
+        return "gpt_oss"
     if language.moe is not None or language.qk_norm:
         if language.qkv_bias or not language.qk_norm:
             raise ValueError(
@@ -407,9 +476,14 @@ def text_model_type(language: LanguageConfig) -> str:
 
 def _text_config(language: LanguageConfig, max_position_embeddings: int):
     text_type = text_model_type(language)
+    if text_type == "gpt_oss":
+        return _gpt_oss_text_config(language)
+    for field, value in (("o_bias", language.o_bias), ("sliding_window", language.sliding_window)):
+        if value:
+            raise ValueError(f"Export of {field}={value} outside GPT-OSS: {text_type}'s config cannot say it")
     text = dict(
         **_theirs(LANGUAGE_FIELDS, language),
-        rope_parameters={"rope_type": "default", "rope_theta": language.rope_theta},
+        rope_parameters=_rope_parameters(language),
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=language.tie_embeddings,
     )
@@ -420,3 +494,54 @@ def _text_config(language: LanguageConfig, max_position_embeddings: int):
     if language.moe is not None:
         text.update(_theirs(MOE_FIELDS, language.moe), mlp_only_layers=list(language.moe.mlp_only_layers))
     return _text_config_class(text_type)(**text, **_fixed(TEXT_FIXED[text_type]))
+
+
+def is_gpt_oss(language: LanguageConfig) -> bool:
+    """Whether ``language`` is a GPT-OSS decoder (sinks or GPT-OSS experts), exported as transformers' ``gpt_oss``."""
+    return language.attention_sinks or (language.moe is not None and language.moe.style == "gpt_oss")
+
+
+def _gpt_oss_text_config(language: LanguageConfig):
+    """The ``GptOssConfig`` of a GPT-OSS decoder; what GPT-OSS cannot say (a layer without experts or sinks, q/k/v
+    biases without an o_proj bias, qk-norm, plain RoPE) is refused."""
+    from transformers import GptOssConfig
+
+    moe, scaling = language.moe, language.rope_scaling
+    problems = {
+        "every attention has sinks": language.attention_sinks,
+        "every layer has GPT-OSS experts": moe is not None
+        and moe.style == "gpt_oss"
+        and moe.sparse_step == 1
+        and not moe.mlp_only_layers,
+        "q/k/v and o_proj biases go together": language.qkv_bias == language.o_bias,
+        "no qk-norm": not getattr(language, "qk_norm", False),
+        "YaRN rotary scaling": scaling is not None,
+    }
+    broken = [rule for rule, holds in problems.items() if not holds]
+    if broken:
+        raise ValueError(f"Export as transformers' gpt_oss needs: {'; '.join(broken)}")
+    return GptOssConfig(
+        **{name: value for name, value in _theirs(LANGUAGE_FIELDS, language).items() if name != "intermediate_size"},
+        **_theirs(GPT_OSS_MOE_FIELDS, moe),  # GPT-OSS's intermediate_size is the experts' width
+        head_dim=language.head_dim,
+        attention_bias=language.o_bias,
+        sliding_window=language.sliding_window,
+        layer_types=list(language.layer_types or ("full_attention",) * language.num_layers),
+        rope_parameters=_rope_parameters(language),
+        max_position_embeddings=int(scaling.factor * scaling.original_max_position_embeddings),
+        tie_word_embeddings=language.tie_embeddings,
+        **_fixed(TEXT_FIXED["gpt_oss"]),
+    )  # fmt: skip
+
+
+def _rope_parameters(language: LanguageConfig) -> dict[str, Any]:
+    """transformers' ``rope_parameters``: plain RoPE, or YaRN's fields."""
+    scaling = language.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": language.rope_theta}
+    extra = {} if scaling.attention_factor is None else {"attention_factor": scaling.attention_factor}
+    return {
+        "rope_type": "yarn", "rope_theta": language.rope_theta, "factor": scaling.factor,
+        "original_max_position_embeddings": scaling.original_max_position_embeddings, "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow, "truncate": scaling.truncate, **extra,
+    }  # fmt: skip

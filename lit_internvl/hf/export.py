@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lit_internvl.hf.config import export_tile_size, transformers_config
+from lit_internvl.hf.config import export_tile_size, text_model_type, transformers_config
 from lit_internvl.hf.files import copy_tokenizer_files, save_sharded
 from lit_internvl.hf.names import preview, to_transformers_state_dict
 from lit_internvl.models.vlm import VisionLanguageModel
@@ -40,7 +40,7 @@ def export_vlm(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(output))
-    tensors = to_transformers_state_dict(state)
+    tensors = to_transformers_state_dict(state, text_model_type(model.decoder.config))
     # the copies to the CPU are the slow part of a large model's export (disable=None: a bar on a terminal only)
     bar = tqdm(tensors.items(), desc=f"export → {output}", unit=" tensors", total=len(tensors), disable=None)
     save_sharded({k: v.cpu() for k, v in bar}, output, max_shard_bytes)

@@ -14,6 +14,10 @@ Names, lit_internvl ← transformers (as saved) ← OpenGVLab; the tables below 
     decoder.lm_head                     language_model.lm_head                      language_model.{lm_head|output}
     decoder.layers.N.mlp.experts.       ….layers.N.mlp.experts.E.{gate,up,down}_    (same as transformers, per
       {gate_up_proj,down_proj}            proj.weight (one matrix per expert)         expert, as Qwen3-MoE releases)
+    decoder.layers.N.mlp.gate           ….layers.N.mlp.router (GPT-OSS)             (same as transformers)
+    decoder.layers.N.mlp.experts.       ….layers.N.mlp.experts.{gate_up_proj        (GPT-OSS: as transformers, or MXFP4
+      {gate_up_proj (E, 2I, H),           (E, H, 2I), down_proj (E, I, H)}            {…}_blocks / {…}_scales)
+       down_proj (E, H, I)}               (GPT-OSS, transposed)
 
 The experts of a Qwen3-MoE layer are one stacked tensor per projection in memory (lit_internvl and transformers 5
 alike: :mod:`lit_internvl.components.moe`) and one matrix per expert on disk: transformers 5's ``save_pretrained``
@@ -21,6 +25,14 @@ writes ``experts.E.gate_proj.weight`` ``(I, H)``, ``experts.E.up_proj.weight`` a
 ``(H, I)``, as the Qwen3-MoE releases and OpenGVLab's InternVL3_5-30B-A3B / -241B-A28B store them (xtuner's
 Qwen3-MoE conversion lists the same names). Reading stacks them (:func:`stack_experts`; the in-memory stacked names
 load as they are), writing splits them.
+
+GPT-OSS's experts: transformers holds and saves them as ``GptOssExperts`` keeps them, stacked and transposed
+(``gate_up_proj (E, H, 2I)`` with gate and up columns interleaved, ``down_proj (E, I, H)``, biases ``(E, 2I)`` and
+``(E, H)``), the router as ``mlp.router`` with a bias; OpenGVLab's InternVLChatModel wraps transformers'
+GptOssForCausalLM, so its names are the same. openai's releases store the expert matrices in MXFP4 instead
+(``gate_up_proj_blocks (E, 2I, H/32, 16)`` uint8, two FP4 values a byte, and ``gate_up_proj_scales (E, 2I, H/32)``,
+a power-of-two exponent per 32 values): read, they are dequantised (:func:`dequantize_mxfp4`, exact in bfloat16),
+already in lit_internvl's orientation.
 """
 
 from __future__ import annotations
@@ -126,7 +138,10 @@ def to_ours(raw: Mapping[str, torch.Tensor], spec: CheckpointSpec, source: str) 
             f"{source}: {len(unknown)} tensor(s) have no lit_internvl name{preview(unknown)}"
         )
     out.update(_fused_qkv(to_fuse, source))
-    out = stack_experts(out, source)
+    if spec.text_architecture == "gpt_oss":
+        out = gpt_oss_from_transformers(out, source)
+    else:
+        out = stack_experts(out, source)
     if spec.language.tie_embeddings and "decoder.lm_head.weight" in out:
         head = out.pop("decoder.lm_head.weight")
         if not torch.equal(head, out.get("decoder.embed_tokens.weight", head)):
@@ -213,11 +228,75 @@ def split_wqkv(wqkv: torch.Tensor, config: LanguageConfig) -> tuple[torch.Tensor
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+_GPT_OSS_EXPERTS = re.compile(r"(decoder\.layers\.\d+\.mlp\.experts\.(?:gate_up|down)_proj)(_blocks|_scales)?")
+_GPT_OSS_ROUTER = re.compile(r"(decoder\.layers\.\d+\.mlp)\.(router|gate)\.(weight|bias)")
+# FP4 (e2m1) by its 4-bit code: sign, 2 exponent bits, 1 mantissa bit (the OCP microscaling formats' table).
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def gpt_oss_from_transformers(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """GPT-OSS decoder tensors under lit_internvl's prefix but transformers' layout → lit_internvl's: ``mlp.router``
+    → ``mlp.gate``, the experts transposed, MXFP4 experts dequantised; every other tensor as it is."""
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, tensor in state.items():
+        experts, router = _GPT_OSS_EXPERTS.fullmatch(name), _GPT_OSS_ROUTER.fullmatch(name)
+        if experts and experts.group(2):
+            packed[experts.group(1)][experts.group(2)] = tensor
+        elif experts:
+            out[name] = tensor.transpose(1, 2).contiguous()  # (E, H, 2I) → (E, 2I, H); (E, I, H) → (E, H, I)
+        elif router:
+            out[f"{router.group(1)}.gate.{router.group(3)}"] = tensor
+        else:
+            out[name] = tensor
+    for name, parts in packed.items():
+        if set(parts) != {"_blocks", "_scales"}:
+            raise UnsupportedCheckpointError(
+                f"{source}: {name} has MXFP4 {sorted(parts)} but needs _blocks and _scales"
+            )
+        out[name] = dequantize_mxfp4(parts["_blocks"], parts["_scales"])
+    return out
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MXFP4 ``blocks (…, G, 16)`` uint8 (two FP4 values a byte, the low 4 bits first) and ``scales (…, G)`` uint8
+    (a power of two per block of 32 values, exponent biased by 127) → ``(…, G·32)`` (transformers'
+    ``integrations/mxfp4.py``, ``convert_moe_packed_tensors``, before its transpose). Exact in bfloat16: each value is
+    an FP4 number times a power of two."""
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    table = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    blocks = blocks.to(torch.uint8).long()
+    values = torch.stack([table[blocks & 0x0F], table[blocks >> 4]], dim=-1).flatten(-2)  # (…, G, 32)
+    values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
+    return values.flatten(-2).to(dtype)
+
+
+def gpt_oss_to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`gpt_oss_from_transformers` (without the quantisation): ``mlp.gate`` → ``mlp.router``,
+    the experts transposed back."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        experts, router = _GPT_OSS_EXPERTS.fullmatch(name), _GPT_OSS_ROUTER.fullmatch(name)
+        if experts and not experts.group(2):
+            out[name] = tensor.transpose(1, 2)
+        elif router:
+            out[f"{router.group(1)}.router.{router.group(3)}"] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
 # -- lit_internvl → transformers -------------------------------------------------------------------------------
 
 
-def to_transformers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """lit_internvl names → the names transformers' ``save_pretrained`` writes for InternVL."""
+def to_transformers_state_dict(
+    state: Mapping[str, torch.Tensor], text_type: str | None = None
+) -> dict[str, torch.Tensor]:
+    """lit_internvl names → the names transformers' ``save_pretrained`` writes for InternVL; ``text_type``
+    ``"gpt_oss"``: a GPT-OSS decoder, its router and experts in transformers' layout."""
+    if text_type == "gpt_oss":
+        state = gpt_oss_to_transformers(state)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         tensor = tensor.detach()
@@ -227,7 +306,7 @@ def to_transformers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, t
             for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
                 out[f"vision_tower.encoder.layer.{index}.attention.{proj}_proj.{leaf}"] = part.clone()
             continue
-        stacked = _STACKED.fullmatch(name)
+        stacked = _STACKED.fullmatch(name) if text_type != "gpt_oss" else None  # GPT-OSS's stay stacked
         if stacked:  # the experts as transformers' save_pretrained writes them: a matrix per expert
             prefix = "language_model.model." + stacked.group(1)[len("decoder.") :]
             out.update(_split_experts(prefix, stacked.group(2), tensor))

@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from lit_internvl.hf.files import checkpoint_folder, read_json, read_tensors
-from lit_internvl.hf.names import _our_name, preview, stack_experts
+from lit_internvl.hf.names import _our_name, gpt_oss_from_transformers, preview, stack_experts
 
 VISION_ARCHITECTURES = ("InternVisionModel",)
-TEXT_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+TEXT_ARCHITECTURES = (
+    "Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GptOssForCausalLM",
+)  # fmt: skip
 
 
 def part_of(folder: str | Path) -> str | None:
@@ -56,4 +58,6 @@ def read_part_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
             out[name] = tensor
     if unknown:
         raise ValueError(f"{folder}: {len(unknown)} tensor(s) have no lit_internvl name{preview(unknown)}")
+    if "GptOssForCausalLM" in (read_json(folder / "config.json").get("architectures") or []):
+        return gpt_oss_from_transformers(out, str(folder))  # its router renamed, experts transposed or dequantised
     return stack_experts(out, str(folder))

@@ -25,6 +25,10 @@ QWEN2_IMG_CONTEXT_ID = 151667
 # InternVL3_5-30B-A3B recipe give image_token_id 151671).
 QWEN3_IMG_CONTEXT_ID = 151671
 INTERNLM2_IMG_CONTEXT_ID = 92546
+# <IMG_CONTEXT> of InternVL3.5-20B-A4B's GPT-OSS tokenizer (o200k_harmony, 200019 tokens up to <|endofprompt|> 200018):
+# InternVL's added tokens follow, <img> 200019, </img> 200020, <IMG_CONTEXT> 200021. Derived, not checked against the
+# release (lit_internvl.hf reads the id from a checkpoint's tokenizer files).
+GPT_OSS_IMG_CONTEXT_ID = 200021
 BYTE_IMG_CONTEXT_ID = 261
 
 
@@ -49,6 +53,8 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     },
     "InternVL3.5-38B": InternVLPreset("InternViT-6B-448px-V1-5", "InternVL3.5-38B", QWEN3_IMG_CONTEXT_ID),
     "InternVL3.5-241B-A28B": InternVLPreset("InternViT-6B-448px-V1-5", "InternVL3.5-241B-A28B", QWEN3_IMG_CONTEXT_ID),
+    # InternVL3.5-20B-A4B (OpenGVLab's InternVL3_5-GPT-OSS-20B-A4B-Preview): InternViT-300M + GPT-OSS-20B.
+    "InternVL3.5-20B-A4B": InternVLPreset("InternViT-300M-448px", "InternVL3.5-20B-A4B", GPT_OSS_IMG_CONTEXT_ID),
     # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
     "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
     # recipes/sft.yaml's and mpo.yaml's model: the "shapes" tokenizer (the byte tokenizer's ids, then words).
@@ -56,6 +62,8 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     # Their Qwen3 and Qwen3-MoE twins (recipes/models/tiny_qwen3.yaml, tiny_moe.yaml).
     "tiny-qwen3": InternVLPreset("tiny", "tiny-qwen3", BYTE_IMG_CONTEXT_ID),
     "tiny-moe": InternVLPreset("tiny", "tiny-moe", BYTE_IMG_CONTEXT_ID),
+    # The GPT-OSS twin.
+    "tiny-gpt-oss": InternVLPreset("tiny", "tiny-gpt-oss", BYTE_IMG_CONTEXT_ID),
 }
 
 
