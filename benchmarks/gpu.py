@@ -1,6 +1,7 @@
 """Every GPU speed table in one run: MFU of InternVL3-1B on a packed row per attention backend, compiled or
 not, with the head + loss chunked or not, q/k/v and gate/up fused or not; where its step's time goes (torch profiler); the matmul ceiling at the
-model's own GEMM shapes; InternVL3-8B at full width and reduced depth, and with LoRA at full depth; torchao float8.
+model's own GEMM shapes; InternVL3-8B at full width and reduced depth, and with LoRA at full depth; InternVL3.5-8B
+(Qwen3) and -30B-A3B (Qwen3-MoE) the same way (the MoE's LoRA at 12 of its 48 layers); torchao float8.
 
     PYTHONPATH=$PWD python benchmarks/gpu.py                    # on the GPU (benchmarks/gpu.sh runs this and the rest)
     PYTHONPATH=$PWD .venv/bin/python benchmarks/gpu.py --tiny   # CPU rehearsal: the same code paths at tiny sizes
@@ -43,8 +44,17 @@ MODELS = {
     "1B": ("InternVL3-1B", None, None, 8192),
     "8B-4L": ("InternVL3-8B", 4, None, 8192),  # full width, 4 of 28 decoder layers: the same layer shapes
     "8B-LoRA": ("InternVL3-8B", None, 16, 8192),
+    # InternVL3.5: Qwen3-8B (qk-norm, head_dim 128) at full width, 4 of 36 layers, and LoRA at full depth; Qwen3-30B-A3B
+    # (128 experts, 8 a token) at full width, 4 of 48 layers, and LoRA (attention and experts) on 12 of them.
+    "3.5-8B-4L": ("InternVL3.5-8B", 4, None, 8192),
+    "3.5-8B-LoRA": ("InternVL3.5-8B", None, 16, 8192),
+    "3.5-30B-A3B-4L": ("InternVL3.5-30B-A3B", 4, None, 8192),
+    "3.5-30B-A3B-LoRA-12L": ("InternVL3.5-30B-A3B", 12, 16, 8192),
     "tiny": ("tiny", None, None, 4096),  # packed_batch's documents are 256–1,280 text tokens and a tile
     "tiny-LoRA": ("tiny", None, 4, 4096),
+    "tiny-qwen3": ("tiny-qwen3", None, None, 4096),  # the CPU rehearsal of the InternVL3.5 rows
+    "tiny-moe": ("tiny-moe", None, None, 4096),
+    "tiny-moe-LoRA": ("tiny-moe", None, 4, 4096),
 }
 
 
@@ -315,6 +325,10 @@ def ceiling_worker(args) -> dict:
 def plan(tiny: bool, have_float8: bool, have_xformers: bool) -> list[list[str]]:
     """The measurements in priority order (the budget may end the list early)."""
     one, eight, lora = ("tiny", "tiny", "tiny-LoRA") if tiny else ("1B", "8B-4L", "8B-LoRA")
+    dense35, moe35, dense35_lora, moe35_lora = (
+        ("tiny-qwen3", "tiny-moe", "tiny-LoRA", "tiny-moe-LoRA") if tiny
+        else ("3.5-8B-4L", "3.5-30B-A3B-4L", "3.5-8B-LoRA", "3.5-30B-A3B-LoRA-12L")
+    )  # fmt: skip
     fast = "sdpa" if tiny else "varlen"  # varlen has CUDA kernels only
     mfu = ["--mode", "mfu", "--model"]
     runs = [
@@ -322,6 +336,10 @@ def plan(tiny: bool, have_float8: bool, have_xformers: bool) -> list[list[str]]:
         ["--mode", "ceiling", "--model", one],
         [*mfu, eight, "--backend", fast, "--compiled", "--profile"],
         [*mfu, one, "--backend", "sdpa"],  # the configuration of the previous (H100) measurement
+        [*mfu, dense35, "--backend", fast, "--compiled"],  # InternVL3.5 (Qwen3, Qwen3-MoE): full width, reduced depth
+        [*mfu, moe35, "--backend", fast, "--compiled"],
+        [*mfu, dense35_lora, "--backend", fast],
+        [*mfu, moe35_lora, "--backend", fast],
         [*mfu, one, "--backend", fast],
         [*mfu, one, "--backend", fast, "--compiled", "--fused"],
         [*mfu, one, "--backend", fast, "--compiled", "--head", "unchunked"],
