@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lit_internvl.checkpoint_io import install
 from lit_internvl.distributed import world
 
 
@@ -46,6 +47,9 @@ def _loaders(iterables) -> list:
 class ExactResume(L.Callback):
     """Every stage adds this callback (``Stage.configure_callbacks``).
 
+    - Checkpoint files: it gives the trainer's strategy :class:`~lit_internvl.checkpoint_io.SafeCheckpointIO`
+      (read with ``weights_only=True`` from any path or URL, written beside the target and renamed).
+
     - Random state: the torch, CUDA, numpy and Python generators of every rank are saved with the
       checkpoint and set again just before the first batch a resumed run trains on, so stochastic layers
       (drop-path, dropout) draw what the uninterrupted run drew at that step.
@@ -61,6 +65,11 @@ class ExactResume(L.Callback):
 
     def __init__(self) -> None:
         self._rng_to_restore: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Before Lightning reads --ckpt_path (after the setup hooks): every checkpoint read with weights_only=True,
+        # every file written beside its target and renamed.
+        install(trainer.strategy)
 
     def on_train_start(self, trainer, pl_module) -> None:
         fit_loop = trainer.fit_loop
