@@ -50,6 +50,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+RUN_FACTS = "lit_internvl_run"  # the checkpoint's entry of facts about the run: {"stage": "module.Class", ...}
 COMPLETE = "COMPLETE"  # a distributed checkpoint's last file: JSON {"target", "global_step", "time"}
 METADATA = "meta.pt"  # Lightning's file of a distributed checkpoint's loops, callbacks and hyper-parameters
 PARTIAL, ASIDE = ".partial-", ".aside-"  # names free of "last": Lightning's own "last" search matches substrings
@@ -176,6 +177,43 @@ def _remove(path: Path) -> None:
 # -- writing ---------------------------------------------------------------------------------------------------------
 
 
+class _Writes:
+    """A file's ``write`` and ``flush`` that keep the ``OSError`` (a full disk, a size limit) the writer met: torch's
+    zip writer reports it only as "unexpected pos 768 vs 662"."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a new file ``path``, then flush and sync it to disk; a disk error the writer met is
+    raised as that ``OSError``."""
+    with open(path, "wb") as f:
+        writes = _Writes(f)
+        try:
+            write(writes)
+            f.flush()
+            os.fsync(f.fileno())
+        except Exception as error:
+            if writes.error is not None and writes.error is not error:
+                raise writes.error from error
+            raise
+
+
 def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a new file beside ``target`` and rename it over ``target`` once written and synced:
     ``target`` is at every moment the old complete file or the new complete one. A failure removes the new file
@@ -184,10 +222,7 @@ def write_atomically(target: str | os.PathLike, write: Callable[[BinaryIO], None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f"{PARTIAL}{_token()}"
     try:
-        with open(partial, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_file(partial, write)
         if target.is_dir() and not target.is_symlink():  # a distributed checkpoint of an earlier run
             swap_in(partial, target)
         else:
@@ -275,6 +310,89 @@ def newest_complete(folders: Iterable[str | os.PathLike], last_only: bool = Fals
     where = ", ".join(str(f) for f in folders) or "no checkpoint folder (no ModelCheckpoint callback)"
     found = f": {'; '.join(skipped)}" if skipped else ""
     raise CheckpointError(f"--ckpt_path last: no complete checkpoint in {where}{found}")
+
+
+# -- what a resumed run must agree with ------------------------------------------------------------------------------
+
+# Options a resumed run may change: they shape no state the checkpoint restores (the optimiser's learning rates,
+# betas and weight decay are set again after the restore, see ExactResume), so the new value applies from the first
+# step resumed. Any other change of a stage's option is refused: it would continue another run than the one saved.
+APPLIED_ON_RESUME = frozenset(
+    {
+        "learning_rate", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "part_lr", "vision_layer_decay",
+        "generation", "speed", "activation_checkpointing", "attn_backend", "init_from", "init_from_rename",
+    }
+)  # fmt: skip
+
+
+def stage_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def saved_stage(checkpoint: dict) -> str | None:
+    """The stage class that wrote ``checkpoint`` (``module.Class``), or None when it does not say."""
+    stage = (checkpoint.get(RUN_FACTS) or {}).get("stage")
+    if stage:
+        return stage
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")  # LightningCLI's record
+    if not class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        import importlib
+
+        return stage_name(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError):
+        return class_path
+
+
+def _fitting(module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and str(trainer.state.fn) in ("fit", "TrainerFn.FITTING")
+
+
+def check_stage(module, checkpoint: dict, source) -> None:
+    """A run resumes (``fit --ckpt_path``) only a checkpoint of its own stage class; other commands only say so."""
+    saved, run = saved_stage(checkpoint), stage_name(type(module))
+    if saved is None or saved == run:
+        return
+    if not _fitting(module):
+        rank_zero_info(f"{source} was written by {saved}; evaluated here with {run}")
+        return
+    raise CheckpointError(
+        f"--ckpt_path {source} is a checkpoint of {saved}, and this run's stage (model.class_path) is {run}: a run "
+        f"resumes only its own stage's checkpoints. To start a {type(module).__name__} run from its weights, give it "
+        "as model.init_args.init_from instead."
+    )
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_hyperparameters(module, checkpoint: dict, source) -> list[str]:
+    """Compare a resumed run's options (``module.hparams``) with the checkpoint's: a change outside
+    :data:`APPLIED_ON_RESUME` is an error naming each key; the others are logged and returned (they apply)."""
+    if not _fitting(module):
+        return []
+    saved = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    run = {k: v for k, v in dict(module.hparams).items() if not k.startswith("_")}
+    changed = sorted(k for k in saved.keys() & run.keys() if _plain(saved[k]) != _plain(run[k]))
+    describe = {k: f"model.init_args.{k}: {saved[k]!r} in the checkpoint, {run[k]!r} now" for k in changed}
+    refused = [describe[k] for k in changed if k not in APPLIED_ON_RESUME]
+    if refused:
+        raise CheckpointError(
+            f"--ckpt_path {source}: a resumed run continues the run it saved, and this one changes "
+            + "; ".join(refused)
+            + ". Give the checkpoint's values, or start a new run from its weights (model.init_args.init_from)."
+        )
+    for key in changed:
+        rank_zero_info(f"--ckpt_path {source}: resumed with {describe[key]} (applied from the first step resumed)")
+    return changed
 
 
 # -- the Lightning plug-in -------------------------------------------------------------------------------------------
