@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from lit_internvl.checkpoint_io import check_hyperparameters, check_stage
 from lit_internvl.checkpoints import load_into, read_state_dict
 from lit_internvl.components.attention import Backend, set_attention_backend
 from lit_internvl.data.contract import StageData
@@ -211,6 +212,13 @@ class Stage(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before the weights load: a resumed run refuses a checkpoint of another stage, and changed options that it
+        cannot apply (:mod:`lit_internvl.checkpoint_io`), each named."""
+        source = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        check_stage(self, checkpoint, source)
+        check_hyperparameters(self, checkpoint, source)
 
     def configure_callbacks(self):
         from lit_internvl.callbacks.metrics_report import MetricsReport
