@@ -395,6 +395,30 @@ def check_hyperparameters(module, checkpoint: dict, source) -> list[str]:
     return changed
 
 
+def fingerprint(module) -> dict[str, list[float]]:
+    """Per tensor of ``module``'s state (unsharded), its float64 sum and sum of squares: enough to tell whether a
+    model rebuilt from a file on resume is the one a run started from (MPO's reference), cheap on any size."""
+    out = {}
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if (
+                torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.is_meta
+            ):  # meta: a plan, no weights
+                values = tensor.detach().double()
+                out[name] = [values.sum().item(), values.square().sum().item()]
+    return out
+
+
+def fingerprint_differences(saved: dict, now: dict, rel: float = 1e-6) -> list[str]:
+    """The tensor names whose fingerprints disagree (beyond summation-order rounding), or that one side lacks."""
+
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+    names = sorted(saved.keys() | now.keys())
+    return [n for n in names if n not in saved or n not in now or not all(map(close, saved[n], now[n]))]
+
+
 # -- the Lightning plug-in -------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_internvl.checkpoint_io import RUN_FACTS, install, stage_name
 from lit_internvl.distributed import world
@@ -73,6 +74,21 @@ def _apply_options(trainer, configured: list[list[dict]]) -> None:
                 scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
+def _count_batches_as_the_loader_does(trainer) -> None:
+    """A train loader resumed with another batch size or number of processes continues its epoch at another batch
+    index than the checkpoint counted (:class:`~lit_internvl.data.resumable.ResumableDataLoader`): Lightning's count
+    of the epoch's batches follows it, so that the epoch ends when its data does, every sample trained once."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    for loader in _loaders(trainer.train_dataloader):
+        saved, now = getattr(loader, "resumed_batches", None) or (0, 0)
+        if saved != now:
+            for counts in (progress.current, progress.total):
+                for field in ("ready", "started", "processed", "completed"):
+                    setattr(counts, field, getattr(counts, field) + now - saved)
+            rank_zero_info(f"Resumed with another global batch: the epoch continues at batch {now} (was {saved})")
+        loader.resumed_batches = None
+
+
 def _continue_a_cut_epoch(checkpoint: dict) -> None:
     """A checkpoint written when ``max_steps`` ended a run mid-epoch counts that epoch processed: Lightning would
     resume an extended run (a larger ``max_steps``) at the next epoch, the rest of this one never trained. Count it
@@ -125,6 +141,7 @@ class ExactResume(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.ckpt_path is not None and self._options is not None:
             _apply_options(trainer, self._options)
+        _count_batches_as_the_loader_does(trainer)
         fit_loop = trainer.fit_loop
         if fit_loop.restarting and getattr(fit_loop, "_combined_loader_states_to_load", None):
             raise RuntimeError(
@@ -161,3 +178,9 @@ class ExactResume(L.Callback):
         rank, world_size = world()
         if len(states) == world_size:
             self._rng_to_restore = states[rank]
+        elif states:
+            rank_zero_warn(
+                f"The checkpoint holds the random state of {len(states)} processes and this run has {world_size}: "
+                "each process goes on from its own seeded state, so dropout and drop-path draw otherwise than the "
+                "saved run would have (the data continues exactly)."
+            )

@@ -57,6 +57,8 @@ class JsonlSamples(Dataset):
         self.skips = SkipCounter()
         specs, strict = dataset_specs(source, image_root, allow_absolute_paths), builder.options.strict
         self.items = [item for spec in specs for item in index_records(spec, strict, self.skips)]
+        # What a resumed run's saved position is a position in (ResumableDataLoader): the files and their sizes.
+        self.source = ", ".join(f"{spec.annotation} ({spec.annotation.stat().st_size} bytes)" for spec in specs)
 
     def __len__(self) -> int:
         return len(self.items)

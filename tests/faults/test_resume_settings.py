@@ -91,3 +91,107 @@ def _fit_steps(root, steps, every_step, ckpt_path=None):
     )  # fmt: skip
     trainer.fit(_stage(), _shapes(), ckpt_path=ckpt_path)
     return recorder
+
+
+# -- the data position, in samples ---------------------------------------------------------------------------------
+
+
+def _shapes_of(batch_size: int, train_size: int = 16):
+    from lit_internvl.data import ShapesDataModule
+    from tests.tiny import asked
+
+    def make():
+        return asked(ShapesDataModule(records="questions", train_size=train_size, val_size=4, batch_size=batch_size,
+                                      system="Answer in one word."))  # fmt: skip
+
+    return make
+
+
+def _flat(names: list[list[str]]) -> list[str]:
+    return [name for batch in names for name in batch]
+
+
+@pytest.mark.parametrize("before, after", [(4, 2), (2, 4)])
+def test_a_new_batch_size_on_resume_trains_the_rest_of_the_epoch_once(tmp_path, before, after):
+    """Killed after 8 of an epoch's 16 samples, resumed with another batch size: the other 8 samples, in the order
+    the uninterrupted run trains them, and the epoch ends there (Lightning counts the new batches)."""
+    from tests.test_resume import _fit
+
+    kill_at = 8 // before
+    whole = _fit(_shapes_of(before), tmp_path / "whole", ends="max_epochs")
+    killed = _fit(_shapes_of(before), tmp_path / "run", kill_at=kill_at, ends="max_epochs")
+    resumed = _fit(_shapes_of(after), tmp_path / "run", ckpt_path="last", ends="max_epochs")
+    first_epoch = _flat(whole.names)[:16]
+    assert _flat(killed.names) + _flat(resumed.names)[:8] == first_epoch
+    assert sorted(_flat(resumed.names)[8:]) == sorted(first_epoch) and len(resumed.names) == 8 // after + 16 // after
+
+
+def test_resumed_on_other_data_is_refused_naming_what_changed(tmp_path):
+    from tests.test_resume import _fit
+
+    _fit(_shapes_of(4), tmp_path, kill_at=2, ends="max_epochs")
+    with pytest.raises(ValueError, match=r"other training data than this run's \(size 16 → 20"):
+        _fit(_shapes_of(4, train_size=20), tmp_path, ckpt_path="last", ends="max_epochs")
+
+
+@pytest.mark.parametrize("before, after", [(2, 3), (2, 1), (1, 2)])
+def test_a_position_saved_by_some_ranks_continues_on_others_with_every_sample_once(before, after):
+    """The loaders of ``before`` ranks train 2 batches of 3 each; ``after`` ranks continue from the saved state: the
+    epoch's 25 samples are each trained once (the last ranks' padding repeats the order's head, as
+    DistributedSampler pads)."""
+    from lit_internvl.data.resumable import ResumableDataLoader, ResumableSampler
+
+    dataset = list(range(25))
+
+    def loader(rank: int, replicas: int):
+        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=3)
+        return ResumableDataLoader(dataset, sampler, batch_size=3, collate_fn=list)
+
+    trained, state = [], None
+    for rank in range(before):
+        first = loader(rank, before)
+        iterator = iter(first)
+        for _ in range(2):
+            trained += next(iterator)
+            first.mark_consumed()
+        state = first.state_dict()
+    assert state["samples"] == 6 * before
+    for rank in range(after):
+        rest = loader(rank, after)
+        rest.load_state_dict(state)
+        trained += [index for batch in rest for index in batch]
+    assert set(trained) == set(dataset)
+    padding = len(trained) - len(dataset)
+    assert padding < after, "only the last ranks' padding repeats"
+
+
+def test_another_number_of_processes_says_the_random_state_is_not_restored():
+    from lit_internvl.callbacks.resume import ExactResume, rng_states
+
+    with pytest.warns(UserWarning, match="random state of 2 processes and this run has 1"):
+        ExactResume().load_state_dict({"rng": [rng_states(), rng_states()]})
+
+
+# -- MPO's reference -------------------------------------------------------------------------------------------------
+
+
+def test_mpo_refuses_a_reference_rebuilt_from_a_changed_init_from(tmp_path, sft_checkpoint):
+    """MPO's reference is rebuilt from init_from on resume: the same file resumes; the file replaced since (another
+    SFT run written to the same path, as re-running a chain's earlier stage does) is refused."""
+    import shutil
+
+    start = tmp_path / "sft.ckpt"
+    shutil.copy(sft_checkpoint, start)
+    mpo = tmp_path / "mpo"
+    args = ("--model.init_args.init_from", str(start))
+    cli("fit", mpo, *args, "--trainer.max_steps", "1", recipe="mpo.yaml", overrides=_mpo_overrides(mpo))
+    last = str(mpo / "checkpoints" / "last.ckpt")
+    resumed = cli("fit", mpo, *args, "--ckpt_path", last, "--trainer.max_steps", "2", recipe="mpo.yaml",
+                  overrides=_mpo_overrides(mpo))  # fmt: skip
+    assert resumed.trainer.global_step == 2
+
+    cli("fit", tmp_path / "sft2", "--trainer.max_steps", "2")  # other weights
+    shutil.copy(tmp_path / "sft2" / "checkpoints" / "last.ckpt", start)
+    with pytest.raises(CheckpointError, match=r"reference model is rebuilt from model\.init_args\.init_from .* differ"):
+        cli("fit", mpo, *args, "--ckpt_path", last, "--trainer.max_steps", "3", recipe="mpo.yaml",
+            overrides=_mpo_overrides(mpo))  # fmt: skip
