@@ -46,6 +46,11 @@ class ByteTokenizer:
         self.pad_id = self.special_ids[END_OF_TEXT]
         self.eos_id = self.special_ids[IM_END]
 
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for (a special token, a word with its space)."""
+        return max(len(t.encode()) for t in [*self.special_ids, *self.word_ids, "x"])
+
     def token_to_id(self, token: str) -> int:
         if token not in self.special_ids:
             raise KeyError(f"{token!r} is not a special token of the byte tokenizer; known: {tuple(self.special_ids)}")
@@ -144,6 +149,14 @@ class HFTokenizer:
         added = self.tokenizer.add_tokens(list(tokens), special_tokens=True)
         self.vocab_size = len(self.tokenizer)
         return added
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes of text one token stands for: its vocabulary's longest entry (byte-level
+        and SentencePiece entries spell a byte or a space with a character of up to 3 bytes: an over-estimate)."""
+        if getattr(self, "_longest", None) is None:
+            self._longest = max(len(t.encode()) for t in self.tokenizer.get_vocab())
+        return self._longest
 
     def _find(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)
