@@ -139,6 +139,10 @@ class RecordsDataModule(SampleDataModule):
             raise ValueError("data.init_args.train mixes shard folders and jsonl/meta files; prepare them alike")
         if image_root is not None and not Path(image_root).is_dir():
             raise FileNotFoundError(f"data.init_args.image_root {image_root!r} is not a folder")
+        if not 1 <= min_tiles <= max_tiles:
+            raise ValueError(
+                f"data.init_args.min_tiles {min_tiles} and max_tiles {max_tiles}: need 1 ≤ min_tiles ≤ max_tiles"
+            )
         if not 0.0 <= max_skipped <= 1.0:
             raise ValueError(f"data.init_args.max_skipped must be a fraction in [0, 1], got {max_skipped}")
         self.max_skipped = max_skipped

@@ -43,6 +43,23 @@ def read_init_weights(source: str, internvl1_kind: str = "g") -> dict[str, torch
     return read_state_dict(source)
 
 
+def _check_optimiser(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio) -> None:
+    """Values the optimiser or its schedule would take without complaint and train wrongly with, named by key."""
+    problems = []
+    if learning_rate < 0:
+        problems.append(f"learning_rate must be ≥ 0, got {learning_rate}")
+    if weight_decay < 0:
+        problems.append(f"weight_decay must be ≥ 0, got {weight_decay}")
+    if not all(0 <= beta < 1 for beta in betas):
+        problems.append(f"betas must lie in [0, 1), got {list(betas)}")
+    if warmup_steps < 0:
+        problems.append(f"warmup_steps must be ≥ 0, got {warmup_steps}")
+    if not 0 <= min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+    if problems:
+        raise ValueError("; ".join(f"model.init_args.{problem}" for problem in problems))
+
+
 class Stage(L.LightningModule):
     """Base LightningModule of every stage.
 
@@ -93,6 +110,7 @@ class Stage(L.LightningModule):
         attn_backend: Backend | None = None,
     ) -> None:
         super().__init__()
+        _check_optimiser(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         # Collects the arguments of every __init__ in the subclass chain, not only this one's.
         self.save_hyperparameters(ignore=list(self.factory_arguments))
         self.model: nn.Module | None = None
