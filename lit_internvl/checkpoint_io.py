@@ -287,20 +287,18 @@ def tidy(folder: str | os.PathLike) -> list[str]:
 # -- resuming --------------------------------------------------------------------------------------------------------
 
 
-def newest_complete(folders: Iterable[str | os.PathLike], last_only: bool = False) -> Path:
-    """The newest complete checkpoint (``*.ckpt`` files and folders) in ``folders``, by modification time; each newer
-    one skipped is named with the reason (a warning). ``last_only``: only ``last*.ckpt`` names, as Lightning's "last"
-    (used when such a checkpoint exists). Raises a :class:`CheckpointError` when there is none."""
+def newest_complete(folders: Iterable[str | os.PathLike]) -> Path:
+    """The newest complete checkpoint (``*.ckpt`` files and folders) in ``folders``, by modification time (``last``
+    first among equals); each newer one skipped is named with the reason (a warning). Raises a
+    :class:`CheckpointError` when there is none."""
     folders = [Path(f) for f in folders]
     candidates: list[Path] = []
     for folder in folders:
         tidy(folder)
         if folder.is_dir():
             candidates += [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
-    if last_only and any(p.name.startswith("last") for p in candidates):
-        candidates = [p for p in candidates if p.name.startswith("last")]
     skipped = []
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in sorted(candidates, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True):
         problem = incomplete(path)
         if problem is None:
             if skipped:

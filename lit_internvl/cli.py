@@ -98,7 +98,7 @@ class RecipeCLI(LightningCLI):
         if kwargs.get("weights_only") is False:
             raise CheckpointError("--weights_only false: lit_internvl reads checkpoints with weights_only=True only")
         if kwargs.get("ckpt_path") == "last":
-            kwargs["ckpt_path"] = str(newest_complete(checkpoint_folders(self.trainer), last_only=True))
+            kwargs["ckpt_path"] = str(newest_complete(checkpoint_folders(self.trainer)))
         return kwargs
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | dict | Namespace | None) -> None:

@@ -181,3 +181,36 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
 def test_weights_only_false_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only=True only"):
         cli("fit", tmp_path / "run", "--weights_only", "false", "--ckpt_path", str(tmp_path / "x.ckpt"))
+
+
+def test_a_run_on_another_filesystem_killed_while_saving_resumes_with_ckpt_path_last(monkeypatch):
+    """The tiny SFT recipe, its run folder on /dev/shm, two epochs of 2 steps: killed while it writes last.ckpt at
+    the end of the second epoch. ``--ckpt_path last`` resumes from the newest whole checkpoint (epoch 1's own), and
+    nothing of the killed save is left."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or _device(shm) == _device(Path(tempfile.gettempdir())):
+        pytest.skip("/dev/shm is not another filesystem than $TMPDIR here")
+    root = Path(tempfile.mkdtemp(dir=shm)) / "run"
+    try:
+        replace, saves = os.replace, []
+
+        def arm() -> None:
+            torch.set_num_threads(1)
+
+            def replace_or_die(source, destination):
+                saves.append(destination)
+                if str(destination).endswith("last.ckpt") and len(saves) == 4:  # epoch 1: its own, then last
+                    die()
+                return replace(source, destination)
+
+            monkeypatch.setattr(checkpoint_io.os, "replace", replace_or_die)
+
+        assert killed(arm, lambda: cli("fit", root, "--trainer.max_epochs", "2"))
+        folder = root / "checkpoints"
+        assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2, "the old last.ckpt, whole"
+        resumed = cli("fit", root, "--trainer.max_epochs", "3", "--ckpt_path", "last")
+        assert resumed.trainer.ckpt_path == str(folder / "epoch=1-step=4.ckpt")
+        assert resumed.trainer.global_step == 6
+        assert not [p for p in folder.iterdir() if p.name.startswith(".")], "no partial file left"
+    finally:
+        shutil.rmtree(root.parent, ignore_errors=True)
