@@ -48,7 +48,7 @@ from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 RUN_FACTS = "lit_internvl_run"  # the checkpoint's entry of facts about the run: {"stage": "module.Class", ...}
 COMPLETE = "COMPLETE"  # a distributed checkpoint's last file: JSON {"target", "global_step", "time"}
@@ -264,7 +264,7 @@ def tidy(folder: str | os.PathLike) -> list[str]:
     missing (killed between the renames of :func:`swap_in`) is renamed into place; every other partial or aside entry
     is removed. Returns what it did, one line each."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or rank_zero_only.rank != 0:  # one process tidies a folder that all of them may share
         return []
     done = []
     leftovers = sorted(p for p in folder.iterdir() if p.name.startswith((PARTIAL, ASIDE)))
@@ -272,12 +272,17 @@ def tidy(folder: str | os.PathLike) -> list[str]:
     leftovers.sort(key=lambda p: (-(_marker(p).get("time") or 0.0), not p.name.startswith(PARTIAL)))
     for path in leftovers:
         target_name = _marker(path).get("target") if path.is_dir() else None
-        if target_name and incomplete(path) is None and not (folder / target_name).exists():
-            os.rename(path, folder / target_name)
-            _fsync_dir(folder)
-            done.append(f"{folder / target_name}: put back in place from {path.name} (a save killed between renames)")
+        try:
+            if target_name and incomplete(path) is None and not (folder / target_name).exists():
+                os.rename(path, folder / target_name)
+                _fsync_dir(folder)
+                done.append(
+                    f"{folder / target_name}: put back in place from {path.name} (a save killed between renames)"
+                )
+                continue
+            _remove(path)
+        except FileNotFoundError:  # another process (a second run on the folder) was quicker
             continue
-        _remove(path)
         done.append(f"{path}: removed (left by a save that did not finish)")
     for line in done:
         rank_zero_info(line)

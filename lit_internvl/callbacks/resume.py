@@ -86,7 +86,8 @@ def _count_batches_as_the_loader_does(trainer) -> None:
                 for field in ("ready", "started", "processed", "completed"):
                     setattr(counts, field, getattr(counts, field) + now - saved)
             rank_zero_info(f"Resumed with another global batch: the epoch continues at batch {now} (was {saved})")
-        loader.resumed_batches = None
+        if hasattr(loader, "resumed_batches"):
+            loader.resumed_batches = None
 
 
 def _continue_a_cut_epoch(checkpoint: dict) -> None:
