@@ -4,8 +4,9 @@ Lightning saves a loader's ``state_dict()`` in its checkpoints and hands it back
 when a run resumes. Two loaders implement that here:
 
 - :class:`ResumableDataLoader` for map-style datasets (the shapes world, jsonl records): a
-  :class:`ResumableSampler` (a seeded permutation per epoch, split across ranks) and a count of batches;
-  resuming skips the indices already trained on without loading them.
+  :class:`ResumableSampler` (a seeded permutation per epoch, split across ranks) and the position in that
+  permutation in samples, so that a run resumed with another batch size or number of ranks continues with the
+  first sample not trained on; resuming skips the indices already trained on without loading them.
 - :class:`ResumableStreamingDataLoader` for litdata shards: litdata's own state.
 
 Lightning fetches one batch ahead of the step it runs, so when a checkpoint is written a loader has already
