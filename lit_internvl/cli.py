@@ -83,11 +83,47 @@ class RecipeCLI(LightningCLI):
             flags["enable_model_summary"] = False
         return super().instantiate_trainer(**{**kwargs, **flags, "callbacks": callbacks})
 
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: LightningCLI would read a local ``--ckpt_path``'s hyper-parameters into the config here, so that the
+        checkpoint's values (its stage class included) silently win over the recipe and the command line. The recipe and
+        the command line are the run; a checkpoint that disagrees is refused or adapted to, key by key, when it is
+        loaded (:mod:`lit_internvl.callbacks.resume`)."""
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        """``--ckpt_path last`` is the newest complete checkpoint of the run's ``ModelCheckpoint`` folders (an error
+        when there is none, not a silent fresh start); ``--weights_only false`` is refused."""
+        from lit_internvl.checkpoint_io import CheckpointError, newest_complete
+
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("weights_only") is False:
+            raise CheckpointError("--weights_only false: lit_internvl reads checkpoints with weights_only=True only")
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = str(newest_complete(checkpoint_folders(self.trainer)))
+        return kwargs
+
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | dict | Namespace | None) -> None:
         if isinstance(args, (dict, Namespace)):
             return super().parse_arguments(parser, args)
         # Layers expanded first, so that a renamed or dropped key is found in any layer file, each warned once.
         self.config = parser.parse_args(upgrade(expand_configs(list(sys.argv[1:] if args is None else args))))
+
+
+def checkpoint_folders(trainer: L.Trainer) -> list[str]:
+    """The folders the trainer's ``ModelCheckpoint`` callbacks write to (``dirpath``, or Lightning's default under
+    ``default_root_dir``)."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    folders = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            try:  # Lightning's own rule (the logger's version folder); public only inside a fit
+                folder = callback.dirpath or callback._ModelCheckpoint__resolve_ckpt_dir(trainer)
+            except Exception:  # noqa: BLE001 - a logger that cannot say yet
+                folder = Path(trainer.default_root_dir) / "checkpoints"
+            folders.append(str(folder))
+    return folders
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI | None:

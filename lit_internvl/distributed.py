@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -181,7 +182,13 @@ def data_parallel_mesh(device_mesh):
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` with every device of every node on the data-parallel dimension
     (pure FSDP2, no tensor parallelism; its ``"auto"`` would put a node's devices on the tensor-parallel
-    dimension). The stage shards itself in ``configure_model`` with :func:`parallelize`."""
+    dimension). The stage shards itself in ``configure_model`` with :func:`parallelize`.
+
+    Checkpoints (:mod:`lit_internvl.checkpoint_io`): a distributed checkpoint is written into a new folder beside its
+    target (every rank's shards, then ``meta.pt``, then the ``COMPLETE`` marker) and swapped in, never rewritten in
+    place, so that a kill at any moment leaves the old checkpoint or the new one whole; a folder without its marker
+    is refused on resume, as is a checkpoint of another stage (checked before any shard is read). Every file is
+    unpickled with ``weights_only=True``."""
 
     def __init__(
         self,
@@ -194,6 +201,66 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+        from lightning.pytorch.strategies import Strategy
+
+        from lit_internvl import checkpoint_io
+
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported")
+        if not self._save_distributed_checkpoint:  # one file on rank 0, written beside the target and renamed
+            return Strategy.save_checkpoint(self, checkpoint, filepath)
+        target = Path(self.broadcast(str(filepath)))
+        partial = target.parent / self.broadcast(f"{checkpoint_io.PARTIAL}{checkpoint_io._token()}")
+        if self.is_global_zero:
+            partial.mkdir(parents=True)
+        self.barrier("FSDP2Strategy.save_checkpoint: folder")
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        try:  # every rank's shards; a failure on one rank fails the collective save on all
+            _distributed_checkpoint_save(state, partial)
+        except Exception as error:  # noqa: BLE001 - any failure: the partial folder goes, the old checkpoint stays
+            self._give_up(partial, target, error)
+        failure = None
+        if self.is_global_zero:
+            try:
+                checkpoint_io.write_file(partial / checkpoint_io.METADATA, lambda f: torch.save(checkpoint, f))
+                checkpoint_io.mark_complete(partial, target, checkpoint.get("global_step"))
+                checkpoint_io.swap_in(partial, target)
+                checkpoint_io.tidy(target.parent)
+            except Exception as error:  # noqa: BLE001 - said to every rank below
+                failure = f"{type(error).__name__}: {error}"
+        failure = self.broadcast(failure)
+        if failure is not None:
+            self._give_up(partial, target, failure)
+
+    def _give_up(self, partial: Path, target: Path, error) -> None:
+        from lit_internvl import checkpoint_io
+
+        if self.is_global_zero:
+            checkpoint_io._remove(partial)
+        kept = "the previous checkpoint there is unchanged" if target.exists() else "nothing was written"
+        raise checkpoint_io.CheckpointError(f"saving {target} failed ({error}); {kept}")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        from lit_internvl import checkpoint_io
+
+        if weights_only is False:
+            raise checkpoint_io.CheckpointError(
+                f"{checkpoint_path}: weights_only=False was asked for; lit_internvl reads checkpoints with "
+                "weights_only=True only"
+            )
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if checkpoint_io.is_url(path):
+            raise checkpoint_io.CheckpointError(f"{checkpoint_path}: FSDP2 resumes from local checkpoints; download it")
+        problem = checkpoint_io.incomplete(path)
+        if problem is not None:
+            raise checkpoint_io.CheckpointError(f"{path} cannot be resumed from: {problem}")
+        # Before any shard is read into the model: a checkpoint of another stage fails here, naming both.
+        checkpoint_io.check_stage(self.lightning_module, checkpoint_io.read_checkpoint(path, mmap=True), path)
+        return super().load_checkpoint(path, weights_only=True)
 
 
 class BlockWrapPolicy(ModuleWrapPolicy):

@@ -22,6 +22,7 @@ from lit_internvl.data.prepare import prepare
 from lit_internvl.data.records import (
     PACKING_SKIP_REASONS,
     PAIR_SKIP_REASONS,
+    SHARD_SKIP_REASONS,
     SKIP_REASONS,
     BadRecord,
     DatasetSpec,
@@ -150,7 +151,8 @@ def test_a_lenient_run_trains_to_the_end_and_counts_each_bad_record_once_by_name
     stage = SFTStage(
         vision=InternViT("tiny"), connector=PixelShuffleMLP(128, 128), decoder=Decoder("tiny"), warmup_steps=1
     )
-    data = records(train=str(path), image_root=str(images), **TINY)
+    # 16 of 18 records are bad on purpose: lenient beyond the default half (max_skipped stops such a run).
+    data = records(train=str(path), image_root=str(images), max_skipped=1.0, **TINY)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
@@ -318,7 +320,7 @@ def test_the_readme_table_lists_every_reason_with_its_counter():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
-    for reason in [*SKIP_REASONS, *PAIR_SKIP_REASONS, *PACKING_SKIP_REASONS]:
+    for reason in [*SKIP_REASONS, *PAIR_SKIP_REASONS, *PACKING_SKIP_REASONS, *SHARD_SKIP_REASONS]:
         assert any(f"`{reason}`" in row and f"`{counter_name(reason)}`" in row for row in rows), reason
 
 
@@ -336,7 +338,8 @@ def test_an_image_path_that_is_a_folder_is_a_missing_image_not_a_crash(tmp_path)
 )
 def test_json_that_python_cannot_read_is_malformed_json_not_a_crash(tmp_path, line):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
-    dataset = records(train=str(tmp_path / "d.jsonl"), **TINY).train_dataloader().dataset
+    # A max_length whose text the 200 kB line fits, or it is an over-long sample, refused unread.
+    dataset = records(train=str(tmp_path / "d.jsonl"), **{**TINY, "max_length": 50_000}).train_dataloader().dataset
     assert len(dataset) == 1 and dict(dataset.skips.counts) == {"malformed JSON": 1}
 
 

@@ -142,6 +142,7 @@ def test_bad_sample_report_lists_every_skipped_record_with_its_reason_split_and_
     data = RecordsDataModule(
         train=str(tmp_path / "data.jsonl"), val=str(tmp_path / "data.jsonl"), image_root=str(tmp_path),
         tile_size=56, max_tiles=1, batch_size=2, shuffle=False, max_length=512,
+        max_skipped=1.0,  # 3 of 5 records bad on purpose: lenient beyond the default half
     )  # fmt: skip
     report = BadSampleReport()
     _trainer(tmp_path, [report], steps=4, logger=False, max_epochs=2).fit(stage, data)

@@ -421,8 +421,7 @@ def test_readme_commands_fit_the_policy_and_the_critic_then_predict_and_chat_bes
     )
     critic_ckpt = tmp_path / "critic" / "checkpoints" / "last.ckpt"
 
-    # init_from, not --ckpt_path: Lightning's CLI puts a --ckpt_path checkpoint's hyper-parameters (best_of 1, no
-    # critic) over the command line's.
+    # init_from: the policy's weights alone (--ckpt_path would do as well: the command line's settings win).
     main(["predict", "--config", str(policy), "--model.init_args.init_from", str(policy_ckpt),
           "--model.init_args.generation.best_of", "3", "--model.init_args.generation.critic", str(critic_ckpt),
           "--model.init_args.generation.critic_config", str(critic), "--model.init_args.generation.temperature",

@@ -154,7 +154,7 @@ class EagerScheduleStage(SFTStage):
 def test_a_loader_position_that_never_reached_the_loader_is_an_error(tmp_path):
     """The negative control of the max_epochs cases: without the guard this run would silently restart the
     epoch's data from its first batch."""
-    _fit(_shapes, tmp_path, kill_at=2, ends="max_epochs")
+    _fit(_shapes, tmp_path, kill_at=2, ends="max_epochs", stage=_stage(EagerScheduleStage))
     with pytest.raises(RuntimeError, match="estimated_stepping_batches"):
         _fit(_shapes, tmp_path, ckpt_path="last", ends="max_epochs", stage=_stage(EagerScheduleStage))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from torch.utils.data import DataLoader
 
@@ -51,7 +52,7 @@ class RecordsDataModule(SampleDataModule):
     Args:
         train, val, test: data sources (``val`` and ``test`` optional); ``train`` may list several.
         weights, mixture_size: the mixture of several ``train`` sources (None: alike; the sources' total).
-        image_root: folder a jsonl file's image paths are relative to (default: the file's folder).
+        image_root: folder a jsonl file's image paths are relative to (default: the file's folder); it must exist.
         tokenizer: ``"byte"``, ``"shapes"`` (bytes and the shapes world's words) or a local Hugging Face
             tokenizer folder.
         add_tokens: special tokens to add to the tokenizer; a vision-language stage grows its decoder's
@@ -60,6 +61,9 @@ class RecordsDataModule(SampleDataModule):
             pair_prompt, jpeg_quality, strict, seed: the :class:`~lit_internvl.data.samples.SampleOptions`
             of every sample (``jpeg_quality`` augments training samples only). The ``pair`` view reads
             ``tile_size``, ``strict`` and ``seed`` of them.
+        max_skipped: the largest fraction of the training records seen that may be skipped as bad; more (or no record
+            trained at all) stops the run before it writes a checkpoint
+            (:class:`~lit_internvl.callbacks.skipped_samples.SkippedSamples`).
         pack: pack training samples into rows of at most ``max_tokens`` tokens and ``max_tiles_per_row`` tiles (a
             single ``conversation`` view).
         batch_size, num_workers, shuffle: loading (``shuffle``: training data only, seeded by ``seed``);
@@ -125,6 +129,7 @@ class RecordsDataModule(SampleDataModule):
         v2pe: V2PEMode = "off",
         v2pe_eval: V2PEMode | None = None,
         split_long: bool = False,
+        max_skipped: float = 0.5,
     ) -> None:
         super().__init__()
         sources = [train] if isinstance(train, str) else list(train)
@@ -133,6 +138,15 @@ class RecordsDataModule(SampleDataModule):
         check_weights(weights, len(sources), "data.init_args.weights")
         if len({is_shards(source) for source in sources}) > 1:
             raise ValueError("data.init_args.train mixes shard folders and jsonl/meta files; prepare them alike")
+        if image_root is not None and not Path(image_root).is_dir():
+            raise FileNotFoundError(f"data.init_args.image_root {image_root!r} is not a folder")
+        if not 1 <= min_tiles <= max_tiles:
+            raise ValueError(
+                f"data.init_args.min_tiles {min_tiles} and max_tiles {max_tiles}: need 1 ≤ min_tiles ≤ max_tiles"
+            )
+        if not 0.0 <= max_skipped <= 1.0:
+            raise ValueError(f"data.init_args.max_skipped must be a fraction in [0, 1], got {max_skipped}")
+        self.max_skipped = max_skipped
         v2pe = check_v2pe(v2pe, "data.init_args.v2pe")
         self.v2pe_eval = check_v2pe(v2pe_eval, "data.init_args.v2pe_eval") if v2pe_eval is not None else eval_mode(v2pe)
         if pack and max_length > max_tokens:

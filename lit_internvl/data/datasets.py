@@ -13,17 +13,17 @@ from litdata import StreamingDataset
 from torch.utils.data import Dataset
 
 from lit_internvl.data.records import (
+    REMOTE_PREFIXES,
     BadRecord,
     DatasetSpec,
     SkipCounter,
-    decode_record,
+    check_chunks,
+    decode_shard_item,
     index_records,
     read_meta,
     read_record,
 )
 from lit_internvl.data.samples import SampleBuilder
-
-REMOTE_PREFIXES = ("s3://", "gs://", "az://", "hf://")
 
 
 def is_shards(source: str) -> bool:
@@ -56,7 +56,12 @@ class JsonlSamples(Dataset):
         self.builder = builder
         self.skips = SkipCounter()
         specs, strict = dataset_specs(source, image_root, allow_absolute_paths), builder.options.strict
-        self.items = [item for spec in specs for item in index_records(spec, strict, self.skips)]
+        text = builder.max_text_bytes()
+        # JSON may spell a character of text in up to 6 bytes (\u escapes); a line beyond that is over-long unread.
+        line_limit = None if text is None else 6 * text + (1 << 16)
+        self.items = [item for spec in specs for item in index_records(spec, strict, self.skips, "1000", line_limit)]
+        # What a resumed run's saved position is a position in (ResumableDataLoader): the files and their sizes.
+        self.source = ", ".join(f"{spec.annotation} ({spec.annotation.stat().st_size} bytes)" for spec in specs)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -82,8 +87,14 @@ class StreamingSamples(StreamingDataset):
         seed: int = 0,
         storage_options: dict | None = None,
     ) -> None:
+        if not input_dir.startswith(REMOTE_PREFIXES):
+            check_chunks(input_dir)
         super().__init__(input_dir, shuffle=shuffle, seed=seed, storage_options=storage_options or {})
         self.builder = builder
 
     def __getitem__(self, index) -> dict:
-        return self.builder.safe(decode_record(super().__getitem__(index)))
+        try:
+            record = decode_shard_item(self, index, super().__getitem__(index))
+        except BadRecord as error:
+            record = error
+        return self.builder.safe(record)

@@ -72,6 +72,9 @@ class Mixture(Dataset):
                 order = np.concatenate([rng.permutation(length) for _ in range(-(-count // length))])
                 index_of[source_of == source] = order[:count]
         self.source_of, self.index_of = source_of, index_of
+        # What a resumed run's saved position is a position in (ResumableDataLoader): the sources and the weights.
+        sources = [getattr(d, "source", None) or type(d).__name__ for d in self.datasets]
+        self.source = f"mixture of {sources} weighted {self.weights}"
 
     def __len__(self) -> int:
         return len(self.source_of)

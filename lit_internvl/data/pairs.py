@@ -37,10 +37,12 @@ from lit_internvl.batch import IGNORE_INDEX
 from lit_internvl.data.contract import Tokenizer
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS, to_tensor
 from lit_internvl.data.records import (
+    REMOTE_PREFIXES,
     BadRecord,
     Record,
     SkipCounter,
-    decode_record,
+    check_chunks,
+    decode_shard_item,
     index_records,
     open_images,
     read_record,
@@ -376,13 +378,15 @@ class StreamingPairs(StreamingDataset):
         self, input_dir: str, builder: PairBuilder, shuffle: bool = False, seed: int = 0,
         storage_options: dict | None = None, drop_last: bool | None = None,
     ) -> None:  # fmt: skip
+        if not input_dir.startswith(REMOTE_PREFIXES):
+            check_chunks(input_dir)
         super().__init__(
             input_dir, shuffle=shuffle, seed=seed, storage_options=storage_options or {}, drop_last=drop_last
         )
         self.builder = builder
 
     def _item(self, index: int) -> tuple[Record, int]:
-        record = decode_record(super().__getitem__(index))
+        record = decode_shard_item(self, index, super().__getitem__(index))
         return record, image_key(record.images[0]) if len(record.images) == 1 else -1
 
     def negative(self, index: int, group: int) -> str | None:
@@ -396,7 +400,7 @@ class StreamingPairs(StreamingDataset):
         return draw_negative(index, len(self.cache), self.builder.seed, fits)
 
     def _sample(self, index) -> dict:
-        record = decode_record(super().__getitem__(index))
+        record = decode_shard_item(self, index, super().__getitem__(index))
         position = int(getattr(index, "index", index))  # litdata hands its loader ChunkedIndex items
         if record.kind != "pair" or len(record.images) != 1:
             raise BadRecord(record.name, "not a pair", f"a {record.kind} record with {len(record.images)} image(s)")

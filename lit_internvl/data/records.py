@@ -69,7 +69,11 @@ SKIP_REASONS: dict[str, str] = {
     "too many frames": "read: an animated or multi-page image file",
     "truncated image": "read: an image file that ends early",
     "corrupt image": "read: any other image decoding failure",
-    "over-long sample": "build: more tokens than max_length",
+    "over-long sample": "build: more tokens than max_length (scan: a line longer than max_length's text, unread)",
+}
+# The further reason of litdata shards: an item whose bytes do not decode (a chunk overwritten or zeroed in part).
+SHARD_SKIP_REASONS: dict[str, str] = {
+    "corrupt shard record": "read: a shard item that does not decode, named by chunk file and item number",
 }
 # The reasons a packed batch drops a sample (lit_internvl.data.collate.Collator with pack: true), or a split
 # document drops a part of itself (SampleOptions.split_long).
@@ -312,6 +316,8 @@ def read_meta(path: str | Path) -> list[DatasetSpec]:
         annotation, root = path.parent / entry["annotation"], path.parent / entry["root"]
         _warn_if_cwd_differs(path, name, "annotation", annotation, entry["annotation"])
         _warn_if_cwd_differs(path, name, "root", root, entry["root"])
+        if not root.is_dir():
+            raise _meta_error(path, name, "root", f"{root} is not a folder")
         specs.append(DatasetSpec(name, annotation, root, repeat, tiles, augment))
     return specs
 
@@ -351,9 +357,15 @@ def pack_images(images: list[bytes]) -> bytes:
 
 
 def unpack_images(blob: bytes) -> list[bytes]:
+    """:func:`pack_images`' images; a ``ValueError`` when the count and lengths do not fit the blob (a corrupt shard
+    could otherwise ask for billions of lengths)."""
     blob = bytes(blob)  # litdata hands out memoryviews, which must not leave a worker
     count = int.from_bytes(blob[:4], "little")
+    if len(blob) < 4 or 4 + 4 * count > len(blob):
+        raise ValueError(f"an image pack of {len(blob)} bytes cannot hold {count} images")
     lengths = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "little") for i in range(count)]
+    if 4 + 4 * count + sum(lengths) > len(blob):
+        raise ValueError(f"an image pack of {len(blob)} bytes cannot hold images of {sum(lengths)} bytes")
     out, offset = [], 4 + 4 * count
     for length in lengths:
         out.append(blob[offset : offset + length])
@@ -435,21 +447,27 @@ def _check_boxes(record: Record, box_scale: BoxScale) -> None:
             raise BadRecord(record.name, error.reason, error.detail) from None
 
 
-def index_records(spec: DatasetSpec, strict: bool, skips: SkipCounter, box_scale: BoxScale = "1000") -> list[tuple]:
+def index_records(
+    spec: DatasetSpec, strict: bool, skips: SkipCounter, box_scale: BoxScale = "1000", max_line_bytes: int | None = None
+) -> list[tuple]:
     """Work items ``(byte offset, name, spec)`` of one dataset's valid lines after ``repeat_time``
     (:func:`kept_lines`). Reads the file line by line (never whole) and checks what needs no image:
     UTF-8, JSON, fields, image paths inside the root, something to train, boxes in ``box_scale``
-    (pixel boxes need the image: :func:`encode_record` checks them). Bad lines are skipped and
-    counted in ``skips``, or raised with ``strict``."""
+    (pixel boxes need the image: :func:`encode_record` checks them). A line longer than ``max_line_bytes`` is an
+    over-long sample without being read whole. Bad lines are skipped and counted in ``skips``, or raised with
+    ``strict``."""
     first, copies = kept_lines(_count_lines(spec.annotation), spec.repeat_time)
     items = []
     with open(spec.annotation, "rb") as f:
         offset = 0
-        for number, line in enumerate(f, start=1):
+        for number, (line, length) in enumerate(_lines(f, max_line_bytes), start=1):
             if number > first:
                 break
             name = f"{spec.annotation.name}:{number}"
-            if line.strip():
+            if line is None:
+                detail = f"a line of {length} bytes, more text than max_length tokens hold ({max_line_bytes} bytes)"
+                _bad(BadRecord(name, "over-long sample", detail + ": not read"), strict, skips)
+            elif line.strip():
                 try:
                     record = parse_record(_decode_line(line, name), name)
                     _resolve_images(record, spec)
@@ -457,8 +475,27 @@ def index_records(spec: DatasetSpec, strict: bool, skips: SkipCounter, box_scale
                     items.append((offset, name, spec))
                 except BadRecord as error:
                     _bad(error, strict, skips)
-            offset += len(line)
+            offset += length
     return items * copies
+
+
+def _lines(f, limit: int | None):
+    """``(line, length)`` of each line of the binary file ``f``; ``line`` is None for a line longer than ``limit``
+    bytes, which is read past in pieces, never held whole."""
+    while True:
+        line = f.readline() if limit is None else f.readline(limit + 1)
+        if not line:
+            return
+        if limit is None or len(line) <= limit or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        length = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            length += len(line)
+        yield None, length
 
 
 def _count_lines(path: Path) -> int:
@@ -504,6 +541,48 @@ def encode_record(item: tuple, strict: bool, max_pixels: int | None = DEFAULT_MA
         "max_tiles": record.max_tiles, "augment": record.augment,
     }  # fmt: skip
     yield {"record": json.dumps(meta), "images": pack_images([Path(p).read_bytes() for p in record.images])}
+
+
+def decode_shard_item(dataset, index, item: dict) -> Record:
+    """:func:`decode_record` of the item ``index`` of a litdata ``dataset``; an item that does not decode (bytes of a
+    chunk overwritten or zeroed) is a :class:`BadRecord` named by its chunk file and item number, a counted skip."""
+    try:
+        return decode_record(item)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = f"{type(error).__name__}: {error}"
+        raise BadRecord(shard_item_name(dataset, index), "corrupt shard record", reason) from None
+
+
+def shard_item_name(dataset, index) -> str:
+    """``<shards>/<chunk file> item <n>``: where a litdata item lives, for messages."""
+    chunk, number = getattr(index, "chunk_index", None), getattr(index, "index", index)
+    try:
+        filename = dataset.cache._reader.config._chunks[chunk]["filename"]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        filename = f"chunk {chunk}"
+    folder = getattr(dataset.input_dir, "path", None) or getattr(dataset.input_dir, "url", None) or "shards"
+    return f"{folder}/{filename} item {number}"
+
+
+REMOTE_PREFIXES = ("s3://", "gs://", "az://", "hf://")  # shards in object storage: litdata fetches their chunks
+
+
+def check_chunks(folder: str | Path) -> None:
+    """A local shard folder's chunk files are all there and as long as its ``index.json`` says: a truncated chunk
+    (a copy cut short, a full disk during ``prepare``) is an error naming it, where litdata would wait for it as
+    for a download and then time out. An ``index.json`` that does not parse is an error naming it too."""
+    index = Path(folder) / "index.json"
+    try:
+        chunks = json.loads(index.read_text())["chunks"]
+        expected = {chunk["filename"]: int(chunk["chunk_bytes"]) for chunk in chunks}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{index} is not a litdata index ({type(error).__name__}: {error}); re-run prepare") from None
+    for filename, size in expected.items():
+        path = Path(folder) / filename
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            what = "missing" if actual is None else f"{actual} bytes where {index.name} says {size}: truncated"
+            raise ValueError(f"shard chunk {path} is {what}; re-run prepare (or copy the shards again)")
 
 
 def decode_record(item: dict) -> Record:

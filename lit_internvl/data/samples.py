@@ -114,6 +114,17 @@ class SampleOptions:
         object.__setattr__(self, "v2pe", check_v2pe(self.v2pe, "v2pe"))
 
 
+def _text_bytes(value) -> int:
+    """UTF-8 bytes of every string in a record's fields (nested lists and dicts)."""
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
 class SampleBuilder:
     """Turns records into samples for a vision-language model, one sample per view of the record.
 
@@ -136,6 +147,18 @@ class SampleBuilder:
         self.tokenizer, self.options, self.views, self.image_root = tokenizer, options, tuple(views), image_root
         self.prompt_only = all(view.kind == "prompt" for view in views)
 
+    def max_text_bytes(self, kind: str | None = None) -> int | None:
+        """More text than this (UTF-8 bytes of a record's strings, ``meta`` aside) cannot fit ``max_length`` tokens
+        in the longest of the views (no token stands for more than the tokenizer's longest entry, and every string
+        is in some view): such a record is over-long before it is tokenized. None where a record may be longer: a
+        prompt view leaves its answer out, ``split_long`` splits interleaved and text records (``kind``)."""
+        o = self.options
+        if any(view.kind == "prompt" for view in self.views):
+            return None
+        if o.split_long and (kind is None or kind in ("interleaved", "text")):
+            return None
+        return o.max_length * self.tokenizer.longest_token_bytes * len(self.views)
+
     def safe(self, record: Record | BadRecord) -> dict:
         """:meth:`__call__`, with a bad record logged and returned as ``{"skipped": reason, "name"}``."""
         try:
@@ -152,6 +175,13 @@ class SampleBuilder:
         o = self.options
         if not self.prompt_only:  # records made in memory were never scanned
             check_something_to_train(record)
+        limit = self.max_text_bytes(record.kind)
+        text = _text_bytes({k: v for k, v in record.fields.items() if k != "meta"}) if limit is not None else 0
+        if limit is not None and text > limit:  # a 200 MB line would cost gigabytes to tokenize before its check
+            raise BadRecord(
+                record.name, "over-long sample",
+                f"{text} bytes of text cannot fit max_length {o.max_length} tokens (not tokenized)",
+            )  # fmt: skip
         missing = [view.kind for view in self.views if view.kind not in RECORD_VIEWS[record.kind]]
         if missing:  # the stage and the data disagree: every such record would be skipped, so nothing would train
             raise ViewError(

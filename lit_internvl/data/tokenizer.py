@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # ChatML's tokens: the byte tokenizer pads with the first and ends a turn (and a sample) with the last.
@@ -45,6 +46,11 @@ class ByteTokenizer:
         self.vocab_size = 256 + len(SPECIAL_TOKENS) + len(pieces)
         self.pad_id = self.special_ids[END_OF_TEXT]
         self.eos_id = self.special_ids[IM_END]
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for (a special token, a word with its space)."""
+        return max(len(t.encode()) for t in [*self.special_ids, *self.word_ids, "x"])
 
     def token_to_id(self, token: str) -> int:
         if token not in self.special_ids:
@@ -95,6 +101,19 @@ class ByteTokenizer:
         return "".join(out)
 
 
+def _culprit(folder: Path) -> str:
+    """The file of a tokenizer folder that does not parse as JSON, else the folder and its tokenizer files."""
+    import json
+
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return f"{file} (not valid JSON)"
+    files = [f.name for f in sorted(folder.glob("tokenizer*")) if f.is_file()]
+    return f"the tokenizer at {folder} ({', '.join(files) or 'no tokenizer files'})"
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer from a local folder, behind the same interface as :class:`ByteTokenizer`.
 
@@ -109,7 +128,10 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False, **kwargs)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False, **kwargs)
+        except Exception as error:  # noqa: BLE001 - transformers and tokenizers raise many kinds; none names the file
+            raise ValueError(f"{_culprit(Path(self.path))} cannot be read: {type(error).__name__}: {error}") from error
         vocab = self.tokenizer.get_vocab()
         missing = [token for token in INTERNVL_TOKENS if token not in vocab]
         if missing and not add_missing_tokens:
@@ -144,6 +166,14 @@ class HFTokenizer:
         added = self.tokenizer.add_tokens(list(tokens), special_tokens=True)
         self.vocab_size = len(self.tokenizer)
         return added
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes of text one token stands for: its vocabulary's longest entry (byte-level
+        and SentencePiece entries spell a byte or a space with a character of up to 3 bytes: an over-estimate)."""
+        if getattr(self, "_longest", None) is None:
+            self._longest = max(len(t.encode()) for t in self.tokenizer.get_vocab())
+        return self._longest
 
     def _find(self, token: str) -> int | None:
         return self.tokenizer.get_vocab().get(token)

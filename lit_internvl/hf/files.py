@@ -37,8 +37,24 @@ def checkpoint_folder(path: str | Path) -> Path:
 def read_json(file: Path) -> dict:
     if not file.exists():
         raise FileNotFoundError(f"{file} does not exist")
-    with open(file, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(file, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file} is not valid JSON ({error})") from None
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing, truncated or corrupt file is an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist (named by {file.parent / 'model.safetensors.index.json'})")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{file} is not a whole safetensors file: truncated or corrupt ({error})") from None
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------
@@ -46,13 +62,11 @@ def read_json(file: Path) -> dict:
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder: safetensors (single file or sharded index) first, else plain-tensor pickles."""
-    from safetensors.torch import load_file
-
     tensors: dict[str, torch.Tensor] = {}
     files = _safetensors_files(folder)
     if files:
         for file in files:
-            tensors.update(load_file(str(file)))
+            tensors.update(_load_safetensors(file))
         return tensors
     pickles = _pickle_files(folder)
     if not pickles:
@@ -64,32 +78,42 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def weight_names(folder: Path) -> list[str]:
     """The tensor names of the folder, read from an index or the safetensors headers where there is one."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        return list(read_json(index)["weight_map"])
+        return list(_weight_map(index))
     files = _safetensors_files(folder)
     if files:
         names: list[str] = []
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                names.extend(handle.keys())
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    names.extend(handle.keys())
+            except (SafetensorError, OSError) as error:
+                raise ValueError(f"{file} has no readable safetensors header ({error})") from None
         return names
     return [name for file in _pickle_files(folder) for name in _read_pickle(file)]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map of tensor names to files")
+    return weight_map
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        return [folder / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        return [folder / name for name in sorted(set(_weight_map(index).values()))]
     return sorted(folder.glob("*.safetensors"))
 
 
 def _pickle_files(folder: Path) -> list[Path]:
     index = folder / "pytorch_model.bin.index.json"
     if index.exists():
-        return [folder / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        return [folder / name for name in sorted(set(_weight_map(index).values()))]
     files = (file for pattern in ("*.bin", "*.pt", "*.pth") for file in folder.glob(pattern))
     return sorted(file for file in files if file.name != "training_args.bin")
 
@@ -163,7 +187,8 @@ def token_id(folder: Path, token: str) -> int | None:
 
 def copy_tokenizer_files(tokenizer_dir: str | Path, output: Path) -> list[str]:
     """Copy a tokenizer folder's files (and a transformers folder's image-processor files) to ``output``;
-    returns the names copied."""
+    returns the names copied. JSON files lose their ``auto_map`` (classes of remote code the exported folder does
+    not hold, and that loading it must never look for)."""
     source = checkpoint_folder(tokenizer_dir)
     if not has_tokenizer(source):
         raise FileNotFoundError(f"No tokenizer in {source}: expected one of {', '.join(TOKENIZER_CORE)}")
@@ -172,5 +197,9 @@ def copy_tokenizer_files(tokenizer_dir: str | Path, output: Path) -> list[str]:
         names += PROCESSOR_FILES
     copied = [name for name in names if (source / name).exists()]
     for name in copied:
-        shutil.copyfile(source / name, output / name)
+        if name.endswith(".json") and "auto_map" in (content := read_json(source / name)):
+            content = {key: value for key, value in content.items() if key != "auto_map"}
+            (output / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(source / name, output / name)
     return copied

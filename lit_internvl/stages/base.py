@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from lit_internvl.checkpoint_io import check_hyperparameters, check_stage
 from lit_internvl.checkpoints import load_into, read_state_dict
 from lit_internvl.components.attention import Backend, set_attention_backend
 from lit_internvl.data.contract import StageData
@@ -40,6 +41,23 @@ def read_init_weights(source: str, internvl1_kind: str = "g") -> dict[str, torch
             return read_internvl1_state_dict(source[3:], internvl1_kind)
         return read_vlm_state_dict(source[3:])
     return read_state_dict(source)
+
+
+def _check_optimiser(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio) -> None:
+    """Values the optimiser or its schedule would take without complaint and train wrongly with, named by key."""
+    problems = []
+    if learning_rate < 0:
+        problems.append(f"learning_rate must be ≥ 0, got {learning_rate}")
+    if weight_decay < 0:
+        problems.append(f"weight_decay must be ≥ 0, got {weight_decay}")
+    if not all(0 <= beta < 1 for beta in betas):
+        problems.append(f"betas must lie in [0, 1), got {list(betas)}")
+    if warmup_steps < 0:
+        problems.append(f"warmup_steps must be ≥ 0, got {warmup_steps}")
+    if not 0 <= min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+    if problems:
+        raise ValueError("; ".join(f"model.init_args.{problem}" for problem in problems))
 
 
 class Stage(L.LightningModule):
@@ -92,6 +110,7 @@ class Stage(L.LightningModule):
         attn_backend: Backend | None = None,
     ) -> None:
         super().__init__()
+        _check_optimiser(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         # Collects the arguments of every __init__ in the subclass chain, not only this one's.
         self.save_hyperparameters(ignore=list(self.factory_arguments))
         self.model: nn.Module | None = None
@@ -211,6 +230,13 @@ class Stage(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before the weights load: a resumed run refuses a checkpoint of another stage, and changed options that it
+        cannot apply (:mod:`lit_internvl.checkpoint_io`), each named."""
+        source = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        check_stage(self, checkpoint, source)
+        check_hyperparameters(self, checkpoint, source)
 
     def configure_callbacks(self):
         from lit_internvl.callbacks.metrics_report import MetricsReport

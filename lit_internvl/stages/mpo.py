@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lit_internvl.batch import IGNORE_INDEX, Batch, Images, Views
+from lit_internvl.checkpoint_io import CheckpointError, fingerprint, fingerprint_differences
 from lit_internvl.data.views import View
 from lit_internvl.distributed import world
 from lit_internvl.losses import (
@@ -25,6 +26,8 @@ from lit_internvl.stages.base import ModuleFactory
 from lit_internvl.stages.frozen import Frozen
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
+REFERENCE_FINGERPRINT = "mpo_reference"  # the checkpoint's entry of the reference's fingerprint
+
 
 class MPOStage(VisionLanguageStage):
     """Mixed preference optimisation: ``w_p·DPO-sigmoid + w_q·BCO-pair + w_g·SFT``.
@@ -37,8 +40,9 @@ class MPOStage(VisionLanguageStage):
     ``bco_count``); the SFT term is the language-model loss of the chosen answers (``loss_reduction``).
 
     The reference model (:class:`~lit_internvl.stages.frozen.Frozen`) is a frozen copy of the policy taken once
-    ``init_from`` is loaded (not in checkpoints: it is rebuilt from ``init_from`` on resume); with ``lora`` it is the
-    policy itself with its adapters disabled, so no copy. Reference passes run in eval mode (no drop-path) without
+    ``init_from`` is loaded (not in checkpoints: it is rebuilt from ``init_from`` on resume, and checked against the
+    fingerprint of its weights the checkpoint keeps, so that a file replaced since cannot silently change it); with
+    ``lora`` it is the policy itself with its adapters disabled, so no copy. Reference passes run in eval mode (no drop-path) without
     gradients.
 
     Its views are ``chosen`` and ``rejected``: the same question answered both ways, the same images. Validation logs ``val/reward_accuracy``
@@ -70,6 +74,7 @@ class MPOStage(VisionLanguageStage):
         self.register_buffer("bco_delta", torch.zeros(()))
         self.register_buffer("bco_count", torch.full((), 1e-24))
         self.reference: Frozen | None = None
+        self.reference_fingerprint: dict | None = None
         self.reward_accuracy = MeanMetric()
         self.reward_margin = MeanMetric()
 
@@ -82,7 +87,28 @@ class MPOStage(VisionLanguageStage):
         if self.hparams.lora:
             self.reference = Frozen.adapters_off(lambda: self.model)
         else:
+            self.reference_fingerprint = fingerprint(model)  # whole tensors: before sharding
             self.reference = Frozen.copy(model, self.parallelize)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.reference_fingerprint is not None:
+            checkpoint[REFERENCE_FINGERPRINT] = self.reference_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run's reference, rebuilt from ``init_from``, must be the one the run started with."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(REFERENCE_FINGERPRINT)
+        if not saved or self.reference_fingerprint is None or self._trainer is None:
+            return
+        differ = fingerprint_differences(saved, self.reference_fingerprint)
+        if differ and str(self.trainer.state.fn) in ("fit", "TrainerFn.FITTING"):
+            raise CheckpointError(
+                f"--ckpt_path {self.trainer.ckpt_path}: MPO's reference model is rebuilt from model.init_args.init_from "
+                f"({self.hparams.init_from}) on resume, and it is not the model this run started from: {len(differ)} "
+                f"of {len(saved)} tensors differ ({', '.join(differ[:3])}{', …' if len(differ) > 3 else ''}). The file "
+                "has changed since the run started; give the one it started from."
+            )
 
     @torch.no_grad()
     def reference_logits(self, inputs: Batch) -> torch.Tensor:

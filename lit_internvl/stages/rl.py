@@ -108,10 +108,18 @@ class RLStage(VisionLanguageStage):
                 f"model.init_args.reward_weights has {len(weights)} entries for {len(self.rewards)} rewards"
             )
         self.reward_weights = [float(w) for w in weights]
-        if min(group_size, ppo_epochs, mini_batches, micro_batches) < 1:
+        if min(ppo_epochs, mini_batches, micro_batches) < 1:
+            raise ValueError("model.init_args.ppo_epochs, mini_batches and micro_batches must be at least 1")
+        if group_size < 2:  # an answer's advantage is its reward against its group's: alone, always 0
             raise ValueError(
-                "model.init_args.group_size, ppo_epochs, mini_batches and micro_batches must be at least 1"
+                f"model.init_args.group_size must be at least 2 (answers a prompt), got {group_size}: a group of one "
+                "has no advantage to learn from"
             )
+        for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("kl_weight", kl_weight)):
+            if value < 0:
+                raise ValueError(f"model.init_args.{name} must be ≥ 0, got {value}")
+        if max_log_ratio <= 0:
+            raise ValueError(f"model.init_args.max_log_ratio must be > 0, got {max_log_ratio}")
         if critic_reward_weight and not self.generation.critic:
             raise ValueError(
                 f"model.init_args.critic_reward_weight is {critic_reward_weight}: set model.init_args.generation.critic "
