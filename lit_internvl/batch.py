@@ -2,7 +2,7 @@
 
 A loader yields :class:`Views`: each view the stage asked for (:mod:`lit_internvl.data.views`) collated into one
 batch — a :class:`Batch` for the vision-language views, a :class:`PairBatch` or :class:`TextBatch` for the
-dual-encoder ones — with the records skipped on the way. Labels hold :data:`IGNORE_INDEX` where nothing trains
+dual-encoder ones, an :class:`ImageBatch` for the probes' — with the records skipped on the way. Labels hold :data:`IGNORE_INDEX` where nothing trains
 (the losses read the same constant).
 """
 
@@ -148,6 +148,31 @@ class TextBatch:
 
 
 @dataclass
+class ImageBatch:
+    """Labelled images for the probes (:mod:`lit_internvl.data.labelled`), B rows, one tile each:
+
+    Attributes:
+        pixel_values: ``(B, 3, S, S)``, normalised.
+        label: ``(B,)`` class labels (the ``image`` view; -1: none).
+        mask: ``(B, S, S)`` a class per pixel, :data:`IGNORE_MASK` where none counts (the ``mask`` view), else None.
+        sample_names: each row's name, unique across the splits of a source (the probes' feature cache keys).
+    """
+
+    pixel_values: torch.Tensor
+    label: torch.Tensor
+    mask: torch.Tensor | None
+    sample_names: list[str]
+
+    @property
+    def rows(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+#: A mask pixel that no loss or score counts (mmsegmentation's ``ignore_index``, its ``seg_pad_val``).
+IGNORE_MASK = 255
+
+
+@dataclass
 class Views:
     """What a loader yields: the batch of every view the stage asked for, by view name, and the records skipped.
 
@@ -156,7 +181,7 @@ class Views:
         skipped: a count of skipped records by reason; skipped_records: each one's ``{"name", "reason"}``.
     """
 
-    views: dict[str, Batch | PairBatch | TextBatch] = field(default_factory=dict)
+    views: dict[str, Batch | PairBatch | TextBatch | ImageBatch] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_records: list[dict] = field(default_factory=list)
 
@@ -169,6 +194,6 @@ class Views:
         return not self.views
 
     @property
-    def first(self) -> Batch | PairBatch | TextBatch:
+    def first(self) -> Batch | PairBatch | TextBatch | ImageBatch:
         """The first view's batch (what callbacks that log samples read)."""
         return next(iter(self.views.values()))

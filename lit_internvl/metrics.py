@@ -73,3 +73,46 @@ class CrossModalRecall(Metric):
                 top = scores.topk(min(k, scores.shape[1]), dim=1).indices
                 out[f"{name}_R@{k}"] = rel.gather(1, top).any(dim=1).float().mean()
         return out
+
+
+class MeanIoU(Metric):
+    """Semantic segmentation's mean intersection over union, as mmsegmentation's ``mean_iou`` computes it: per class,
+    the pixels predicted and labelled that class (intersection) and predicted or labelled it (union) summed over every
+    image of the epoch, IoU their ratio, the mean over the classes that occur (union > 0); pixels labelled
+    ``ignore_index`` count nowhere. ``compute()`` returns ``{"mIoU", "pixel_accuracy", "chance_mIoU",
+    "chance_pixel_accuracy"}``, chance being every pixel given the most frequent labelled class: its IoU is its
+    share of the pixels, every other class's 0."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        for name in ("intersection", "union", "labelled"):
+            self.add_state(name, default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
+        """``predicted``, ``target``: ``(B, H, W)`` class ids."""
+        keep = target != self.ignore_index
+        predicted, target = predicted[keep], target[keep]
+        classes = self.num_classes
+        hit = predicted[predicted == target]
+        intersection = torch.bincount(hit, minlength=classes).double()
+        predicted_area = torch.bincount(predicted, minlength=classes).double()
+        labelled_area = torch.bincount(target, minlength=classes).double()
+        self.intersection += intersection
+        self.union += predicted_area + labelled_area - intersection
+        self.labelled += labelled_area
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        present = self.union > 0
+        total = self.labelled.sum().clamp(min=1)
+        occurring = (self.labelled > 0).sum().clamp(min=1)
+        majority = self.labelled.max() / total
+        return {
+            "mIoU": (self.intersection[present] / self.union[present]).mean(),
+            "pixel_accuracy": self.intersection.sum() / total,
+            # the majority class everywhere: its IoU = its share; the classes that occur are the ones averaged
+            "chance_mIoU": majority / occurring,
+            "chance_pixel_accuracy": majority,
+        }

@@ -16,6 +16,7 @@ from lit_internvl.callbacks import SampleLogger
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP, TextEncoder
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.collate import Collator
+from lit_internvl.data.shapes import ShapesWorld
 from lit_internvl.inference.generate import generate
 from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import ContrastiveStage, SFTStage
@@ -74,8 +75,11 @@ def test_sample_logger_writes_the_generated_answers_and_references_of_sft_under_
     assert [row["reference"] for row in logger.rows] == [
         val[i]["views"]["conversation"]["meta"]["answer"] for i in range(3)
     ]
-    assert all(row["lines"][0] == f"answer: {row['answer']}" for row in logger.rows)
+    assert all(row["lines"][1] == f"answer: {row['answer']}" for row in logger.rows)
     assert text.count("answer: ") == 3
+    # and the question each answer answers, as the world asked it
+    world = ShapesWorld(data.hparams.tile_size, data.hparams.seed, "val")
+    assert [row["lines"][0] for row in logger.rows] == [f"question: {world.vqa(i)['question']}" for i in range(3)]
     # the prompt cut from each trained sample is the prompt the data builds for generation: same greedy tokens
     stage = trainer.lightning_module
     views = data.prompt_views()
@@ -85,6 +89,26 @@ def test_sample_logger_writes_the_generated_answers_and_references_of_sft_under_
         eos_id=data.tokenizer.eos_id, positions=prompts.positions,
     )  # fmt: skip
     assert [row["tokens"] for row in logger.rows] == expected
+
+
+def test_sample_logger_shows_the_probes_predicted_class_and_mask(tmp_path):
+    from lit_internvl.data import ShapesImagesDataModule
+    from lit_internvl.stages import LinearProbeStage, SegmentationProbeStage
+
+    torch.manual_seed(0)
+    logger = SampleLogger(num_samples=3)
+    data = ShapesImagesDataModule("objects", train_size=8, val_size=8, batch_size=8)
+    _trainer(tmp_path, [logger], steps=1, limit_val_batches=1).fit(LinearProbeStage(InternViT, feature_cache=""), data)
+    truths = [data.class_names[data.dataset("val")[i]["label"]] for i in range(3)]
+    assert [row["lines"][1] for row in logger.rows] == [f"true: {t}" for t in truths]
+    assert all(row["lines"][0].removeprefix("predicted: ") in data.class_names for row in logger.rows)
+
+    data = ShapesImagesDataModule("scenes", mask_classes="colour", train_size=8, val_size=8, batch_size=8)
+    _trainer(tmp_path, [logger], steps=1, limit_val_batches=1).fit(
+        SegmentationProbeStage(InternViT, feature_cache=""), data
+    )
+    assert all(row["lines"][0].startswith("predicted mask: ") for row in logger.rows)
+    assert len(_events(tmp_path).Images("val/samples")) >= 1
 
 
 def test_sample_logger_lists_the_nearest_class_names_of_stage_1(tmp_path):

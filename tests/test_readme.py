@@ -283,6 +283,34 @@ def run_lit_internvl(sandbox: Sandbox, command: str) -> None:
     sandbox.cli(argv)
 
 
+def run_probe(sandbox: Sandbox, command: str) -> None:
+    """A probe recipe on a few pictures for two steps, a random encoder (the stage-1 run is the fit runner's)."""
+    from lit_internvl.cli import main
+
+    argv = _argv(command)
+    argv = [*argv[argv.index("lit_internvl") + 1 :], "--output", str(sandbox.root / "runs/probe"),
+            "--model.init_args.init_from", "null", *TINY_TRAINER, *TINY_SHAPES]  # fmt: skip
+    sandbox.ran.append(" ".join(argv))
+    rows = main(argv)
+    assert rows and all(rows.values())
+
+
+def check_lmms_eval(sandbox: Sandbox, command: str) -> None:
+    """lmms-eval itself is the eval extra's (tests/test_lmms_bridge.py runs it where installed): the entry point the
+    command relies on is declared, and every ``--model_args`` key is an argument of the bridge's model."""
+    import ast
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '[project.entry-points."lmms_eval.models"]\nlit_internvl = "lit_internvl.tools.lmms:manifest"' in pyproject
+    argv = _argv(command)
+    keys = {pair.split("=", 1)[0] for pair in argv[argv.index("--model_args") + 1].split(",")}
+    tree = ast.parse((REPO / "lit_internvl/tools/lmms.py").read_text())
+    model = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "LitInternVL")
+    init = next(n for n in model.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    assert keys <= {a.arg for a in init.args.args}, keys
+    sandbox.ran.append(command + "  (checked)")
+
+
 def check_real_size_fit(sandbox: Sandbox, command: str) -> None:
     """A real-size recipe is for GPUs: parsed, composed with its strategy and printed, the tiny folder as the
     checkpoint (tests/test_mpo.py builds each on the meta device)."""
@@ -424,6 +452,8 @@ RUNNERS = [
     Runner(r"torchrun --nproc_per_node 2 -m lit_internvl fit (?!.*internvl3).*", "runs 2 CPU processes, tiny", run_torchrun),
     Runner(r"#!/bin/bash\n.*#SBATCH.*", "checks bash -n; srun's command as a real-size fit", check_slurm_script),
     Runner(r"\.venv/bin/tensorboard --logdir runs", "checks its logs exist", check_tensorboard),
+    Runner(r"python -m lit_internvl probe .*", "runs in process, tiny, a random encoder", run_probe),
+    Runner(r"lmms-eval --model lit_internvl .*", "checks the entry point and the model's arguments", check_lmms_eval),
 ]  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """Validation samples in TensorBoard: a grid of the first K images of each validation, each with what the model
-made of it — the generated answer and the reference (SFT, MPO, RL), or the nearest class names or captions
-(the dual-encoder stages 1 and 2)."""
+made of it — the question asked, the generated answer and the reference (SFT, MPO, RL), the nearest class names or
+captions (the dual-encoder stages 1 and 2), the predicted and true class (the linear probe), or the predicted mask over
+the image (the segmentation probe)."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import lightning as L
@@ -95,6 +97,8 @@ class SampleLogger(L.Callback):
         batch = batch.first
         if isinstance(outputs, dict) and "image_embeddings" in outputs:
             self.rows = self.nearest(pl_module, batch, outputs)
+        elif isinstance(outputs, dict) and "probe" in outputs:
+            self.rows = self.probed(pl_module, batch, outputs["probe"])
         else:
             self.rows = self.answers(pl_module, batch)
         if trainer.is_global_zero and self.rows:
@@ -125,6 +129,30 @@ class SampleLogger(L.Callback):
             lines = [f"true: {truth}", f"{title}:"] + [f"{names[i]} ({v:.2f})" for i, v in zip(indices, values)]
             rows.append({"image": to_image(batch.pixel_values[row]), "name": batch.sample_names[row],
                          "lines": lines, "truth": truth, "nearest": [names[i] for i in indices]})  # fmt: skip
+        return rows
+
+    # -- probes: the predicted class, or the predicted mask over the image --------------------------------------
+
+    def probed(self, pl_module, batch, probe: dict) -> list[dict]:
+        names = list(getattr(pl_module.data, "class_names", None) or [])
+
+        def name(label: int) -> str:
+            return names[label] if 0 <= label < len(names) else str(label)
+
+        rows = []
+        for row in range(min(self.num_samples, batch.rows)):
+            image = to_image(batch.pixel_values[row])
+            if "predicted_mask" in probe:
+                predicted, true = probe["predicted_mask"][row].cpu(), probe["true_mask"][row].cpu()
+                image = mask_overlay(image, predicted)
+                kept = true != 255
+                accuracy = float((predicted[kept] == true[kept]).float().mean()) if kept.any() else float("nan")
+                shown = sorted({name(int(c)) for c in predicted.unique()})
+                lines = [f"predicted mask: {', '.join(shown)}", f"pixel accuracy: {accuracy:.2f}"]
+            else:
+                predicted, true = int(probe["predicted"][row]), int(probe["true"][row])
+                lines = [f"predicted: {name(predicted)}", f"true: {name(true)}"]
+            rows.append({"image": image, "name": batch.sample_names[row], "lines": lines})
         return rows
 
     # -- vision-language models: generated answers --------------------------------------------------------------
@@ -176,8 +204,9 @@ class SampleLogger(L.Callback):
         out = []
         for row, tokens in enumerate(generated):
             answer = tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)
-            lines = [f"answer: {answer}", f"reference: {references[row]}"]
-            out.append({"image": images[row], "name": batch.sample_names[row], "lines": lines,
+            question = prompt_question(tokenizer, prompts[row][0])
+            lines = [f"question: {question}", f"answer: {answer}", f"reference: {references[row]}"]
+            out.append({"image": images[row], "name": batch.sample_names[row], "lines": lines, "question": question,
                         "answer": answer, "reference": references[row], "tokens": tokens})  # fmt: skip
         return out
 
@@ -203,3 +232,32 @@ def _leading_tiles(images: Images | None, slots: int) -> Images | None:
     while filled < slots and count < len(images.budgets):
         filled, count = filled + images.budgets[count], count + 1
     return Images(images.pixel_values[:count], [count], images.budgets[:count])
+
+
+# The last user turn of a ChatML prompt (InternVL's templates), and the image spans inside it.
+_USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S)
+_IMAGE_SPAN = re.compile(r"<img>.*?</img>|<IMG_CONTEXT>|<image>", re.S)
+
+
+def prompt_question(tokenizer, ids: torch.Tensor) -> str:
+    """What a prompt's last user turn asks, its images left out (``<img>…</img>``); for a template without
+    ChatML's markers, the prompt's text less its special tokens."""
+    text = tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    turns = _USER_TURN.findall(text)
+    if not turns:
+        return " ".join(tokenizer.decode(ids.tolist(), skip_special_tokens=True).split())
+    return " ".join(_IMAGE_SPAN.sub(" ", turns[-1]).split())
+
+
+#: One colour per mask class (0, the background, left as the image is).
+_PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.float32)  # fmt: skip
+
+
+def mask_overlay(image: Image.Image, mask: torch.Tensor, alpha: float = 0.6) -> Image.Image:
+    """``image`` with each pixel of class ``c > 0`` of ``mask`` ``(H, W)`` tinted with the class's colour."""
+    pixels = np.asarray(image, dtype=np.float32)
+    classes = mask.numpy()
+    colours = _PALETTE[classes % len(_PALETTE)]
+    tinted = np.where((classes > 0)[..., None], (1 - alpha) * pixels + alpha * colours, pixels)
+    return Image.fromarray(tinted.clip(0, 255).astype(np.uint8), "RGB")

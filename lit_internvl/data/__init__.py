@@ -2,6 +2,7 @@
 
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.datamodule import RecordsDataModule
+from lit_internvl.data.labelled import ImagesDataModule, ShapesImagesDataModule
 from lit_internvl.data.samples import SampleBuilder, SampleOptions
 from lit_internvl.data.shapes.datamodule import ShapesDataModule
 from lit_internvl.data.templates import PlaceholderMismatchError, tokenize_conversation
@@ -9,6 +10,7 @@ from lit_internvl.data.tiling import tile_sample
 from lit_internvl.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "ByteTokenizer", "Collator", "HFTokenizer", "PlaceholderMismatchError", "RecordsDataModule", "SampleBuilder",
-    "SampleOptions", "ShapesDataModule", "load_tokenizer", "tile_sample", "tokenize_conversation",
+    "ByteTokenizer", "Collator", "HFTokenizer", "ImagesDataModule", "PlaceholderMismatchError", "RecordsDataModule",
+    "SampleBuilder", "SampleOptions", "ShapesDataModule", "ShapesImagesDataModule", "load_tokenizer", "tile_sample",
+    "tokenize_conversation",
 ]  # fmt: skip

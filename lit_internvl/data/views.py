@@ -12,6 +12,8 @@ rejected       the same question answered with ``rejected``                     
 prompt         the conversation up to its last answer, left out (``reference``)      RL, predict
 pair           an image and its caption's ITC / ITM / ITG texts                     stage 1, stage 2
 negative       another image's caption (ITM's negative)                             stage 2
+image          an image and its class label                                         linear probe
+mask           an image and its pixel mask (a class per pixel)                      segmentation probe
 ============== ==================================================================== =====================
 
 A vision-language view also carries a visual ``budget``: the ``<IMG_CONTEXT>`` tokens each tile becomes (None:
@@ -28,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
-ViewKind = Literal["conversation", "chosen", "rejected", "prompt", "pair", "negative"]
+ViewKind = Literal["conversation", "chosen", "rejected", "prompt", "pair", "negative", "image", "mask"]
 VIEW_KINDS: tuple[ViewKind, ...] = get_args(ViewKind)
 #: Views whose samples hold images spliced into a token sequence (they take a budget).
 VISION_LANGUAGE: frozenset[str] = frozenset({"conversation", "chosen", "rejected", "prompt"})

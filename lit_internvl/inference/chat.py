@@ -4,6 +4,7 @@ is the command over it)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,9 +46,13 @@ def answer(
     record = Record("conversation", "chat", {"conversations": [{"from": "human", "value": question}]}, list(images))
     tokenizer = builder.tokenizer
     batch = Collator(tokenizer.pad_id, builder.views)([builder(record)])[builder.views[0].name]
+    device = next(model.parameters()).device  # the prompt goes where the model is (a GPU: lmms-eval's device)
+    images = batch.images
+    if images is not None:
+        images = replace(images, pixel_values=images.pixel_values.to(device))
     tokens = generate(
-        model, batch.input_ids, batch.attention_mask, batch.images, max_new_tokens=max_new_tokens,
-        eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed),
-        positions=batch.positions,
+        model, batch.input_ids.to(device), batch.attention_mask.to(device), images, max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id, temperature=temperature, top_p=top_p, positions=batch.positions.to(device),
+        generator=torch.Generator(device).manual_seed(seed),
     )[0]  # fmt: skip
     return tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True)

@@ -1,5 +1,5 @@
 """One LightningModule per training stage, on two bases: dual-encoder stages (contrastive, generative)
-and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ...)."""
+and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ...); and the probes of a vision encoder."""
 
 from lit_internvl.stages.base import Stage
 from lit_internvl.stages.contrastive import ContrastiveStage
@@ -8,11 +8,12 @@ from lit_internvl.stages.dual_encoder import DualEncoderStage
 from lit_internvl.stages.generative import GenerativeStage
 from lit_internvl.stages.mpo import MPOStage
 from lit_internvl.stages.nmp import NMPStage
+from lit_internvl.stages.probes import LinearProbeStage, SegmentationProbeStage
 from lit_internvl.stages.rl import RLStage
 from lit_internvl.stages.sft import SFTStage
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 __all__ = [
-    "ContrastiveStage", "CriticStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "NMPStage", "RLStage", "SFTStage",
-    "Stage", "VisionLanguageStage",
+    "ContrastiveStage", "CriticStage", "DualEncoderStage", "GenerativeStage", "LinearProbeStage", "MPOStage", "NMPStage",
+    "RLStage", "SegmentationProbeStage", "SFTStage", "Stage", "VisionLanguageStage",
 ]  # fmt: skip

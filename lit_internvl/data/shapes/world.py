@@ -40,6 +40,8 @@ QuestionType = Literal["colour", "shape", "count", "position"]
 QUESTION_TYPES: tuple[QuestionType, ...] = get_args(QuestionType)
 # What a description lists its objects by (see ShapesWorld.description).
 DescriptionOrder = Literal["shape", "colour"]
+# What a segmentation mask's classes are (see ShapesWorld.mask).
+MaskClasses = Literal["shape", "colour", "object"]
 CORNERS = {"circle": "no", "square": "four", "triangle": "three", "diamond": "four", "cross": "twelve"}
 
 
@@ -101,6 +103,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"Unknown shape {shape!r}")
 
 
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, fill) -> None:
+    """Draw ``obj`` in ``fill`` (the image's colour, or a mask's class)."""
+    (cx, cy), r = obj.centre, obj.radius
+    if obj.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif obj.shape == "square":
+        a = 0.8 * r
+        draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=fill)
+    else:
+        draw.polygon(_polygon(obj.shape, cx, cy, r), fill=fill)
+
+
 class ShapesWorld:
     """Deterministic scenes: ``world.scene(i)`` is the same on every call, process and machine."""
 
@@ -133,16 +147,20 @@ class ShapesWorld:
         draw = ImageDraw.Draw(image)
         for obj in objects:
             shade = rng.uniform(0.8, 1.0)
-            fill = tuple(int(c * shade) for c in COLOURS[obj.colour])
-            (cx, cy), r = obj.centre, obj.radius
-            if obj.shape == "circle":
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-            elif obj.shape == "square":
-                a = 0.8 * r
-                draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=fill)
-            else:
-                draw.polygon(_polygon(obj.shape, cx, cy, r), fill=fill)
+            _draw(draw, obj, tuple(int(c * shade) for c in COLOURS[obj.colour]))
         return image
+
+    def mask(self, objects: list[ShapeObject], classes: MaskClasses = "shape") -> Image.Image:
+        """The pixel mask of :meth:`render`'s image of ``objects`` (an ``"L"`` image, every pixel of an object its
+        class, drawn with the same geometry, so exactly the pixels that object covers): 0 the background, else 1 +
+        the object's index in :data:`SHAPES` (``"shape"``), in :data:`COLOURS` (``"colour"``) or its class id
+        (``"object"``, colour × shape)."""
+        mask = Image.new("L", (self.image_size, self.image_size), 0)
+        draw = ImageDraw.Draw(mask)
+        for obj in objects:
+            value = {"shape": SHAPES.index(obj.shape), "colour": list(COLOURS).index(obj.colour)}.get(classes)
+            _draw(draw, obj, 1 + (obj.class_id if value is None else value))
+        return mask
 
     def pair(self, index: int) -> dict:
         """One object and its caption: ``{image, text, label, caption_key}``.
@@ -211,6 +229,11 @@ class ShapesWorld:
         else:
             question, answer = f"Where is the {target.name}?", target.region(self.image_size)
         return {"image": self.render(objects, rng), "question": question, "answer": answer, "type": kind}
+
+    def segmentation(self, index: int, max_objects: int = 3, classes: MaskClasses = "shape") -> dict:
+        """A scene of :meth:`scene` and its pixel mask (:meth:`mask`): ``{image, mask}``."""
+        objects, rng = self.scene(index, max_objects)
+        return {"image": self.render(objects, rng), "mask": self.mask(objects, classes)}
 
     def description(self, objects: list[ShapeObject], order: DescriptionOrder = "shape") -> str:
         """Every object and its region, listed by ``order`` (``"shape"``: :data:`SHAPES` order; ``"colour"``:
