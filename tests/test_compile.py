@@ -143,7 +143,7 @@ def test_compiled_blocks_under_fsdp2_train_like_one_plain_process(tmp_path):
         port = s.getsockname()[1]
     out = tmp_path / "fsdp_compiled.pt"
     mp.spawn(_fsdp_compiled_worker, args=(port, str(out)), nprocs=2, join=True)
-    got = torch.load(out, weights_only=False)
+    got = torch.load(out, weights_only=True)
     reference = _vlm()
     ref_loss, ref_grads = _step(reference, _packed_batch(40))
     torch.testing.assert_close(got["loss"], ref_loss, atol=1e-5, rtol=0)

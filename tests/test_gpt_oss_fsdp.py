@@ -62,7 +62,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_fsdp2_on_two_ranks_trains_tiny_gpt_oss_as_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    got = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

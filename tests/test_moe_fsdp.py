@@ -121,7 +121,7 @@ def _free_port() -> int:
 def fsdp_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("moe_fsdp")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
-    return torch.load(out / "fsdp.pt", weights_only=False)
+    return torch.load(out / "fsdp.pt", weights_only=True)
 
 
 def test_experts_are_sharded_and_the_router_is_gathered_in_float32(fsdp_results):

@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("nmp_fsdp")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
-    return torch.load(out / "ranks.pt", weights_only=False)
+    return torch.load(out / "ranks.pt", weights_only=True)
 
 
 def test_text_only_and_image_ranks_train_as_one_process_on_both_batches(ranks, tmp_path):

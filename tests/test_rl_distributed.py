@@ -114,7 +114,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("rl_ranks")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
-    return torch.load(out / "ranks.pt", weights_only=False)
+    return torch.load(out / "ranks.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("algorithm", ["gspo", "grpo"])
