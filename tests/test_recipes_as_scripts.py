@@ -28,6 +28,13 @@ AS_SCRIPTS = {
     "internvl3_8b/sft_lora.yaml": ("token", False, False),
     # internvl2.5/stage2/internvl2_5_8b_internlm2_5_7b_dynamic_res_stage2.sh L80, L89, L90
     "internvl2_5_8b/stage2.yaml": ("square", True, True),
+    # internvl_chat_gpt_oss/shell/internvl3_5_qwen3/internvl3_5_{1b,8b,30b}_sft.sh L85, L94 (no all-gather flag); the
+    # LoRA runs take the full script's data settings (recipes/scripts/internvl3_5_sft_lora.yaml)
+    **{
+        f"internvl3_5_{size}/{run}.yaml": ("square", True, False)
+        for size in ("1b", "8b", "30b_a3b")
+        for run in ("sft_full", "sft_lora")
+    },
 }
 # Real-size recipes whose source has no such flags to follow, each with the reason.
 WITHOUT_THESE_FLAGS = {
@@ -35,6 +42,16 @@ WITHOUT_THESE_FLAGS = {
     "internvl3_8b/mpo.yaml": "MPO's loss is the stage's three terms (recipes/stages/mpo.yaml); pairs are not packed",
     "internvl3_1b/nmp.yaml": "no published NMP script: the paper's packed rows and square averaging",
     "internvl3_1b/rl.yaml": "verl's GSPO (Weiyun1025/verl-internvl): its own loss aggregation, in the recipe's comment",
+    **{
+        f"internvl3_5_{size}/mpo.yaml": "MPO's loss is the stage's three terms (internvl_chat_mpo.py L906-907); pairs are "
+        "not packed"
+        for size in ("1b", "8b", "30b_a3b")
+    },
+    **{
+        f"internvl3_5_{size}/rl.yaml": "verl's GSPO (Weiyun1025/verl-internvl): its own loss aggregation, in "
+        "recipes/scripts/internvl3_5_gspo.yaml"
+        for size in ("1b", "8b", "30b_a3b")
+    },
 }
 REAL_SIZE = sorted(
     str(p.relative_to(REPO / "recipes")) for p in entry_recipes() if compose(p)["trainer"]["accelerator"] == "gpu"
