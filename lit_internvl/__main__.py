@@ -1,11 +1,9 @@
 import torch.distributed as dist
 
 from lit_internvl.cli import main
+from lit_internvl.distributed import leave_process_group
 
 if __name__ == "__main__":
     main()
-    # A process of a torchrun/SLURM job tears its process group down before the interpreter exits: left to the
-    # interpreter's teardown, gloo's threads are sometimes destroyed while running ("terminate called without an
-    # active exception") and the rank exits non-zero after the run has finished and saved.
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group(0)  # a torchrun/SLURM rank: see leave_process_group for why not the interpreter's exit

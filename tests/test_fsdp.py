@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +22,7 @@ import torch.nn as nn
 from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
-from lit_internvl.distributed import parallelize, transformer_blocks, unsharded
+from lit_internvl.distributed import leave_process_group, parallelize, transformer_blocks, unsharded
 from lit_internvl.models import DualEncoder
 from lit_internvl.models.qllama import QLLaMAConnector
 from lit_internvl.stages import SFTStage
@@ -130,14 +129,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     }
     if rank == 0:
         torch.save(results, out / "fsdp.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # Everything is saved and checked for by now. Interpreter teardown in a spawned rank sometimes aborts in a
-    # C++ destructor ("terminate called without an active exception", SIGABRT; 1 of 3 runs here), which
-    # mp.spawn reports as a failed rank: leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process_group()  # everything is saved: leave without the interpreter's teardown
 
 
 def _free_port() -> int:

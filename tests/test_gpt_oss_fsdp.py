@@ -5,7 +5,6 @@ gathered in bfloat16, its router (weight and bias) still computes in float32. Th
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 
 from lit_internvl.components import Decoder, InternViT, LanguageConfig, PixelShuffleMLP
 from lit_internvl.data.tokenizer import IMG_CONTEXT, ByteTokenizer
+from lit_internvl.distributed import leave_process_group
 from lit_internvl.stages import SFTStage
 from tests.test_moe_fsdp import AUX_LOSS_COEF, GLOBAL_BATCH, WORLD_SIZE, _fit, _free_port
 
@@ -53,11 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     if rank == 0:
         torch.save({"losses": recorder.losses, "aux": recorder.aux, "weights": weights, "dtypes": seen},
                    Path(out_dir) / "fsdp.pt")  # fmt: skip
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as test_fsdp.py: a spawned rank's interpreter teardown sometimes aborts after all is saved
+    leave_process_group()  # everything is saved: leave without the interpreter's teardown
 
 
 def test_fsdp2_on_two_ranks_trains_tiny_gpt_oss_as_one_process(tmp_path):

@@ -6,7 +6,6 @@ the two ranks' batches together."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +21,7 @@ from lit_internvl.data.shapes.datasets import ShapesInterleaved, ShapesText
 from lit_internvl.data.shapes.world import ShapesWorld
 from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
 from lit_internvl.data.views import View
+from lit_internvl.distributed import leave_process_group
 from lit_internvl.models.vlm import Logits
 from lit_internvl.stages import NMPStage
 from tests.test_fsdp import LossRecorder, _free_port, _full_state, _max_difference
@@ -80,11 +80,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     result = {"losses": recorder.losses, "weights": _full_state(stage.model), "dummy_tile": stage.model.dummy_tile}
     if rank == 0:
         torch.save(result, Path(out_dir) / "ranks.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/test_fsdp.py: a spawned rank's interpreter teardown sometimes aborts
+    leave_process_group()  # everything is saved: leave without the interpreter's teardown
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ process makes on the combined rollouts (the loss normalised by the global count 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +16,7 @@ from lit_internvl.components import Decoder, InternViT, PixelShuffleMLP
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
+from lit_internvl.distributed import leave_process_group
 from lit_internvl.rewards import Reward
 from lit_internvl.stages import RLStage
 from tests.test_fsdp import _free_port, _full_state, _max_difference
@@ -103,11 +103,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results[algorithm] = _full_state(stage.model)
     if rank == 0:
         torch.save(results, Path(out_dir) / "ranks.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/test_fsdp.py
+    leave_process_group()  # everything is saved: leave without the interpreter's teardown
 
 
 @pytest.fixture(scope="module")
