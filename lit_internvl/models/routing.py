@@ -42,13 +42,18 @@ def routes(model) -> bool:
 def route_images(model, images: Images) -> Images:
     """``images`` with each tile at the first budget given the budget the router picks (the connector's
     :meth:`~lit_internvl.components.FlashConnector.compress` on the scores of those tiles together); tiles at other
-    budgets stay. The vision features travel with the result. The router runs in eval mode (no dropout), without
-    gradients: routing decides, it does not train (the router trains in :class:`~lit_internvl.stages.RouterStage`)."""
+    budgets stay, and images already routed are returned as they are. The vision features travel with the result
+    unless the vision tower trains (it then runs again in the forward, with gradients). The router runs in eval mode
+    (no dropout), without gradients: routing decides, it does not train (the router trains in
+    :class:`~lit_internvl.stages.vico.RouterStage`)."""
     if images.routed:
         return images
     connector = model.connector
     first, second = model.budgets()[:2]
-    features = images.features if images.features is not None else model.vision(images.pixel_values)
+    features = images.features
+    if features is None:
+        with torch.no_grad():
+            features = model.vision(images.pixel_values)
     at_first = torch.tensor(images.budgets, device=features.device) == first
     budgets = list(images.budgets)
     if at_first.any():
@@ -59,7 +64,11 @@ def route_images(model, images: Images) -> Images:
         connector.router.train(training)
         for i, compress in zip(at_first.nonzero().flatten().tolist(), connector.compress(scores).tolist()):
             budgets[i] = second if compress else first
-    return Images(images.pixel_values, list(images.tiles_per_sample), budgets, features=features, routed=True)
+    # Features without gradients are kept only where no gradient is wanted: a vision tower that trains runs again in
+    # the forward, inside the (data-parallel) model call.
+    trains = torch.is_grad_enabled() and any(p.requires_grad for p in model.vision.parameters())
+    kept = None if trains else features
+    return Images(images.pixel_values, list(images.tiles_per_sample), budgets, features=kept, routed=True)
 
 
 def route_batch(model, batch: Batch, padding_side: PaddingSide = "right") -> Batch:
