@@ -1,5 +1,5 @@
 """One LightningModule per training stage, on two bases: dual-encoder stages (contrastive, generative)
-and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ...)."""
+and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ViCO's consistency and router stages, ...)."""
 
 from lit_internvl.stages.base import Stage
 from lit_internvl.stages.contrastive import ContrastiveStage
@@ -10,9 +10,10 @@ from lit_internvl.stages.mpo import MPOStage
 from lit_internvl.stages.nmp import NMPStage
 from lit_internvl.stages.rl import RLStage
 from lit_internvl.stages.sft import SFTStage
+from lit_internvl.stages.vico import ViCOStage, ViRStage
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 __all__ = [
     "ContrastiveStage", "CriticStage", "DualEncoderStage", "GenerativeStage", "MPOStage", "NMPStage", "RLStage", "SFTStage",
-    "Stage", "VisionLanguageStage",
+    "Stage", "ViCOStage", "ViRStage", "VisionLanguageStage",
 ]  # fmt: skip

@@ -4,6 +4,7 @@ batch, and answering prompts."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal
@@ -34,6 +35,12 @@ from lit_internvl.stages.options import GenerationOptions, SpeedOptions, as_opti
 
 Part = Literal["vision", "connector", "decoder"]
 PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
+
+# Every vision-language stage overrides on_after_batch_transfer (routing, below) and meets a LightningDataModule, which
+# Lightning reports once a run although it is what is meant: the stage's hook is the one that runs.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
+)
 
 
 class VisionLanguageStage(Stage):
