@@ -297,7 +297,6 @@ class ViRStage(_FlashStage):
         # The sliding window of ratios, in the checkpoint (exact resume): a ring of `window` values, `ratio_count` seen.
         self.register_buffer("ratio_window", torch.zeros(window))
         self.register_buffer("ratio_count", torch.zeros((), dtype=torch.long))
-        self.router_accuracy = MeanMetric()
         self.tokens = MeanMetric()
         self.compressed = MeanMetric()
 
@@ -349,6 +348,8 @@ class ViRStage(_FlashStage):
     def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor | None:
         if batch.empty or batch["conversation"].images is None:
             return None
+        if batch["conversation"].document_ids is not None:
+            raise ValueError("ViRStage labels each tile by its own sample's loss: set data.init_args.pack: false")
         features, ratios = self.tile_ratios(batch["conversation"])
         tau = self.threshold(ratios)
         labels = torch.where(ratios < tau, COMPRESS, 1 - COMPRESS)
