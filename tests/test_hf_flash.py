@@ -166,3 +166,12 @@ def test_flash_presets_add_mlp2_and_the_router_to_the_internvl3_5_sizes(size):
     gating = 4 * block + 2 * c + (2 * c + 2)
     assert _count(flash) - _count(base) == mlp2 + pooling + gating
     assert flash.budgets(448) == (256, 64)
+
+
+def test_the_export_command_writes_a_flash_folder_in_opengvlab_layout(tmp_path):
+    from lit_internvl.tools.export import main as export_main
+
+    folder, _, _ = _write_flash(tmp_path)
+    out = export_main(["--checkpoint", str(folder), "--output", str(tmp_path / "out")])
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(folder / "model.safetensors")))
+    assert isinstance(load_vlm(out).connector, FlashConnector)
