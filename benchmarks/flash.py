@@ -21,13 +21,14 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
 from lit_internvl.batch import Batch, Images
 from lit_internvl.data.collate import Collator
 from lit_internvl.data.samples import SampleBuilder
 from lit_internvl.data.shapes.detail import DETAILS, DetailWorld, ShapesDetailVQA
 from lit_internvl.data.views import View
-from lit_internvl.losses import supervised_positions
+from lit_internvl.losses import next_token_targets, supervised_positions
 from lit_internvl.models.routing import at_budgets, route_batch
 from lit_internvl.models.vlm import Logits
 from lit_internvl.stages.vico import exact_answers
@@ -95,6 +96,22 @@ def prefill_seconds(model, prompts: list[Batch], how, repeats: int) -> float:
     return best
 
 
+@torch.no_grad()
+def answer_losses(model, full: list[Batch], how) -> torch.Tensor:
+    """``(Q,)`` each question's answer cross-entropy (mean over its tokens), the budgets set by ``how``."""
+    out = []
+    for batch in full:
+        batch = how(model, batch)
+        targets = next_token_targets(batch.labels)
+        logits = model(batch.input_ids, batch.images, attention_mask=batch.attention_mask, positions=batch.positions,
+                       head=Logits(targets != -100))  # fmt: skip
+        losses = F.cross_entropy(logits.float(), targets[targets != -100], reduction="none")
+        rows = (targets != -100).nonzero()[:, 0]
+        total = torch.zeros(batch.rows).index_add(0, rows, losses)
+        out.append(total / torch.zeros(batch.rows).index_add(0, rows, torch.ones_like(losses)))
+    return torch.cat(out)
+
+
 def chance(metas: list[dict], world: DetailWorld) -> float:
     return sum(1 / len(world.answer_options(m["type"])) for m in metas) / len(metas)
 
@@ -122,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=0.6, help="the router stage's target_compression")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -196,6 +214,27 @@ def main() -> None:
               + " | ".join(f"{sum(share[d]) / max(len(share[d]), 1):.2f}" for d in DETAILS) + " |")  # fmt: skip
     wins, losses, p = sign_test(results[rows[3][0]]["right"], base["right"])
     print(f"\n(d) against (a): {wins} questions only (d) gets right, {losses} only (a); sign test p = {p:.3f}")
+    # The router stage's labels (ViRStage): how well the loss ratio with ratio_eps ranks the scenes that need their
+    # 16 tokens above those that do not, on the consistency model the router stage starts from.
+    small = answer_losses(vico, full, at(second))
+    large = answer_losses(vico, full, at(first))
+    fine = torch.tensor([m["detail"] == "fine" for m in base["metas"]])
+    print(f"\nRouter labels from the answer losses of the model after ViCO ({fine.sum()} fine of {len(fine)}; "
+          f"the lowest {args.target:.0%} of the ratios labelled compress):\n")  # fmt: skip
+    print("| ratio_eps | AUC fine above coarse | fine among those labelled compress | coarse labelled compress |")
+    print("|---:|---:|---:|---:|")
+    for eps in (1e-4, 1e-3, 1e-2, 1e-1):
+        ratio = (small + eps) / (large + eps)
+        labelled = ratio < torch.quantile(ratio, args.target)
+        print(f"| {eps:g} | {_auc(ratio[fine], ratio[~fine]):.3f} | {labelled[fine].float().sum() / labelled.sum():.3f} "
+              f"| {labelled[~fine].float().mean():.3f} |")  # fmt: skip
+
+
+def _auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(a positive's score > a negative's), ties counting half."""
+    greater = (positive[:, None] > negative[None, :]).float().mean()
+    ties = (positive[:, None] == negative[None, :]).float().mean()
+    return float(greater + ties / 2)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ released behaviour; ``(1, 2, 3, 4)`` uses each once (as the transformers port of
 have a (zero) gradient and data-parallel training finds no unused parameter.
 
 Class 0 is "compress": the released rule reads ``gate[:, 0]``, and ViCO's router labels are 0 where compressing a
-tile costs little (:class:`~lit_internvl.stages.vico.RouterStage`).
+tile costs little (:class:`~lit_internvl.stages.vico.ViRStage`).
 """
 
 from __future__ import annotations

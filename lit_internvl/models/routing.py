@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_internvl.batch import IGNORE_INDEX, Batch, Images
+from lit_internvl.distributed import unsharded
 
 PaddingSide = Literal["left", "right"]
 
@@ -45,23 +46,24 @@ def route_images(model, images: Images) -> Images:
     budgets stay, and images already routed are returned as they are. The vision features travel with the result
     unless the vision tower trains (it then runs again in the forward, with gradients). The router runs in eval mode
     (no dropout), without gradients: routing decides, it does not train (the router trains in
-    :class:`~lit_internvl.stages.vico.RouterStage`)."""
+    :class:`~lit_internvl.stages.vico.ViRStage`)."""
     if images.routed:
         return images
     connector = model.connector
     first, second = model.budgets()[:2]
     features = images.features
-    if features is None:
-        with torch.no_grad():
-            features = model.vision(images.pixel_values)
-    at_first = torch.tensor(images.budgets, device=features.device) == first
+    at_first = torch.tensor(images.budgets) == first
     budgets = list(images.budgets)
+    # Outside the model's forward: FSDP2 gathers the root's parameters (the vision embeddings, the router) for it.
+    with torch.no_grad(), unsharded(model):
+        if features is None:
+            features = model.vision(images.pixel_values)
+        if at_first.any():
+            training = connector.router.training
+            connector.router.eval()
+            scores = connector.scores(features[at_first.to(features.device)])
+            connector.router.train(training)
     if at_first.any():
-        training = connector.router.training
-        connector.router.eval()
-        with torch.no_grad():
-            scores = connector.scores(features[at_first])
-        connector.router.train(training)
         for i, compress in zip(at_first.nonzero().flatten().tolist(), connector.compress(scores).tolist()):
             budgets[i] = second if compress else first
     # Features without gradients are kept only where no gradient is wanted: a vision tower that trains runs again in

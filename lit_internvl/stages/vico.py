@@ -38,7 +38,7 @@ from torchmetrics import MeanMetric
 
 from lit_internvl.batch import IGNORE_INDEX, Batch, Images, Views
 from lit_internvl.components.router import COMPRESS
-from lit_internvl.distributed import world
+from lit_internvl.distributed import data_parallel_mesh, world
 from lit_internvl.losses import (
     HEAD_CHUNK_SIZE,
     LossReduction,
@@ -305,6 +305,11 @@ class ViRStage(_FlashStage):
 
     def prepare_model(self, model: nn.Module) -> None:
         self.check_flash(model)
+        if data_parallel_mesh(self.device_mesh) is not None:
+            raise ValueError(
+                "ViRStage trains the router on features outside the model's forward, where FSDP2 does not reduce its "
+                "gradients: train it with DDP (the router is small; the frozen model is replicated)"
+            )
         super().prepare_model(model)
         model.requires_grad_(False)
         model.connector.router.requires_grad_(True)
