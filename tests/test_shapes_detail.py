@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lit_internvl.data.shapes.detail import COUNTS, QUADRANTS, DetailWorld, ShapesDetailDataModule
-from lit_internvl.data.shapes.world import vocabulary
+from lit_internvl.data.shapes.world import COLOURS, SHAPES, vocabulary
 from lit_internvl.data.views import View
 
 
@@ -64,3 +64,20 @@ def test_the_datamodule_gives_the_questions_at_either_budget_with_their_detail()
     assert data.question_types == {"colour": 1 / 6, "shape": 1 / 5, "count": 1 / 5, "position": 1 / 4}
     with pytest.raises(ValueError, match="fine_ratio"):
         ShapesDetailDataModule(fine_ratio=1.5)
+
+
+def test_descriptions_name_every_object_in_the_asked_order_in_training_only():
+    world = DetailWorld(112, 2, "train")
+    described = [world.vqa(i, describe_ratio=1.0) for i in range(30)]
+    for i, qa in enumerate(described):
+        objects, kind, _ = world.detail_scene(i)
+        order = "shape" if qa["question"].endswith("by shape.") else "colour"
+        names = [part.split(" at the ")[0][2:] for part in qa["answer"].split(", ")]
+        assert sorted(names) == sorted(o.name for o in objects)
+        keys = [name.split()[1] if order == "shape" else name.split()[0] for name in names]
+        reference = list(SHAPES) if order == "shape" else list(COLOURS)
+        assert keys == sorted(keys, key=reference.index)
+        assert (" at the " in qa["answer"]) == (kind == "coarse")
+    data = ShapesDetailDataModule(describe_ratio=1.0, val_size=4, batch_size=4)
+    data.use_views((View("conversation", 16),))
+    assert all(m["type"] != "description" for m in next(iter(data.val_dataloader()))["conversation"].meta)

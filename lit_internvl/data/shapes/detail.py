@@ -71,8 +71,16 @@ class DetailWorld(ShapesWorld):
 
     def vqa(self, index: int, max_objects: int = 5, describe_ratio: float = 0.0) -> dict:
         """A scene, a question and its one-word (or two-word) answer: ``{image, question, answer, type, detail}``.
-        Coarse scenes are asked colour, shape, count or position (quadrant); fine ones colour, shape or count."""
+        Coarse scenes are asked colour, shape, count or position (quadrant); fine ones colour, shape or count. With
+        probability ``describe_ratio`` the question is instead "Describe the objects by shape." (or "by colour."),
+        answered with every object in that order (type ``description``; :meth:`description`)."""
         objects, kind, rng = self.detail_scene(index)
+        describe = self.rng(index, "describe")
+        if describe_ratio and describe.random() < describe_ratio:
+            order = ("shape", "colour")[int(describe.integers(2))]
+            question, answer = f"Describe the objects by {order}.", self.detail_description(objects, kind, order)
+            return {"image": self.render(objects, rng), "question": question, "answer": answer,
+                    "type": "description", "detail": kind}  # fmt: skip
         target = objects[int(rng.integers(len(objects)))]
         kinds = get_args(DetailQuestion) if kind == "coarse" else ("colour", "shape", "count")
         question_type = kinds[int(rng.integers(len(kinds)))]
@@ -87,6 +95,14 @@ class DetailWorld(ShapesWorld):
         image = self.render(objects, rng)
         return {"image": image, "question": question, "answer": answer, "type": question_type, "detail": kind}
 
+    def detail_description(self, objects: list[ShapeObject], kind: Detail, order: str) -> str:
+        """Every object listed by shape or by colour (as :meth:`ShapesWorld.description`, so that a model learns to find
+        an object by either), a coarse scene's with its quadrant: ``"a red circle at the top left, a blue square"``."""
+        names = SHAPES if order == "shape" else list(COLOURS)
+        ordered = sorted(objects, key=lambda obj: names.index(getattr(obj, order)))
+        where = (lambda obj: f" at the {self.quadrant(obj)}") if kind == "coarse" else (lambda obj: "")
+        return ", ".join(f"a {obj.name}{where(obj)}" for obj in ordered)
+
     def answer_options(self, kind: str, max_objects: int = 5) -> list[str]:
         """Every answer a question type can have (its chance level is one over their number)."""
         counts = [str(n) for n in range(COUNTS["coarse"][0], COUNTS["fine"][1] + 1)]
@@ -97,12 +113,12 @@ class ShapesDetailVQA(ShapesSplit):
     """The detail world's questions as conversation records built by a :class:`SampleBuilder` (``meta``: type,
     answer, detail kind)."""
 
-    def __init__(self, world: DetailWorld, size: int, builder: SampleBuilder) -> None:
+    def __init__(self, world: DetailWorld, size: int, builder: SampleBuilder, describe_ratio: float = 0.0) -> None:
         super().__init__(world, size)
-        self.builder = builder
+        self.builder, self.describe_ratio = builder, describe_ratio
 
     def sample(self, index: int) -> dict:
-        qa = self.world.vqa(index)
+        qa = self.world.vqa(index, describe_ratio=self.describe_ratio)
         turns = [
             {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{qa['question']}"},
             {"from": "gpt", "value": qa["answer"]},
@@ -119,12 +135,16 @@ class ShapesDetailDataModule(ShapesDataModule):
 
     Args:
         fine_ratio: the share of scenes that need fine detail.
+        describe_ratio: the share of *training* questions that ask for every object instead (as
+            :class:`~lit_internvl.data.ShapesDataModule`'s: one answer supervises every object); held-out splits ask
+            the one-word questions only.
         The others: :class:`~lit_internvl.data.ShapesDataModule`'s.
     """
 
     def __init__(
         self,
         fine_ratio: float = 1 / 3,
+        describe_ratio: float = 0.0,
         tile_size: int = 112,
         train_size: int = 10_000,
         val_size: int = 500,
@@ -139,7 +159,9 @@ class ShapesDetailDataModule(ShapesDataModule):
             num_workers=num_workers, seed=seed, system=system, tokenizer=tokenizer,
         )  # fmt: skip
         DetailWorld(fine_ratio=fine_ratio)  # checks the ratio
-        self.fine_ratio = fine_ratio
+        if not 0.0 <= describe_ratio <= 1.0:
+            raise ValueError(f"describe_ratio must lie in [0, 1], got {describe_ratio}")
+        self.fine_ratio, self.describe_ratio = fine_ratio, describe_ratio
         world = DetailWorld(tile_size)
         self._question_types = {kind: 1 / len(world.answer_options(kind)) for kind in get_args(DetailQuestion)}
 
@@ -152,4 +174,5 @@ class ShapesDetailDataModule(ShapesDataModule):
 
     def _dataset(self, split: Split, size: int, views) -> Dataset:
         world = DetailWorld(self.hparams.tile_size, self.hparams.seed, split, self.fine_ratio)
-        return ShapesDetailVQA(world, size, self.sample_builder(split == "train", views))
+        describe = self.describe_ratio if split == "train" else 0.0
+        return ShapesDetailVQA(world, size, self.sample_builder(split == "train", views), describe)
