@@ -208,7 +208,7 @@ def test_each_tile_is_labelled_by_the_loss_ratio_with_it_compressed(one_thread):
 
 
 def test_tiles_of_several_tile_rows_are_compressed_one_at_a_time(one_thread):
-    stage = _vir()
+    stage = _vir(ratio_eps=1e-4)
     stage.model.eval()
     builder = SampleBuilder(load_tokenizer("shapes"), SampleOptions(tile_size=TILE, max_tiles=4, system=""),
                             (View("conversation", FULL),))  # fmt: skip
