@@ -166,7 +166,8 @@ class FlashConnector(nn.Module):
     Args:
         vision_dim, text_dim: as every connector.
         downsample_ratio: ``mlp1``'s (``mlp2``'s is its square, as released).
-        relative_threshold, absolute_threshold: the decision rule's quantile and floor.
+        relative_threshold, absolute_threshold: the decision rule's quantile and floor (defaults: the values of the
+            transformers port's tests, not checked against a release; a Flash folder's own are read from its config).
         route: route tiles given at the first budget (False: every tile as the data gives it).
         router_heads, router_layer_order: the router pooling's heads and layer order
             (:class:`~lit_internvl.components.router.CrossAttentionPooling`).
