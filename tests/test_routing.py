@@ -205,3 +205,25 @@ def test_a_stage_with_a_routing_connector_trains_on_the_routed_sequence(one_thre
         got = stage.forward_batch(routed, cross_entropy=True)
         expected = stage.forward_batch(built, cross_entropy=True)
     torch.testing.assert_close(got, expected)
+
+
+def test_best_of_n_samples_a_routed_prompt_as_the_prompt_built_at_the_picked_budgets():
+    from lit_internvl.inference.best_of_n import sample_n
+
+    model = flash_model(3)
+    options = SampleOptions(tile_size=TILE, max_tiles=4, use_thumbnail=True, system="")
+    builder = SampleBuilder(TOKENIZER, options, (View("prompt", FULL),))
+    image = ShapesWorld(2 * TILE, 0, "val").vqa(1)["image"]  # 4 tiles and a thumbnail that differ: the rule ranks them
+    turns = [{"from": "human", "value": "<image>\nWhere"}, {"from": "gpt", "value": "top"}]
+    record = Record("conversation", "scene", {"conversations": turns}, [image])
+    prompt = collate([builder(record)["views"]["prompt"]])
+    routed = route_images(model, prompt.images)
+    assert SMALL in routed.budgets and FULL in routed.budgets
+    built = at_budgets(prompt, Images(prompt.images.pixel_values, [5], routed.budgets), CONTEXT, "left")
+    ids, _ = tokenize_conversation(record.fields["conversations"][:1], TOKENIZER, "internvl2_5",
+                                   [sum(routed.budgets)], "", add_generation_prompt=True)  # fmt: skip
+    assert built.input_ids[0].tolist() == ids
+    seeds = [5, 6, 7]
+    got = sample_n(model, prompt.input_ids, prompt.images, seeds, max_new_tokens=5)
+    model.connector.routing = False
+    assert got == sample_n(model, built.input_ids, built.images, seeds, max_new_tokens=5)
