@@ -25,11 +25,16 @@ class Images:
         tiles_per_sample: tiles of each row (0 for a row without images); sums to ``tiles``.
         budgets: ``<IMG_CONTEXT>`` tokens each tile becomes (``tiles`` entries): a connector's budget, so that
             one batch may mix, say, 16- and 4-token tiles (:class:`~lit_internvl.models.VisionLanguageModel`).
+        features: the vision encoder's output for the tiles ``(tiles, 1 + P, C)`` when it has already run (routing
+            ran it to score the tiles: :mod:`lit_internvl.models.routing`), so that it does not run twice.
+        routed: the router has picked these tiles' budgets (routing the images again changes nothing).
     """
 
     pixel_values: torch.Tensor
     tiles_per_sample: list[int]
     budgets: list[int]
+    features: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    routed: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         tiles = self.pixel_values.shape[0]
@@ -60,8 +65,13 @@ class Images:
         tiles = [i for r in rows for i in range(starts[r], starts[r + 1])]
         if not tiles:
             return None
+        features = None if self.features is None else self.features[tiles]
         return Images(
-            self.pixel_values[tiles], [self.tiles_per_sample[r] for r in rows], [self.budgets[i] for i in tiles]
+            self.pixel_values[tiles],
+            [self.tiles_per_sample[r] for r in rows],
+            [self.budgets[i] for i in tiles],
+            features,
+            self.routed,
         )
 
 

@@ -384,3 +384,79 @@ def policy_loss(
             "kl": (kl * mask).sum() / count,
         }
     return loss, stats
+
+
+# -- consistency: KL to a reference, head and loss in chunks (ViCO) ----------------------------------------------------
+
+
+def linear_kl_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    reference_weight: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``(N,)`` float32 ``KL(q ‖ p)`` per row, ``q = softmax(reference_hidden @ reference_weight.T)`` (the reference's
+    next-token distribution, no gradient) and ``p = softmax(hidden @ weight.T)`` (the policy's), without the ``(N, V)``
+    distributions: as :func:`linear_cross_entropy`, the forward keeps each row's two log-sum-exps, and the backward
+    recomputes a chunk of both distributions at a time (``d KL / d logits = p − q``). The reference's head may differ
+    from the policy's (a frozen copy of a decoder that trains).
+
+    Args:
+        hidden: ``(N, D)`` the policy's final hidden states at the N positions compared.
+        weight: ``(V, D)`` the policy's output head.
+        reference_hidden: ``(N, D)`` the reference's at the same positions, in the same order.
+        reference_weight: ``(V, D)`` the reference's output head.
+        chunk_size: rows a chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if hidden.shape[0] != reference_hidden.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} policy positions but {reference_hidden.shape[0]} reference positions")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _ChunkedLinearKL.apply(
+            hidden.to(dtype), weight.to(dtype), reference_hidden.detach().to(dtype),
+            reference_weight.detach().to(dtype), chunk_size,
+        )  # fmt: skip
+
+
+class _ChunkedLinearKL(torch.autograd.Function):
+    """:func:`linear_kl_divergence`: saves the inputs and each row's two log-sum-exps only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, reference_hidden, reference_weight, chunk_size):
+        rows_total = hidden.shape[0]
+        lse = torch.empty(rows_total, device=hidden.device, dtype=torch.float32)
+        reference_lse, kl = torch.empty_like(lse), torch.empty_like(lse)
+        for start in range(0, rows_total, chunk_size):
+            rows = slice(start, start + chunk_size)
+            log_p = (hidden[rows] @ weight.T).float()
+            log_q = (reference_hidden[rows] @ reference_weight.T).float()
+            lse[rows] = torch.logsumexp(log_p, dim=-1)
+            reference_lse[rows] = torch.logsumexp(log_q, dim=-1)
+            log_p.sub_(lse[rows, None])
+            log_q.sub_(reference_lse[rows, None])
+            # Σ q (log q − log p), accumulated in place: log_p becomes log q − log p
+            kl[rows] = (log_q.exp() * log_p.neg_().add_(log_q)).sum(dim=-1)
+        ctx.save_for_backward(hidden, weight, reference_hidden, reference_weight, lse, reference_lse)
+        ctx.chunk_size = chunk_size
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, reference_hidden, reference_weight, lse, reference_lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            p = (hidden[rows] @ weight.T).float().sub_(lse[rows, None]).exp_()
+            q = (reference_hidden[rows] @ reference_weight.T).float().sub_(reference_lse[rows, None]).exp_()
+            grad_logits = p.sub_(q).mul_(grad_kl[rows, None].float()).to(hidden.dtype)  # (p − q) · upstream
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.T @ hidden[rows]).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None

@@ -340,6 +340,13 @@ def run_benchmark_script(sandbox: Sandbox, command: str) -> None:
     sandbox.script([*argv, "--questions", "2", "--n", "2", "--step-samples", "4", "--max-new-tokens", "8"])
 
 
+def run_flash_benchmark(sandbox: Sandbox, command: str) -> None:
+    """benchmarks/flash.py on the tiny Flash chain (made on demand), a few questions."""
+    for name in ("sft_detail", "vico", "vir"):
+        sandbox.ensure(name)
+    sandbox.script([*_argv(command)[1:], "--questions", "4", "--batch", "2", "--repeats", "1"])
+
+
 def run_make_fit(sandbox: Sandbox, command: str) -> None:
     tiny = " ".join([*TINY_TRAINER, *tiny_overrides("stage1")])
     sandbox.shell(f"make -f {REPO}/Makefile fit STAMP= BIN={Path(PYTHON).parent} FIT_ARGS='{tiny}'")
@@ -449,6 +456,7 @@ RUNNERS = [
     Runner(r"python -m lit_internvl (validate|test|predict|chat|export|prepare|report|evaluate|critic_data) .*", "runs in process", run_lit_internvl),
     Runner(r"export INTERNVL_CHECKPOINT=\S+", "runs (the tiny folder)", run_export_env),
     Runner(r"python benchmarks/best_of_n\.py .*", "runs in process, tiny", run_benchmark_script),
+    Runner(r"python benchmarks/flash\.py( .*)?", "runs in process, tiny", run_flash_benchmark),
     Runner(r"torchrun --nproc_per_node 2 -m lit_internvl fit (?!.*internvl3).*", "runs 2 CPU processes, tiny", run_torchrun),
     Runner(r"#!/bin/bash\n.*#SBATCH.*", "checks bash -n; srun's command as a real-size fit", check_slurm_script),
     Runner(r"\.venv/bin/tensorboard --logdir runs", "checks its logs exist", check_tensorboard),

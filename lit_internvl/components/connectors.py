@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_internvl.components.router import VisualResolutionRouter, compress_tiles
+
 
 def pixel_shuffle(grid: torch.Tensor, factor: int) -> torch.Tensor:
     """Fold ``factor × factor`` neighbourhoods into channels: ``(N, H, W, C) → (N, H/f, W/f, f²·C)``.
@@ -116,3 +118,93 @@ class MultiBudgetConnector(nn.Module):
         # finds no unused parameter and FSDP2's ranks reduce the same gradients whatever budgets their batch holds.
         idle = [p.sum() for i, projector in enumerate(self.projectors) if i != chosen for p in projector.parameters()]
         return tokens + 0.0 * torch.stack(idle).sum().to(tokens.dtype) if idle else tokens
+
+
+class FlashMLP(nn.Module):
+    """InternVL3.5-Flash's second projector ("mlp2"): pixel shuffle by ``1 / downsample_ratio`` (0.25: a 448 px tile
+    becomes 64 tokens) → LayerNorm → Linear(·, 2D) → GELU → Dropout → Linear(2D, 2D) → GELU → Dropout → Linear(2D, D),
+    as the Flash checkpoints' remote code builds it (``self.mlp2``; released names ``mlp2.{0,1,4,7}`` are
+    ``norm``, ``fc1``, ``fc2``, ``fc3`` here)."""
+
+    def __init__(
+        self, vision_dim: int, text_dim: int, downsample_ratio: float = 0.25, dropout: float = 0.1,
+        norm_eps: float = 1e-5,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        factor = round(1 / downsample_ratio)
+        if abs(factor * downsample_ratio - 1) > 1e-6:
+            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
+        self.factor = factor
+        in_dim = vision_dim * factor * factor
+        self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
+        self.fc1 = nn.Linear(in_dim, 2 * text_dim)
+        self.fc2 = nn.Linear(2 * text_dim, 2 * text_dim)
+        self.fc3 = nn.Linear(2 * text_dim, text_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def tokens_per_tile(self, num_patches: int) -> int:
+        return num_patches // (self.factor * self.factor)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = pixel_shuffle(_patch_grid(features), self.factor).flatten(1, 2)
+        hidden = self.dropout(F.gelu(self.fc1(self.norm(tokens))))
+        return self.fc3(self.dropout(F.gelu(self.fc2(hidden))))
+
+
+class FlashConnector(nn.Module):
+    """InternVL3.5-Flash's connector: ``mlp1`` (:class:`PixelShuffleMLP`, ratio 0.5: 256 tokens a 448 px tile, 16 a
+    112 px tile of the tiny tower), ``mlp2`` (:class:`FlashMLP`, ratio 0.25: 64, or 4) and the visual resolution
+    router that picks one of them per tile (:class:`~lit_internvl.components.router.VisualResolutionRouter`).
+
+    Budgets ``(T, T/4)``, the first the default; ``forward(features, budget)`` as :class:`MultiBudgetConnector`'s (the
+    projector and router left out enter at zero, for DDP and FSDP2). :meth:`compress` is the released decision rule on
+    the router's scores (``relative_threshold``, ``absolute_threshold``: the checkpoint config's
+    ``flash_relative_threshold`` and ``flash_absolute_threshold``); with ``route`` on, the stages and the inference
+    functions let the router pick each tile's budget and shorten the sequence (:mod:`lit_internvl.models.routing`), as
+    the released ``generate`` does in ``flash_mode``.
+
+    Args:
+        vision_dim, text_dim: as every connector.
+        downsample_ratio: ``mlp1``'s (``mlp2``'s is its square, as released).
+        relative_threshold, absolute_threshold: the decision rule's quantile and floor (defaults: the values of the
+            transformers port's tests, not checked against a release; a Flash folder's own are read from its config).
+        route: route tiles given at the first budget (False: every tile as the data gives it).
+        router_heads, router_layer_order: the router pooling's heads and layer order
+            (:class:`~lit_internvl.components.router.CrossAttentionPooling`).
+        norm_eps: ``mlp1``'s and ``mlp2``'s LayerNorm eps.
+    """
+
+    def __init__(
+        self, vision_dim: int, text_dim: int, downsample_ratio: float = 0.5, relative_threshold: float = 0.1,
+        absolute_threshold: float = 0.5, route: bool = True, router_heads: int = 16,
+        router_layer_order: tuple[int, ...] = (1, 2, 2, 2), norm_eps: float = 1e-5,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.mlp1 = PixelShuffleMLP(vision_dim, text_dim, downsample_ratio, norm_eps)
+        self.mlp2 = FlashMLP(vision_dim, text_dim, downsample_ratio**2, norm_eps=norm_eps)
+        self.router = VisualResolutionRouter(vision_dim, router_heads, layer_order=tuple(router_layer_order))
+        self.relative_threshold, self.absolute_threshold = relative_threshold, absolute_threshold
+        self.routing = route
+
+    def budgets(self, num_patches: int) -> tuple[int, ...]:
+        return (self.mlp1.tokens_per_tile(num_patches), self.mlp2.tokens_per_tile(num_patches))
+
+    def forward(self, features: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        budgets = self.budgets(features.shape[1] - 1)
+        if budget is None:
+            budget = budgets[0]
+        if budget not in budgets:
+            raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
+        first = budget == budgets[0]
+        tokens = (self.mlp1 if first else self.mlp2)(features)
+        # As MultiBudgetConnector: the other projector and the router (it runs in scores()) enter at zero.
+        idle = [p.sum() for module in (self.mlp2 if first else self.mlp1, self.router) for p in module.parameters()]
+        return tokens + 0.0 * torch.stack(idle).sum().to(tokens.dtype)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` router probabilities of the tiles' features ``(N, 1 + P, C)`` (class 0: compress)."""
+        return self.router.probabilities(features)
+
+    def compress(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: the tiles the released rule compresses, given the scores of the tiles routed together."""
+        return compress_tiles(scores, self.relative_threshold, self.absolute_threshold)

@@ -27,6 +27,7 @@ from lit_internvl.components.rotary import RopeScaling
 from lit_internvl.components.vision import InternViT, InternViTConfig
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.hf.files import UnsupportedCheckpointError, checkpoint_folder, read_json, token_id, weight_names
+from lit_internvl.hf.flash import flash_options
 from lit_internvl.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class CheckpointSpec:
     layout: str  # "transformers" or "opengvlab"
     text_architecture: str  # "qwen2", "llama", "qwen3", "qwen3_moe" or "internlm2"
     template: str | None = None  # OpenGVLab's chat-template name (e.g. "internvl2_5"), when given
+    flash: dict | None = None  # InternVL3.5-Flash: its FlashConnector's options (lit_internvl.hf.flash)
 
 
 def read_config(path: str | Path, image_context_id: int | None = None) -> CheckpointSpec:
@@ -248,7 +250,8 @@ def _spec_from_opengvlab(raw: dict, folder: Path, look_up_image_context: bool = 
     image_context_id = token_id(folder, IMG_CONTEXT) if look_up_image_context else None
     downsample_ratio = raw.get("downsample_ratio", 0.5)
     template = raw.get("template")
-    return CheckpointSpec(vision, language, image_context_id, downsample_ratio, "opengvlab", text_type, template)
+    flash = flash_options(raw, names, str(folder))
+    return CheckpointSpec(vision, language, image_context_id, downsample_ratio, "opengvlab", text_type, template, flash)
 
 
 def _opengvlab_text_type(llm: dict) -> str:

@@ -35,7 +35,7 @@ def read_vlm_state_dict(path: str | Path, spec: CheckpointSpec | None = None) ->
 def build_vlm(spec: CheckpointSpec) -> VisionLanguageModel:
     """An (untrained) model with the architecture ``spec`` describes; build it under ``torch.device("meta")``
     to skip the initialisation."""
-    return vlm_from_configs(spec.vision, spec.language, spec.image_context_id, spec.downsample_ratio)
+    return vlm_from_configs(spec.vision, spec.language, spec.image_context_id, spec.downsample_ratio, flash=spec.flash)
 
 
 def load_vlm(

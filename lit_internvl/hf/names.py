@@ -47,6 +47,7 @@ import torch
 
 from lit_internvl.components.language import LanguageConfig
 from lit_internvl.hf.files import UnsupportedCheckpointError
+from lit_internvl.hf.flash import FLASH_PARTS, flash_name, nest_mlp1
 
 if TYPE_CHECKING:
     from lit_internvl.hf.config import CheckpointSpec
@@ -90,6 +91,7 @@ PARTS = (
     ("model.multi_modal_projector.", "connector"), ("multi_modal_projector.", "connector"), ("mlp1.", "connector"),
     ("model.language_model.", "text"), ("language_model.model.", "text"),
     ("language_model.lm_head.", "lm_head"), ("language_model.output.", "lm_head"), ("lm_head.", "lm_head"),
+    *FLASH_PARTS,  # InternVL3.5-Flash's mlp2 and router (lit_internvl.hf.flash)
 )  # fmt: skip
 
 # transformers' vision q/k/v, split where InternViT fuses them.
@@ -138,6 +140,8 @@ def to_ours(raw: Mapping[str, torch.Tensor], spec: CheckpointSpec, source: str) 
             f"{source}: {len(unknown)} tensor(s) have no lit_internvl name{preview(unknown)}"
         )
     out.update(_fused_qkv(to_fuse, source))
+    if spec.flash is not None:
+        out = nest_mlp1(out)
     if spec.text_architecture == "gpt_oss":
         out = gpt_oss_from_transformers(out, source)
     else:
@@ -169,7 +173,7 @@ def _our_name(part: str | None, rest: str, internlm2: bool) -> str | None:
         return f"decoder.{rest}"
     if part == "lm_head":
         return f"decoder.lm_head.{rest}"
-    return None
+    return flash_name(part, rest)
 
 
 def _fused_qkv(to_fuse: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 from lit_internvl.batch import Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
+from lit_internvl.models.routing import route_prompts, routes
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
@@ -47,12 +48,18 @@ def generate(
     text before it, as V2PE continues after an image span.
     Returns the new tokens of each row, up to and including ``eos_id`` or ``max_new_tokens``.
     Without the cache every step re-runs the whole sequence: the reference the cache is tested against.
+    A model whose connector routes (InternVL3.5-Flash) first lets its router pick each tile's budget and shortens the
+    prompts to match (:mod:`lit_internvl.models.routing`).
     """
     batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("Prompts must be left-padded: the last column of attention_mask has padding")
+    if routes(model):
+        input_ids, attention_mask, images, positions = route_prompts(
+            model, input_ids, attention_mask, images, positions
+        )
     embeds = model.embed(input_ids, images)
     decoder = model.decoder
     cache = KVCache(len(decoder.layers)) if use_cache else None

@@ -25,6 +25,7 @@ from lit_internvl.batch import Batch, Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
 from lit_internvl.inference.generate import sample_next
+from lit_internvl.models.routing import route_prompts, routes
 
 
 @torch.no_grad()
@@ -50,6 +51,10 @@ def sample_groups(
     group = len(seeds) // rows
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("Prompts must be left-padded: the last column of attention_mask has padding")
+    if routes(model):  # InternVL3.5-Flash: the router picks each tile's budget, the prompts shorten
+        input_ids, attention_mask, images, positions = route_prompts(
+            model, input_ids, attention_mask, images, positions
+        )
     if positions is None:
         positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0).float()
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lit_internvl.components.connectors import PixelShuffleMLP
+from lit_internvl.components.connectors import FlashConnector, PixelShuffleMLP
 from lit_internvl.components.language import Decoder, LanguageConfig
 from lit_internvl.components.vision import InternViT, InternViTConfig
 from lit_internvl.models.vlm import VisionLanguageModel
@@ -38,6 +38,7 @@ class InternVLPreset:
     language: str  # a key of LANGUAGE_PRESETS
     image_context_id: int
     downsample_ratio: float = 0.5
+    flash: bool = False  # InternVL3.5-Flash: FlashConnector (mlp1, mlp2, the router) instead of PixelShuffleMLP
 
 
 INTERNVL_PRESETS: dict[str, InternVLPreset] = {
@@ -55,6 +56,18 @@ INTERNVL_PRESETS: dict[str, InternVLPreset] = {
     "InternVL3.5-241B-A28B": InternVLPreset("InternViT-6B-448px-V1-5", "InternVL3.5-241B-A28B", QWEN3_IMG_CONTEXT_ID),
     # InternVL3.5-20B-A4B (OpenGVLab's InternVL3_5-GPT-OSS-20B-A4B-Preview): InternViT-300M + GPT-OSS-20B.
     "InternVL3.5-20B-A4B": InternVLPreset("InternViT-300M-448px", "InternVL3.5-20B-A4B", GPT_OSS_IMG_CONTEXT_ID),
+    # InternVL3.5-Flash (OpenGVLab's InternVL3_5-*-Flash): the same towers, the connector with mlp2 and the router.
+    **{
+        f"InternVL3.5-{size}-Flash": InternVLPreset(vision, f"InternVL3.5-{size}", QWEN3_IMG_CONTEXT_ID, flash=True)
+        for size, vision in (
+            ("1B", "InternViT-300M-448px"),
+            ("2B", "InternViT-300M-448px"),
+            ("4B", "InternViT-300M-448px"),
+            ("8B", "InternViT-300M-448px"),
+            ("30B-A3B", "InternViT-300M-448px"),
+            ("38B", "InternViT-6B-448px-V1-5"),
+        )
+    },
     # The embedded default: tiny encoder and decoder, the byte tokenizer's <IMG_CONTEXT>.
     "tiny": InternVLPreset("tiny", "tiny", BYTE_IMG_CONTEXT_ID),
     # recipes/sft.yaml's and mpo.yaml's model: the "shapes" tokenizer (the byte tokenizer's ids, then words).
@@ -73,10 +86,17 @@ def vlm_from_configs(
     image_context_id: int,
     downsample_ratio: float = 0.5,
     connector_norm_eps: float = 1e-5,
+    flash: dict | None = None,
 ) -> VisionLanguageModel:
-    """InternViT → PixelShuffleMLP → Decoder from explicit configs (what :mod:`lit_internvl.hf` reads)."""
+    """InternViT → PixelShuffleMLP → Decoder from explicit configs (what :mod:`lit_internvl.hf` reads); with
+    ``flash`` (:class:`~lit_internvl.components.FlashConnector`'s options), InternVL3.5-Flash's connector instead."""
     encoder, decoder = InternViT(vision), Decoder(language)
-    connector = PixelShuffleMLP(encoder.hidden_size, decoder.hidden_size, downsample_ratio, connector_norm_eps)
+    if flash is not None:
+        connector = FlashConnector(
+            encoder.hidden_size, decoder.hidden_size, downsample_ratio, norm_eps=connector_norm_eps, **flash
+        )
+    else:
+        connector = PixelShuffleMLP(encoder.hidden_size, decoder.hidden_size, downsample_ratio, connector_norm_eps)
     return VisionLanguageModel(encoder, connector, decoder, image_context_id)
 
 
@@ -90,4 +110,5 @@ def internvl(name: str) -> VisionLanguageModel:
         LanguageConfig.from_name(preset.language),
         preset.image_context_id,
         preset.downsample_ratio,
+        flash={} if preset.flash else None,
     )

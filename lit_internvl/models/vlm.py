@@ -89,9 +89,10 @@ class VisionLanguageModel(nn.Module):
 
     def embed_images(self, images: Images | torch.Tensor) -> torch.Tensor:
         """The tiles' features ``(Σ budgets, D)`` in the decoder's embedding space, tile after tile: each tile's
-        vision features through the connector at that tile's budget (one connector call per budget)."""
+        vision features through the connector at that tile's budget (one connector call per budget); the features
+        the images carry when routing already computed them (``Images.features``)."""
         images = self.as_images(images)
-        features = self.vision(images.pixel_values)
+        features = images.features if images.features is not None else self.vision(images.pixel_values)
         budgets = torch.tensor(images.budgets)
         kinds = budgets.unique().tolist()
         if len(kinds) == 1:

@@ -1,5 +1,6 @@
 """One LightningModule per training stage, on two bases: dual-encoder stages (contrastive, generative)
-and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ...); and the probes of a vision encoder."""
+and vision-language-model stages (SFT, MPO, NMP, the critic, RL, ViCO's consistency and router stages, ...); and
+the probes of a vision encoder."""
 
 from lit_internvl.stages.base import Stage
 from lit_internvl.stages.contrastive import ContrastiveStage
@@ -11,9 +12,10 @@ from lit_internvl.stages.nmp import NMPStage
 from lit_internvl.stages.probes import LinearProbeStage, SegmentationProbeStage
 from lit_internvl.stages.rl import RLStage
 from lit_internvl.stages.sft import SFTStage
+from lit_internvl.stages.vico import ViCOStage, ViRStage
 from lit_internvl.stages.vision_language import VisionLanguageStage
 
 __all__ = [
     "ContrastiveStage", "CriticStage", "DualEncoderStage", "GenerativeStage", "LinearProbeStage", "MPOStage", "NMPStage",
-    "RLStage", "SegmentationProbeStage", "SFTStage", "Stage", "VisionLanguageStage",
+    "RLStage", "SegmentationProbeStage", "SFTStage", "Stage", "ViCOStage", "ViRStage", "VisionLanguageStage",
 ]  # fmt: skip

@@ -4,6 +4,7 @@ batch, and answering prompts."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal
@@ -24,6 +25,7 @@ from lit_internvl.inference.critic import load_critic
 from lit_internvl.inference.generate import generate
 from lit_internvl.lora import LoraOptions, add_lora
 from lit_internvl.losses import LossReduction, next_token_targets, supervised_positions
+from lit_internvl.models.routing import route_batch, routes
 from lit_internvl.models.vlm import CrossEntropy, Logits, VisionLanguageModel
 from lit_internvl.models.vocabulary import grow_vocabulary, train_new_rows
 from lit_internvl.recipes import stage_of_recipe
@@ -33,6 +35,12 @@ from lit_internvl.stages.options import GenerationOptions, SpeedOptions, as_opti
 
 Part = Literal["vision", "connector", "decoder"]
 PARTS: tuple[Part, ...] = ("vision", "connector", "decoder")
+
+# Every vision-language stage overrides on_after_batch_transfer (routing, below) and meets a LightningDataModule, which
+# Lightning reports once a run although it is what is meant: the stage's hook is the one that runs.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
+)
 
 
 class VisionLanguageStage(Stage):
@@ -74,6 +82,9 @@ class VisionLanguageStage(Stage):
 
     factory_arguments = ("vision", "connector", "decoder")
     views = (View("conversation"),)
+    #: Whether a routing connector (InternVL3.5-Flash's, ``route: true``) routes this stage's batches
+    #: (:meth:`on_after_batch_transfer`); the ViCO stages choose their budgets themselves.
+    route_batches: bool = True
 
     def __init__(
         self,
@@ -215,6 +226,20 @@ class VisionLanguageStage(Stage):
         if self.speed.compile_blocks:  # before checkpointing and sharding wrap the blocks
             compile_blocks(model)
         return super().parallelize(model, activation_checkpointing)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With a connector that routes (InternVL3.5-Flash), every vision-language view's tiles at the first budget
+        take the budget the router picks and the rows shorten to match (:mod:`lit_internvl.models.routing`; prompts
+        stay left-padded), before any step sees the batch: training, validation, predict, rollouts and Best-of-N all
+        run on the routed sequence, the policy and a reference alike."""
+        if not self.route_batches or self.model is None or not routes(self.model) or not isinstance(batch, Views):
+            return batch
+        kinds = {view.name: view.kind for view in (getattr(self.data, "requested", None) or ())}
+        for name, view in list(batch.views.items()):
+            if isinstance(view, Batch) and view.images is not None:
+                side = "left" if kinds.get(name, name) == "prompt" else "right"
+                batch.views[name] = route_batch(self.model, view, side)
+        return batch
 
     # -- the forward pass ---------------------------------------------------------------------
 

@@ -32,7 +32,9 @@ def load_from_recipe(config: str, checkpoint: str):
     cli = cli_main(["--config", config, "--model.init_args.init_from", "null"], run=False)
     stage = cli.model.use_data(cli.datamodule)
     stage.configure_model()
-    stage.model.load_state_dict(read_state_dict(checkpoint))
+    # The model's tensors; a stage's own state beside them (MPO's running δ, ViR's window of ratios) is not the model's.
+    own = tuple(f"{name}." for name, _ in stage.model.named_children())
+    stage.model.load_state_dict({k: v for k, v in read_state_dict(checkpoint).items() if k.startswith(own)})
     return stage.model, cli.datamodule.sample_builder(views=cli.datamodule.prompt_views())
 
 

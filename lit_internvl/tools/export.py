@@ -1,4 +1,5 @@
-"""``python -m lit_internvl export``: write a checkpoint in transformers' InternVL layout.
+"""``python -m lit_internvl export``: write a checkpoint in transformers' InternVL layout (an InternVL3.5-Flash model
+in OpenGVLab's, which transformers has no class for: :mod:`lit_internvl.hf.flash_export`).
 
 python -m lit_internvl export --checkpoint /path/to/InternVL3-1B --output out/
 python -m lit_internvl export --checkpoint runs/sft/last.ckpt --arch InternVL3-1B --tokenizer DIR --output out/
@@ -13,8 +14,10 @@ from pathlib import Path
 import torch
 
 from lit_internvl.checkpoints import read_model_facts
+from lit_internvl.components.connectors import FlashConnector
 from lit_internvl.hf import export_vlm, load_vlm, model_from_weights
 from lit_internvl.hf.files import has_tokenizer
+from lit_internvl.hf.flash_export import export_flash
 from lit_internvl.models.builders import INTERNVL_PRESETS
 from lit_internvl.models.vlm import VisionLanguageModel
 
@@ -41,6 +44,13 @@ def main(argv: list[str]) -> Path:
         log.warning("%s has no tokenizer files; exporting the weights and config only", tokenizer)
         tokenizer = None
     tile_size = args.tile_size or _trained_tile_size(source, model)
+    if isinstance(model.connector, FlashConnector):
+        if tile_size != model.tile_size:
+            parser.error(f"--tile-size {tile_size}: a Flash model exports at the size it reads, {model.tile_size} px")
+        output = export_flash(model, args.output, tokenizer)
+        count = sum(p.numel() for p in model.parameters())
+        print(f"Exported {count:,} parameters to {output} (OpenGVLab's InternVL3.5-Flash layout, {tile_size} px tiles)")
+        return output
     output = export_vlm(model, args.output, tokenizer, tile_size=tile_size)
     count = sum(p.numel() for p in model.parameters())
     print(f"Exported {count:,} parameters to {output} (transformers' InternVL layout, {tile_size} px tiles)")
