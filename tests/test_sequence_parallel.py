@@ -1,0 +1,212 @@
+"""Sequence parallelism (Ulysses) on two CPU processes (gloo): a packed row split over a group of two ranks gives
+the loss and the gradients of one process on the whole row.
+
+The row packs interleaved documents (images, V2PE's fractional positions drawn at random) and text-only documents;
+its 173 tokens are padded to 174 and split 87 / 87, so documents and images straddle the ranks. Every loss reduction
+(token, sample, square — whose per-document counts span the ranks), the square one all-reduced, the logits head, the
+hidden states, MPO's sequence log-probabilities and its DPO loss, a row with one tile (the other rank runs the dummy
+tile), a text-only row, and GPT-OSS's decoder (sinks, a sliding window shorter than the row, experts and their
+load-balancing loss) are each compared with one process on the whole batch. The decoder of the first model has one
+key/value head for four query heads, so the group of two repeats it. Then the same with FSDP2 on a (data parallel 1 ×
+sequence parallel 2) mesh, with activation checkpointing, whose reduce-scatter averages the ranks' gradients itself.
+
+Ranks' gradients are averaged over the group before the comparison (what FSDP2 and DDP do over a mesh that includes
+the group: :mod:`lit_internvl.components.sequence_parallel`'s convention).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lit_internvl.batch import Batch
+from lit_internvl.components.sequence_parallel import SequenceParallel
+from lit_internvl.data import ShapesDataModule
+from lit_internvl.data.collate import Collator
+from lit_internvl.data.shapes.datasets import ShapesInterleaved, ShapesText
+from lit_internvl.data.shapes.world import ShapesWorld
+from lit_internvl.data.tokenizer import IMG_CONTEXT
+from lit_internvl.losses import (
+    dpo_sigmoid_loss,
+    language_model_loss,
+    next_token_targets,
+    reduce_token_losses,
+    row_log_probs,
+    supervised_positions,
+)
+from lit_internvl.models.vlm import CrossEntropy, Logits
+from tests.test_fsdp import _free_port
+from tests.tiny import asked, tiny_vlm
+
+SIZE = 2
+MODELS = {"qwen3-one-kv-head": {"decoder": "tiny-qwen3", "num_kv_heads": 1}, "gpt-oss": {"decoder": "tiny-gpt-oss"}}
+TOLERANCE = 1e-5
+
+
+def _data():
+    data = asked(ShapesDataModule(records="documents", tokenizer="shapes", v2pe="random"))
+    world, builder = ShapesWorld(56), data.sample_builder(train=True)
+    return data, ShapesInterleaved(world, 100, builder, (1, 3)), ShapesText(world, 100, builder)
+
+
+def _batches() -> dict[str, Batch]:
+    """The rows of every case: a packed row (5 documents, 8 tiles), one with a single tile, a text-only one, and two
+    unpacked rows (MPO's chosen and rejected)."""
+    data, docs, text = _data()
+    pack = Collator(data.tokenizer.pad_id, data.views, pack=True, max_tokens=1024)
+    unpacked = Collator(data.tokenizer.pad_id, data.views)
+    return {
+        "packed": pack([docs[0], text[0], docs[1], text[1], docs[2]])["conversation"],
+        "one tile": pack([text[2], docs[3], text[3]])["conversation"],
+        "text only": pack([text[4], text[5], text[6]])["conversation"],
+        "pair": unpacked([docs[1], docs[2]])["conversation"],
+    }
+
+
+def _model(name: str):
+    context_id = _data()[0].tokenizer.token_to_id(IMG_CONTEXT)
+    config = dict(MODELS[name])
+    return tiny_vlm(context_id, **config)
+
+
+def _run(model, batch: Batch, head) -> torch.Tensor:
+    return model(
+        batch.input_ids, batch.images, attention_mask=batch.attention_mask, positions=batch.positions,
+        document_ids=batch.document_ids, head=head,
+    )  # fmt: skip
+
+
+def _cross_entropies(model, batch: Batch) -> torch.Tensor:
+    return _run(model, batch, CrossEntropy(next_token_targets(batch.labels, batch.document_ids), chunk_size=16))
+
+
+def _reduced(reduction: str, all_reduce: bool = False):
+    def loss(model, batch):
+        return reduce_token_losses(
+            _cross_entropies(model, batch), batch.labels, batch.document_ids, reduction, all_reduce
+        )
+
+    return loss
+
+
+def _logits(model, batch):
+    logits = _run(model, batch, Logits(supervised_positions(batch.labels, batch.document_ids)))
+    return language_model_loss(logits, batch.labels, batch.document_ids, "square")
+
+
+def _hidden(model, batch):
+    return _run(model, batch, None).square().mean()
+
+
+def _mpo(model, batch):
+    """MPO's sequence log-probabilities of two rows (chosen, rejected), through its DPO loss."""
+    log_probs = row_log_probs(_cross_entropies(model, batch), batch.labels)
+    reference = log_probs.detach() + torch.tensor([0.5, -0.5])  # rewards near the middle of the sigmoid
+    return dpo_sigmoid_loss(log_probs[:1], log_probs[1:], reference[:1], reference[1:], beta=0.1).sum(), log_probs
+
+
+def _with_aux(model, batch):
+    loss = _reduced("square")(model, batch)
+    return loss + model.decoder.aux_loss()
+
+
+# (case, model, batch, loss)
+CASES = [
+    *[(f"{r}", "qwen3-one-kv-head", "packed", _reduced(r)) for r in ("token", "sample", "square")],
+    ("square all-reduced", "qwen3-one-kv-head", "packed", _reduced("square", all_reduce=True)),
+    ("logits head", "qwen3-one-kv-head", "packed", _logits),
+    ("hidden states", "qwen3-one-kv-head", "packed", _hidden),
+    ("mpo", "qwen3-one-kv-head", "pair", _mpo),
+    ("one tile", "qwen3-one-kv-head", "one tile", _reduced("sample")),
+    ("text only", "qwen3-one-kv-head", "text only", _reduced("square")),
+    ("gpt-oss with aux loss", "gpt-oss", "packed", _with_aux),
+]
+FSDP_CASE = ("fsdp2 dp1×sp2, checkpointing", "qwen3-one-kv-head", "packed", _reduced("square"))
+
+
+def _step(case, sequence_parallel=None, wrap=None) -> dict:
+    """One forward and backward of ``case``: the loss, the extra outputs, every parameter's gradient (zeros for none)."""
+    name, model_name, batch_name, loss_fn = case
+    model = _model(model_name)
+    if sequence_parallel is not None:
+        model.sequence_parallel, model.dummy_tile = sequence_parallel, True
+    if wrap is not None:
+        model = wrap(model)
+    batch = _batches()[batch_name]
+    out = loss_fn(model, batch)
+    loss, extra = out if isinstance(out, tuple) else (out, None)
+    loss.backward()
+    grads = {}
+    for param_name, param in model.named_parameters():
+        grad = torch.zeros(param.shape) if param.grad is None else param.grad
+        grads[param_name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad.detach().clone()
+    return {"loss": loss.detach(), "extra": None if extra is None else extra.detach(), "grads": grads}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lit_internvl.distributed import data_parallel_mesh, parallelize, sequence_parallel_group
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=SIZE)
+    results = {}
+    group = SequenceParallel()
+    for case in CASES:
+        got = _step(case, group)
+        for grad in got["grads"].values():  # what FSDP2 or DDP does over the group
+            dist.all_reduce(grad)
+            grad /= SIZE
+        results[case[0]] = got
+    mesh = init_device_mesh("cpu", (1, SIZE), mesh_dim_names=("data_parallel", "sequence_parallel"))
+    results[FSDP_CASE[0]] = _step(
+        FSDP_CASE, sequence_parallel_group(mesh), lambda m: parallelize(m, data_parallel_mesh(mesh), True)
+    )
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/test_fsdp.py: a spawned rank's interpreter teardown sometimes aborts
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("sequence_parallel")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=SIZE, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(SIZE)]
+
+
+def test_the_packed_row_is_split_across_documents_and_images():
+    batch = _batches()["packed"]
+    assert batch.input_ids.shape == (1, 173) and len(set(batch.document_ids[0].tolist())) == 5
+    half = 87  # 174 / 2 after one padding token
+    assert batch.document_ids[0, half - 1] == batch.document_ids[0, half], "a document straddles the ranks"
+    assert batch.images.tiles_per_sample == [8] and batch.positions.frac().any(), "tiles, V2PE's fractions"
+
+
+@pytest.mark.parametrize("case", [*CASES, FSDP_CASE], ids=lambda case: case[0])
+def test_two_ranks_give_the_loss_and_gradients_of_one_process(ranks, case):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = _step(case)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(grad.abs().max() > 1e-4 for grad in reference["grads"].values()), "the reference trains something"
+    for rank, results in enumerate(ranks):
+        got = results[case[0]]
+        loss_difference = (got["loss"] - reference["loss"]).abs().item()
+        grad_difference = max((got["grads"][k] - g).abs().max().item() for k, g in reference["grads"].items())
+        print(f"{case[0]}, rank {rank}: |loss diff| {loss_difference:.1e}, max |grad diff| {grad_difference:.1e}")
+        assert loss_difference <= TOLERANCE
+        assert grad_difference <= TOLERANCE
+        if reference["extra"] is not None:  # MPO's sequence log-probabilities
+            assert (got["extra"] - reference["extra"]).abs().max().item() <= TOLERANCE
