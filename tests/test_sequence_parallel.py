@@ -8,7 +8,8 @@ hidden states, MPO's sequence log-probabilities and its DPO loss, a row with one
 tile), a text-only row, and GPT-OSS's decoder (sinks, a sliding window shorter than the row, experts and their
 load-balancing loss) are each compared with one process on the whole batch. The decoder of the first model has one
 key/value head for four query heads, so the group of two repeats it. Then the same with FSDP2 on a (data parallel 1 ×
-sequence parallel 2) mesh, with activation checkpointing, whose reduce-scatter averages the ranks' gradients itself.
+sequence parallel 2) mesh, with activation checkpointing, whose reduce-scatter averages the ranks' gradients itself;
+and (slow) three NMP steps through the Trainer with ``SequenceParallelStrategy``.
 
 Ranks' gradients are averaged over the group before the comparison (what FSDP2 and DDP do over a mesh that includes
 the group: :mod:`lit_internvl.components.sequence_parallel`'s convention).
@@ -210,3 +211,84 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(ranks, case):
         assert grad_difference <= TOLERANCE
         if reference["extra"] is not None:  # MPO's sequence log-probabilities
             assert (got["extra"] - reference["extra"]).abs().max().item() <= TOLERANCE
+
+
+# -- through the Trainer: SequenceParallelStrategy, its sampler and the stage -------------------------------------
+
+STEPS = 3
+
+
+def _nmp():
+    from lit_internvl.stages import NMPStage
+    from tests.tiny import tiny_stage
+
+    torch.manual_seed(0)  # the same initial weights in every process
+    return tiny_stage(NMPStage, decoder="tiny-qwen3", warmup_steps=1)
+
+
+def _documents() -> ShapesDataModule:
+    return ShapesDataModule(
+        records="documents", tokenizer="shapes", v2pe="random", pack=True, max_tokens=256, train_size=24, val_size=4,
+        batch_size=8,
+    )  # fmt: skip
+
+
+def _fit(tmp: Path, **kwargs):
+    import lightning as L
+
+    from tests.test_fsdp import LossRecorder
+
+    recorder, stage = LossRecorder(), _nmp()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=STEPS, default_root_dir=tmp, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, callbacks=[recorder], **kwargs,
+    )  # fmt: skip
+    trainer.fit(stage, _documents())
+    return recorder.losses, stage
+
+
+def _trainer_worker(rank: int, port: int, out_dir: str) -> None:
+    from lit_internvl.distributed import SequenceParallelStrategy
+    from tests.test_fsdp import _full_state
+
+    torch.set_num_threads(1)
+    os.environ.pop("PL_GLOBAL_SEED", None)  # as tests/test_nmp_fsdp.py
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(SIZE), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
+    strategy = SequenceParallelStrategy(sequence_parallel_size=SIZE)
+    losses, stage = _fit(Path(out_dir), strategy=strategy, devices=SIZE)
+    result = {
+        "losses": losses, "weights": _full_state(stage.model), "split": repr(stage.model.sequence_parallel),
+        "sharded": type(stage.model.decoder.layers[0].mlp.up_proj.weight).__name__,
+    }  # fmt: skip
+    torch.save(result, Path(out_dir) / f"trainer{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.mark.slow  # two Lightning processes and a third run: ~25 s on the 2-core machine
+def test_nmp_with_the_sequence_parallel_strategy_trains_as_one_process(tmp_path):
+    """Three steps of NMP on packed rows (V2PE random) with ``SequenceParallelStrategy(sequence_parallel_size=2)`` on
+    two processes: the sampler gives both ranks the same rows, the stage splits them, FSDP2 shards over the flattened
+    mesh; losses and weights are one process's."""
+    from tests.test_fsdp import _max_difference
+
+    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"trainer{r}.pt", weights_only=False) for r in range(SIZE)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses, stage = _fit(tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    weights = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+    assert [r["split"] for r in ranks] == ["SequenceParallel(rank 0 of 2)", "SequenceParallel(rank 1 of 2)"]
+    assert ranks[0]["sharded"] == "DTensor"
+    loss_difference = max(abs(a - b) for a, b in zip(ranks[0]["losses"], losses, strict=True))
+    weight_difference = _max_difference(ranks[0]["weights"], weights)
+    print(f"max |loss diff| {loss_difference:.1e}, max |weight diff| {weight_difference:.1e}")
+    assert loss_difference <= TOLERANCE
+    assert weight_difference <= 0.05 * stage.hparams.learning_rate  # as tests/test_fsdp.py (AdamW at rounding level)
