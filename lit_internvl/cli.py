@@ -1,7 +1,8 @@
 """Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
 tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat``,
 ``report`` (the final metrics of several runs in one table), ``evaluate`` (a benchmark's metric over
-``predict``'s answers) and ``critic_data`` (the critic's steps records from a policy's samples).
+``predict``'s answers), ``critic_data`` (the critic's steps records from a policy's samples) and ``plan`` (whether
+a recipe's step fits its GPUs).
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -45,6 +46,7 @@ TOOLS = {
     "report": "lit_internvl.tools.report:main",
     "evaluate": "lit_internvl.tools.evaluate:main",
     "critic_data": "lit_internvl.tools.critic_data:main",
+    "plan": "lit_internvl.tools.plan:main",
 }
 
 
