@@ -217,11 +217,9 @@ def _mesh(setup: Setup):
 
 
 def measure(build: Callable[[], nn.Module], setup: Setup, tile_size: int | None = None) -> Step:
-    """The tracked peak of two training steps of ``setup``'s micro-batch on the stage ``build()`` makes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    if setup.devices % setup.sequence_parallel:
-        raise ValueError(f"sequence_parallel {setup.sequence_parallel} does not divide {setup.devices} GPUs")
+    """The tracked peak of a training step of ``setup``'s micro-batch on the stage ``build()`` makes (its model built on
+    the meta device, prepared and sharded by the stage's own ``configure_model``)."""
+    _check(setup)
     with fake_world(setup.devices), _balanced_experts():
         stage = build()
         stage.hparams.activation_checkpointing = setup.activation_checkpointing
@@ -231,18 +229,43 @@ def measure(build: Callable[[], nn.Module], setup: Setup, tile_size: int | None 
             stage._data = SimpleNamespace(tile_size=tile_size)
         with torch.device("meta"):
             stage.configure_model()
-        model = stage.model
-        if model.sequence_parallel is not None:
-            from lit_internvl.components.attention import set_attention_backend
+        return _fake_step(stage.model, setup)
 
-            set_attention_backend(model, "sdpa" if setup.attn_backend not in ("sdpa", "eager") else setup.attn_backend)
-        elif setup.attn_backend not in ("sdpa", "eager"):
-            from lit_internvl.components.attention import set_attention_backend
 
-            set_attention_backend(model, "sdpa")
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model.to_empty(device="cpu")
-            return _tracked_step(model, setup)
+def measure_model(make: Callable[[], nn.Module], setup: Setup) -> Step:
+    """:func:`measure` for a bare :class:`~lit_internvl.models.VisionLanguageModel` that ``make()`` builds (on the meta
+    device), every parameter trained, checkpointed and sharded as ``setup`` says (``benchmarks/train_step.py``)."""
+    from lit_internvl.distributed import data_parallel_mesh, parallelize, sequence_parallel_group
+
+    _check(setup)
+    with fake_world(setup.devices), _balanced_experts():
+        with torch.device("meta"):
+            model = make()
+        mesh = _mesh(setup)
+        model.sequence_parallel = sequence_parallel_group(mesh)
+        model.dummy_tile = setup.devices > 1
+        bf16 = mesh is not None and setup.precision.startswith("bf16-mixed")
+        parallelize(model, data_parallel_mesh(mesh), setup.activation_checkpointing, torch.bfloat16 if bf16 else None)
+        return _fake_step(model, setup)
+
+
+def _check(setup: Setup) -> None:
+    if setup.devices % setup.sequence_parallel:
+        raise ValueError(f"sequence_parallel {setup.sequence_parallel} does not divide {setup.devices} GPUs")
+
+
+def _fake_step(model: nn.Module, setup: Setup) -> Step:
+    """``model``'s tensors made fake, and one step tracked (:func:`_tracked_step`). The GPU-only attention backends
+    (flash kernels that keep no mask) are planned as SDPA's causal kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lit_internvl.components.attention import set_attention_backend
+
+    if setup.attn_backend not in ("sdpa", "eager"):
+        set_attention_backend(model, "sdpa")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        return _tracked_step(model, setup)
 
 
 @contextlib.contextmanager

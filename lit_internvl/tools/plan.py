@@ -5,14 +5,16 @@ Reads the same ``--config`` files as ``fit`` (a recipe's layers, then the preset
 parameters (total and trainable), the memory per GPU of weights, gradients and optimiser state, the activations a
 token (with and without activation checkpointing) and a tile, the step's peak beside the card's memory, the longest
 packed row and the most tiles that fit, and the sequence-parallel size the recipe's rows need. ``--tokens`` plans
-rows of another length; ``--quick`` skips the searches (one step and the slopes only).
+rows of another length; ``--quick`` skips the searches (one step and the slopes only); ``--show-setup`` prints what
+the planner read from the recipe (GPUs, strategy, precision, the micro-batch) without planning.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from lit_internvl.planner import GPUS, Plan, plan, read_config
+from lit_internvl.planner import GPUS, Plan, plan, read_config, setup_of
 
 MiB, GiB = 2**20, 2**30
 
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: the trainer's devices × nodes)")
     parser.add_argument("--tokens", type=int, default=None, help="plan rows of this many tokens instead")
     parser.add_argument("--quick", action="store_true", help="one step and the slopes; no searches")
+    parser.add_argument("--show-setup", action="store_true", help="print what the recipe says a step is, and stop")
     args = parser.parse_args(argv)
+    if args.show_setup:
+        setup = setup_of(read_config(args.config), args.gpus)
+        print(replace(setup, tokens=args.tokens) if args.tokens else setup)
+        return
     result = plan(read_config(args.config), args.gpu, args.gpus, args.tokens, search=not args.quick)
     print(report(result, args.config))
