@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python benchmarks/planner_accuracy.py [--configs tiny wide ...]
 
 Each configuration is a recipe config (an ``SFTStage`` of the tiny vision tower and connector and a CPU-sized
-decoder, float32, one process) and a micro-batch: one packed row of documents with V2PE positions, tiles, every text
+decoder, float32 or bf16 autocast, one process) and a micro-batch: one packed row of documents with V2PE positions, tiles, every text
 token supervised. The planner (:func:`lit_internvl.planner.measure`, device ``cpu``) predicts its peak from fake
 tensors; a fresh process then builds the same stage for real and trains two steps on such a row
 (``forward_batch(..., cross_entropy=True)``, the square loss reduction, backward, AdamW), and the peak is its
@@ -37,7 +37,11 @@ CONFIGS = {
                             "num_kv_heads": 2, "vocab_size": 32_000}, 4096, 16, True, None),
     "long, LoRA, checkpointed": ({"hidden_size": 256, "num_layers": 4, "intermediate_size": 768, "num_heads": 4,
                                   "num_kv_heads": 2}, 12_288, 64, True, 16),
+    "wide, bf16 autocast": ({"hidden_size": 512, "num_layers": 6, "intermediate_size": 1536, "num_heads": 8,
+                             "num_kv_heads": 2, "vocab_size": 32_000}, 4096, 16, False, None),
 }  # fmt: skip
+#: Configurations trained under bf16 autocast (float32 weights), as ``precision: bf16-mixed``.
+MIXED = {"wide, bf16 autocast"}
 
 
 def language(overrides: dict) -> dict:
@@ -62,7 +66,7 @@ def config(name: str) -> dict:
         init_args["lora"] = {"parts": ["decoder"], "r": lora}
     return {
         "model": {"class_path": "lit_internvl.stages.SFTStage", "init_args": init_args},
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true"},
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed" if name in MIXED else "32-true"},
         "data": {"init_args": {"pack": True, "max_tokens": tokens, "max_length": tokens, "batch_size": 1,
                                "max_tiles": tiles, "tile_size": 56}},
     }  # fmt: skip
@@ -135,8 +139,9 @@ def measure(name: str) -> dict:
     optimizer = torch.optim.AdamW(stage.parameter_groups())
     started = time.perf_counter()
     for _ in range(2):
-        losses = stage.forward_batch(row, cross_entropy=True)
-        loss = reduce_token_losses(losses, row.labels, row.document_ids, "square")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name in MIXED):
+            losses = stage.forward_batch(row, cross_entropy=True)
+            loss = reduce_token_losses(losses, row.labels, row.document_ids, "square")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -2,14 +2,18 @@
 the time the all-to-alls take.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/sequence_parallel.py [--tokens 8192] [--layers 4] [--width 256]
+        [--one-document]
 
 The model is a VisionLanguageModel whose activations dominate (the tiny vision tower, a narrow decoder over a long
-packed row of documents with tiles and V2PE positions); one training step (forward, the chunked head's square loss,
+packed row of documents with tiles and V2PE positions, or with ``--one-document`` the same tokens as one document);
+one training step (forward, the chunked head's square loss,
 backward) runs on one process, then on two gloo processes (one thread each) that split the row. Memory is what the
 step adds to the process's resident set (``VmHWM`` after minus ``VmRSS`` before, glibc's mmap threshold fixed so that
 freed tensors leave the resident set at once), per rank. The all-to-alls' time is torch.profiler's sum over the
 exchange's collectives (forward and backward) on rank 0, beside the step's time; on a shared 2-core CPU both ranks
-compete for the cores, so the times say more about the machine than about the exchange.
+compete for the cores, so the times say more about the machine than about the exchange. On the CPU a packed row's
+attention takes a dense ``T × T`` document mask, which every rank holds whole (GPU backends keep none): the
+``--one-document`` row, causal without a mask, shows the split of the activations alone.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def step(args, rank: int, size: int) -> dict:
     from lit_internvl.models.vlm import CrossEntropy
 
     model, ids, images, positions, documents, labels = build(args.tokens, args.layers, args.width)
+    if args.one_document:  # the same tokens as one document: causal attention, no mask
+        documents, positions = None, torch.arange(args.tokens, dtype=torch.float32)[None]
     if size > 1:
         model.sequence_parallel, model.dummy_tile = SequenceParallel(), True
     targets = next_token_targets(labels, documents)
@@ -129,7 +135,7 @@ def launch(args, size: int) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "WORLD_SIZE": str(size)}  # fmt: skip
     command = [sys.executable, __file__, "--worker", "--size", str(size), "--tokens", str(args.tokens), "--layers",
-               str(args.layers), "--width", str(args.width)]  # fmt: skip
+               str(args.layers), "--width", str(args.width), *(["--one-document"] if args.one_document else [])]  # fmt: skip
     procs = [subprocess.Popen(command, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for r in range(size)]  # fmt: skip
     results = []
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--one-document", action="store_true", help="the row as one document (no dense mask)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=1, help=argparse.SUPPRESS)
@@ -155,7 +162,7 @@ def main() -> None:
     rows = [*launch(args, 1), *launch(args, 2)]
     print(json.dumps(rows), file=sys.stderr)
     lines = [
-        f"{args.tokens}-token packed row, decoder {args.layers} × {args.width} (8 heads, 2 key/value heads), "
+        f"{args.tokens}-token {'row, one document' if args.one_document else 'packed row'}, decoder {args.layers} × {args.width} (8 heads, 2 key/value heads), "
         f"{rows[0].get('tiles')} tiles; one training step (forward + backward)",
         "",
         "| sp | rank | memory added by the step (MiB) | step time (s) | all-to-all time (s) | loss |",

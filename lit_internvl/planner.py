@@ -85,6 +85,9 @@ class Setup:
     attn_backend: str = "sdpa"
     head_chunk_size: int = 1024
     device: Literal["cuda", "cpu"] = "cuda"  # where it trains (AdamW's multi-tensor step on GPUs: its temporary)
+    # The training losses' chunked head + cross-entropy, or logits at every supervised position then the
+    # cross-entropy (validation, RL's log-probabilities, and the train-step benchmark of 2026-11-26).
+    head: Literal["chunked", "logits"] = "chunked"
     notes: list[str] = field(default_factory=list)
 
 
@@ -335,7 +338,7 @@ def _forward(model: nn.Module, setup: Setup) -> torch.Tensor:
     """A worst-case micro-batch through ``model`` (a VisionLanguageModel), as ``forward(..., head=CrossEntropy)``
     computes it, every position supervised; on a sequence-parallel rank its share of the tiles and of the row."""
     sp = model.sequence_parallel
-    size, rank = (sp.size, sp.rank) if sp is not None else (1, 0)
+    size = sp.size if sp is not None else 1
     decoder, rows = model.decoder, setup.rows
     width = -(-setup.tokens // size) * size
     local = width // size
@@ -358,9 +361,9 @@ def _forward(model: nn.Module, setup: Setup) -> torch.Tensor:
     hidden = decoder(inputs_embeds=embeds, positions=positions, document_ids=documents, **arguments)
     targets = torch.zeros(rows * local, dtype=torch.long)
     supervised = hidden.flatten(0, 1).clone()  # hidden[supervised]: a copy of the positions the head reads
-    losses = linear_cross_entropy(supervised, decoder.head_weight, targets, setup.head_chunk_size)
-    del rank
-    return losses.sum()
+    if setup.head == "logits":
+        return F.cross_entropy(decoder.head(supervised).float(), targets, reduction="sum")
+    return linear_cross_entropy(supervised, decoder.head_weight, targets, setup.head_chunk_size).sum()
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------------
