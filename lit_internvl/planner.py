@@ -93,10 +93,12 @@ class Setup:
 
 @dataclass
 class Step:
-    """What one planned step keeps at its peak, per GPU (bytes), by kind (the tracker's categories)."""
+    """What one planned step keeps at its peak, per GPU (bytes), by kind (the tracker's categories): ``peak`` the
+    larger of the forward/backward's peak (``backward``) and the optimiser step's."""
 
     peak: int
     kinds: dict[str, int]
+    backward: int = 0
 
 
 # -- reading a recipe ------------------------------------------------------------------------------------------------
@@ -331,7 +333,7 @@ def _tracked_step(model: nn.Module, setup: Setup) -> Step:
         kinds["DDP buckets"] = trainable
         backward, step = backward + trainable, step + trainable
     kinds["Optimizer step"] = step
-    return Step(max(backward, step), kinds)
+    return Step(max(backward, step), kinds, backward)
 
 
 def _forward(model: nn.Module, setup: Setup) -> torch.Tensor:
@@ -463,22 +465,31 @@ def plan(
     usable = int(USABLE * capacity)
     steps: dict[tuple, Step] = {}
 
-    def peak(**change) -> int:
+    def planned(**change) -> Step:
         changed = replace(setup, **change)
         key = (changed.tokens, changed.rows, changed.tiles, changed.sequence_parallel, changed.activation_checkpointing)
         if key not in steps:
             steps[key] = measure(build, changed, tile_size)
-        return steps[key].peak
+        return steps[key]
 
-    peak()
-    step = steps[next(iter(steps))]
-    half = max(setup.tokens // 2, ROW_STEP)
+    def peak(**change) -> int:
+        return planned(**change).peak
+
+    step = planned()
+    # Activations from the forward/backward's peaks (the optimiser step's does not grow with the row), per token and
+    # per tile a GPU holds (1/sp of the row's).
+    sp, half = setup.sequence_parallel, max(setup.tokens // 2, ROW_STEP)
+    own = lambda n: -(-n // sp)  # noqa: E731
     per_token = {}
     for checkpointing in (False, True):
-        full, shorter = (peak(activation_checkpointing=checkpointing, tokens=t) for t in (setup.tokens, half))
-        per_token[checkpointing] = (full - shorter) / (setup.tokens - half) / setup.rows * setup.sequence_parallel
+        full, shorter = (
+            planned(activation_checkpointing=checkpointing, tokens=t).backward for t in (setup.tokens, half)
+        )
+        per_token[checkpointing] = (full - shorter) / (own(setup.tokens) - own(half)) / setup.rows
     fewer = setup.tiles // 2
-    per_tile = (step.peak - peak(tiles=fewer)) / (setup.tiles - fewer) * setup.sequence_parallel if setup.tiles else 0.0
+    per_tile = 0.0
+    if own(setup.tiles) > own(fewer):
+        per_tile = (step.backward - planned(tiles=fewer).backward) / (own(setup.tiles) - own(fewer))
     longest, most_tiles, sp_needed = {}, 0, None
     if search:
         # The longest row at the recipe's sequence parallelism, one row a micro-batch, the recipe's tiles.
