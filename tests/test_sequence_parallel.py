@@ -4,7 +4,8 @@ the loss and the gradients of one process on the whole row.
 The row packs interleaved documents (images, V2PE's fractional positions drawn at random) and text-only documents;
 its 173 tokens are padded to 174 and split 87 / 87, so documents and images straddle the ranks. Every loss reduction
 (token, sample, square — whose per-document counts span the ranks), the square one all-reduced, the logits head, the
-hidden states, MPO's sequence log-probabilities and its DPO loss, a row with one tile (the other rank runs the dummy
+hidden states, MPO's sequence log-probabilities and its DPO loss, RL's token log-probabilities (two answers a prompt,
+the vision tower once a prompt), a row with one tile (the other rank runs the dummy
 tile), a text-only row, and GPT-OSS's decoder (sinks, a sliding window shorter than the row, experts and their
 load-balancing loss) are each compared with one process on the whole batch. The decoder of the first model has one
 key/value head for four query heads, so the group of two repeats it. Then the same with FSDP2 on a (data parallel 1 ×
@@ -112,6 +113,19 @@ def _mpo(model, batch):
     return dpo_sigmoid_loss(log_probs[:1], log_probs[1:], reference[:1], reference[1:], beta=0.1).sum(), log_probs
 
 
+def _rl(model, batch):
+    """RL's loss pass: two answers a prompt in one forward, the vision tower once a prompt (``repeat_images``), the
+    token log-probabilities from the logits at the answer positions."""
+    g = 2
+    ids, labels, positions, mask = (
+        t.repeat_interleave(g, 0) for t in (batch.input_ids, batch.labels, batch.positions, batch.attention_mask)
+    )
+    at = supervised_positions(labels)
+    logits = model(ids, batch.images, attention_mask=mask, positions=positions, head=Logits(at), repeat_images=g)
+    targets = next_token_targets(labels)[at]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).mean()  # as GRPO's token mean
+
+
 def _with_aux(model, batch):
     loss = _reduced("square")(model, batch)
     return loss + model.decoder.aux_loss()
@@ -124,6 +138,7 @@ CASES = [
     ("logits head", "qwen3-one-kv-head", "packed", _logits),
     ("hidden states", "qwen3-one-kv-head", "packed", _hidden),
     ("mpo", "qwen3-one-kv-head", "pair", _mpo),
+    ("rl log-probs", "qwen3-one-kv-head", "pair", _rl),
     ("one tile", "qwen3-one-kv-head", "one tile", _reduced("sample")),
     ("text only", "qwen3-one-kv-head", "text only", _reduced("square")),
     ("gpt-oss with aux loss", "gpt-oss", "packed", _with_aux),
