@@ -4,12 +4,14 @@ The recipe is read as ``fit`` reads it (its layers composed, then the command li
 of its ``model:`` section builds its network on the meta device, with the freezing, LoRA, activation checkpointing,
 sequence parallelism and FSDP2 sharding its strategy and precision ask for, over a *fake* world of ``--gpus``
 processes (torch's fake process group: collectives do nothing). Its tensors then become ``FakeTensor``s (meta storage
-posing as real devices: shapes and dtypes, no memory) and the planner runs two training steps of a worst-case
+posing as real devices: shapes and dtypes, no memory) and the planner runs the forward and backward of a worst-case
 micro-batch — vision tower on the tiles, connector, decoder on the row, the chunked head and cross-entropy on every
-position, backward, AdamW — under torch's memory tracker (``torch.distributed._tools``: ``MemTracker``,
-``FSDPMemTracker``), which follows every tensor's storage as it is created and freed. Its peak is the prediction::
+position — under torch's memory tracker (``torch.distributed._tools``: ``MemTracker``, ``FSDPMemTracker``), which
+follows every tensor's storage as it is created and freed. AdamW's state (two moments a trainable parameter, which the
+first step creates) and step are added from the parameters' sizes. The prediction::
 
-    peak per GPU = weights + gradients + optimiser state + activations + temporaries, at the step's worst moment
+    peak per GPU = max(weights + optimiser state + activations + gradients + temporaries, at backward's worst moment;
+                       weights + gradients + optimiser state + the multi-tensor step's temporary)
 
 What stands in for what (each close in memory, not in numbers):
 
@@ -21,9 +23,10 @@ What stands in for what (each close in memory, not in numbers):
 - the fake world's rank 0 stands for every rank (FSDP2 shards evenly; a sequence-parallel rank holds ``T / sp`` of a
   row and ``tiles / sp`` of its tiles).
 
-Sizes are linear in the row's tokens and tiles (apart from dense masks), so :func:`plan` measures three shapes and
-reads off the activations per token and per tile, the longest packed row and the most tiles that fit, and the
-sequence-parallel size a row needs (each of those checked by one more step at that size).
+Sizes are linear in the row's tokens and tiles (apart from dense masks), so :func:`plan` plans a few shapes and reads
+off the activations per token and per tile, extrapolates the longest packed row and the most tiles that fit (each
+checked by one more step at that size, halving towards it where the check fails), and tries the sequence-parallel
+sizes a row may need.
 ``benchmarks/planner_accuracy.py`` holds the predictions against peaks measured on the CPU.
 """
 

@@ -47,6 +47,7 @@ def report(result: Plan, configs: list[str]) -> str:
         f"  activations a token, decoder     {result.per_token[False] / MiB:8.3f} MiB "
         f"({result.per_token[True] / MiB:.3f} with activation checkpointing)",
         f"  activations a tile, vision       {result.per_tile / MiB:8.2f} MiB"
+        + (" (checkpointed)" if s.activation_checkpointing else "")
         + (f"  (a rank holds 1/{s.sequence_parallel} of a row's tokens and tiles)" if s.sequence_parallel > 1 else ""),
         f"  peak of a step                   {result.step.peak / GiB:8.2f} GiB  "
         f"{'fits' if result.fits else 'DOES NOT FIT'} in {result.usable / GiB:.1f}",
