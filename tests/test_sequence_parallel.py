@@ -165,6 +165,30 @@ def _step(case, sequence_parallel=None, wrap=None) -> dict:
     return {"loss": loss.detach(), "extra": None if extra is None else extra.detach(), "grads": grads}
 
 
+ATTENTION_BACKENDS = ("eager", "sdpa", "flex")  # flex has no backward on a CPU: its forward is compared
+
+
+def _split_attention(backend: str, group: SequenceParallel | None) -> torch.Tensor:
+    """Attention over a 64-token row of three documents, four query heads sharing one key/value head, with sinks (not
+    flex) and a sliding window of 12: the whole row's output, from this rank's slice when ``group`` is given."""
+    from lit_internvl.components.attention import attention, make_mask
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, heads, 64, 16, generator=g) for heads in (4, 1, 1))
+    sinks = None if backend == "flex" else torch.randn(4, generator=g)
+    documents = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14])
+    mask = make_mask(backend, causal=True, document_ids=documents, window=12 if backend == "flex" else None)
+    if group is None:
+        return attention(q, k, v, mask, is_causal=True, backend=backend, sinks=sinks, window=12)
+    columns = group.columns(64)
+    q, k, v = (t[:, :, columns] for t in (q, k, v))
+    out = attention(q, k, v, group.split_mask(mask), is_causal=True, backend=backend, sinks=sinks, window=12)
+    whole = torch.zeros(1, 4, 64, 16)
+    whole[:, :, columns] = out
+    dist.all_reduce(whole)
+    return whole
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -175,6 +199,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=SIZE)
     results = {}
     group = SequenceParallel()
+    results["attention"] = {backend: _split_attention(backend, group) for backend in ATTENTION_BACKENDS}
     for case in CASES:
         got = _step(case, group)
         for grad in got["grads"].values():  # what FSDP2 or DDP does over the group
@@ -198,6 +223,15 @@ def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sequence_parallel")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=SIZE, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(SIZE)]
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_split_attention_is_the_whole_rows_attention(ranks, backend):
+    """Documents, a sliding window, sinks (eager, sdpa) and one key/value head for four query heads (repeated for the
+    group of two), on every backend the CPU runs."""
+    expected = _split_attention(backend, None)
+    for results in ranks:
+        torch.testing.assert_close(results["attention"][backend], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_the_packed_row_is_split_across_documents_and_images():
