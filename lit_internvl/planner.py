@@ -102,6 +102,7 @@ class Step:
     peak: int
     kinds: dict[str, int]
     backward: int = 0
+    activations: int = 0  # what the forward left for the backward (its saved tensors), per GPU
 
 
 # -- reading a recipe ------------------------------------------------------------------------------------------------
@@ -320,8 +321,10 @@ def _tracked_step(model: nn.Module, setup: Setup) -> Step:
     # Through the model's own call, so that FSDP2 gathers the root's parameters (embeddings, head) around it.
     model.forward = functools.partial(_forward, model, setup)
     with tracker:
+        before = _current(tracker)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
             loss = model()
+        activations = _current(tracker) - before
         loss.backward()
     snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
     kinds = {str(getattr(kind, "value", kind)): size for kind, size in snapshot.items() if kind != "Total"}
@@ -336,7 +339,11 @@ def _tracked_step(model: nn.Module, setup: Setup) -> Step:
         kinds["DDP buckets"] = trainable
         backward, step = backward + trainable, step + trainable
     kinds["Optimizer step"] = step
-    return Step(max(backward, step), kinds, backward)
+    return Step(max(backward, step), kinds, backward, activations)
+
+
+def _current(tracker) -> int:
+    return next(iter(tracker.get_tracker_snapshot("current").values()))["Total"]
 
 
 def _forward(model: nn.Module, setup: Setup) -> torch.Tensor:
@@ -479,20 +486,19 @@ def plan(
         return planned(**change).peak
 
     step = planned()
-    # Activations from the forward/backward's peaks (the optimiser step's does not grow with the row), per token and
-    # per tile a GPU holds (1/sp of the row's).
+    # Activations (what the forward leaves for the backward), per token and per tile a GPU holds (1/sp of the row's).
     sp, half = setup.sequence_parallel, max(setup.tokens // 2, ROW_STEP)
     own = lambda n: -(-n // sp)  # noqa: E731
     per_token = {}
     for checkpointing in (False, True):
         full, shorter = (
-            planned(activation_checkpointing=checkpointing, tokens=t).backward for t in (setup.tokens, half)
+            planned(activation_checkpointing=checkpointing, tokens=t).activations for t in (setup.tokens, half)
         )
         per_token[checkpointing] = (full - shorter) / (own(setup.tokens) - own(half)) / setup.rows
     fewer = setup.tiles // 2
     per_tile = 0.0
     if own(setup.tiles) > own(fewer):
-        per_tile = (step.backward - planned(tiles=fewer).backward) / (own(setup.tiles) - own(fewer))
+        per_tile = (step.activations - planned(tiles=fewer).activations) / (own(setup.tiles) - own(fewer))
     longest, most_tiles, sp_needed = {}, 0, None
     if search:
         # The longest row at the recipe's sequence parallelism, one row a micro-batch, the recipe's tiles.
