@@ -15,7 +15,10 @@ that both see the same load on a shared machine. The table gives step time, real
 first step's loss (the two sides must agree) and the ratios lit_internvl / transformers.
 
 Configs: ``tiny`` (the embedded default: 4 rows of 128 tokens, one 56 px tile each) and ``InternVL3-1B`` (its
-architecture, random weights: one 448 px tile and 1024 tokens). On a GPU the second table trains InternVL3-1B on packed
+architecture, random weights: one 448 px tile and 1024 tokens), and their padded twins (8 rows of InternVL3-1B).
+Before a config runs, :mod:`lit_internvl.planner` plans lit_internvl's step on fake tensors (no memory): a config whose
+planned peak exceeds the machine's available memory (a GPU's usable share) is skipped, both sides, with the planner's
+reason, instead of being killed for memory; ``--optimizer auto`` takes AdamW where its plan fits, else SGD. On a GPU the second table trains InternVL3-1B on packed
 rows of ``--packed-tokens`` tokens (documents of one tile and some text, positions restarting per document, attention
 within documents) in bf16 autocast with each attention backend, and reports tokens/s and MFU: the analytic model FLOPs
 of :mod:`lit_internvl.flops` (the head counted on every token, as MFU conventionally does) over the device's peak
@@ -283,16 +286,47 @@ def export_model(name: str, folder: Path) -> None:
     export_vlm(internvl(CONFIGS[name][0]), folder)
 
 
-def enough_memory_for_adamw(name: str) -> bool:
-    """AdamW in float32 needs weights + gradients + two moments: 16 bytes per parameter, plus activations."""
-    if name == "tiny" or not Path("/proc/meminfo").exists():
-        return True
-    from lit_internvl.models import internvl
+def available_memory(device: str) -> int | None:
+    """What a measurement may use: the GPU's memory (the planner's usable share), or the machine's available memory;
+    None where it cannot be read."""
+    from lit_internvl.planner import USABLE
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in internvl(CONFIGS[name][0]).parameters())
-    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
-    return 16 * params + 6 * 2**30 < available
+    if device == "cuda":
+        return int(USABLE * torch.cuda.get_device_properties(0).total_memory)
+    if not Path("/proc/meminfo").exists():
+        return None
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+
+
+def planned_step(name: str, device: str) -> dict:
+    """lit_internvl's side of config ``name`` planned before it runs (:mod:`lit_internvl.planner`: the step on fake
+    tensors, AdamW's state and step added): its peak with AdamW, and without AdamW's state (SGD keeps none)."""
+    from lit_internvl.models import internvl
+    from lit_internvl.planner import Setup, measure_model
+
+    preset, rows, tokens, tiles, *_ = CONFIGS[name]
+    setup = Setup(rows=rows, tokens=tokens, tiles=rows * tiles, device=device)
+    step = measure_model(lambda: internvl(preset), setup)
+    state = step.kinds["Optimizer state"]
+    sgd = max(step.peak - state, step.kinds["Optimizer step"] - state - (state // 2 if device == "cuda" else 0))
+    return {"adamw": step.peak, "sgd": sgd}
+
+
+def choose_optimizer(name: str, device: str, wanted: str) -> tuple[str | None, str]:
+    """The optimizer config ``name`` runs with (``wanted``, or for ``auto`` AdamW where the plan fits, else SGD),
+    or None and the planner's reason when not even that fits."""
+    available = available_memory(device)
+    if available is None:
+        return ("adamw" if wanted == "auto" else wanted), ""
+    plans = planned_step(name, device)
+    choices = ("adamw", "sgd") if wanted == "auto" else (wanted,)
+    for choice in choices:
+        if plans[choice] <= available:
+            return choice, f"planned peak {gib(plans[choice])} GiB"
+    return None, (
+        f"skipped: planned peak {gib(plans[choices[-1]])} GiB with {choices[-1]} > {gib(available)} GiB available "
+        "(lit_internvl.planner)"
+    )
 
 
 def gib(n: float) -> str:
@@ -366,7 +400,8 @@ def main() -> None:
         "--optimizer",
         default="auto",
         choices=("auto", "adamw", "sgd"),
-        help="auto: AdamW unless the machine lacks the memory for its float32 moments (then SGD)",
+        help="auto: AdamW where lit_internvl.planner says the step fits, else SGD; a config that fits with neither is "
+        "skipped with the planner's reason",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each CPU worker")
     parser.add_argument(
@@ -412,9 +447,13 @@ def main() -> None:
             folder = Path(tmp) / name
             export_model(name, folder)
             big_on_cpu = name != "tiny" and args.device == "cpu"
-            optimizer = args.optimizer
-            if optimizer == "auto":
-                optimizer = "adamw" if args.device == "cuda" or enough_memory_for_adamw(name) else "sgd"
+            optimizer, reason = choose_optimizer(name, args.device, args.optimizer)
+            print(f"{name}: {optimizer or 'not run'}, {reason}", file=sys.stderr, flush=True)
+            if optimizer is None:  # the planner says it cannot fit: both sides left out, with its reason
+                results += [
+                    {"config": name, "implementation": mode, "error": reason} for mode in ("ours", "transformers")
+                ]
+                continue
             common = ["--device", args.device, "--folder", str(folder), "--config", name, "--optimizer", optimizer,
                       "--warmup", str(args.warmup if args.warmup is not None else (1 if big_on_cpu else 2)),
                       "--steps", str(args.steps if args.steps is not None else (3 if big_on_cpu else 5))]  # fmt: skip

@@ -1,8 +1,9 @@
 """Command line: ``python -m lit_internvl fit|validate|test|predict --config RECIPE.yaml``, and the
 tools ``prepare`` (records → litdata shards), ``export`` (→ transformers layout), ``chat``,
 ``report`` (the final metrics of several runs in one table), ``evaluate`` (a benchmark's metric over
-``predict``'s answers), ``critic_data`` (the critic's steps records from a policy's samples) and ``probe`` (a vision
-encoder's linear or segmentation probe, over the few-shot fractions).
+``predict``'s answers), ``critic_data`` (the critic's steps records from a policy's samples), ``probe`` (a vision
+encoder's linear or segmentation probe, over the few-shot fractions) and ``plan`` (whether a recipe's step fits
+its GPUs).
 
 LightningCLI does the work: every stage is a :class:`~lit_internvl.stages.base.Stage` subclass and
 every datamodule a ``LightningDataModule``, both chosen by ``class_path`` in YAML, so a user's own
@@ -47,6 +48,7 @@ TOOLS = {
     "evaluate": "lit_internvl.tools.evaluate:main",
     "critic_data": "lit_internvl.tools.critic_data:main",
     "probe": "lit_internvl.tools.probe:main",
+    "plan": "lit_internvl.tools.plan:main",
 }
 
 

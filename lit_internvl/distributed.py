@@ -43,6 +43,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from lit_internvl.components.language import Block
 from lit_internvl.components.moe import Router
+from lit_internvl.components.sequence_parallel import SequenceParallel
 from lit_internvl.components.vision import VisionBlock
 
 BLOCK_LIST_NAME = "layers"
@@ -188,12 +189,25 @@ def leave_process_group(code: int = 0) -> None:
     os._exit(code)
 
 
+def data_parallel_rank(device_mesh) -> tuple[int, int]:
+    """``(rank, size)`` of this process on the data-parallel dimension of ``device_mesh``: the ranks of a
+    sequence-parallel group share one (they hold the same rows); without sequence parallelism :func:`world`."""
+    if device_mesh is not None and SEQUENCE_PARALLEL in (device_mesh.mesh_dim_names or ()):
+        data = device_mesh["data_parallel"]
+        return data.get_local_rank(), data.size()
+    return world()
+
+
 def data_parallel_mesh(device_mesh):
-    """The mesh :func:`parallelize` shards over, from the mesh ``ModelParallelStrategy`` gives a module;
-    tensor parallelism is refused (lit_internvl's blocks have no tensor-parallel plan)."""
+    """The mesh :func:`parallelize` shards over, from the mesh ``ModelParallelStrategy`` gives a module (with
+    sequence parallelism the data-parallel and sequence-parallel dimensions flattened into one: every rank holds a
+    shard, and gradients are averaged over both); tensor parallelism is refused (lit_internvl's blocks have no
+    tensor-parallel plan)."""
     if device_mesh is None:
         return None
     names = device_mesh.mesh_dim_names or ()
+    if SEQUENCE_PARALLEL in names:
+        return device_mesh["data_parallel", SEQUENCE_PARALLEL]._flatten("data_and_sequence_parallel")
     if "tensor_parallel" in names and device_mesh["tensor_parallel"].size() > 1:
         raise ValueError(
             f"tensor_parallel_size {device_mesh['tensor_parallel'].size()}: lit_internvl shards with FSDP2 only; "
@@ -284,6 +298,56 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Before any shard is read into the model: a checkpoint of another stage fails here, naming both.
         checkpoint_io.check_stage(self.lightning_module, checkpoint_io.read_checkpoint(path, mmap=True), path)
         return super().load_checkpoint(path, weights_only=True)
+
+
+SEQUENCE_PARALLEL = "sequence_parallel"
+
+
+def sequence_parallel_group(device_mesh) -> SequenceParallel | None:
+    """The sequence-parallel group of the mesh :class:`SequenceParallelStrategy` gives a module, or None."""
+    if device_mesh is None or SEQUENCE_PARALLEL not in (device_mesh.mesh_dim_names or ()):
+        return None
+    if device_mesh[SEQUENCE_PARALLEL].size() == 1:
+        return None
+    return SequenceParallel(device_mesh[SEQUENCE_PARALLEL].get_group())
+
+
+class SequenceParallelStrategy(FSDP2Strategy):
+    """FSDP2 with every row split over ``sequence_parallel_size`` devices (Ulysses:
+    :mod:`lit_internvl.components.sequence_parallel`): a ``(data_parallel, sequence_parallel)`` device mesh whose
+    sequence-parallel groups are consecutive ranks (inside a node), the data-parallel size the world size over
+    ``sequence_parallel_size``. The ranks of a group get the same batches (Lightning's sampler splits the data over the
+    ``data_parallel`` dimension only); FSDP2 shards over both dimensions flattened (:func:`data_parallel_mesh`); the
+    stage splits the model's rows over the group (:func:`sequence_parallel_group`)."""
+
+    def __init__(
+        self,
+        sequence_parallel_size: int = 2,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        if sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size must be at least 1, got {sequence_parallel_size}")
+        super().__init__(save_distributed_checkpoint, process_group_backend, timeout)
+        self.sequence_parallel_size = sequence_parallel_size
+
+    def setup_environment(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        super(ModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        world_size, size = self.num_nodes * self.num_processes, self.sequence_parallel_size
+        if world_size % size:
+            raise ValueError(
+                f"trainer.strategy.init_args.sequence_parallel_size {size} does not divide the {world_size} devices "
+                "(trainer.devices × trainer.num_nodes)"
+            )
+        self._data_parallel_size, self._tensor_parallel_size = world_size // size, 1
+        self._device_mesh = init_device_mesh(
+            self.root_device.type, (world_size // size, size), mesh_dim_names=("data_parallel", SEQUENCE_PARALLEL)
+        )
+        self.lightning_module._device_mesh = self._device_mesh
 
 
 class BlockWrapPolicy(ModuleWrapPolicy):

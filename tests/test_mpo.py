@@ -210,7 +210,7 @@ REAL = sorted(str(p) for p in RECIPES.glob("internvl3_[18]b/*.yaml") if p.name !
 
 
 def test_real_size_recipes_exist():
-    assert len(REAL) == 8  # sft_full, sft_lora, mpo for 1B and 8B; critic and rl for 1B
+    assert len(REAL) == 9  # sft_full, sft_lora, mpo for 1B and 8B; critic, rl and sft_full_32k for 1B
 
 
 @pytest.mark.parametrize("recipe", REAL, ids=lambda r: "/".join(Path(r).parts[-2:]))

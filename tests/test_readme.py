@@ -326,6 +326,12 @@ def check_real_size_fit(sandbox: Sandbox, command: str) -> None:
     assert exit_info.value.code in (0, None)
 
 
+def check_plan(sandbox: Sandbox, command: str) -> None:
+    """A plan of a real-size recipe takes minutes of fake steps: the recipe and presets it names are read and the step
+    they describe printed (``--show-setup``); ``tests/test_planner.py`` runs the planner itself."""
+    run_lit_internvl(sandbox, command + " --show-setup")
+
+
 def run_export_env(sandbox: Sandbox, command: str) -> None:
     name, _, value = command.removeprefix("export ").partition("=")
     sandbox.env[name] = sandbox.substitute([value])[0]
@@ -454,6 +460,7 @@ RUNNERS = [
     Runner(rf"python -m lit_internvl fit (?!.*{REAL_SIZE}).*", "runs in process, tiny", run_lit_internvl),
     Runner(rf"python -m lit_internvl fit .*{REAL_SIZE}.*", "checks with --print_config (GPU sizes)", check_real_size_fit),
     Runner(r"python -m lit_internvl (validate|test|predict|chat|export|prepare|report|evaluate|critic_data) .*", "runs in process", run_lit_internvl),
+    Runner(r"python -m lit_internvl plan .*", "checks the recipe it reads (--show-setup)", check_plan),
     Runner(r"export INTERNVL_CHECKPOINT=\S+", "runs (the tiny folder)", run_export_env),
     Runner(r"python benchmarks/best_of_n\.py .*", "runs in process, tiny", run_benchmark_script),
     Runner(r"python benchmarks/flash\.py( .*)?", "runs in process, tiny", run_flash_benchmark),

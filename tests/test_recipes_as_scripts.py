@@ -35,6 +35,7 @@ AS_SCRIPTS = {
         for size in ("1b", "8b", "30b_a3b")
         for run in ("sft_full", "sft_lora")
     },
+    "internvl3_5_8b/sft_full_sp8.yaml": ("square", True, False),  # the 8B script's run, rows split over 8 GPUs
 }
 # Real-size recipes whose source has no such flags to follow, each with the reason.
 WITHOUT_THESE_FLAGS = {
@@ -46,6 +47,14 @@ WITHOUT_THESE_FLAGS = {
         f"internvl3_5_{size}/mpo.yaml": "MPO's loss is the stage's three terms (internvl_chat_mpo.py L906-907); pairs are "
         "not packed"
         for size in ("1b", "8b", "30b_a3b")
+    },
+    "internvl3_1b/sft_full_32k.yaml": "InternVL3's SFT script (token averaging) on InternVL3.5's packed 32k-token rows "
+    "split over pairs of GPUs: no published script runs it",
+    **{
+        f"internvl3_5_{size}_flash/{run}.yaml": "ViCO has no published training script: "
+        f"recipes/scripts/internvl3_5_{run}.yaml says what it takes from the SFT script and why"
+        for size in ("1b", "8b")
+        for run in ("vico", "vir")
     },
     **{
         f"internvl3_5_{size}/rl.yaml": "verl's GSPO (Weiyun1025/verl-internvl): its own loss aggregation, in "

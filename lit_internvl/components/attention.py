@@ -28,6 +28,9 @@ Grouped key/value heads are read in place (``enable_gqa``) by ``sdpa``, ``varlen
 ``xformers`` repeat them. Masks are built once per forward pass by :func:`make_mask` in the form the backend wants (a
 boolean tensor, a flex ``BlockMask``, an xformers bias) and shared by every layer.
 
+Rows split over a sequence-parallel group come with their mask wrapped in a ``SplitMask``
+(:mod:`lit_internvl.components.sequence_parallel`), which exchanges sequence for heads around this same function.
+
 The backend is chosen once per model: every module that attends keeps it in ``attn_backend``
 (initially its config's), and :func:`set_attention_backend` changes all of them together; a module
 that cannot run a backend lists the ones it can in ``attention_backends`` and refuses the others.
@@ -121,6 +124,8 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if hasattr(mask, "attend_split"):  # rows split over a sequence-parallel group (components/sequence_parallel.py)
+        return mask.attend_split(q, k, v, is_causal=is_causal, backend=backend, sinks=sinks, window=window)
     for feature, used in (("sinks", sinks is not None), ("sliding_window", window is not None)):
         if used and backend not in FEATURE_BACKENDS[feature]:
             raise ValueError(

@@ -26,6 +26,7 @@ from lit_internvl.components.attention import Backend, attention, backends_for, 
 from lit_internvl.components.layers import RMSNorm, fused_linear
 from lit_internvl.components.moe import MoEConfig, SparseMoE, load_balancing_loss
 from lit_internvl.components.rotary import RopeScaling, RotaryEmbedding, apply_rotary
+from lit_internvl.components.sequence_parallel import SequenceParallel
 
 LayerType = Literal["full_attention", "sliding_attention"]
 
@@ -359,6 +360,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
         """Token ids ``(B, T)`` or embeddings ``(B, T, D)`` → final hidden states ``(B, T, D)``.
 
@@ -366,9 +368,16 @@ class Transformer(nn.Module):
         positions that restart per document together with ``document_ids``. With a ``cache`` the
         inputs are the next ``T`` positions after the cached ones and ``attention_mask`` covers
         all of them (cached + new).
+
+        With ``sequence_parallel`` the rows are split over its group
+        (:mod:`~lit_internvl.components.sequence_parallel`): the inputs and ``positions`` are this rank's slice
+        ``(B, T/sp)`` of every row, ``attention_mask`` and ``document_ids`` cover the whole rows ``(B, T)``, and the
+        result is the slice's hidden states ``(B, T/sp, D)``.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         past = 0 if cache is None else cache.length
+        if sequence_parallel is not None and (cache is not None or positions is None):
+            raise ValueError("A decoder split over a sequence-parallel group needs its slice's positions and no cache")
         if positions is None:
             positions = torch.arange(past, past + x.shape[1], device=x.device, dtype=torch.float32).expand(
                 x.shape[0], -1
@@ -396,6 +405,12 @@ class Transformer(nn.Module):
         self.routed_positions = (
             attention_mask if document_ids is None or attention_mask is not None else document_ids >= 0
         )
+        self.sequence_parallel = sequence_parallel  # the group the router statistics of aux_loss are summed over
+        if sequence_parallel is not None:  # the whole rows' masks, for attention after the exchange
+            masks = {window: sequence_parallel.split_mask(mask) for window, mask in masks.items()}
+            routed = self.routed_positions
+            if routed is not None:
+                self.routed_positions = routed[:, sequence_parallel.columns(routed.shape[1])]
         for index, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.window if backend == "flex" else None]
             x = layer(x, rope, mask, self.causal, None if cache is None else (cache, index))
@@ -440,7 +455,8 @@ class Decoder(Transformer):
         mask = attention_mask if attention_mask is not None else getattr(self, "routed_positions", None)
         moe = self.config.moe
         logits = [layer.router_logits for layer in layers]
-        return load_balancing_loss(logits, moe.num_experts, moe.top_k, mask, all_reduce)
+        split = getattr(self, "sequence_parallel", None)  # the last forward's rows were split over this group
+        return load_balancing_loss(logits, moe.num_experts, moe.top_k, mask, all_reduce, split)
 
 
 TextPooling = Literal["mean", "last"]

@@ -55,6 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_internvl.components.sequence_parallel import SequenceParallel, group_sum
+
 ExpertsBackend = Literal["auto", "grouped_mm", "padded", "loop"]
 MoEStyle = Literal["qwen3", "gpt_oss"]
 
@@ -312,6 +314,7 @@ def load_balancing_loss(
     top_k: int,
     attention_mask: torch.Tensor | None = None,
     all_reduce: bool = False,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> torch.Tensor:
     """The Switch Transformer load-balancing loss over every MoE layer of a forward pass, as transformers'
     ``load_balancing_loss_func`` (``modeling_qwen3_moe.py``) computes it::
@@ -329,6 +332,9 @@ def load_balancing_loss(
             size, so that data-parallel gradient averaging gives the gradient of the global-batch loss (as
             :func:`~lit_internvl.losses.reduce_token_losses` does for the language-model loss); the ranks' mean of the
             returned values is the global loss.
+        sequence_parallel: the rows were split over this group (the logits and ``attention_mask`` are this rank's
+            slice): ``f`` and ``P`` are summed over the group first, so that every rank computes the whole rows' loss
+            (:mod:`~lit_internvl.components.sequence_parallel`'s gradient convention).
     """
     if not router_logits:
         raise ValueError("load_balancing_loss needs the router logits of at least one MoE layer")
@@ -348,6 +354,11 @@ def load_balancing_loss(
         choices = choices.index_add(0, chosen.flatten(), row_weight.repeat_interleave(top_k))
         probs_sum = probs_sum + (probs * row_weight[:, None]).sum(dim=0)
         rows = rows + row_weight.sum()
+    if sequence_parallel is not None:
+        counts = torch.cat([choices, rows[None]])
+        torch.distributed.all_reduce(counts, group=sequence_parallel.group)
+        choices, rows = counts[:-1], counts[-1]
+        probs_sum = group_sum(probs_sum, sequence_parallel)
     world = 1
     if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()

@@ -12,14 +12,16 @@ This is the one place where image features enter the text sequence.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from lit_internvl.batch import IGNORE_INDEX, Images
+from lit_internvl.components.sequence_parallel import SequenceParallel
 from lit_internvl.losses import HEAD_CHUNK_SIZE, HeadBackend, linear_cross_entropy
+from lit_internvl.models.sequence_parallel import split_forward
 
 
 class ImageTokenMismatchError(ValueError):
@@ -42,6 +44,10 @@ class VisionLanguageModel(nn.Module):
     with a dummy image and ``image_flags`` 0 for text-only samples (``internvl_chat_finetune.py``,
     ``pure_text_get_item``; ``modeling_internvl_chat.py``, ``vit_embeds[image_flags == 1]``). A stage turns
     it on when it trains on more than one process (:class:`~lit_internvl.stages.VisionLanguageStage`).
+
+    ``sequence_parallel``: a :class:`~lit_internvl.components.sequence_parallel.SequenceParallel` group, or None. Set,
+    ``forward`` splits its rows over the group (:mod:`lit_internvl.models.sequence_parallel`) and returns on every rank
+    what one process returns on the whole batch.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class VisionLanguageModel(nn.Module):
             tile_size = config.image_size
         self.tile_size = tile_size
         self.dummy_tile = False
+        self.sequence_parallel: SequenceParallel | None = None
 
     def budgets(self, tile_size: int | None = None) -> tuple[int, ...]:
         """The ``<IMG_CONTEXT>`` tokens a ``tile_size`` px tile (default :attr:`tile_size`) can become: the
@@ -195,6 +202,12 @@ class VisionLanguageModel(nn.Module):
         With ``length_multiple`` the decoder runs on rows padded to a multiple of it (padding masked, its outputs
         dropped): compiled blocks then see a few lengths instead of one per batch.
         """
+        if self.sequence_parallel is not None:
+            return split_forward(
+                self, self.sequence_parallel, input_ids, images, attention_mask=attention_mask, positions=positions,
+                document_ids=document_ids, sample_names=sample_names, repeat_images=repeat_images,
+                length_multiple=length_multiple, head=head,
+            )  # fmt: skip
         embeds = self.embed(input_ids, images, sample_names, repeat_images)
         length = embeds.shape[1]
         if length_multiple:
@@ -208,7 +221,11 @@ class VisionLanguageModel(nn.Module):
 
 
 class Head(Protocol):
-    """What the output head computes from the hidden states ``(B, T, D)``, given the decoder that owns it."""
+    """What the output head computes from the hidden states ``(B, T, D)``, given the decoder that owns it.
+
+    A head that rows split over a sequence-parallel group can use also has ``chosen()``, the ``(B, T)`` positions whose
+    outputs it returns row-major (None: every position, ``(B, T, ...)``), and ``columns(columns, width)``, the same head
+    for those columns of the rows right-padded to ``width`` (:mod:`lit_internvl.models.sequence_parallel`)."""
 
     def __call__(self, decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -224,6 +241,12 @@ class Logits:
 
     def __call__(self, decoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return decoder.head(hidden if self.at is None else hidden[self.at])
+
+    def chosen(self) -> torch.Tensor | None:
+        return self.at
+
+    def columns(self, columns: slice, width: int) -> Logits:
+        return self if self.at is None else Logits(_pad_right(self.at, width, False)[:, columns])
 
 
 @dataclass
@@ -242,6 +265,17 @@ class CrossEntropy:
         return linear_cross_entropy(
             hidden[supervised], decoder.head_weight, self.targets[supervised], self.chunk_size, self.backend
         )
+
+    def chosen(self) -> torch.Tensor:
+        return self.targets != IGNORE_INDEX
+
+    def columns(self, columns: slice, width: int) -> CrossEntropy:
+        return replace(self, targets=_pad_right(self.targets, width, IGNORE_INDEX)[:, columns])
+
+
+def _pad_right(tensor: torch.Tensor, width: int, value) -> torch.Tensor:
+    """``(B, T)`` → ``(B, width)``, filled with ``value`` on the right."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
 def _pad_length(multiple: int, embeds, attention_mask, positions, document_ids):

@@ -15,7 +15,7 @@ from lit_internvl.data.critic import split_steps
 from lit_internvl.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 from lit_internvl.data.v2pe import next_position
 from lit_internvl.data.views import View
-from lit_internvl.distributed import unsharded, world
+from lit_internvl.distributed import data_parallel_rank, unsharded
 from lit_internvl.inference.critic import aggregate, score_solutions
 from lit_internvl.inference.generate import generate
 from lit_internvl.inference.rollout import BuiltinSampler, RolloutEngine
@@ -139,8 +139,9 @@ class RLStage(VisionLanguageStage):
     # -- rollouts -----------------------------------------------------------------------------
 
     def rollout_seeds(self, rows: int) -> list[int]:
-        """One seed a row: a function of the seed, the optimiser step, the rank and the row (exact resume)."""
-        rank, world_size = world()
+        """One seed a row: a function of the seed, the optimiser step, the rank and the row (exact resume); the ranks
+        of a sequence-parallel group, which hold the same rows, share their seeds."""
+        rank, world_size = data_parallel_rank(self.device_mesh)
         base = ((self.hparams.seed * 1_000_003 + self.global_step) * world_size + rank) * 100_003
         return [base + r for r in range(rows)]
 

@@ -19,7 +19,7 @@ from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.data.views import View
-from lit_internvl.distributed import compile_blocks, data_parallel_mesh, world
+from lit_internvl.distributed import compile_blocks, data_parallel_mesh, sequence_parallel_group, world
 from lit_internvl.inference.best_of_n import best_of_n_rows
 from lit_internvl.inference.critic import load_critic
 from lit_internvl.inference.generate import generate
@@ -222,6 +222,8 @@ class VisionLanguageStage(Stage):
         return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
     def parallelize(self, model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
+        # Under SequenceParallelStrategy its rows are split over the mesh's sequence-parallel groups.
+        model.sequence_parallel = sequence_parallel_group(self.device_mesh)
         set_fused_projections(model, self.speed.fuse_projections)
         if self.speed.compile_blocks:  # before checkpointing and sharding wrap the blocks
             compile_blocks(model)
