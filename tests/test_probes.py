@@ -165,21 +165,30 @@ def test_the_segmentation_probe_beats_the_majority_class(tmp_path, one_thread):
     assert miou > stage.chance_levels["val/mIoU"] + 0.1  # a random encoder's patches still tell colour from background
 
 
+# A short stage 1 (250 of recipes/stage1.yaml's 600 steps of 128, a 128-pair validation) and the probe on 3,000 training
+# and 500 held-out pictures: about 5 minutes on a loaded 2-core CPU, where the recipe as it runs takes 10 or more.
+STAGE1_STEPS, PROBE_TRAIN, PROBE_VAL = 250, 3000, 500
+
+
 @pytest.mark.slow
 def test_a_stage1_encoder_probes_far_better_than_a_random_one(tmp_path):
-    """The embedded default: recipes/stage1.yaml as it runs, then recipes/probe_linear.yaml on its encoder and on a
-    randomly initialised one. Measured: 0.90 against 0.34 top-1 of 30 classes (BENCHMARKS.md)."""
+    """The embedded default, shortened: recipes/stage1.yaml for 250 steps, then recipes/probe_linear.yaml on its encoder
+    and on a randomly initialised one. Measured at this size (2026-12-07, seeded): top-1 0.454 against 0.304 of 30
+    classes (chance 0.033); the margin asserted is 0.10. After 100 steps it was 0.358 against 0.304; the full recipe
+    gives 0.895 against 0.332 (BENCHMARKS.md)."""
     from lit_internvl.cli import main
 
     torch.set_num_threads(1)
     main(["fit", "--config", "recipes/stage1.yaml", "--trainer.default_root_dir", str(tmp_path / "stage1"),
-          "--trainer.enable_progress_bar", "false"])  # fmt: skip
+          "--trainer.enable_progress_bar", "false", "--data.init_args.train_size", str(128 * STAGE1_STEPS),
+          "--data.init_args.val_size", "128", "--model.init_args.warmup_steps", "10"])  # fmt: skip
     top1 = {}
     for name, init in (("stage1", str(tmp_path / "stage1/checkpoints/last.ckpt")), ("random", "null")):
         rows = main(["probe", "--config", "recipes/probe_linear.yaml", "--output", str(tmp_path / name),
-                     "--model.init_args.init_from", init, "--trainer.enable_progress_bar", "false"])  # fmt: skip
+                     "--model.init_args.init_from", init, "--trainer.enable_progress_bar", "false",
+                     "--data.init_args.train_size", str(PROBE_TRAIN), "--data.init_args.val_size", str(PROBE_VAL)])  # fmt: skip
         top1[name] = rows["1"]["val/top1"]["value"]
-    assert top1["stage1"] > top1["random"] + 0.3
+    assert top1["stage1"] > top1["random"] + 0.10, top1
 
 
 def test_the_linear_probe_reads_real_handwritten_digits_through_the_probe_command(tmp_path, capsys, one_thread):
