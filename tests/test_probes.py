@@ -5,6 +5,7 @@ real handwritten digits through the ``probe`` command."""
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 
@@ -12,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from lit_internvl.components import InternViT
 from lit_internvl.data import ImagesDataModule, ShapesImagesDataModule
@@ -217,6 +219,46 @@ def test_the_linear_probe_reads_real_handwritten_digits_through_the_probe_comman
     assert top1["chance"] == pytest.approx(0.1)
     assert top1["value"] > 0.6  # measured 0.81 (BENCHMARKS.md); chance 0.1
     assert "| 1 | " in capsys.readouterr().out
+
+
+def test_few_shot_seeds_draw_other_subsets_of_the_same_pictures_and_report_mean_and_sample_std(
+    tmp_path, capsys, one_thread
+):
+    """``probe --seeds 2``: run s keeps another half of the same pictures (``subset_seed = s``), the features are
+    computed once for both runs, and the table shows the runs' mean ± their sample standard deviation."""
+    from lit_internvl.cli import main
+
+    def kept(subset_seed: int) -> list[int]:
+        data = ShapesImagesDataModule("scenes", tile_size=56, train_size=32, fraction=0.5, subset_seed=subset_seed)
+        data.use_views((View("mask"),))
+        return data.train_dataloader().dataset.indices
+
+    assert kept(0) != kept(1) and len(kept(0)) == len(kept(1)) == 16
+    pictures = [ShapesImagesDataModule("scenes", tile_size=56, subset_seed=s).dataset("train")[3] for s in (0, 1)]
+    assert torch.equal(pictures[0]["pixel_values"], pictures[1]["pixel_values"])
+
+    torch.manual_seed(0)  # one encoder for both runs (with init_from null each seed would draw its own)
+    encoder = {f"model.vision.{name}": value for name, value in InternViT("tiny").state_dict().items()}
+    torch.save({"state_dict": encoder}, tmp_path / "encoder.ckpt")
+    rows = main(["probe", "--config", "recipes/probe_segmentation.yaml", "--fractions", "1/2", "--seeds", "2",
+                 "--output", str(tmp_path), "--model.init_args.init_from", str(tmp_path / "encoder.ckpt"),
+                 "--trainer.max_epochs", "2",
+                 "--data.init_args.tile_size", "56", "--data.init_args.train_size", "32",
+                 "--data.init_args.val_size", "16", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    miou = rows["1/2"]["val/mIoU"]
+    first, second = miou["runs"]
+    assert first != second, "the two runs differ (another subset, another initialisation)"
+    assert miou["value"] == pytest.approx((first + second) / 2)
+    assert miou["std"] == pytest.approx(abs(first - second) / math.sqrt(2))  # the sample std of two values
+    assert (tmp_path / "fraction_1of2/seed_0").is_dir() and (tmp_path / "fraction_1of2/seed_1").is_dir()
+    # each picture's features once: both runs' training pictures (their union) and the 16 held-out ones
+    (cache,) = (tmp_path / "features").iterdir()
+    names = []
+    for path in cache.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            names += json.loads(f.metadata()["names"])
+    assert len(names) == len(set(names)) == len(set(kept(0)) | set(kept(1))) + 16
+    assert f"{miou['value']:.3f} ± {miou['std']:.3f}" in capsys.readouterr().out
 
 
 def test_images_data_read_image_folders_and_jsonl_with_labels_or_masks(tmp_path):
