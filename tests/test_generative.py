@@ -21,6 +21,7 @@ from lit_internvl.models import VisionLanguageModel
 from lit_internvl.models.qllama import CrossAttention, QLLaMA, QLLaMAConnector, qllama_mask
 from lit_internvl.stages import ContrastiveStage, GenerativeStage
 from lit_internvl.stages.generative import itm_pairs, sample_negatives
+from lit_internvl.tools.evaluate import main as evaluate
 
 SMALL = LanguageConfig(
     vocab_size=272, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64,
@@ -362,6 +363,65 @@ def test_query_embedding_of_the_itc_pass_equals_the_image_only_embedding():
         backbone, internvl_g = model.encode_image(pixels)
         assert _same(model.ensemble(model.backbone_embedding(features), model.query_embedding(queries)), internvl_g)
         assert _same(model.text_embedding(text, mask), model.encode_text(ids, mask))
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions by the ITG path
+# --------------------------------------------------------------------------------------------------
+
+
+def _internvl_g() -> GenerativeStage:
+    torch.manual_seed(0)
+    stage = GenerativeStage(InternViT("tiny"), lambda d: QLLaMA(d, SMALL, num_queries=QUERIES), embed_dim=16)
+    stage.configure_model()
+    with torch.no_grad():  # larger random weights than the init's, so that the image moves the greedy tokens
+        for param in stage.model.qllama.parameters():
+            param.normal_(std=0.5)
+    return stage
+
+
+def test_cached_greedy_captions_equal_the_prefix_lm_argmax_of_one_training_pass():
+    """Each generated token is the argmax of the ITG training pass (queries bidirectional, text causal over the
+    queries) over the prompt and the tokens before it: the cached decoding reads what training reads."""
+    model = _internvl_g().model.eval()
+    prompt = torch.tensor([ByteTokenizer().encode("English caption:")] * 3)
+    pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    captions = model.generate(pixels, prompt, max_new_tokens=10)
+    assert captions == model.generate(pixels, prompt, max_new_tokens=10, use_cache=False)
+    generated = torch.tensor(captions)
+    assert generated.shape == (3, 10) and len({tuple(row) for row in captions}) > 1, "captions must read the image"
+    with torch.no_grad():
+        _, text = model.qllama(model.vision(pixels), torch.cat((prompt, generated), dim=1), mode="itg")
+        teacher_forced = model.qllama.head(text).argmax(dim=-1)[:, prompt.shape[1] - 1 : -1]
+    assert torch.equal(teacher_forced, generated)
+
+
+def test_captions_stop_at_the_end_token_but_not_before_min_new_tokens():
+    model = _internvl_g().model.eval()
+    prompt = torch.tensor([ByteTokenizer().encode("English caption:")] * 2)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    free = model.generate(pixels, prompt, max_new_tokens=6)
+    end = free[0][2]  # call the third token of row 0 the end token: row 0 stops there
+    stopped = model.generate(pixels, prompt, max_new_tokens=6, eos_id=end)
+    assert stopped[0] == free[0][:3]
+    held = model.generate(pixels, prompt, max_new_tokens=6, eos_id=end, min_new_tokens=4)
+    assert end not in held[0][:4] and held[0][:2] == free[0][:2]
+
+
+def test_stage2_predict_writes_captions_that_evaluate_scores_with_cider(tmp_path, capsys):
+    _stage1_checkpoint(tmp_path / "stage1.ckpt")
+    recipe = _recipe(tmp_path, tmp_path / "stage1.ckpt")
+    options = ["--model.init_args.predict_output", "captions", "--model.init_args.caption_max_tokens", "12"]
+    cli = main(["predict", "--config", str(recipe), *options])
+    path = Path(cli.trainer.log_dir) / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 16 and rows[0]["name"] == "shapes-test:0"
+    # the reference is the test split's caption in its ITG form (normalised), the answer at most 12 byte tokens
+    assert all(row["reference"].startswith("a ") and " at the " in row["reference"] for row in rows)
+    assert all(len(row["answer"].encode()) <= 12 for row in rows)
+    capsys.readouterr()
+    result = evaluate(["--predictions", str(path), "--metric", "caption"])
+    assert result["overall"]["count"] == 16 and 0 <= result["overall"]["CIDEr"] and "CIDEr" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------

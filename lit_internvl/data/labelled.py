@@ -173,11 +173,16 @@ class LabelledDataModule(L.LightningDataModule):
     prompt_templates = None
     question_types = None
 
-    def __init__(self, tile_size: int, batch_size: int, num_workers: int, seed: int, fraction: float) -> None:
+    def __init__(
+        self, tile_size: int, batch_size: int, num_workers: int, seed: int, fraction: float, subset_seed: int | None
+    ) -> None:
         super().__init__()
         self.tile_size, self.batch_size, self.num_workers, self.seed, self.fraction = (
             tile_size, batch_size, num_workers, seed, fraction,
         )  # fmt: skip
+        # The draw of the few-shot subset and of the training order; apart from `seed`, which also picks the shapes
+        # world's pictures, so that repeats of a fraction (`probe --seeds`) share the pictures and their features.
+        self.subset_seed = seed if subset_seed is None else subset_seed
         subset(1, fraction, seed)  # a fraction outside (0, 1] fails here, when the data is built
         self.views: tuple[View, ...] = ()
 
@@ -206,8 +211,8 @@ class LabelledDataModule(L.LightningDataModule):
                        persistent_workers=self.num_workers > 0, collate_fn=partial(collate_images, view=view))  # fmt: skip
         if split == "train":
             if self.fraction < 1:
-                dataset = torch.utils.data.Subset(dataset, subset(len(dataset), self.fraction, self.seed))
-            sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, **replicas(self.trainer))
+                dataset = torch.utils.data.Subset(dataset, subset(len(dataset), self.fraction, self.subset_seed))
+            sampler = ResumableSampler(dataset, shuffle=True, seed=self.subset_seed, **replicas(self.trainer))
             return ResumableDataLoader(dataset, sampler, **options)
         return DataLoader(dataset, shuffle=False, **options)
 
@@ -233,6 +238,7 @@ class ImagesDataModule(LabelledDataModule):
         num_classes: the classes a mask may hold when ``class_names`` does not say (a segmentation probe's head).
         image_root: the folder a jsonl file's paths are relative to (default: the file's).
         tile_size, batch_size, num_workers, seed, fraction: module docstring; ``fraction`` of the training images.
+        subset_seed: the seed of the ``fraction`` subset and of the training order (None: ``seed``).
     """
 
     def __init__(
@@ -248,8 +254,9 @@ class ImagesDataModule(LabelledDataModule):
         num_workers: int = 0,
         seed: int = 0,
         fraction: float = 1.0,
+        subset_seed: int | None = None,
     ) -> None:
-        super().__init__(tile_size, batch_size, num_workers, seed, fraction)
+        super().__init__(tile_size, batch_size, num_workers, seed, fraction, subset_seed)
         self.save_hyperparameters()
         if isinstance(class_names, str):
             class_names = [line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()]
@@ -282,6 +289,8 @@ class ShapesImagesDataModule(LabelledDataModule):
         mask_classes: ``"shape"`` (5 + background), ``"colour"`` (6 + background) or ``"object"`` (30 + background).
         batch_size, num_workers, seed, fraction, max_objects: loading, the world's seed, the few-shot fraction and the
             objects a scene holds at most.
+        subset_seed: the seed of the ``fraction`` subset and of the training order (None: ``seed``); the pictures
+            stay the world's of ``seed``.
     """
 
     def __init__(
@@ -296,10 +305,11 @@ class ShapesImagesDataModule(LabelledDataModule):
         num_workers: int = 0,
         seed: int = 0,
         fraction: float = 1.0,
+        subset_seed: int | None = None,
     ) -> None:
         if records not in ("objects", "scenes"):
             raise ValueError(f"Unknown labelled shapes records {records!r}; choose 'objects' or 'scenes'")
-        super().__init__(tile_size, batch_size, num_workers, seed, fraction)
+        super().__init__(tile_size, batch_size, num_workers, seed, fraction, subset_seed)
         self.save_hyperparameters()
         if records == "objects":
             self.class_names = class_names()

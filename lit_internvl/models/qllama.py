@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_internvl.components.attention import attention, causal_mask, check_backend
-from lit_internvl.components.language import Block, LanguageConfig, LanguagePreset, TextPooling, pool_text
+from lit_internvl.components.language import Block, KVCache, LanguageConfig, LanguagePreset, TextPooling, pool_text
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding
 from lit_internvl.models.dual_encoder import AttentionPool, ImagePooling, image_projection
@@ -133,9 +133,12 @@ class QLLaMABlock(Block):
         mask: torch.Tensor | None,
         vision: torch.Tensor | None,
         num_queries: int,
+        cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, False)
-        if self.cross_attn is not None and vision is not None:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, False, cache)
+        # num_queries == 0: a decoding step past the cached queries, which read the image once (the reference skips
+        # cross-attention the same way when the step holds fewer positions than queries: modeling_qllama.py L463-466).
+        if self.cross_attn is not None and vision is not None and num_queries:
             queries, text = x[:, :num_queries], x[:, num_queries:]
             x = torch.cat((queries + self.cross_attn(queries, vision), text), dim=1)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -207,6 +210,7 @@ class QLLaMA(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         mode: Mode = "itc",
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pass over ``[queries, text]``.
 
@@ -216,11 +220,18 @@ class QLLaMA(nn.Module):
             input_ids: ``(N, T)`` text, or None for a queries-only pass (connector, image embedding).
             attention_mask: ``(N, T)`` 1 for real tokens; all ones when None.
             mode: ``"itc"``, ``"itm"`` or ``"itg"`` (see :func:`qllama_mask`); unused without text.
+            cache: incremental ITG decoding. Empty, the pass runs as without it and keeps every layer's keys and
+                values; holding ``past`` positions, ``input_ids`` are the next text tokens, each reading every
+                cached position and the new ones before it (the prefix LM's text rows; no padding: the cached
+                prompts have none), and the returned queries are empty ``(N, 0, D)``.
 
         Returns:
             query hidden states ``(N, Q, D)`` and text hidden states ``(N, T, D)`` (None without
             text), after the final norm.
         """
+        past = 0 if cache is None else cache.length
+        if past:
+            return self._decode_step(vision, input_ids, cache)
         if vision is None and input_ids is None:
             raise ValueError("QLLaMA needs vision features, input_ids, or both")
         batch = (vision if input_ids is None else input_ids).shape[0]
@@ -233,11 +244,27 @@ class QLLaMA(nn.Module):
             mask = qllama_mask(mode, self.num_queries, attention_mask, self.text_attention)
         positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32).expand(batch, -1)
         rope = self.rotary(positions)
-        for layer in self.layers:
-            x = layer(x, rope, mask, vision, self.num_queries)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, vision, self.num_queries, None if cache is None else (cache, index))
         x = self.norm(x)
         queries, text = x[:, : self.num_queries], x[:, self.num_queries :]
         return queries, (text if input_ids is not None else None)
+
+    def _decode_step(
+        self, vision: torch.Tensor | None, input_ids: torch.Tensor | None, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New text tokens ``(N, T)`` after the ``past`` cached positions → (empty queries, text hidden ``(N, T, D)``)."""
+        if input_ids is None:
+            raise ValueError("a QLLaMA pass with a filled cache continues the text: input_ids are required")
+        past, (batch, length) = cache.length, input_ids.shape
+        x = self.embed_tokens(input_ids).to(self.query_tokens.dtype)
+        # (1, 1, T, past + T): every cached position, then causal among the new tokens
+        mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)[None, None]
+        positions = torch.arange(past, past + length, device=x.device, dtype=torch.float32).expand(batch, -1)
+        rope = self.rotary(positions)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, vision, 0, (cache, index))
+        return x[:, :0], self.norm(x)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(..., D)`` → logits ``(..., vocab_size)`` (tied to ``embed_tokens`` when the config says so)."""
@@ -384,3 +411,61 @@ class InternVLG(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         _, text = self.qllama(None, input_ids, attention_mask, mode="itc")
         return self.text_embedding(text, attention_mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 30,
+        eos_id: int | None = None,
+        min_new_tokens: int = 0,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Captions by the ITG path, greedily: the queries read the image, the prompt (``"English caption:"``) and
+        each new token read the queries and the text before them (the prefix LM of training), and the LM head picks
+        the next token.
+
+        InternVL-G captions this way (internvl_g/internvl/model/internvl_stage2/modeling_internvl.py L470-503,
+        ``InternVLModel.generate``: queries prepended to the prompt's embeddings, ``use_zero_attention_mask`` for the
+        queries' bidirectional block; internvl_g/eval/evaluate_caption.py L112, L151-160: the prompt
+        ``"English caption:"`` with its BOS and no end token, ``do_sample=False``, ``max_new_tokens=30``,
+        ``min_new_tokens=8``). The reference decodes with 5 beams by default; this is its ``--num-beams 1``.
+
+        Args:
+            pixel_values: ``(N, 3, H, W)``.
+            input_ids: ``(N, P)`` the prompt, the same unpadded prefix on every row.
+            max_new_tokens: tokens generated at most.
+            eos_id: the end token: a row stops after it; None runs every row ``max_new_tokens`` long.
+            min_new_tokens: the end token is not chosen before this many tokens (the reference's 8).
+            use_cache: keep the keys and values of the queries and the text (:class:`KVCache`); without it every step
+                re-runs the whole sequence, the reference the cache is tested against.
+
+        Returns:
+            each row's new tokens, up to and including ``eos_id``.
+        """
+        features = self.vision(pixel_values)
+        batch = input_ids.shape[0]
+        cache = KVCache(len(self.qllama.layers)) if use_cache else None
+        new = input_ids.new_empty(batch, 0)
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        step = input_ids
+        for count in range(max_new_tokens):
+            if not use_cache:
+                step = torch.cat((input_ids, new), dim=1)
+            _, text = self.qllama(features, step, mode="itg", cache=cache)
+            logits = self.qllama.head(text[:, -1]).float()  # (N, vocab)
+            if eos_id is not None and count < min_new_tokens:
+                logits[:, eos_id] = float("-inf")
+            token = logits.argmax(dim=-1)
+            if eos_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_id), token)
+                finished |= token == eos_id
+            new = torch.cat((new, token[:, None]), dim=1)
+            step = token[:, None]
+            if finished.all():
+                break
+        rows = []
+        for row in new.tolist():
+            rows.append(row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+        return rows

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_internvl.batch import Views
+from lit_internvl.batch import IGNORE_INDEX, PairBatch, Views
 from lit_internvl.components.language import TextPooling
 from lit_internvl.data.views import View
 from lit_internvl.losses import contrastive_loss
@@ -20,6 +20,9 @@ from lit_internvl.stages.dual_encoder import DualEncoderStage
 
 NegativeStrategy = Literal["dataset", "hard", "random"]
 NEGATIVE_STRATEGIES = get_args(NegativeStrategy)
+# What ``predict`` writes: each pair's embeddings (returned), or a caption of each image by the ITG path
+# (``predictions.jsonl``, for ``evaluate --metric caption``).
+PredictOutput = Literal["embeddings", "captions"]
 # InternVL stage 2 trains only what is new: queries, cross-attention, the query projection, the ITM head
 # and the temperature. The stage-1 embeddings (image and text) then stay exactly as stage 1 left them.
 INTERNVL_FROZEN = ("vision", "image_projection", "trunk", "text_projection")
@@ -124,6 +127,11 @@ class GenerativeStage(DualEncoderStage):
         query_pooling: ``"attention"`` (InternVL's ``clip_projector2``) or ``"mean"``.
         itm_negatives: ``"dataset"`` (InternVL), ``"hard"`` or ``"random"``.
         frozen: named parameter sets (see :meth:`InternVLG.parameter_sets`) that do not train.
+        predict_output: what ``predict`` gives: ``"embeddings"`` (returned) or ``"captions"``, each image captioned
+            greedily by the ITG path (:meth:`InternVLG.generate`, the data's ITG prompt) and written with its
+            caption as the reference to ``predictions.jsonl`` (``evaluate --metric caption`` scores them).
+        caption_max_tokens, caption_min_tokens: the caption's length in tokens, at most and at least (InternVL's
+            ``evaluate_caption.py``: 30 and 8 LLaMA tokens; a byte tokenizer needs more).
         stage_options: :class:`DualEncoderStage`'s ``init_logit_scale``/``max_logit_scale`` and
             :class:`~lit_internvl.stages.base.Stage`'s optimiser, ``init_from`` and scale options.
     """
@@ -145,6 +153,9 @@ class GenerativeStage(DualEncoderStage):
         itg_weight: float = 1.0,
         itm_negatives: NegativeStrategy = "dataset",
         frozen: Sequence[ParameterSet] = INTERNVL_FROZEN,
+        predict_output: PredictOutput = "embeddings",
+        caption_max_tokens: int = 30,
+        caption_min_tokens: int = 8,
         **stage_options,
     ) -> None:
         super().__init__(**stage_options)
@@ -152,6 +163,12 @@ class GenerativeStage(DualEncoderStage):
             raise ValueError("itc_weight, itm_weight and itg_weight are all 0: stage 2 would have no loss")
         if itm_negatives not in NEGATIVE_STRATEGIES:
             raise ValueError(f"Unknown itm_negatives {itm_negatives!r}; choose one of {NEGATIVE_STRATEGIES}")
+        if predict_output not in get_args(PredictOutput):
+            raise ValueError(f"Unknown predict_output {predict_output!r}; choose one of {get_args(PredictOutput)}")
+        if not 0 <= caption_min_tokens <= caption_max_tokens:
+            raise ValueError(
+                f"caption_min_tokens={caption_min_tokens} must lie in [0, caption_max_tokens={caption_max_tokens}]"
+            )
         self.factories = {"vision": vision, "qllama": qllama}
 
     def build_model(self) -> InternVLG:
@@ -258,9 +275,48 @@ class GenerativeStage(DualEncoderStage):
         backbone = self.model.backbone_embedding(features)
         return {"stage1": backbone, "internvl_g": self.model.ensemble(backbone, query_emb)}, text_emb
 
-    def predict_step(self, batch: Views, batch_idx: int) -> dict:
-        """The stage-1 and InternVL-G image embeddings and the text embedding of each pair."""
+    def predict_step(self, batch: Views, batch_idx: int) -> dict | list[dict]:
+        """The stage-1 and InternVL-G image embeddings and the text embedding of each pair; with
+        ``predict_output="captions"``, each image's caption (:meth:`caption_rows`)."""
         pairs = batch["pair"]
+        if self.hparams.predict_output == "captions":
+            return self.caption_rows(pairs)
         stage1, internvl_g = self.model.encode_image(pairs.pixel_values)
         text = self.model.encode_text(pairs.input_ids, pairs.attention_mask)
         return {"image_emb": stage1, "internvl_g_emb": internvl_g, "text_emb": text}
+
+    def caption_rows(self, pairs: PairBatch) -> list[dict]:
+        """``{"name", "answer", "reference", "finished"}`` per pair: the caption generated from the image after the
+        ITG prompt (the tokens of ``itg_ids`` before the first supervised one, e.g. ``"English caption:"``), and the
+        pair's own caption as the reference (in its ITG form: normalised as the data trains it)."""
+        tokenizer, h = self.data.tokenizer, self.hparams
+        supervised = (pairs.itg_labels != IGNORE_INDEX).long()
+        prefix = supervised.argmax(dim=1)  # the first supervised position: the prompt's length
+        if not bool((prefix == prefix[0]).all()):
+            raise ValueError(
+                f"the ITG prompts of batch {pairs.sample_names[:3]}... differ in length: one prompt expected"
+            )
+        prompt = pairs.itg_ids[:, : int(prefix[0])]
+        captions = self.model.generate(
+            pairs.pixel_values, prompt, h.caption_max_tokens, tokenizer.eos_id, h.caption_min_tokens
+        )
+        rows = []
+        for name, tokens, labels in zip(pairs.sample_names, captions, pairs.itg_labels.tolist()):
+            reference = [t for t in labels if t not in (IGNORE_INDEX, tokenizer.eos_id)]
+            rows.append(
+                {
+                    "name": name,
+                    "answer": tokenizer.decode([t for t in tokens if t != tokenizer.eos_id], skip_special_tokens=True),
+                    "reference": tokenizer.decode(reference, skip_special_tokens=True),
+                    "finished": tokenizer.eos_id in tokens,
+                }
+            )
+        return rows
+
+    def configure_callbacks(self):
+        callbacks = super().configure_callbacks()
+        if self.hparams.predict_output == "captions":
+            from lit_internvl.callbacks.predictions import PredictionsWriter
+
+            callbacks.append(PredictionsWriter())
+        return callbacks
