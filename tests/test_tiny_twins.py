@@ -29,6 +29,8 @@ TWIN_MODELS = {
     "models/internvl3_5_1b.yaml": "models/tiny_qwen3.yaml",
     "models/internvl3_5_8b.yaml": "models/tiny_qwen3.yaml",
     "models/internvl3_5_30b_a3b.yaml": "models/tiny_moe.yaml",
+    "models/internvl3_5_1b_flash.yaml": "models/tiny_flash.yaml",
+    "models/internvl3_5_8b_flash.yaml": "models/tiny_flash.yaml",
 }
 
 
@@ -79,6 +81,8 @@ def test_the_tiny_twin_of_every_gpu_run_trains_on_a_cpu(run, tmp_path, monkeypat
     if stage.endswith("RLStage"):  # two short answers a prompt, not sixteen of 2,048 tokens
         overrides += ["--model.init_args.group_size", "2", "--model.init_args.generation.max_new_tokens", "4",
                       "--model.init_args.mini_batches", "1", "--model.init_args.micro_batches", "1"]  # fmt: skip
+    if stage.endswith("ViRStage"):  # it starts from the consistency stage's checkpoint, another run's: fresh weights
+        overrides += ["--model.init_args.init_from", "null"]
     main(["fit", "--config", str(twin), *overrides])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2
