@@ -78,6 +78,14 @@ def test_the_frozen_features_are_computed_once_and_read_back_for_the_same_encode
     assert seen[0] == 0
     assert (tmp_path / "cache").is_dir() and len(list((tmp_path / "cache").iterdir())) == 1
 
+    reseeded = make()  # the same encoder on another seed's pictures (the same indices): their own features
+    other_pictures = ShapesImagesDataModule("objects", train_size=48, val_size=16, batch_size=16, seed=1)
+    reseeded.use_data(other_pictures).configure_model()
+    reseeded.model.vision.load_state_dict(weights)
+    seen = _count_encoder_images(reseeded)
+    _fit(reseeded, other_pictures, tmp_path, epochs=1)
+    assert seen[0] == 48 + 16
+
     other = make()  # another encoder (another initialisation): its own features
     other.use_data(data).configure_model()
     seen = _count_encoder_images(other)

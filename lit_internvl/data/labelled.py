@@ -156,7 +156,10 @@ class ShapesLabelled(Dataset):
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        name = f"shapes-{self.world.split}:{index}"
+        # The name says which picture this is, for the probes' feature cache too: another seed, kind or object count
+        # draws other pictures under the same index.
+        drawn = "object" if self.kind == "image" else f"scene of up to {self.max_objects}"
+        name = f"shapes-{self.world.split}:{index} ({drawn}, seed {self.world.seed})"
         if self.kind == "image":
             pair = self.world.pair(index)
             return {"pixel_values": to_tensor(pair["image"]), "label": pair["label"], "name": name}
