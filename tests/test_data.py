@@ -164,6 +164,12 @@ def test_descriptions_name_every_object_in_the_order_asked_for_and_only_in_train
     with pytest.raises(ValueError, match="describe_ratio"):
         ShapesDataModule(records="questions", describe_ratio=1.5)
 
+    # eval_describe: held-out scenes described (a chat model's captions), the same pictures as the one-word questions
+    captions = asked(ShapesDataModule(records="questions", val_size=16, eval_describe=True))
+    described = captions._dataset("val", 16, captions.views)
+    assert {meta(sample)["type"] for sample in described} == {"description"}
+    assert [s["name"] for s in described] == [s["name"] for s in list(val)[:16]]
+
 
 def test_both_datamodules_are_what_a_stage_reads():
     """Both satisfy the StageData contract; their tile facts come from the one SampleOptions their samples are

@@ -63,7 +63,9 @@ class ShapesDataModule(SampleDataModule):
         describe_ratio: the fraction of *training* ``vqa`` samples that ask "Describe the objects by
             shape." (or "by colour.") and are answered with every object and its region in that order (as
             the captioning data in InternVL's SFT mixtures: one answer supervises every object, not one);
-            validation and test ask only the one-word questions.
+            validation and test ask only the one-word questions, unless ``eval_describe``.
+        eval_describe: validation and test ask every question as a description (by shape or by colour, drawn as in
+            training): a chat model's captions of held-out scenes, for ``evaluate --metric caption``.
         tokenizer: ``"byte"`` or ``"shapes"``, which makes every word the world writes one token (a
             question and its answer take a third of the tokens); the model's vocabulary must hold its ids.
         weights: ``nmp``: interleaved : text-only samples (InternVL3's token ratio is about 3 : 1).
@@ -88,6 +90,7 @@ class ShapesDataModule(SampleDataModule):
         system: str | None = None,
         thinking: bool = False,
         describe_ratio: float = 0.0,
+        eval_describe: bool = False,
         tokenizer: str = "byte",
         itc_prefix: str = CaptionForms.itc_prefix,
         itg_prefix: str = CaptionForms.itg_prefix,
@@ -162,7 +165,7 @@ class ShapesDataModule(SampleDataModule):
                 return ShapesInterleaved(world, size, builder, h.val_images_per_document or h.images_per_document)
             documents = ShapesInterleaved(world, size, builder, h.images_per_document)
             return Mixture([documents, ShapesText(world, size, builder)], h.weights, size, h.seed)
-        describe = h.describe_ratio if split == "train" else 0.0
+        describe = h.describe_ratio if split == "train" else float(h.eval_describe)
         return ShapesVQA(world, size, builder, h.max_objects, describe)
 
     def collator(self, views: tuple[View, ...], train: bool):
