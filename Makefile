@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 # Extra arguments for `make fit` (e.g. FIT_ARGS="--trainer.max_steps 10"); tests/test_readme.py passes tiny ones.
 FIT_ARGS ?=
 
-.PHONY: install fit pipeline test test-slow format clean
+.PHONY: install fit pipeline test test-slow test-eval format clean
 
 install: $(STAMP)
 
@@ -61,5 +61,13 @@ format: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# The lmms-eval bridge through the real `lmms-eval` command, in an environment of its own: the eval extra pins
+# filelock below 4 (lmms-eval 0.7 imports filelock._api) and brings packages the main environment does not need.
+test-eval:
+	$(PYTHON) -m pip install --quiet uv
+	$(PYTHON) -m uv venv --allow-existing $(VENV)-eval --python $(PYTHON)
+	$(PYTHON) -m uv pip install --python $(VENV)-eval/bin/python $(FIND_LINKS) -c $(CONSTRAINTS) -e '.[dev,eval]'
+	$(VENV)-eval/bin/python -m pytest -q -m slow tests/test_lmms_bridge.py
+
 clean:
-	rm -rf $(VENV) lightning_logs runs
+	rm -rf $(VENV) $(VENV)-eval lightning_logs runs
