@@ -144,18 +144,20 @@ def _average_over(mesh):
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Gather the root's parameters of a sharded ``model`` for calls other than ``forward`` (FSDP2 gathers
     them around ``forward`` only; the blocks gather their own): ``with unsharded(model): model.encode_text(...)``.
-    No-op when not sharded."""
+    No-op when not sharded; nested, only the outermost gathers and reshards."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(model, FSDPModule):
-        yield model
+    if not isinstance(model, FSDPModule) or getattr(model, "_lit_unsharded", False):
+        yield model  # not sharded, or inside another `unsharded` of it: the outer one reshards
         return
     # FSDP2 picks its root at the first forward; a block must not run first and claim that role.
     model._get_fsdp_state()._lazy_init()
     model.unshard()
+    model._lit_unsharded = True
     try:
         yield model
     finally:
+        model._lit_unsharded = False
         model.reshard()
 
 
@@ -164,6 +166,19 @@ def world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def on_every_rank(flag: bool, model: nn.Module, device: torch.device | str = "cpu") -> bool:
+    """``flag`` held on every rank, when ``model`` is sharded by FSDP2 over several processes; ``flag`` itself
+    otherwise. A sharded model's blocks all-gather their parameters in every forward, so a loop of forwards whose end
+    depends on the rank's own data (generation stopping when its rows are finished) must end on all ranks at once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule) or world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def leave_process_group(code: int = 0) -> None:

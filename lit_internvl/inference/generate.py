@@ -8,6 +8,7 @@ import torch
 from lit_internvl.batch import Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
+from lit_internvl.distributed import on_every_rank
 from lit_internvl.models.routing import route_prompts, routes
 
 
@@ -76,7 +77,7 @@ def generate(
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         new_tokens = torch.cat((new_tokens, token[:, None]), dim=1)
-        if finished.all():
+        if on_every_rank(bool(finished.all()), model, finished.device):  # a sharded model's ranks stop together
             break
         next_embed = decoder.embed_tokens(token[:, None]).to(embeds.dtype)
         step_position = next_position(positions[:, -1:])

@@ -24,6 +24,7 @@ import torch
 from lit_internvl.batch import Batch, Images
 from lit_internvl.components.language import KVCache
 from lit_internvl.data.v2pe import next_position
+from lit_internvl.distributed import on_every_rank
 from lit_internvl.inference.generate import sample_next
 from lit_internvl.models.routing import route_prompts, routes
 
@@ -81,7 +82,7 @@ def sample_groups(
                 token[r] = sample_next(logits[r : r + 1], temperature, top_p, generators[r])[0]
                 out[r].append(int(token[r]))
                 finished[r] = eos_id is not None and out[r][-1] == eos_id
-        if all(finished):
+        if on_every_rank(all(finished), model, device):  # a sharded model's ranks stop together
             break
         step_position = next_position(positions[:, -1:])
         positions = torch.cat((positions, step_position), dim=1)

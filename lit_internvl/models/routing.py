@@ -67,15 +67,17 @@ def route_images(model, images: Images) -> Images:
         for i, compress in zip(at_first.nonzero().flatten().tolist(), connector.compress(scores).tolist()):
             budgets[i] = second if compress else first
     # Features without gradients are kept only where no gradient is wanted: a vision tower that trains runs again in
-    # the forward, inside the (data-parallel) model call.
+    # the forward, inside the (data-parallel) model call. On several processes (dummy_tile) the tower runs again in
+    # the forward too: a rank without images runs it there on the dummy tile, and under FSDP2 every rank must.
     trains = torch.is_grad_enabled() and any(p.requires_grad for p in model.vision.parameters())
-    kept = None if trains else features
+    kept = None if trains or getattr(model, "dummy_tile", False) else features
     return Images(images.pixel_values, list(images.tiles_per_sample), budgets, features=kept, routed=True)
 
 
 def route_batch(model, batch: Batch, padding_side: PaddingSide = "right") -> Batch:
     """``batch`` with the tiles the router compresses shortened (:func:`route_images`, :func:`at_budgets`)."""
     if batch.images is None:
+        join_vision_pass(model, batch.input_ids.device)
         return batch
     return at_budgets(batch, route_images(model, batch.images), model.image_context_id, padding_side)
 
@@ -86,6 +88,7 @@ def route_prompts(model, input_ids, attention_mask, images, positions=None):
     on when the model routes)."""
     images = model.as_images(images)
     if images is None:
+        join_vision_pass(model, input_ids.device)
         return input_ids, attention_mask, images, positions
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -94,6 +97,17 @@ def route_prompts(model, input_ids, attention_mask, images, positions=None):
     batch = Batch(input_ids, torch.full_like(input_ids, IGNORE_INDEX), attention_mask, positions, None, images, [])
     routed = route_batch(model, batch, "left")
     return routed.input_ids, routed.attention_mask, routed.images, routed.positions
+
+
+def join_vision_pass(model, device) -> None:
+    """What :func:`route_images` runs of the vision tower, on the model's dummy tile, for a batch without images when
+    the model trains on several processes (``dummy_tile``): under FSDP2 each vision block all-gathers its parameters
+    in that pass, and the ranks that route images would otherwise wait for this one."""
+    if not getattr(model, "dummy_tile", False):
+        return
+    tile = torch.zeros(1, 3, model.tile_size, model.tile_size, device=device)
+    with torch.no_grad(), unsharded(model):
+        model.vision(tile)
 
 
 def at_budgets(batch: Batch, images: Images, image_context_id: int, padding_side: PaddingSide = "right") -> Batch:

@@ -238,7 +238,7 @@ class VisionLanguageStage(Stage):
             return batch
         kinds = {view.name: view.kind for view in (getattr(self.data, "requested", None) or ())}
         for name, view in list(batch.views.items()):
-            if isinstance(view, Batch) and view.images is not None:
+            if isinstance(view, Batch):  # without images too: route_batch keeps a sharded run's collectives aligned
                 side = "left" if kinds.get(name, name) == "prompt" else "right"
                 batch.views[name] = route_batch(self.model, view, side)
         return batch

@@ -1,0 +1,120 @@
+"""InternVL3.5-Flash's routing on two FSDP2 ranks (gloo): the router runs the vision tower outside the model's forward
+to score the tiles, and FSDP2 gathers each vision block's parameters in that forward, a collective every rank must
+join. A rank whose batch holds no image (a text-only sample of a mixture) joins it on the model's dummy tile, so the
+run neither hangs nor fails; the ranks route as one process routes their batches.
+
+NMP on the shapes documents (interleaved documents and text-only samples, 3 : 1), one sample a rank a step, a tiny
+Flash connector with ``route: true``: some steps give one rank an image-free batch while the other routes its tiles."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lit_internvl.batch import Batch
+from lit_internvl.components import Decoder, FlashConnector, InternViT
+from lit_internvl.data import ShapesDataModule
+from lit_internvl.distributed import leave_process_group
+from lit_internvl.stages import NMPStage
+from tests.test_fsdp import _free_port
+
+WORLD_SIZE, STEPS = 2, 6
+
+
+def _stage() -> NMPStage:
+    torch.manual_seed(0)  # the same initial weights in every process
+    connector = partial(FlashConnector, downsample_ratio=0.5, router_heads=4, relative_threshold=0.3,
+                        absolute_threshold=0.0, route=True)  # fmt: skip
+    return NMPStage(
+        vision=partial(InternViT, config="tiny"), connector=connector, decoder=partial(Decoder, config="tiny-qwen3"),
+        warmup_steps=1,
+    )  # fmt: skip
+
+
+class Routed(L.Callback):
+    """Each step's batch as the stage saw it, after routing: its tiles' budgets (None: no image)."""
+
+    def __init__(self) -> None:
+        self.budgets: list[list[int] | None] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        view: Batch = batch["conversation"]
+        self.budgets.append(None if view.images is None else list(view.images.budgets))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _stop_early_on_rank_0(stage) -> dict:
+    """Greedy generation and the rollouts' sampling on the sharded model, rank 0's row finished after one token (its
+    end token is the token it draws first), rank 1's never (no end token): five steps on rank 1, one on rank 0."""
+    from lit_internvl.distributed import unsharded, world
+    from lit_internvl.inference.generate import generate
+    from lit_internvl.inference.rollout import sample_groups
+
+    model, prompt = stage.model, torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(prompt)
+    rank = world()[0]
+    with torch.no_grad(), unsharded(model):  # the root's parameters (embeddings, head) gathered, as the stages do
+        first = generate(model, prompt, mask, max_new_tokens=1)[0][0]
+        greedy = generate(model, prompt, mask, max_new_tokens=5, eos_id=first if rank == 0 else None)
+        drawn = sample_groups(model, prompt, mask, None, [7], max_new_tokens=1)[0][0]
+        sampled = sample_groups(model, prompt, mask, None, [7], max_new_tokens=5, eos_id=drawn if rank == 0 else None)
+    return {"first": first, "greedy": greedy, "drawn": drawn, "sampled": sampled}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
+    routed = Routed()
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+    strategy = ModelParallelStrategy(
+        data_parallel_size=WORLD_SIZE, tensor_parallel_size=1, timeout=timedelta(seconds=60)
+    )
+    data = ShapesDataModule(records="documents", tokenizer="shapes", train_size=32, val_size=4, batch_size=1)
+    stage = _stage()
+    L.Trainer(
+        accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_steps=STEPS, default_root_dir=out_dir,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        enable_checkpointing=False, callbacks=[routed],
+    ).fit(stage, data)  # fmt: skip
+    sharded = type(stage.model.vision.layers[0].attn.qkv.weight).__name__
+    result = {"budgets": routed.budgets, "losses": routed.losses, "sharded": sharded, **_stop_early_on_rank_0(stage)}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    leave_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("flash_fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+def test_a_rank_without_images_joins_the_routers_vision_pass(ranks):
+    assert all(r["sharded"] == "DTensor" for r in ranks), "the vision blocks are FSDP2 units"
+    assert all(len(r["budgets"]) == STEPS for r in ranks)
+    steps = list(zip(*(r["budgets"] for r in ranks)))
+    assert any((a is None) != (b is None) for a, b in steps), "a step where one rank has images and the other none"
+    budgets = {b for step in steps for tiles in step if tiles is not None for b in tiles}
+    assert budgets == {4, 1}, "the router compressed some tiles and kept others"
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+
+
+def test_generation_on_a_sharded_model_stops_on_every_rank_at_once(ranks):
+    """A rank whose rows are all finished keeps stepping (its rows padded with the end token, not returned) until every
+    rank's are: each forward all-gathers the blocks' parameters on every rank."""
+    first, rest = ranks
+    assert first["greedy"] == [[first["first"]]] and first["sampled"] == [[first["drawn"]]]
+    assert len(rest["greedy"][0]) == 5 and len(rest["sampled"][0]) == 5
