@@ -350,11 +350,17 @@ class ViRStage(_FlashStage):
             self.ratio_window[int(self.ratio_count) % size] = value
             self.ratio_count += 1
         seen = self.ratio_window[: min(int(self.ratio_count), size)]
+        if not len(seen):  # no rank has had a tile yet
+            return torch.tensor(float("nan"), device=seen.device)
         return torch.quantile(seen, self.hparams.target_compression)
 
     def training_step(self, batch: Views, batch_idx: int) -> torch.Tensor | None:
         if batch.empty or batch["conversation"].images is None:
-            return None
+            if world()[1] == 1:
+                return None
+            # Several processes: this rank still joins the gather of the ratios and the gradients' all-reduce.
+            self.threshold(torch.zeros(0, device=self.device))
+            return 0.0 * sum(p.sum() for p in self.model.connector.router.parameters())
         if batch["conversation"].document_ids is not None:
             raise ValueError("ViRStage labels each tile by its own sample's loss: set data.init_args.pack: false")
         features, ratios = self.tile_ratios(batch["conversation"])

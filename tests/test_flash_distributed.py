@@ -4,7 +4,9 @@ join. A rank whose batch holds no image (a text-only sample of a mixture) joins 
 run neither hangs nor fails; the ranks route as one process routes their batches.
 
 NMP on the shapes documents (interleaved documents and text-only samples, 3 : 1), one sample a rank a step, a tiny
-Flash connector with ``route: true``: some steps give one rank an image-free batch while the other routes its tiles."""
+Flash connector with ``route: true``: some steps give one rank an image-free batch while the other routes its tiles.
+Generation on the sharded model stops on every rank at once. And the router stage (ViR) under DDP, which it trains
+with: a rank without images joins the gather of the loss ratios and the gradients' all-reduce."""
 
 from __future__ import annotations
 
@@ -22,20 +24,36 @@ from lit_internvl.batch import Batch
 from lit_internvl.components import Decoder, FlashConnector, InternViT
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.distributed import leave_process_group
-from lit_internvl.stages import NMPStage
+from lit_internvl.stages import NMPStage, ViRStage
 from tests.test_fsdp import _free_port
 
 WORLD_SIZE, STEPS = 2, 6
 
 
-def _stage() -> NMPStage:
+def _stage(cls=NMPStage, **options):
     torch.manual_seed(0)  # the same initial weights in every process
     connector = partial(FlashConnector, downsample_ratio=0.5, router_heads=4, relative_threshold=0.3,
                         absolute_threshold=0.0, route=True)  # fmt: skip
-    return NMPStage(
+    return cls(
         vision=partial(InternViT, config="tiny"), connector=connector, decoder=partial(Decoder, config="tiny-qwen3"),
-        warmup_steps=1,
+        warmup_steps=1, **options,
     )  # fmt: skip
+
+
+def _environment(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
+
+
+def _fit(stage, strategy, out_dir: str, routed: L.Callback) -> None:
+    """``STEPS`` steps of one shapes document (or text-only sample) a rank."""
+    data = ShapesDataModule(records="documents", tokenizer="shapes", train_size=32, val_size=4, batch_size=1)
+    L.Trainer(
+        accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_steps=STEPS, default_root_dir=out_dir,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        enable_checkpointing=False, callbacks=[routed],
+    ).fit(stage, data)  # fmt: skip
 
 
 class Routed(L.Callback):
@@ -74,21 +92,13 @@ def _stop_early_on_rank_0(stage) -> dict:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD_SIZE), NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))  # fmt: skip
-    routed = Routed()
+    _environment(rank, port)
+    routed, stage = Routed(), _stage()
     # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
     strategy = ModelParallelStrategy(
         data_parallel_size=WORLD_SIZE, tensor_parallel_size=1, timeout=timedelta(seconds=60)
     )
-    data = ShapesDataModule(records="documents", tokenizer="shapes", train_size=32, val_size=4, batch_size=1)
-    stage = _stage()
-    L.Trainer(
-        accelerator="cpu", devices=WORLD_SIZE, strategy=strategy, max_steps=STEPS, default_root_dir=out_dir,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        enable_checkpointing=False, callbacks=[routed],
-    ).fit(stage, data)  # fmt: skip
+    _fit(stage, strategy, out_dir, routed)
     sharded = type(stage.model.vision.layers[0].attn.qkv.weight).__name__
     result = {"budgets": routed.budgets, "losses": routed.losses, "sharded": sharded, **_stop_early_on_rank_0(stage)}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -118,3 +128,26 @@ def test_generation_on_a_sharded_model_stops_on_every_rank_at_once(ranks):
     first, rest = ranks
     assert first["greedy"] == [[first["first"]]] and first["sampled"] == [[first["drawn"]]]
     assert len(rest["greedy"][0]) == 5 and len(rest["sampled"][0]) == 5
+
+
+def _router_worker(rank: int, port: int, out_dir: str) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    _environment(rank, port)
+    routed, stage = Routed(), _stage(ViRStage, window=16)
+    _fit(stage, DDPStrategy(timeout=timedelta(seconds=60)), out_dir, routed)
+    router = {k: v.detach().clone() for k, v in stage.model.connector.router.state_dict().items()}
+    torch.save({"budgets": routed.budgets, "router": router, "ratios_seen": int(stage.ratio_count)},
+               Path(out_dir) / f"router{rank}.pt")  # fmt: skip
+    leave_process_group()
+
+
+def test_the_router_stage_trains_under_ddp_when_a_rank_has_no_image(tmp_path):
+    mp.spawn(_router_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"router{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    steps = list(zip(*(r["budgets"] for r in ranks)))
+    assert len(steps) == STEPS and any((a is None) != (b is None) for a, b in steps)
+    tiles = sum(len(b) for step in steps for b in step if b is not None)
+    assert ranks[0]["ratios_seen"] == ranks[1]["ratios_seen"] == tiles, "every rank's ratios, gathered on each"
+    for name, value in ranks[0]["router"].items():  # DDP: the ranks' routers stay equal
+        torch.testing.assert_close(ranks[1]["router"][name], value, rtol=0, atol=0)
