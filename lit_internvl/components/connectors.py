@@ -47,6 +47,14 @@ def _patch_grid(features: torch.Tensor) -> torch.Tensor:
     return patches.reshape(patches.shape[0], side, side, patches.shape[2])
 
 
+def shuffle_factor(downsample_ratio: float) -> int:
+    """k of a pixel shuffle whose ``downsample_ratio`` is 1/k: each k×k block of patches becomes one token."""
+    factor = round(1 / downsample_ratio)
+    if abs(factor * downsample_ratio - 1) > 1e-6:
+        raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
+    return factor
+
+
 class PixelShuffleMLP(nn.Module):
     """InternVL 1.5–3's projector ("mlp1"): pixel shuffle → LayerNorm → Linear → GELU → Linear.
 
@@ -55,10 +63,7 @@ class PixelShuffleMLP(nn.Module):
 
     def __init__(self, vision_dim: int, text_dim: int, downsample_ratio: float = 0.5, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        factor = round(1 / downsample_ratio)
-        if abs(factor * downsample_ratio - 1) > 1e-6:
-            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
-        self.factor = factor
+        self.factor = factor = shuffle_factor(downsample_ratio)
         in_dim = vision_dim * factor * factor
         self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
         self.fc1 = nn.Linear(in_dim, text_dim)
@@ -131,10 +136,7 @@ class FlashMLP(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:  # fmt: skip
         super().__init__()
-        factor = round(1 / downsample_ratio)
-        if abs(factor * downsample_ratio - 1) > 1e-6:
-            raise ValueError(f"downsample_ratio must be 1/k for an integer k, got {downsample_ratio}")
-        self.factor = factor
+        self.factor = factor = shuffle_factor(downsample_ratio)
         in_dim = vision_dim * factor * factor
         self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
         self.fc1 = nn.Linear(in_dim, 2 * text_dim)
