@@ -81,6 +81,7 @@ class PairCollator:
 def skipped_records(samples: list[dict]) -> list[dict]:
     """``{"name", "reason"}`` of each sample that could not be built and of each dropped part of a split document."""
     records = [{"name": s.get("name"), "reason": s["skipped"]} for s in samples if "skipped" in s]
+    records += [record for s in samples for record in s.get("redrawn", ())]  # replaced by another (Redrawn)
     for s in samples:
         records += [{"name": s.get("name"), "reason": "empty split part"}] * s.get("dropped", 0)
     return records

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from lit_internvl.data.collate import Collator, PairCollator
-from lit_internvl.data.datasets import JsonlSamples, StreamingSamples, dataset_specs, is_shards
+from lit_internvl.data.datasets import JsonlSamples, Redrawn, StreamingSamples, dataset_specs, is_shards
 from lit_internvl.data.images import DEFAULT_MAX_PIXELS
 from lit_internvl.data.mixture import Mixture, check_weights
 from lit_internvl.data.pairs import CaptionForms, JsonlPairs, PairBuilder, StreamingPairs, itc_ids, read_class_names
@@ -240,7 +240,10 @@ class RecordsDataModule(SampleDataModule):
             return ResumableStreamingDataLoader(dataset, drop_last=drop_last, **options)
         options["persistent_workers"] = h.num_workers > 0
         if train:  # a seeded order that a resumed run continues mid-epoch
-            sampler = ResumableSampler(dataset, shuffle=h.shuffle, seed=h.seed, **replicas(self.trainer))
+            processes = replicas(self.trainer)
+            if processes.get("num_replicas", 1) > 1:  # every rank trains every step: a bad record is replaced
+                dataset = Redrawn(dataset)
+            sampler = ResumableSampler(dataset, shuffle=h.shuffle, seed=h.seed, **processes)
             return ResumableDataLoader(dataset, sampler, drop_last=drop_last, **options)
         return DataLoader(dataset, shuffle=False, **options)
 

@@ -26,6 +26,38 @@ from lit_internvl.data.records import (
 from lit_internvl.data.samples import SampleBuilder
 
 
+class Redrawn(Dataset):
+    """``dataset`` where a record that cannot be built is replaced by the next one that can, for runs on several
+    processes: every rank must train on every step there (Lightning refuses a skipped step in distributed training,
+    and FSDP2's collectives need every rank's forward), and a batch of bad records only would be empty. InternVL's
+    training dataset does the same (``internvl_chat_finetune.py``, ``LazySupervisedDataset.__getitem__``: on an error,
+    another index). The replacement is the next good index after the bad one (up to ``tries`` of them), a fixed
+    function of the index, so a resumed run draws the same; the bad record is still counted as skipped (the
+    replacement carries it under ``"redrawn"``). Attributes (``source``, ``skips``, ``seed``) are the dataset's."""
+
+    def __init__(self, dataset: Dataset, tries: int = 16) -> None:
+        self.dataset, self.tries = dataset, tries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling in a loader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        if "skipped" not in sample:
+            return sample
+        size = len(self.dataset)
+        for step in range(1, min(self.tries, size - 1) + 1):
+            other = self.dataset[(index + step) % size]
+            if "skipped" not in other:
+                return {**other, "redrawn": [{"name": sample.get("name"), "reason": sample["skipped"]}]}
+        return sample
+
+
 def is_shards(source: str) -> bool:
     """An object-storage URL or a folder written by ``prepare`` (it holds ``index.json``)."""
     return source.startswith(REMOTE_PREFIXES) or (Path(source) / "index.json").is_file()
