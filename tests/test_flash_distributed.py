@@ -24,6 +24,7 @@ from lit_internvl.batch import Batch
 from lit_internvl.components import Decoder, FlashConnector, InternViT
 from lit_internvl.data import ShapesDataModule
 from lit_internvl.distributed import leave_process_group
+from lit_internvl.models.routing import route_prompts
 from lit_internvl.stages import NMPStage, ViRStage
 from tests.test_fsdp import _free_port
 
@@ -86,7 +87,22 @@ def _stop_early_on_rank_0(stage) -> dict:
         greedy = generate(model, prompt, mask, max_new_tokens=5, eos_id=first if rank == 0 else None)
         drawn = sample_groups(model, prompt, mask, None, [7], max_new_tokens=1)[0][0]
         sampled = sample_groups(model, prompt, mask, None, [7], max_new_tokens=5, eos_id=drawn if rank == 0 else None)
-    return {"first": first, "greedy": greedy, "drawn": drawn, "sampled": sampled}
+        # A prompt the stage has routed already (on_after_batch_transfer) on rank 0, a text-only one on rank 1: each
+        # rank's generate makes the same vision passes.
+        routed_prompt = _routed_prompt(model) if rank == 0 else route_prompts(model, prompt, mask, None)
+        after_routing = generate(model, *routed_prompt[:2], routed_prompt[2], max_new_tokens=2)
+    return {"first": first, "greedy": greedy, "drawn": drawn, "sampled": sampled, "after_routing": after_routing}
+
+
+def _routed_prompt(model):
+    """A prompt of one tile at the first budget, routed as the stage routes its prompt batches."""
+    from lit_internvl.batch import Images
+    from lit_internvl.data.tokenizer import IMG_CONTEXT, load_tokenizer
+
+    budget, context = model.budgets()[0], load_tokenizer("shapes").token_to_id(IMG_CONTEXT)
+    ids = torch.tensor([[5, *[context] * budget, 6]])
+    tile = Images(torch.rand(1, 3, model.tile_size, model.tile_size), [1], [budget])
+    return route_prompts(model, ids, torch.ones_like(ids), tile)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -128,6 +144,7 @@ def test_generation_on_a_sharded_model_stops_on_every_rank_at_once(ranks):
     first, rest = ranks
     assert first["greedy"] == [[first["first"]]] and first["sampled"] == [[first["drawn"]]]
     assert len(rest["greedy"][0]) == 5 and len(rest["sampled"][0]) == 5
+    assert all(len(r["after_routing"][0]) == 2 for r in ranks)
 
 
 def _router_worker(rank: int, port: int, out_dir: str) -> None:

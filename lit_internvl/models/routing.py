@@ -44,10 +44,15 @@ def route_images(model, images: Images) -> Images:
     """``images`` with each tile at the first budget given the budget the router picks (the connector's
     :meth:`~lit_internvl.components.FlashConnector.compress` on the scores of those tiles together); tiles at other
     budgets stay, and images already routed are returned as they are. The vision features travel with the result
-    unless the vision tower trains (it then runs again in the forward, with gradients). The router runs in eval mode
-    (no dropout), without gradients: routing decides, it does not train (the router trains in
-    :class:`~lit_internvl.stages.vico.ViRStage`)."""
+    unless the vision tower trains or the model runs on several processes (it then runs again in the forward). The
+    router runs in eval mode (no dropout), without gradients: routing decides, it does not train (the router trains in
+    :class:`~lit_internvl.stages.vico.ViRStage`).
+
+    On several processes (``dummy_tile``) every call makes one vision pass, whatever the images: a rank whose batch
+    the stage has routed already, or has no image, runs it on the dummy tile (:func:`join_vision_pass`), so that the
+    ranks' FSDP2 all-gathers line up."""
     if images.routed:
+        join_vision_pass(model, images.pixel_values.device)
         return images
     connector = model.connector
     first, second = model.budgets()[:2]
