@@ -125,6 +125,8 @@ def test_draws_are_per_sample_or_per_tile():
     stage.hparams.draw = "tile"
     per_tile = stage.draw_budgets(images)
     assert any(len(set(per_tile[i : i + 4])) == 2 for i in range(0, 40, 4))
+    # the micro-batches accumulated into one optimiser step draw apart; each draw is a function of its inputs
+    assert stage.draw_budgets(images, batch_idx=1) != per_tile == stage.draw_budgets(images, batch_idx=0)
 
 
 @pytest.mark.parametrize("trainable", [["connector", "decoder"], ["connector"]])

@@ -193,12 +193,15 @@ class ViCOStage(_FlashStage):
 
     # -- the draw and the loss ----------------------------------------------------------------------------------
 
-    def draw_budgets(self, images: Images) -> list[int]:
-        """Each tile's budget: the second with probability ``compressed_probability``, per sample or per tile."""
+    def draw_budgets(self, images: Images, batch_idx: int = 0) -> list[int]:
+        """Each tile's budget: the second with probability ``compressed_probability``, per sample or per tile; a
+        function of the seed, the optimiser step, the rank and the micro-batch (``batch_idx``: the micro-batches
+        accumulated into one step draw apart), so a resumed run draws the same."""
         h = self.hparams
         first, second = self.model.budgets()[:2]
         rank, world_size = world()
-        generator = torch.Generator().manual_seed((h.seed * 1_000_003 + self.global_step) * world_size + rank)
+        step = (h.seed * 1_000_003 + self.global_step) * world_size + rank
+        generator = torch.Generator().manual_seed(step * 1_000_003 + batch_idx)
         if h.draw == "tile":
             draws = torch.rand(len(images.budgets), generator=generator).tolist()
         else:
@@ -231,7 +234,7 @@ class ViCOStage(_FlashStage):
         h, full = self.hparams, batch["conversation"]
         policy_batch = full
         if full.images is not None:
-            budgets = self.draw_budgets(full.images)
+            budgets = self.draw_budgets(full.images, batch_idx)
             images = Images(full.images.pixel_values, full.images.tiles_per_sample, budgets)
             policy_batch = at_budgets(full, images, self.model.image_context_id)
         kl = self.consistency(full, policy_batch)
