@@ -240,10 +240,10 @@ class RecordsDataModule(SampleDataModule):
             return ResumableStreamingDataLoader(dataset, drop_last=drop_last, **options)
         options["persistent_workers"] = h.num_workers > 0
         if train:  # a seeded order that a resumed run continues mid-epoch
-            processes = replicas(self.trainer)
-            if processes.get("num_replicas", 1) > 1:  # every rank trains every step: a bad record is replaced
+            # Several processes (data- or sequence-parallel) train every step on every rank: a bad record is replaced.
+            if getattr(self.trainer, "world_size", 1) > 1:
                 dataset = Redrawn(dataset)
-            sampler = ResumableSampler(dataset, shuffle=h.shuffle, seed=h.seed, **processes)
+            sampler = ResumableSampler(dataset, shuffle=h.shuffle, seed=h.seed, **replicas(self.trainer))
             return ResumableDataLoader(dataset, sampler, drop_last=drop_last, **options)
         return DataLoader(dataset, shuffle=False, **options)
 
