@@ -487,14 +487,16 @@ def plan(
 
     step = planned()
     # Activations (what the forward leaves for the backward), per token and per tile a GPU holds (1/sp of the row's).
-    sp, half = setup.sequence_parallel, max(setup.tokens // 2, ROW_STEP)
+    # The slope between the row and one half as long, or twice as long when half would be shorter than ROW_STEP.
+    sp = setup.sequence_parallel
+    other = setup.tokens // 2 if setup.tokens // 2 >= ROW_STEP else 2 * setup.tokens
     own = lambda n: -(-n // sp)  # noqa: E731
     per_token = {}
     for checkpointing in (False, True):
-        full, shorter = (
-            planned(activation_checkpointing=checkpointing, tokens=t).activations for t in (setup.tokens, half)
+        this, that = (
+            planned(activation_checkpointing=checkpointing, tokens=t).activations for t in (setup.tokens, other)
         )
-        per_token[checkpointing] = (full - shorter) / (own(setup.tokens) - own(half)) / setup.rows
+        per_token[checkpointing] = (this - that) / (own(setup.tokens) - own(other)) / setup.rows
     fewer = setup.tiles // 2
     per_tile = 0.0
     if own(setup.tiles) > own(fewer):
@@ -503,7 +505,9 @@ def plan(
     if search:
         # The longest row at the recipe's sequence parallelism, one row a micro-batch, the recipe's tiles.
         row = lambda t: peak(tokens=t, rows=1)  # noqa: E731
-        low, high = (half, setup.tokens) if setup.rows == 1 else (4 * ROW_STEP, 16 * ROW_STEP)
+        low, high = (
+            (max(setup.tokens // 2, ROW_STEP), setup.tokens) if setup.rows == 1 else (4 * ROW_STEP, 16 * ROW_STEP)
+        )
         longest[setup.sequence_parallel] = _largest(row, usable, ROW_STEP, low, high, 1 << 21)
         # The most tiles one sample (a row of the recipe's length) holds: their tokens fit the row, their memory the GPU.
         room = setup.tokens // _tokens_per_tile(build, tile_size)

@@ -86,6 +86,14 @@ def test_the_plan_command_prints_the_plan_of_a_recipe(capsys):
     assert total.split()[1:3] == ["1.4", "M"]  # the tiny vision tower, connector and decoder
 
 
+def test_rows_shorter_than_two_row_steps_are_planned(capsys):
+    """A 256-token row (recipes/nmp.yaml's): the slope a token is taken against a row twice as long."""
+    plan_command(["--config", "recipes/nmp.yaml", "--quick"])
+    out = capsys.readouterr().out
+    per_token = next(line for line in out.splitlines() if "activations a token" in line)
+    assert float(per_token.split()[4]) > 0 and "peak of a step" in out
+
+
 @pytest.mark.slow  # a real step in a fresh process: ~1 min on the 2-core machine
 def test_the_predicted_peak_is_within_15_percent_of_a_measured_one():
     benchmark = _benchmark()
