@@ -181,6 +181,17 @@ def on_every_rank(flag: bool, model: nn.Module, device: torch.device | str = "cp
     return bool(value.item())
 
 
+def updated_on_any_rank(metric) -> bool:
+    """Whether the torchmetrics ``metric`` was updated on any rank. Its ``compute()`` gathers its state over the ranks,
+    so when one rank updated it every rank must compute it (a rank whose validation shard held no such sample too),
+    or the others wait in the gather."""
+    if world()[1] == 1:
+        return bool(metric.update_count)
+    flag = torch.tensor([int(bool(metric.update_count))], device=metric.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def leave_process_group(code: int = 0) -> None:
     """End a rank of a finished multi-process run: barrier, destroy the process group, run the ``atexit`` handlers,
     flush, and leave with ``code`` without the interpreter's teardown.

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from lit_internvl.batch import IGNORE_INDEX, Views
 from lit_internvl.data.critic import GOOD, label_ids
+from lit_internvl.distributed import updated_on_any_rank
 from lit_internvl.inference.critic import Aggregate, aggregate, as_scored, step_probabilities
 from lit_internvl.losses import language_model_loss, next_token_targets
 from lit_internvl.stages.base import ModuleFactory
@@ -97,7 +98,7 @@ class CriticStage(SFTStage):
                 self._solutions[meta["group"]].append((correct, aggregate(row, self.hparams.aggregate)))
 
     def on_validation_epoch_end(self) -> None:
-        if self.step_accuracy.update_count:
+        if updated_on_any_rank(self.step_accuracy):
             share = (self.good_steps.compute() / self.steps.compute()).item()
             self.chance_levels["val/step_accuracy"] = max(share, 1 - share)
             self.log("val/step_accuracy", self.step_accuracy.compute())
@@ -106,7 +107,7 @@ class CriticStage(SFTStage):
                 for flawed_score in (s for ok, s in solutions if not ok):
                     ordered = 0.5 if correct_score == flawed_score else float(correct_score > flawed_score)
                     self.ranking_accuracy.update(ordered)
-        if self.ranking_accuracy.update_count:
+        if updated_on_any_rank(self.ranking_accuracy):
             self.log("val/ranking_accuracy", self.ranking_accuracy.compute())
         for metric in (self.step_accuracy, self.good_steps, self.steps, self.ranking_accuracy):
             metric.reset()

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from lit_internvl.batch import IGNORE_INDEX, Batch, Images, Views
 from lit_internvl.checkpoint_io import CheckpointError, fingerprint, fingerprint_differences
 from lit_internvl.data.views import View
-from lit_internvl.distributed import world
+from lit_internvl.distributed import updated_on_any_rank, world
 from lit_internvl.losses import (
     bco_pair_loss,
     dpo_sigmoid_loss,
@@ -213,7 +213,7 @@ class MPOStage(VisionLanguageStage):
         self.reward_margin.update(terms["margins"])
 
     def on_validation_epoch_end(self) -> None:
-        if self.reward_accuracy.update_count:
+        if updated_on_any_rank(self.reward_accuracy):
             self.log("val/reward_accuracy", self.reward_accuracy.compute())
             self.log("val/reward_margin", self.reward_margin.compute())
         self.reward_accuracy.reset()

@@ -39,7 +39,7 @@ from torchmetrics import MeanMetric
 
 from lit_internvl.batch import IGNORE_INDEX, Batch, Images, Views
 from lit_internvl.components.router import COMPRESS
-from lit_internvl.distributed import data_parallel_mesh, world
+from lit_internvl.distributed import data_parallel_mesh, updated_on_any_rank, world
 from lit_internvl.losses import (
     HEAD_CHUNK_SIZE,
     LossReduction,
@@ -261,7 +261,7 @@ class ViCOStage(_FlashStage):
     def on_validation_epoch_end(self) -> None:
         for name in ("answer_accuracy_full", "answer_accuracy_compressed"):
             self.log_type_metrics(getattr(self, f"_{name}"), name)
-        if self.kl_metric.update_count:
+        if updated_on_any_rank(self.kl_metric):
             self.log("val/kl", self.kl_metric.compute())
         self.kl_metric.reset()
 
@@ -392,7 +392,7 @@ class ViRStage(_FlashStage):
     def on_validation_epoch_end(self) -> None:
         self.log_type_metrics(self._answer_accuracy_routed, "answer_accuracy_routed")
         for name, metric in (("visual_tokens", self.tokens), ("compressed_tiles", self.compressed)):
-            if metric.update_count:
+            if updated_on_any_rank(metric):
                 self.log(f"val/{name}", metric.compute())
             metric.reset()
 

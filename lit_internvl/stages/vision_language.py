@@ -19,7 +19,13 @@ from lit_internvl.checkpoints import MODEL_FACTS
 from lit_internvl.components.language import set_fused_projections
 from lit_internvl.data.tokenizer import IMG_CONTEXT
 from lit_internvl.data.views import View
-from lit_internvl.distributed import compile_blocks, data_parallel_mesh, sequence_parallel_group, world
+from lit_internvl.distributed import (
+    compile_blocks,
+    data_parallel_mesh,
+    sequence_parallel_group,
+    updated_on_any_rank,
+    world,
+)
 from lit_internvl.inference.best_of_n import best_of_n_rows
 from lit_internvl.inference.critic import load_critic
 from lit_internvl.inference.generate import generate
@@ -297,7 +303,7 @@ class VisionLanguageStage(Stage):
         """Log each type's mean as ``val/{name}/{type}`` and their mean as ``val/{name}``; reset them."""
         values = []
         for kind, metric in metrics.items():
-            if metric.update_count:
+            if updated_on_any_rank(metric):
                 value = metric.compute()
                 self.log(f"val/{name}/{kind}", value)
                 values.append(value)
