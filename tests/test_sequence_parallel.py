@@ -233,8 +233,20 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results[FSDP_CASE[0]] = _step(
         FSDP_CASE, sequence_parallel_group(mesh), lambda m: parallelize(m, data_parallel_mesh(mesh), True)
     )
+    results["flex without a mask"] = _flex_hidden(SequenceParallel(dist.group.WORLD))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     leave_process_group()  # everything is saved: leave without the interpreter's teardown
+
+
+def _flex_hidden(group: SequenceParallel | None) -> torch.Tensor:
+    """The hidden states of a packed text-only row (26 tokens), no mask given (flex builds its causal block mask from
+    the length), on the flex backend (its forward: flex has no CPU backward)."""
+    context_id = _data()[0].tokenizer.token_to_id(IMG_CONTEXT)
+    model = tiny_vlm(context_id, **MODELS["qwen3-one-kv-head"], attn_backend="flex")
+    if group is not None:
+        model.sequence_parallel, model.dummy_tile = group, True
+    with torch.no_grad():
+        return model(_batches()["text only"].input_ids[:, :64])
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +254,12 @@ def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sequence_parallel")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=SIZE, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(SIZE)]
+
+
+def test_flex_without_a_mask_is_built_for_the_whole_row(ranks):
+    expected = _flex_hidden(None)
+    for results in ranks:
+        torch.testing.assert_close(results["flex without a mask"], expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

@@ -396,7 +396,8 @@ class Transformer(nn.Module):
                 causal=self.causal,
                 attention_mask=attention_mask,
                 document_ids=document_ids,
-                length=past + x.shape[1],
+                # the whole rows' length: under sequence parallelism x holds this rank's slice of them
+                length=past + x.shape[1] * (sequence_parallel.size if sequence_parallel is not None else 1),
                 window=window,
             )
             for window in windows
