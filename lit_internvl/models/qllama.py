@@ -33,6 +33,7 @@ from lit_internvl.components.attention import attention, causal_mask, check_back
 from lit_internvl.components.language import Block, KVCache, LanguageConfig, LanguagePreset, TextPooling, pool_text
 from lit_internvl.components.layers import RMSNorm
 from lit_internvl.components.rotary import RotaryEmbedding
+from lit_internvl.distributed import on_every_rank
 from lit_internvl.models.dual_encoder import AttentionPool, ImagePooling, image_projection
 
 Mode = Literal["itc", "itm", "itg"]
@@ -463,7 +464,7 @@ class InternVLG(nn.Module):
                 finished |= token == eos_id
             new = torch.cat((new, token[:, None]), dim=1)
             step = token[:, None]
-            if finished.all():
+            if on_every_rank(bool(finished.all()), self, token.device):  # a sharded model's ranks stop together
                 break
         rows = []
         for row in new.tolist():

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lit_internvl.batch import IGNORE_INDEX, PairBatch, Views
 from lit_internvl.components.language import TextPooling
 from lit_internvl.data.views import View
+from lit_internvl.distributed import unsharded
 from lit_internvl.losses import contrastive_loss
 from lit_internvl.models.dual_encoder import ImagePooling
 from lit_internvl.models.qllama import InternVLG, ParameterSet, QLLaMA, QueryPooling
@@ -297,9 +298,10 @@ class GenerativeStage(DualEncoderStage):
                 f"the ITG prompts of batch {pairs.sample_names[:3]}... differ in length: one prompt expected"
             )
         prompt = pairs.itg_ids[:, : int(prefix[0])]
-        captions = self.model.generate(
-            pairs.pixel_values, prompt, h.caption_max_tokens, tokenizer.eos_id, h.caption_min_tokens
-        )
+        with unsharded(self.model):  # outside forward: FSDP2 gathers the root's parameters only around it
+            captions = self.model.generate(
+                pairs.pixel_values, prompt, h.caption_max_tokens, tokenizer.eos_id, h.caption_min_tokens
+            )
         rows = []
         for name, tokens, labels in zip(pairs.sample_names, captions, pairs.itg_labels.tolist()):
             reference = [t for t in labels if t not in (IGNORE_INDEX, tokenizer.eos_id)]
