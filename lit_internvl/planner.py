@@ -118,7 +118,7 @@ def read_config(configs: list[str]) -> dict:
 
 def setup_of(config: dict, devices: int | None = None) -> Setup:
     """The :class:`Setup` a merged recipe config describes; ``devices`` overrides ``trainer.devices × num_nodes``."""
-    trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
+    trainer, data = config.get("trainer") or {}, _with_defaults(config.get("data") or {})
     options = (config.get("model") or {}).get("init_args") or {}
     notes = []
     given = trainer.get("devices", 1)
@@ -148,6 +148,25 @@ def setup_of(config: dict, devices: int | None = None) -> Setup:
         attn_backend=str(options.get("attn_backend") or "sdpa"), head_chunk_size=int(speed.get("head_chunk_size", 1024)),
         notes=notes,
     )  # fmt: skip
+
+
+def _with_defaults(data: dict) -> dict:
+    """The data section's ``init_args`` over its class's defaults (what ``fit`` would instantiate): a recipe that
+    leaves ``max_tiles`` or ``batch_size`` to the datamodule is planned with the datamodule's values."""
+    import inspect
+
+    given = data.get("init_args") or {}
+    module, _, name = str(data.get("class_path", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return dict(given)
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **given}
 
 
 def _row_shape(data: dict) -> tuple[int, int, int, bool]:

@@ -44,6 +44,15 @@ def test_the_setup_is_read_from_the_recipe_and_its_presets():
     assert (unpacked.rows, unpacked.tokens, unpacked.strategy) == (4, 16384, "ddp")  # 8 devices, no sharding preset
 
 
+def test_what_a_recipe_leaves_to_the_datamodule_is_planned_at_its_defaults():
+    """RecordsDataModule's defaults: batches of 4 samples of 4,096 tokens, 12 tiles and a thumbnail each."""
+    config = {"data": {"class_path": "lit_internvl.data.RecordsDataModule", "init_args": {"train": "train.jsonl"}}}
+    setup = planner.setup_of(config)
+    assert (setup.rows, setup.tokens, setup.tiles, setup.packed) == (4, 4096, 4 * 13, False)
+    given = planner.setup_of({"data": {**config["data"], "init_args": {"max_tiles": 6, "batch_size": 1}}})
+    assert (given.rows, given.tiles) == (1, 7)
+
+
 def test_a_planned_step_holds_the_weights_and_the_optimiser_state_of_the_model():
     config, setup = _tiny()
     step = _measure(config, setup)
