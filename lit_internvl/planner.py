@@ -317,7 +317,7 @@ def _balanced_experts():
 
 def _tracked_step(model: nn.Module, setup: Setup) -> Step:
     """One forward and backward under the memory tracker; the optimiser's state (which the first step creates) and
-    step are added from the parameters' sizes: AdamW keeps two float32 moments a trainable parameter, and its
+    step are added from the parameters' sizes: AdamW keeps two moments a trainable parameter, in its dtype, and its
     multi-tensor step (torch's default on GPUs) one more copy of the second moments while it runs."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
