@@ -112,17 +112,27 @@ class MultiBudgetConnector(nn.Module):
         return tuple(projector.tokens_per_tile(num_patches) for projector in self.projectors)
 
     def forward(self, features: torch.Tensor, budget: int | None = None) -> torch.Tensor:
-        budgets = self.budgets(features.shape[1] - 1)
-        if budget is None:
-            budget = budgets[0]
-        if budget not in budgets:
-            raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
-        chosen = budgets.index(budget)
+        chosen = self.budgets(features.shape[1] - 1).index(_budget(self, features, budget))
         tokens = self.projectors[chosen](features)
-        # The other projectors' weights enter at zero: each one then has a (zero) gradient on every step, so DDP
-        # finds no unused parameter and FSDP2's ranks reduce the same gradients whatever budgets their batch holds.
-        idle = [p.sum() for i, projector in enumerate(self.projectors) if i != chosen for p in projector.parameters()]
-        return tokens + 0.0 * torch.stack(idle).sum().to(tokens.dtype) if idle else tokens
+        return with_idle(tokens, [projector for i, projector in enumerate(self.projectors) if i != chosen])
+
+
+def _budget(connector: nn.Module, features: torch.Tensor, budget: int | None) -> int:
+    """``budget`` checked against the budgets ``connector`` gives tiles of ``features``' size; None: the first."""
+    budgets = connector.budgets(features.shape[1] - 1)
+    if budget is None:
+        return budgets[0]
+    if budget not in budgets:
+        raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
+    return budget
+
+
+def with_idle(tokens: torch.Tensor, idle: list[nn.Module]) -> torch.Tensor:
+    """``tokens`` with the parameters of the ``idle`` modules (a connector's projectors not used for this budget)
+    entering at zero: each then has a (zero) gradient on every step, so DDP finds no unused parameter and FSDP2's
+    ranks reduce the same gradients whatever budgets their batch holds."""
+    sums = [p.sum() for module in idle for p in module.parameters()]
+    return tokens + 0.0 * torch.stack(sums).sum().to(tokens.dtype) if sums else tokens
 
 
 class FlashMLP(nn.Module):
@@ -192,16 +202,10 @@ class FlashConnector(nn.Module):
         return (self.mlp1.tokens_per_tile(num_patches), self.mlp2.tokens_per_tile(num_patches))
 
     def forward(self, features: torch.Tensor, budget: int | None = None) -> torch.Tensor:
-        budgets = self.budgets(features.shape[1] - 1)
-        if budget is None:
-            budget = budgets[0]
-        if budget not in budgets:
-            raise ValueError(f"this connector gives {budgets} tokens a tile, not {budget}")
-        first = budget == budgets[0]
+        first = _budget(self, features, budget) == self.budgets(features.shape[1] - 1)[0]
         tokens = (self.mlp1 if first else self.mlp2)(features)
-        # As MultiBudgetConnector: the other projector and the router (it runs in scores()) enter at zero.
-        idle = [p.sum() for module in (self.mlp2 if first else self.mlp1, self.router) for p in module.parameters()]
-        return tokens + 0.0 * torch.stack(idle).sum().to(tokens.dtype)
+        # The other projector and the router (it runs in scores()) enter at zero, as MultiBudgetConnector's.
+        return with_idle(tokens, [self.mlp2 if first else self.mlp1, self.router])
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, 2)`` router probabilities of the tiles' features ``(N, 1 + P, C)`` (class 0: compress)."""
